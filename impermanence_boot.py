@@ -1,0 +1,2004 @@
+#!/usr/bin/env python3
+"""impermanence_boot: reconnect persistent state to a freshly wiped root.
+
+Run from the initramfs before switch_root (or by hand for recovery), it
+mounts the persistent filesystems, creates the directories that must exist
+with the right owner and mode, and bind-mounts or links every kept
+directory and file into the new root. The configuration is the JSON form
+of NixOS impermanence's `environment.persistence`.
+
+Data flows top to bottom: command line -> config (validated records) ->
+per-entry plan (a list of actions, which `plan` prints) -> executor, which
+walks every path component by component with O_NOFOLLOW file descriptors.
+
+Only the standard library, and as little of it as possible: every module
+imported here is copied into every initramfs and loaded at every boot.
+`json` and `ctypes` are imported only by the code paths that need them.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+import time
+
+# --- Kernel constants (linux/mount.h, linux/fs.h) -------------------------
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_SILENT = 32768
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+UMOUNT_NOFOLLOW = 8
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Extended attribute put on the mount points apply creates on the fresh
+# root, so `unmount` removes those and nothing else.
+MARK_XATTR = "trusted.impermanence-boot"
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
+
+DEFAULT_CONFIG = "/etc/impermanence.json"
+MACHINE_ID = ("etc", "machine-id")
+
+_libc = None
+_ctypes = None
+
+
+def _load_libc():
+    global _libc, _ctypes
+    if _libc is None:
+        import ctypes
+
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_ulong, ctypes.c_char_p)
+        lib.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+        _libc, _ctypes = lib, ctypes
+    return _libc
+
+
+def _bytes(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int,
+          data: str | None, shown: str | None = None) -> None:
+    """mount(2); raises OSError(errno, strerror, path) like os functions."""
+    lib = _load_libc()
+    if lib.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)) != 0:
+        err = _ctypes.get_errno()
+        raise OSError(err, os.strerror(err), shown or target)
+
+
+def umount2(target: str, flags: int, shown: str | None = None) -> None:
+    lib = _load_libc()
+    if lib.umount2(_bytes(target), flags) != 0:
+        err = _ctypes.get_errno()
+        raise OSError(err, os.strerror(err), shown or target)
+
+
+# --- Errors and messages ---------------------------------------------------
+
+class UsageError(Exception):
+    pass
+
+
+class ConfigError(Exception):
+    """A problem in the configuration, with the key path where it is."""
+
+    def __init__(self, where: str, cause: str):
+        super().__init__(f"{where}: {cause}")
+        self.where, self.cause = where, cause
+
+
+class EntryError(Exception):
+    """One entry (or storage location) cannot be applied: path and cause."""
+
+    def __init__(self, path: str, cause: str):
+        super().__init__(f"{path}: {cause}")
+        self.path, self.cause = path, cause
+
+
+def describe_oserror(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class Log:
+    """One line per message, `impermanence: ` first, to stderr and, when
+    writable (in an initrd), to /dev/kmsg so it shows in dmesg later."""
+
+    def __init__(self, verbosity: int):
+        self.verbosity = verbosity  # 0 quiet, 1 normal, 2 verbose
+        self.kmsg = -1
+        if not os.environ.get("IMPERMANENCE_NO_KMSG"):
+            try:
+                self.kmsg = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                pass
+
+    def _emit(self, level: int, text: str) -> None:
+        line = "impermanence: " + text.replace("\n", " ")
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        if self.kmsg >= 0:
+            try:
+                os.write(self.kmsg, f"<{level}>{line}\n".encode("utf-8", "replace"))
+            except OSError:
+                pass
+
+    def error(self, text: str) -> None:
+        self._emit(3, text)
+
+    def warn(self, text: str) -> None:
+        if self.verbosity >= 1:
+            self._emit(4, text)
+
+    def info(self, text: str) -> None:
+        if self.verbosity >= 2:
+            self._emit(6, text)
+
+
+# --- Config model ------------------------------------------------------------
+
+class Record:
+    """A small frozen record (dataclasses costs ~12 ms of imports at boot)."""
+
+    __slots__ = ()
+
+    def __init__(self, *args, **kwargs):
+        for name, value in zip(self.__slots__, args):
+            object.__setattr__(self, name, value)
+        for name, value in kwargs.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._values() == self._values()
+
+    def __hash__(self):
+        return hash(self._values())
+
+    def __repr__(self):
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class FileSystem(Record):
+    """A persistent filesystem the tool mounts itself at <root><mountpoint>."""
+    __slots__ = ("mountpoint", "device", "fs_type", "options", "where")
+
+
+class Account(Record):
+    """users.<name> of the account table (the initrd has no /etc/passwd)."""
+    __slots__ = ("name", "uid", "group", "home", "home_mode")
+
+
+class Perms(Record):
+    """Owner and mode for a directory apply creates. `group` None means the
+    user's primary group, looked up when applying."""
+    __slots__ = ("user", "group", "mode")
+
+
+class Entry(Record):
+    """One kept directory or file. Paths are tuples of components relative
+    to the root: target ('var', 'log'), storage ('persistent',)."""
+    __slots__ = ("kind", "target", "storage", "perms", "method", "parent_perms",
+                 "home", "home_owner", "where")
+
+    @property
+    def source(self) -> tuple:
+        return self.storage + self.target
+
+
+class Config(Record):
+    __slots__ = ("filesystems", "device_timeout", "accounts", "group_ids",
+                 "storages", "entries")
+
+
+ROOT_PERMS = Perms("root", "root", 0o755)
+
+
+def as_path(comps: tuple) -> str:
+    return "/" + "/".join(comps)
+
+
+# --- Modes -------------------------------------------------------------------
+
+_WHO_BITS = {"u": 0o4700, "g": 0o2070, "o": 0o1007}
+_PERM_BITS = {"r": 0o444, "w": 0o222, "x": 0o111, "X": 0o111, "s": 0o6000, "t": 0o1000}
+
+
+def parse_mode(text: str) -> int:
+    """Octal ("0700", "755") or symbolic chmod clauses applied to a 0 base
+    ("u=rwx,g=rx,o="). Raises ValueError with a reason."""
+    if not isinstance(text, str):
+        raise ValueError(f"must be a string such as \"0755\", not {type_name(text)}")
+    if text and all(c in "01234567" for c in text):
+        if len(text) > 4:
+            raise ValueError(f"octal mode {text!r} has more than 4 digits")
+        return int(text, 8)
+    if not text:
+        raise ValueError("is empty")
+    mode = 0
+    for clause in text.split(","):
+        i = 0
+        who = 0
+        while i < len(clause) and clause[i] in "ugoa":
+            who |= 0o7777 if clause[i] == "a" else _WHO_BITS[clause[i]]
+            i += 1
+        if who == 0:
+            who = 0o7777
+        if i == len(clause):
+            raise ValueError(f"clause {clause!r} has no operator (=, + or -)")
+        while i < len(clause):
+            op = clause[i]
+            if op not in "=+-":
+                raise ValueError(f"{clause!r}: expected =, + or - at {clause[i:]!r}")
+            i += 1
+            bits = 0
+            while i < len(clause) and clause[i] in _PERM_BITS:
+                bits |= _PERM_BITS[clause[i]]
+                i += 1
+            if i < len(clause) and clause[i] not in "=+-":
+                raise ValueError(f"{clause!r}: unknown permission {clause[i]!r}")
+            bits &= who
+            if op == "=":
+                mode = (mode & ~who) | bits
+            elif op == "+":
+                mode |= bits
+            else:
+                mode &= ~bits
+    return mode & 0o7777
+
+
+def format_mode(mode: int) -> str:
+    return format(mode & 0o7777, "04o")
+
+
+# --- Config loading ------------------------------------------------------------
+
+# Keys the NixOS option system adds to evaluated items; accepted and ignored
+# where they carry no meaning here.
+NIXOS_INTERNAL = frozenset({"dirPath", "filePath", "home", "defaultPerms",
+                            "persistentStoragePath", "enableDebugging",
+                            "enableWarnings", "assertions", "hideMount",
+                            "allowTrash", "_module"})
+
+TOP_KEYS = ("fileSystems", "deviceTimeout", "users", "groups", "persistence")
+FS_KEYS = ("device", "fsType", "options", "label", "mountPoint", "neededForBoot", "noCheck")
+ACCOUNT_KEYS = ("uid", "group", "home", "homeMode", "name", "isNormalUser",
+                "isSystemUser", "description")
+GROUP_KEYS = ("gid", "name", "members")
+LOCATION_KEYS = ("enable", "persistentStoragePath", "hideMounts", "directories",
+                 "files", "users")
+USER_KEYS = ("directories", "files", "home")
+DIR_KEYS = ("directory", "user", "group", "mode")
+FILE_KEYS = ("file", "method", "parentDirectory")
+PERM_KEYS = ("user", "group", "mode")
+
+
+def type_name(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def key_path(where: str, key) -> str:
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    if key.replace("_", "").isalnum():
+        return f"{where}.{key}" if where else key
+    return f'{where}["{key}"]'
+
+
+def edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1,
+                               previous[j - 1] + (ca.lower() != cb.lower())))
+        previous = current
+    return previous[-1]
+
+
+def check_keys(obj: dict, where: str, known: tuple, tolerated=NIXOS_INTERNAL) -> None:
+    for key in obj:
+        if key in known or key in tolerated:
+            continue
+        hint = ""
+        if isinstance(key, str):
+            best = min(known, key=lambda k: edit_distance(key, k))
+            if edit_distance(key, best) <= max(2, len(best) // 3):
+                hint = f"; did you mean '{best}'?"
+        raise ConfigError(key_path(where, key), f"unknown key{hint}")
+
+
+def expect(value, kind, where: str, what: str):
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ConfigError(where, f"must be {what}, not {type_name(value)}")
+    return value
+
+
+def parse_components(text, where: str, absolute: bool) -> tuple:
+    expect(text, str, where, "a path string")
+    if "\0" in text:
+        raise ConfigError(where, "path contains a NUL byte")
+    if absolute and not text.startswith("/"):
+        raise ConfigError(where, f"path {text!r} must be absolute (start with /)")
+    if not absolute and text.startswith("/"):
+        raise ConfigError(where, f"path {text!r} must be relative to the user's home")
+    body = text[1:] if absolute else text
+    comps = tuple(body.split("/"))
+    if body == "" or any(c in ("", ".", "..") for c in comps):
+        raise ConfigError(where, f"path {text!r} must not be empty or contain empty, '.' or '..' components")
+    return comps
+
+
+def parse_owner(value, where: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    expect(value, str, where, "a user or group name or number")
+    if not value or "\0" in value or "/" in value or ":" in value or "\n" in value:
+        raise ConfigError(where, f"{value!r} is not a valid user or group name")
+    return value
+
+
+def parse_perms(obj: dict, where: str, default: Perms) -> Perms:
+    user = parse_owner(obj["user"], key_path(where, "user")) if "user" in obj else default.user
+    group = parse_owner(obj["group"], key_path(where, "group")) if "group" in obj else default.group
+    mode = default.mode
+    if "mode" in obj:
+        try:
+            mode = parse_mode(obj["mode"])
+        except ValueError as exc:
+            raise ConfigError(key_path(where, "mode"), f"invalid mode: {exc}") from None
+    return Perms(user, group, mode)
+
+
+def parse_options(value, where: str) -> tuple:
+    if isinstance(value, str):
+        return tuple(o for o in value.split(",") if o)
+    expect(value, list, where, "a list of strings or a comma-separated string")
+    for i, option in enumerate(value):
+        expect(option, str, key_path(where, i), "a string")
+    return tuple(o for opt in value for o in opt.split(",") if o)
+
+
+def load_config_file(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read config: {describe_oserror(exc)}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"config is not valid UTF-8 (byte {exc.start})") from None
+    return load_config(text, path)
+
+
+def load_config(text: str, name: str = "config") -> Config:
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or a number too large
+        line, col = getattr(exc, "lineno", None), getattr(exc, "colno", None)
+        at = f" at line {line} column {col}" if line else ""
+        msg = getattr(exc, "msg", str(exc))
+        raise ConfigError(name, f"invalid JSON{at}: {msg}") from None
+    except RecursionError:
+        raise ConfigError(name, "invalid JSON: nested too deeply") from None
+    return parse_config(data)
+
+
+def parse_config(data) -> Config:
+    expect(data, dict, "(top level)", "a JSON object")
+    check_keys(data, "", TOP_KEYS)
+
+    timeout = 30.0
+    if "deviceTimeout" in data:
+        timeout = expect(data["deviceTimeout"], float, "deviceTimeout", "a number of seconds")
+        if not 0 <= timeout <= 86400:
+            raise ConfigError("deviceTimeout", f"{timeout} is not between 0 and 86400 seconds")
+
+    accounts = {}
+    users = expect(data.get("users", {}), dict, "users", "an object")
+    for name, spec in users.items():
+        where = key_path("users", name)
+        parse_owner(name, where)
+        expect(spec, dict, where, "an object")
+        check_keys(spec, where, ACCOUNT_KEYS, frozenset())
+        uid = spec.get("uid")
+        if uid is not None and (expect(uid, int, key_path(where, "uid"), "a number") < 0):
+            raise ConfigError(key_path(where, "uid"), "must not be negative")
+        group = parse_owner(spec["group"], key_path(where, "group")) if spec.get("group") not in (None, "") else None
+        home = None
+        if spec.get("home") is not None:
+            home = parse_components(spec["home"], key_path(where, "home"), absolute=True)
+        home_mode = None
+        if spec.get("homeMode") is not None:
+            try:
+                home_mode = parse_mode(spec["homeMode"])
+            except ValueError as exc:
+                raise ConfigError(key_path(where, "homeMode"), f"invalid mode: {exc}") from None
+        accounts[name] = Account(name, uid, group, home, home_mode)
+
+    group_ids = {}
+    groups = expect(data.get("groups", {}), dict, "groups", "an object")
+    for name, spec in groups.items():
+        where = key_path("groups", name)
+        parse_owner(name, where)
+        expect(spec, dict, where, "an object")
+        check_keys(spec, where, GROUP_KEYS, frozenset())
+        gid = spec.get("gid")
+        if gid is not None and expect(gid, int, key_path(where, "gid"), "a number") < 0:
+            raise ConfigError(key_path(where, "gid"), "must not be negative")
+        group_ids[name] = gid
+
+    filesystems = []
+    fs_table = expect(data.get("fileSystems", {}), dict, "fileSystems", "an object")
+    for mountpoint, spec in fs_table.items():
+        where = key_path("fileSystems", mountpoint)
+        comps = parse_components(mountpoint, where, absolute=True)
+        expect(spec, dict, where, "an object")
+        check_keys(spec, where, FS_KEYS, frozenset())
+        device = spec.get("device")
+        if device is None and spec.get("label") is not None:
+            device = "LABEL=" + expect(spec["label"], str, key_path(where, "label"), "a string")
+        if device is None:
+            raise ConfigError(key_path(where, "device"), "is required (a path, UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
+        expect(device, str, key_path(where, "device"), "a string")
+        if not device or "\0" in device:
+            raise ConfigError(key_path(where, "device"), f"{device!r} is not a device")
+        if "=" in device and not device.startswith("/"):
+            tag = device.split("=", 1)[0]
+            if tag not in ("UUID", "LABEL", "PARTUUID", "PARTLABEL"):
+                raise ConfigError(key_path(where, "device"), f"unknown tag {tag}= (use UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
+        elif not device.startswith("/"):
+            raise ConfigError(key_path(where, "device"), f"{device!r} must be an absolute path or UUID=, LABEL=, PARTUUID=, PARTLABEL=")
+        fs_type = expect(spec.get("fsType", "auto"), str, key_path(where, "fsType"), "a string") or "auto"
+        options = parse_options(spec.get("options", []), key_path(where, "options"))
+        filesystems.append(FileSystem(comps, device, fs_type, options, where))
+
+    entries: list[Entry] = []
+    storages: list[tuple] = []
+    homes: dict[tuple, str] = {}
+    locations = expect(data.get("persistence", {}), dict, "persistence", "an object")
+    for name, spec in locations.items():
+        where = key_path("persistence", name)
+        expect(spec, dict, where, "an object")
+        check_keys(spec, where, LOCATION_KEYS)
+        if not expect(spec.get("enable", True), bool, key_path(where, "enable"), "true or false"):
+            continue
+        storage_text = spec.get("persistentStoragePath", name)
+        storage = parse_components(storage_text, key_path(where, "persistentStoragePath")
+                                   if "persistentStoragePath" in spec else where, absolute=True)
+        expect(spec.get("hideMounts", False), bool, key_path(where, "hideMounts"), "true or false")
+        for key in ("directories", "files"):
+            items = expect(spec.get(key, []), list, key_path(where, key), "a list")
+            for i, item in enumerate(items):
+                entries.append(parse_item(key, item, key_path(key_path(where, key), i),
+                                          storage, (), None, ROOT_PERMS, None))
+        user_table = expect(spec.get("users", {}), dict, key_path(where, "users"), "an object")
+        for user, uspec in user_table.items():
+            uwhere = key_path(key_path(where, "users"), user)
+            parse_owner(user, uwhere)
+            expect(uspec, dict, uwhere, "an object")
+            check_keys(uspec, uwhere, USER_KEYS)
+            account = accounts.get(user)
+            if uspec.get("home") is not None:
+                home = parse_components(uspec["home"], key_path(uwhere, "home"), absolute=True)
+            elif account and account.home:
+                home = account.home
+            else:
+                home = ("root",) if user == "root" else ("home", user)
+            homes.setdefault(home, user)
+            home_mode = account.home_mode if account and account.home_mode is not None else 0o700
+            default = Perms(user, account.group if account and account.group else None, 0o755)
+            for key in ("directories", "files"):
+                items = expect(uspec.get(key, []), list, key_path(uwhere, key), "a list")
+                for i, item in enumerate(items):
+                    entries.append(parse_item(key, item, key_path(key_path(uwhere, key), i),
+                                              storage, home, user, default, home_mode))
+        if storage not in storages:
+            storages.append(storage)
+    for account in accounts.values():
+        if account.home:
+            homes.setdefault(account.home, account.name)
+
+    entries = [attach_home(e, homes) for e in entries]
+    entries.sort(key=lambda e: e.target)
+    check_overlaps(entries, filesystems, storages)
+    for e in entries:
+        if e.storage not in storages:
+            storages.append(e.storage)
+    return Config(tuple(filesystems), float(timeout), accounts, group_ids,
+                  tuple(storages), tuple(entries))
+
+
+def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
+               user: str | None, default: Perms, home_mode: int | None) -> Entry:
+    kind = "directory" if key == "directories" else "file"
+    at_user = user is not None
+    if isinstance(item, str):
+        item = {kind: item}
+        path_where = where
+    else:
+        expect(item, dict, where, f"a path string or an object with '{kind}'")
+        check_keys(item, where, DIR_KEYS if kind == "directory" else FILE_KEYS)
+        if kind not in item:
+            raise ConfigError(where, f"missing '{kind}'")
+        path_where = key_path(where, kind)
+    rel = parse_components(item[kind], path_where, absolute=not at_user)
+    target = home + rel
+    if "persistentStoragePath" in item and item["persistentStoragePath"] is not None:
+        storage = parse_components(item["persistentStoragePath"],
+                                   key_path(where, "persistentStoragePath"), absolute=True)
+    perms, method, parent_perms = None, "auto", None
+    if kind == "directory":
+        perms = parse_perms(item, where, default)
+    else:
+        method = expect(item.get("method", "auto"), str, key_path(where, "method"), "a string")
+        if method not in ("auto", "symlink"):
+            raise ConfigError(key_path(where, "method"), f"{method!r} is not 'auto' or 'symlink'")
+        if item.get("parentDirectory") is not None:
+            pwhere = key_path(where, "parentDirectory")
+            expect(item["parentDirectory"], dict, pwhere, "an object")
+            check_keys(item["parentDirectory"], pwhere, PERM_KEYS)
+            parent_perms = parse_perms(item["parentDirectory"], pwhere, default)
+    home_info = (home, user, home_mode) if at_user else None
+    return Entry(kind, target, storage, perms, method, parent_perms, home_info, user, where)
+
+
+def attach_home(entry: Entry, homes: dict) -> Entry:
+    """A system-level entry inside a known user's home gets that home's
+    parent rules too, so ~/.local is never created root-owned."""
+    if entry.home is not None:
+        return entry
+    for depth in range(len(entry.target) - 1, 0, -1):
+        user = homes.get(entry.target[:depth])
+        if user is not None:
+            return Entry(entry.kind, entry.target, entry.storage, entry.perms, entry.method,
+                         entry.parent_perms, (entry.target[:depth], user, 0o700), user, entry.where)
+    return entry
+
+
+def is_under(path: tuple, parent: tuple) -> bool:
+    return path[:len(parent)] == parent
+
+
+def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
+    """Reject what would make one mount hide another or double-apply a path."""
+    previous = None
+    for e in entries:
+        if previous is not None and previous.target == e.target:
+            raise ConfigError(e.where, f"{as_path(e.target)} is listed twice: also at {previous.where}")
+        previous = e
+    files = {e.target: e for e in entries if e.kind == "file"}
+    for e in entries:
+        for depth in range(1, len(e.target)):
+            holder = files.get(e.target[:depth])
+            if holder is not None:
+                raise ConfigError(e.where, f"{as_path(e.target)} is inside the kept file "
+                                           f"{as_path(holder.target)} ({holder.where})")
+    guarded = [(s, "persistent storage path") for s in storages]
+    guarded += [(fs.mountpoint, "fileSystems mount point") for fs in filesystems]
+    guarded += [(e.storage, "persistent storage path") for e in entries]
+    for e in entries:
+        for path, what in guarded:
+            if is_under(e.target, path) or is_under(path, e.target):
+                raise ConfigError(e.where, f"{as_path(e.target)} overlaps the {what} {as_path(path)}; "
+                                           "a bind mount there would hide storage")
+
+
+# --- Device lookup and superblock probing ------------------------------------
+
+def format_uuid(raw: bytes, mixed_endian: bool = False) -> str:
+    if mixed_endian:  # GPT GUIDs store the first three fields little-endian
+        raw = raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:]
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def read_at(fd: int, offset: int, size: int) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError:
+        return b""
+
+
+def _label(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def probe_filesystem(fd: int) -> tuple | None:
+    """(type, uuid, label) from the superblock of ext2/3/4, btrfs, xfs, vfat."""
+    sb = read_at(fd, 1024, 256)
+    if len(sb) >= 136 and sb[56:58] == b"\x53\xef":
+        return ("ext4", format_uuid(sb[104:120]), _label(sb[120:136]))
+    sb = read_at(fd, 0x10000, 0x300)
+    if len(sb) >= 0x22b and sb[0x40:0x48] == b"_BHRfS_M":
+        return ("btrfs", format_uuid(sb[0x20:0x30]), _label(sb[0x12b:0x22b]))
+    sb = read_at(fd, 0, 512)
+    if len(sb) >= 120 and sb[:4] == b"XFSB":
+        return ("xfs", format_uuid(sb[32:48]), _label(sb[108:120]))
+    if len(sb) == 512 and sb[510:512] == b"\x55\xaa":
+        if sb[82:87] == b"FAT32":
+            serial, label = sb[67:71], sb[71:82]
+        elif sb[54:57] == b"FAT":
+            serial, label = sb[39:43], sb[43:54]
+        else:
+            return None
+        n = int.from_bytes(serial, "little")
+        text = label.decode("ascii", "replace").rstrip(" ")
+        return ("vfat", f"{n >> 16:04X}-{n & 0xffff:04X}", "" if text == "NO NAME" else text)
+    return None
+
+
+def probe_partition(name: str) -> tuple | None:
+    """(partuuid, partlabel) of partition `name` from its disk's GPT or MBR."""
+    sys_dir = f"/sys/class/block/{name}"
+    try:
+        with open(f"{sys_dir}/partition") as f:
+            number = int(f.read())
+        disk = os.path.basename(os.path.dirname(os.path.realpath(sys_dir)))
+        with open(f"/sys/class/block/{disk}/queue/logical_block_size") as f:
+            sector = int(f.read())
+        fd = os.open(f"/dev/{disk}", os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        mbr = read_at(fd, 0, 512)
+        if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa":
+            return None
+        if mbr[450] == 0xEE:
+            header = read_at(fd, sector, 92)
+            if header[:8] != b"EFI PART":
+                return None
+            table = int.from_bytes(header[72:80], "little")
+            count = int.from_bytes(header[80:84], "little")
+            size = int.from_bytes(header[84:88], "little")
+            if not 1 <= number <= count or size < 128:
+                return None
+            entry = read_at(fd, table * sector + (number - 1) * size, 128)
+            if len(entry) < 128:
+                return None
+            label = entry[56:128].decode("utf-16-le", "replace").split("\0", 1)[0]
+            return (format_uuid(entry[16:32], mixed_endian=True), label)
+        signature = int.from_bytes(mbr[440:444], "little")
+        return (f"{signature:08x}-{number:02x}", None)
+    finally:
+        os.close(fd)
+
+
+def lookup_device(spec: str) -> tuple:
+    """(device path or None, probed fs type or None) for a device spec."""
+    if spec.startswith("/"):
+        return (spec, None) if os.path.exists(spec) else (None, None)
+    tag, value = spec.split("=", 1)
+    link = f"/dev/disk/by-{tag.lower()}/{value}"
+    if os.path.exists(link):
+        return os.path.realpath(link), None
+    # No udev (a minimal initramfs): read the superblocks ourselves.
+    try:
+        names = sorted(os.listdir("/sys/class/block"))
+    except OSError:
+        return None, None
+    for name in names:
+        device = f"/dev/{name}"
+        try:
+            with open(f"/sys/class/block/{name}/size") as f:
+                if int(f.read()) == 0:
+                    continue
+        except (OSError, ValueError):
+            continue
+        if not os.path.exists(device):
+            continue
+        if tag in ("PARTUUID", "PARTLABEL"):
+            ids = probe_partition(name)
+            if ids and ((tag == "PARTUUID" and ids[0].lower() == value.lower())
+                        or (tag == "PARTLABEL" and ids[1] == value)):
+                return device, None
+            continue
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            found = probe_filesystem(fd)
+        finally:
+            os.close(fd)
+        if found and ((tag == "UUID" and found[1].lower() == value.lower())
+                      or (tag == "LABEL" and found[2] == value)):
+            return device, found[0]
+    return None, None
+
+
+def wait_for_device(spec: str, timeout: float) -> tuple:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        device, fs_type = lookup_device(spec)
+        if device is not None:
+            return device, fs_type
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise EntryError(spec, f"device did not appear within {timeout:g} s")
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.25)
+
+
+MOUNT_FLAGS = {
+    "ro": (MS_RDONLY, True), "rw": (MS_RDONLY, False),
+    "nosuid": (MS_NOSUID, True), "suid": (MS_NOSUID, False),
+    "nodev": (MS_NODEV, True), "dev": (MS_NODEV, False),
+    "noexec": (MS_NOEXEC, True), "exec": (MS_NOEXEC, False),
+    "sync": (MS_SYNCHRONOUS, True), "async": (MS_SYNCHRONOUS, False),
+    "dirsync": (MS_DIRSYNC, True), "mand": (MS_MANDLOCK, True), "nomand": (MS_MANDLOCK, False),
+    "noatime": (MS_NOATIME, True), "atime": (MS_NOATIME, False),
+    "nodiratime": (MS_NODIRATIME, True), "diratime": (MS_NODIRATIME, False),
+    "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
+    "strictatime": (MS_STRICTATIME, True), "lazytime": (MS_LAZYTIME, True),
+    "nolazytime": (MS_LAZYTIME, False), "nosymfollow": (MS_NOSYMFOLLOW, True),
+}
+# fstab options that only userspace tools read.
+USERSPACE_OPTIONS = {"defaults", "auto", "noauto", "nofail", "user", "users", "nouser",
+                     "owner", "group", "_netdev", "neededForBoot"}
+
+
+def split_mount_options(options: tuple) -> tuple:
+    flags, data = 0, []
+    for option in options:
+        if option in MOUNT_FLAGS:
+            bit, on = MOUNT_FLAGS[option]
+            flags = flags | bit if on else flags & ~bit
+        elif option in USERSPACE_OPTIONS or option.startswith(("x-", "X-", "comment=")):
+            continue
+        else:
+            data.append(option)
+    return flags, ",".join(data) or None
+
+
+def kernel_filesystems() -> list:
+    try:
+        with open("/proc/filesystems") as f:
+            return [line.split()[-1] for line in f if line.strip() and not line.startswith("nodev")]
+    except OSError:
+        return []
+
+
+# --- Mount table ----------------------------------------------------------------
+
+def unescape_mountinfo(field: str) -> str:
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+class MountTable:
+    """/proc/self/mountinfo, read once per run: mount point -> (source, fs root, type)."""
+
+    def __init__(self):
+        self.points: dict[str, tuple] = {}
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                data = f.read().decode("utf-8", "surrogateescape")
+        except OSError:
+            return
+        for line in data.splitlines():
+            fields = line.split(" ")
+            try:
+                sep = fields.index("-", 6)
+            except ValueError:
+                continue
+            point = unescape_mountinfo(fields[4])
+            self.points[point] = (unescape_mountinfo(fields[sep + 2]),
+                                  unescape_mountinfo(fields[3]), fields[sep + 1])
+
+    def is_mountpoint(self, host_path: str) -> bool:
+        return host_path in self.points
+
+    def add(self, host_path: str, source: str, fs_root: str, fs_type: str) -> None:
+        self.points[host_path] = (source, fs_root, fs_type)
+
+    def remove(self, host_path: str) -> None:
+        self.points.pop(host_path, None)
+
+
+# --- Accounts -----------------------------------------------------------------------
+
+def parse_colon_file(text: str) -> dict:
+    table = {}
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] and not line.startswith(("#", "+", "-")):
+            table.setdefault(fields[0], fields)
+    return table
+
+
+class Accounts:
+    """Resolves user and group names in the order the spec gives: a number;
+    the config's table; NixOS's uid-map/gid-map in storage; <root>/etc/passwd
+    and /etc/group; the running system's."""
+
+    def __init__(self, config: Config, fs: "Tree", available: list):
+        self.config = config
+        self.fs = fs
+        self.storages = available
+        self._maps: dict = {}
+        self._files: dict = {}
+
+    def _nixos_map(self, storage: tuple, name: str) -> dict:
+        key = (storage, name)
+        if key not in self._maps:
+            table = {}
+            text = self.fs.read_file(storage + ("var", "lib", "nixos", name))
+            if text is not None:
+                import json
+
+                try:
+                    loaded = json.loads(text)
+                    if isinstance(loaded, dict):
+                        table = {k: v for k, v in loaded.items()
+                                 if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+                except ValueError:
+                    pass
+            self._maps[key] = table
+        return self._maps[key]
+
+    def _root_file(self, name: str) -> dict:
+        if name not in self._files:
+            text = self.fs.read_file(("etc", name))
+            self._files[name] = parse_colon_file(text) if text else {}
+        return self._files[name]
+
+    def _storages_for(self, storage: tuple) -> list:
+        return [storage] + [s for s in self.storages if s != storage]
+
+    def uid(self, name: str, storage: tuple) -> int:
+        if name.isdigit():
+            return int(name)
+        account = self.config.accounts.get(name)
+        if account is not None and account.uid is not None:
+            return account.uid
+        for s in self._storages_for(storage):
+            uid = self._nixos_map(s, "uid-map").get(name)
+            if uid is not None:
+                return uid
+        fields = self._root_file("passwd").get(name)
+        if fields and fields[2].isdigit():
+            return int(fields[2])
+        try:
+            import pwd
+
+            return pwd.getpwnam(name).pw_uid
+        except (ImportError, KeyError):
+            pass
+        if name == "root":
+            return 0
+        raise EntryError(f"user {name}", "unknown user: not in the config's users table, "
+                         f"{as_path(storage)}/var/lib/nixos/uid-map, the root's /etc/passwd or the "
+                         f"running system; add \"users\": {{\"{name}\": {{\"uid\": N}}}} to the config")
+
+    def gid(self, name: str, storage: tuple) -> int:
+        if name.isdigit():
+            return int(name)
+        gid = self.config.group_ids.get(name)
+        if gid is not None:
+            return gid
+        for s in self._storages_for(storage):
+            gid = self._nixos_map(s, "gid-map").get(name)
+            if gid is not None:
+                return gid
+        fields = self._root_file("group").get(name)
+        if fields and fields[2].isdigit():
+            return int(fields[2])
+        try:
+            import grp
+
+            return grp.getgrnam(name).gr_gid
+        except (ImportError, KeyError):
+            pass
+        if name == "root":
+            return 0
+        raise EntryError(f"group {name}", "unknown group: not in the config's groups table, "
+                         f"{as_path(storage)}/var/lib/nixos/gid-map, the root's /etc/group or the "
+                         f"running system; add \"groups\": {{\"{name}\": {{\"gid\": N}}}} to the config")
+
+    def primary_gid(self, user: str, storage: tuple) -> int:
+        account = self.config.accounts.get(user)
+        if account is not None and account.group is not None:
+            return self.gid(account.group, storage)
+        if user.isdigit():
+            return int(user)
+        fields = self._root_file("passwd").get(user)
+        if fields and fields[3].isdigit():
+            return int(fields[3])
+        try:
+            import pwd
+
+            return pwd.getpwnam(user).pw_gid
+        except (ImportError, KeyError):
+            pass
+        if user == "root":
+            return 0
+        raise EntryError(f"user {user}", "primary group unknown: set "
+                         f"\"users\": {{\"{user}\": {{\"group\": \"...\"}}}} in the config")
+
+    def resolve(self, perms: Perms, storage: tuple) -> tuple:
+        uid = self.uid(perms.user, storage)
+        gid = (self.primary_gid(perms.user, storage) if perms.group is None
+               else self.gid(perms.group, storage))
+        return uid, gid, perms.mode
+
+
+# --- Looking at the tree ------------------------------------------------------
+
+class Node(Record):
+    """What is at a path: kind is 'dir', 'file', 'link' or 'other'."""
+    __slots__ = ("kind", "uid", "gid", "mode", "size", "dev", "ino", "link")
+
+
+def node_from_stat(st) -> Node:
+    m = st.st_mode
+    kind = ("dir" if stat.S_ISDIR(m) else "file" if stat.S_ISREG(m)
+            else "link" if stat.S_ISLNK(m) else "other")
+    return Node(kind, st.st_uid, st.st_gid, stat.S_IMODE(m), st.st_size, st.st_dev, st.st_ino, None)
+
+
+class Tree:
+    """Read-only view of <root>: every component is checked to be a real
+    directory before the next one is looked at, so a planted symlink is
+    reported, never followed.
+
+    Planned actions are recorded and lookups see them, so an entry's plan
+    (and `plan` as a whole) is computed as if the earlier actions had run;
+    paths below a recorded bind mount are looked up in its source, as the
+    kernel would after the mount. `apply` settles the record after each
+    entry has run: from then on the real tree is the truth."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.prefix = "" if root == "/" else root
+        self.dirs: set = set()       # prefixes seen to be real directories
+        self.created: dict = {}      # planned: path -> Node
+        self.binds: dict = {}        # planned: target -> source
+        self.pending_binds: list = []
+
+    def host(self, comps: tuple) -> str:
+        return self.prefix + "/" + "/".join(comps) if comps else self.root
+
+    def translate(self, comps: tuple) -> tuple:
+        if self.binds:
+            for depth in range(len(comps), 0, -1):
+                source = self.binds.get(comps[:depth])
+                if source is not None:
+                    return source + comps[depth:]
+        return comps
+
+    def _lstat(self, comps: tuple) -> Node | None:
+        if comps in self.created:
+            return self.created[comps]
+        try:
+            return node_from_stat(os.lstat(self.host(comps)))
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return None
+
+    def look(self, comps: tuple) -> Node | None:
+        """The node at comps, or None if missing. Raises EntryError if a
+        parent component is a symlink or not a directory."""
+        comps = self.translate(comps)
+        if comps in self.created:
+            return self.created[comps]
+        for depth in range(1, len(comps)):
+            prefix = comps[:depth]
+            if prefix in self.dirs:
+                continue
+            node = self._lstat(prefix)
+            if node is None:
+                return None
+            if node.kind != "dir":
+                what = "a symbolic link" if node.kind == "link" else "not a directory"
+                raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
+            if prefix not in self.created:
+                self.dirs.add(prefix)
+        node = self._lstat(comps) if comps else node_from_stat(os.stat(self.root))
+        if node is not None and node.kind == "link" and comps not in self.created:
+            try:
+                link = os.readlink(self.host(comps))
+            except OSError:
+                link = None
+            node = Node("link", node.uid, node.gid, node.mode, node.size, node.dev, node.ino, link)
+        return node
+
+    def same(self, a: tuple, b: tuple) -> bool:
+        """Whether paths a and b are the same directory or file."""
+        ta, tb = self.translate(a), self.translate(b)
+        if ta == tb:
+            return True
+        na, nb = self.look(ta), self.look(tb)
+        return (na is not None and nb is not None and na.ino is not None
+                and (na.dev, na.ino) == (nb.dev, nb.ino))
+
+    def record(self, comps: tuple, node: Node) -> None:
+        self.created[self.translate(comps)] = node
+
+    def record_bind(self, source: tuple, target: tuple) -> None:
+        self.binds[target] = self.translate(source)
+        self.pending_binds.append(target)
+
+    def settle(self, succeeded: bool) -> None:
+        """After an entry ran: the real tree now holds what it created. Its
+        bind mounts stay recorded (lookups below them must go to their
+        source, as the kernel's do), unless the entry failed."""
+        self.created.clear()
+        if not succeeded:
+            for target in self.pending_binds:
+                self.binds.pop(target, None)
+        self.pending_binds.clear()
+
+    def read_file(self, comps: tuple) -> str | None:
+        """Contents of a small regular file, opened without following links."""
+        try:
+            fd = open_beneath(self.root, comps, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (OSError, EntryError):
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > 16 << 20:
+                    return None
+            return b"".join(chunks).decode("utf-8", "replace")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+
+def open_dir_at(dir_fd: int, name: str, shown: str) -> int:
+    try:
+        return os.open(name, O_DIR, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            try:
+                is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+            except OSError:
+                is_link = False
+            what = "a symbolic link" if is_link else "not a directory"
+            raise EntryError(shown, f"is {what}; refusing to follow it") from None
+        raise OSError(exc.errno, exc.strerror, shown) from None
+
+
+def open_beneath(root: str, comps: tuple, flags: int) -> int:
+    """Open root/comps with every directory component opened O_NOFOLLOW."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        prefix = "" if root == "/" else root
+        for i, name in enumerate(comps[:-1]):
+            next_fd = open_dir_at(fd, name, prefix + as_path(comps[:i + 1]))
+            os.close(fd)
+            fd = next_fd
+        return os.open(comps[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+# --- Actions --------------------------------------------------------------------
+
+class Action(Record):
+    """One change to the filesystem. `describe` is the line `plan` prints."""
+    __slots__ = ()
+
+
+class MakeDir(Action):
+    __slots__ = ("path", "uid", "gid", "mode", "why", "mark")
+
+    def describe(self, tree: Tree) -> str:
+        return f"mkdir {tree.host(self.path)} ({self.uid}:{self.gid} {format_mode(self.mode)}, {self.why})"
+
+
+class WriteFile(Action):
+    __slots__ = ("path", "content", "uid", "gid", "mode")
+
+    def describe(self, tree: Tree) -> str:
+        return (f"create {tree.host(self.path)} containing {self.content.decode().strip()!r} "
+                f"({self.uid}:{self.gid} {format_mode(self.mode)})")
+
+
+class CreateMountFile(Action):
+    __slots__ = ("path",)
+
+    def describe(self, tree: Tree) -> str:
+        return f"create empty {tree.host(self.path)} (mount point)"
+
+
+class RemoveEmptyFile(Action):
+    __slots__ = ("path",)
+
+    def describe(self, tree: Tree) -> str:
+        return f"remove empty file {tree.host(self.path)} (replaced)"
+
+
+class Symlink(Action):
+    __slots__ = ("path", "text")
+
+    def describe(self, tree: Tree) -> str:
+        return f"link {tree.host(self.path)} -> {self.text}"
+
+
+class Bind(Action):
+    __slots__ = ("source", "target", "kind")
+
+    def describe(self, tree: Tree) -> str:
+        return f"bind {tree.host(self.source)} on {tree.host(self.target)}"
+
+
+class Fail(Action):
+    __slots__ = ("path", "cause")
+
+    def describe(self, tree: Tree) -> str:
+        return f"fail {tree.host(self.path)}: {self.cause}"
+
+
+# --- Planning ------------------------------------------------------------------------
+
+def source_parent_perms(entry: Entry, path: tuple) -> Perms:
+    """Owner and mode for a missing parent of a source (path includes storage)."""
+    if entry.kind == "file" and entry.parent_perms is not None and path == entry.source[:-1]:
+        return entry.parent_perms
+    if entry.home is not None:
+        home, user, home_mode = entry.home
+        rel = path[len(entry.storage):]
+        if rel == home:
+            return Perms(user, None, home_mode)
+        if is_under(rel, home):
+            return Perms(user, None, 0o755)
+    return ROOT_PERMS
+
+
+def link_text(entry: Entry) -> str:
+    """Where a link points: the source as the booted system will see it."""
+    return as_path(entry.source)
+
+
+def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
+    """The actions that put one entry in place, given the tree as it is now."""
+    actions: list = []
+    source, target, storage = entry.source, entry.target, entry.storage
+
+    def make_dir(path: tuple, uid: int, gid: int, mode: int, why: str, mark: bool = False):
+        actions.append(MakeDir(path, uid, gid, mode, why, mark))
+        tree.record(path, Node("dir", uid, gid, mode, 0, None, None, None))
+
+    # Storage side: parents, then the source itself.
+    for depth in range(len(storage) + 1, len(source)):
+        path = source[:depth]
+        node = tree.look(path)
+        if node is None:
+            uid, gid, mode = accounts.resolve(source_parent_perms(entry, path), storage)
+            make_dir(path, uid, gid, mode, "storage parent")
+        elif node.kind != "dir":
+            return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
+    node = tree.look(source)
+    source_exists = node is not None
+    if entry.kind == "directory":
+        if node is None:
+            uid, gid, mode = accounts.resolve(entry.perms, storage)
+            make_dir(source, uid, gid, mode, "kept directory")
+        elif node.kind != "dir":
+            return actions + [Fail(source, f"source is {describe_kind(node)}, not a directory")]
+    elif node is not None and node.kind != "file":
+        return actions + [Fail(source, f"source is {describe_kind(node)}, not a regular file")]
+    elif node is None and target == MACHINE_ID and entry.method == "auto":
+        # systemd commits a real id into storage on first boot.
+        actions.append(WriteFile(source, b"uninitialized\n", 0, 0, 0o444))
+        tree.record(source, Node("file", 0, 0, 0o444, 14, None, None, None))
+        source_exists = True
+
+    # Root side: parents mirror their counterparts in storage.
+    for depth in range(1, len(target)):
+        path = target[:depth]
+        node = tree.look(path)
+        if node is None:
+            twin = tree.look(storage + path)
+            if twin is None or twin.kind != "dir":
+                return actions + [Fail(storage + path, "missing in storage; cannot mirror it")]
+            make_dir(path, twin.uid, twin.gid, twin.mode, "as in storage")
+        elif node.kind != "dir":
+            return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
+
+    node = tree.look(target)
+    if entry.kind == "directory":
+        if node is None:
+            twin = tree.look(source)
+            make_dir(target, twin.uid, twin.gid, twin.mode, "mount point", mark=True)
+        elif node.kind != "dir":
+            return actions + [Fail(target, f"target is {describe_kind(node)}, not a directory; left as it is")]
+        elif tree.same(source, target):
+            return actions
+        actions.append(Bind(source, target, "dir"))
+        tree.record_bind(source, target)
+        return actions
+
+    wanted_link = link_text(entry)
+    if entry.method == "symlink" or not source_exists:
+        if node is None:
+            pass
+        elif node.kind == "link" and node.link == wanted_link:
+            return actions
+        elif node.kind == "file" and node.size == 0:
+            actions.append(RemoveEmptyFile(target))
+        else:
+            return actions + [Fail(target, f"target is {describe_kind(node)}; not replaced by a link")]
+        actions.append(Symlink(target, wanted_link))
+        tree.record(target, Node("link", 0, 0, 0o777, 0, None, None, wanted_link))
+        return actions
+
+    if node is None:
+        actions.append(CreateMountFile(target))
+        tree.record(target, Node("file", 0, 0, 0o644, 0, None, None, None))
+    elif node.kind == "link" and node.link == wanted_link:
+        return actions  # linked by an earlier run while the source was missing
+    elif node.kind != "file":
+        return actions + [Fail(target, f"target is {describe_kind(node)}; left as it is")]
+    elif tree.same(source, target):
+        return actions
+    elif node.size != 0:
+        return actions + [Fail(target, "target exists and is not empty; not overwritten")]
+    actions.append(Bind(source, target, "file"))
+    tree.record_bind(source, target)
+    return actions
+
+
+def describe_kind(node: Node) -> str:
+    if node.kind == "link":
+        return f"a symbolic link to {node.link}" if node.link else "a symbolic link"
+    if node.kind == "file":
+        return "a non-empty file" if node.size else "an empty file"
+    return {"dir": "a directory", "other": "a special file (device, FIFO or socket)"}[node.kind]
+
+
+# --- Executing -----------------------------------------------------------------------
+
+class DirChain:
+    """Open directory fds along the last path walked from the root. Entries
+    come sorted, so the next walk reuses the shared parents."""
+
+    def __init__(self, root_fd: int, tree: Tree):
+        self.root_fd = root_fd
+        self.tree = tree
+        self.names: list = []
+        self.fds: list = []
+
+    def truncate(self, depth: int) -> None:
+        while len(self.fds) > depth:
+            os.close(self.fds.pop())
+            self.names.pop()
+
+    def open(self, comps: tuple) -> int:
+        depth = 0
+        limit = min(len(self.names), len(comps))
+        while depth < limit and self.names[depth] == comps[depth]:
+            depth += 1
+        self.truncate(depth)
+        fd = self.fds[-1] if self.fds else self.root_fd
+        for i in range(depth, len(comps)):
+            fd = open_dir_at(fd, comps[i], self.tree.host(comps[:i + 1]))
+            self.names.append(comps[i])
+            self.fds.append(fd)
+        return fd
+
+    def push(self, name: str, fd: int) -> None:
+        self.names.append(name)
+        self.fds.append(fd)
+
+    def forget(self, comps: tuple) -> None:
+        """A mount landed on comps: fds at or below it see what it covers."""
+        if tuple(self.names[:len(comps)]) == comps:
+            self.truncate(len(comps) - 1)
+
+    def close(self) -> None:
+        self.truncate(0)
+
+
+class Executor:
+    """Performs actions with fd-relative calls that never follow a link."""
+
+    def __init__(self, tree: Tree, mounts: MountTable, log: Log):
+        self.tree = tree
+        self.mounts = mounts
+        self.log = log
+        self.root_fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.sources = DirChain(self.root_fd, tree)
+        self.targets = DirChain(self.root_fd, tree)
+        self.proc_fds = os.path.isdir("/proc/self/fd")
+        self.euid = os.geteuid()
+
+    def chain_for(self, comps: tuple, storage: tuple) -> DirChain:
+        return self.sources if storage and is_under(comps, storage) else self.targets
+
+    def close(self) -> None:
+        self.sources.close()
+        self.targets.close()
+        os.close(self.root_fd)
+
+    def run(self, action: Action, storage: tuple) -> None:
+        self.log.info(action.describe(self.tree))
+        getattr(self, "do_" + type(action).__name__)(action, storage)
+
+    def do_Fail(self, a: Fail, storage: tuple) -> None:
+        raise EntryError(self.tree.host(a.path), a.cause)
+
+    def do_MakeDir(self, a: MakeDir, storage: tuple) -> None:
+        chain = self.chain_for(a.path, storage)
+        parent = chain.open(a.path[:-1])
+        name, shown = a.path[-1], self.tree.host(a.path)
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            raise EntryError(shown, "appeared while applying; left as it is") from None
+        fd = open_dir_at(parent, name, shown)
+        st = os.fstat(fd)
+        if st.st_uid != self.euid or st.st_nlink != 2:
+            os.close(fd)
+            raise EntryError(shown, "was replaced while applying; not changed")
+        # chown first: it clears set-id bits that chmod then sets.
+        os.fchown(fd, a.uid, a.gid)
+        os.fchmod(fd, a.mode)
+        if a.mark:
+            try:
+                os.setxattr(fd, MARK_XATTR, b"1")
+            except OSError:
+                pass  # unmount will then leave this mount point in place
+        chain.push(name, fd)
+
+    def _create_file(self, path: tuple, storage: tuple, content: bytes, uid: int, gid: int,
+                     mode: int, mark: bool) -> None:
+        parent = self.chain_for(path, storage).open(path[:-1])
+        fd = os.open(path[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=parent)
+        try:
+            if content:
+                os.write(fd, content)
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+            if mark:
+                try:
+                    os.setxattr(fd, MARK_XATTR, b"1")
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+
+    def do_WriteFile(self, a: WriteFile, storage: tuple) -> None:
+        self._create_file(a.path, storage, a.content, a.uid, a.gid, a.mode, False)
+
+    def do_CreateMountFile(self, a: CreateMountFile, storage: tuple) -> None:
+        self._create_file(a.path, storage, b"", 0, 0, 0o644, True)
+
+    def do_RemoveEmptyFile(self, a: RemoveEmptyFile, storage: tuple) -> None:
+        parent = self.targets.open(a.path[:-1])
+        fd = os.open(a.path[-1], O_PATH_NOFOLLOW, dir_fd=parent)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+            raise EntryError(self.tree.host(a.path), "is no longer an empty file; not removed")
+        os.unlink(a.path[-1], dir_fd=parent)
+
+    def do_Symlink(self, a: Symlink, storage: tuple) -> None:
+        parent = self.targets.open(a.path[:-1])
+        os.symlink(a.text, a.path[-1], dir_fd=parent)
+
+    def open_leaf(self, chain: DirChain, comps: tuple, want_dir: bool) -> int:
+        parent = chain.open(comps[:-1])
+        shown = self.tree.host(comps)
+        try:
+            fd = os.open(comps[-1], O_PATH_NOFOLLOW, dir_fd=parent)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, shown) from None
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
+            os.close(fd)
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "of an unexpected type"
+            raise EntryError(shown, f"is {kind}; not mounted")
+        return fd
+
+    def do_Bind(self, a: Bind, storage: tuple) -> None:
+        want_dir = a.kind == "dir"
+        src = self.open_leaf(self.sources, a.source, want_dir)
+        try:
+            tgt = self.open_leaf(self.targets, a.target, want_dir)
+            try:
+                src_st = os.fstat(src)
+                shown = self.tree.host(a.target)
+                if self.proc_fds:
+                    # The kernel resolves these magic links to exactly the
+                    # inodes opened above: no path is looked up again.
+                    mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, MS_BIND, None, shown)
+                else:
+                    mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
+            finally:
+                os.close(tgt)
+        finally:
+            os.close(src)
+        self.targets.forget(a.target)
+        check = self.open_leaf(self.targets, a.target, want_dir)
+        try:
+            st = os.fstat(check)
+        finally:
+            os.close(check)
+        if (st.st_dev, st.st_ino) != (src_st.st_dev, src_st.st_ino):
+            raise EntryError(shown, "bind mount did not take effect")
+        self.mounts.add(shown, self.tree.host(a.source), "/", "bind")
+
+
+# --- Storage ------------------------------------------------------------------------
+
+def covering_filesystem(config: Config, storage: tuple):
+    best = None
+    for fs in config.filesystems:
+        if is_under(storage, fs.mountpoint) and (best is None or len(fs.mountpoint) > len(best.mountpoint)):
+            best = fs
+    return best
+
+
+def mount_filesystem(fs: FileSystem, tree: Tree, executor: Executor, mounts: MountTable,
+                     timeout: float, log: Log) -> None:
+    host = tree.host(fs.mountpoint)
+    node = tree.look(fs.mountpoint)
+    if node is not None and node.kind == "dir" and mounts.is_mountpoint(host):
+        log.info(f"{host}: already a mount point; used as it is")
+        return
+    device, probed = wait_for_device(fs.device, timeout)
+    # The mount point on the fresh root: plain root-owned directories.
+    for depth in range(1, len(fs.mountpoint) + 1):
+        path = fs.mountpoint[:depth]
+        node = tree.look(path)
+        if node is None:
+            executor.run(MakeDir(path, 0, 0, 0o755, "mount point", False), ())
+        elif node.kind != "dir":
+            raise EntryError(tree.host(path), f"is {describe_kind(node)}, not a directory")
+    flags, data = split_mount_options(fs.options)
+    if fs.fs_type != "auto":
+        candidates = [fs.fs_type]
+    elif probed == "ext4":
+        candidates = ["ext4", "ext3", "ext2"]
+    elif probed:
+        candidates = [probed]
+    else:
+        candidates = kernel_filesystems()
+    target_fd = executor.open_leaf(executor.targets, fs.mountpoint, True)
+    target = f"/proc/self/fd/{target_fd}" if executor.proc_fds else host
+    errors = []
+    try:
+        for fs_type in candidates:
+            try:
+                mount(device, target, fs_type, flags | (MS_SILENT if len(candidates) > 1 else 0),
+                      data, host)
+            except OSError as exc:
+                errors.append((fs_type, exc))
+                if exc.errno not in (errno.EINVAL, errno.ENODEV, errno.ENOTBLK, errno.EIO) or len(candidates) == 1:
+                    break
+                continue
+            executor.targets.forget(fs.mountpoint)
+            mounts.add(host, device, "/", fs_type)
+            log.info(f"mounted {device} ({fs_type}) on {host}")
+            return
+    finally:
+        os.close(target_fd)
+    if not errors:
+        raise EntryError(host, f"cannot mount {fs.device}: no filesystem type to try")
+    fs_type, exc = errors[-1] if len(errors) == 1 else errors[0]
+    hint = ""
+    if exc.errno == errno.EINVAL:
+        hint = " (wrong fsType, bad option or bad superblock)"
+    tried = ", ".join(t for t, _ in errors)
+    raise EntryError(host, f"cannot mount {fs.device} ({device}) as {tried}: {exc.strerror}{hint}")
+
+
+def prepare_storage(config: Config, tree: Tree, executor: Executor | None, mounts: MountTable,
+                    log: Log, plan_out: list | None = None) -> dict:
+    """Mount fileSystems and check every storage path. Returns storage -> None
+    if usable, else the reason it is not."""
+    fs_state: dict = {}
+    planned_mounts: set = set()
+    for fs in sorted(config.filesystems, key=lambda f: f.mountpoint):
+        host = tree.host(fs.mountpoint)
+        if plan_out is not None:
+            node = tree.look(fs.mountpoint)
+            if node is not None and mounts.is_mountpoint(host):
+                fs_state[fs.mountpoint] = None
+                continue
+            device, _ = lookup_device(fs.device)
+            shown = f"{fs.device} ({device})" if device and device != fs.device else fs.device
+            if device is None:
+                shown += f" (not present now; apply waits up to {config.device_timeout:g} s)"
+            opts = ",".join(fs.options)
+            plan_out.append(f"mount {shown} on {host} (type {fs.fs_type}{', ' + opts if opts else ''})")
+            planned_mounts.add(fs.mountpoint)
+            tree.record(fs.mountpoint, Node("dir", 0, 0, 0o755, 0, None, None, None))
+            fs_state[fs.mountpoint] = None
+            continue
+        try:
+            mount_filesystem(fs, tree, executor, mounts, config.device_timeout, log)
+            fs_state[fs.mountpoint] = None
+        except EntryError as exc:
+            fs_state[fs.mountpoint] = exc.cause
+            log.error(f"{exc.path}: {exc.cause}")
+        except OSError as exc:
+            fs_state[fs.mountpoint] = describe_oserror(exc)
+            log.error(f"{exc.filename or host}: {describe_oserror(exc)}")
+
+    state: dict = {}
+    root_dev = os.stat(tree.root).st_dev
+    for storage in config.storages:
+        host = tree.host(storage)
+        fs = covering_filesystem(config, storage)
+        if fs is not None and fs_state.get(fs.mountpoint) is not None:
+            state[storage] = f"storage unavailable: {fs_state[fs.mountpoint]}"
+            continue
+        if fs is not None and fs.mountpoint in planned_mounts:
+            # Not mounted yet: what is inside is unknown, shown as empty.
+            state[storage] = None
+            continue
+        try:
+            node = tree.look(storage)
+        except EntryError as exc:
+            state[storage] = exc.cause
+            continue
+        if node is None and fs is not None and fs.mountpoint != storage:
+            # Inside a mounted persistent filesystem: create it.
+            if plan_out is not None:
+                plan_out.append(f"mkdir {host} (0:0 0755, storage path)")
+                tree.record(storage, Node("dir", 0, 0, 0o755, 0, None, None, None))
+                state[storage] = None
+                continue
+            try:
+                for depth in range(len(fs.mountpoint) + 1, len(storage) + 1):
+                    if tree.look(storage[:depth]) is None:
+                        executor.run(MakeDir(storage[:depth], 0, 0, 0o755, "storage path", False), ())
+                node = tree.look(storage)
+            except (EntryError, OSError) as exc:
+                state[storage] = getattr(exc, "cause", None) or describe_oserror(exc)
+                continue
+        if node is None:
+            state[storage] = "storage path does not exist (and no fileSystems entry mounts it)"
+        elif node.kind != "dir":
+            state[storage] = f"storage path is {describe_kind(node)}"
+        else:
+            state[storage] = None
+            if fs is None and plan_out is None and node.dev == root_dev:
+                log.warn(f"{host}: not a mount point; kept data would live on the root filesystem")
+    return state
+
+
+# --- Commands --------------------------------------------------------------------------
+
+def group_by_storage_state(config: Config, storage_state: dict, log: Log | None):
+    usable, skipped = [], {}
+    for entry in config.entries:
+        reason = storage_state.get(entry.storage)
+        if reason is None:
+            usable.append(entry)
+        else:
+            skipped.setdefault(entry.storage, []).append(entry)
+    for storage, entries in skipped.items():
+        if log is not None:
+            log.error(f"{as_path(storage)}: {storage_state[storage]}; "
+                      f"{len(entries)} entries not applied")
+    return usable, skipped
+
+
+def command_apply(config: Config, root: str, log: Log) -> int:
+    started = time.monotonic()
+    tree = Tree(root)
+    mounts = MountTable()
+    executor = Executor(tree, mounts, log)
+    failed = 0
+    try:
+        storage_state = prepare_storage(config, tree, executor, mounts, log)
+        available = [s for s, reason in storage_state.items() if reason is None]
+        accounts = Accounts(config, tree, available)
+        usable, skipped = group_by_storage_state(config, storage_state, log)
+        for entry in usable:
+            ok = False
+            try:
+                for action in plan_entry(entry, tree, accounts):
+                    executor.run(action, entry.storage)
+                ok = True
+            except EntryError as exc:
+                log.error(f"{exc.path}: {exc.cause}")
+            except OSError as exc:
+                log.error(f"{exc.filename or tree.host(entry.target)}: {describe_oserror(exc)}")
+            failed += not ok
+            tree.settle(ok)
+    finally:
+        executor.close()
+    elapsed = (time.monotonic() - started) * 1000
+    log.info(f"apply: {len(config.entries)} entries, {failed} failed, "
+             f"{sum(len(v) for v in skipped.values())} skipped, {elapsed:.1f} ms")
+    if skipped:
+        return EXIT_STORAGE
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def command_plan(config: Config, root: str, log: Log, out) -> int:
+    tree = Tree(root)
+    mounts = MountTable()
+    lines: list = []
+    storage_state = prepare_storage(config, tree, None, mounts, log, plan_out=lines)
+    available = [s for s, reason in storage_state.items() if reason is None]
+    accounts = Accounts(config, tree, available)
+    usable, skipped = group_by_storage_state(config, storage_state, None)
+    for storage, entries in skipped.items():
+        lines.append(f"skip {len(entries)} entries of {tree.host(storage)}: {storage_state[storage]}")
+    for entry in usable:
+        try:
+            for action in plan_entry(entry, tree, accounts):
+                lines.append(action.describe(tree))
+        except EntryError as exc:
+            lines.append(f"fail {exc.path}: {exc.cause}")
+    if not lines:
+        lines.append("nothing to do: everything is in place")
+    out.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+STATES = ("ok", "not-mounted", "wrong-source", "not-linked", "source-missing",
+          "owner-differs", "mode-differs", "error", "storage-unavailable")
+
+
+def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Accounts) -> tuple:
+    """(state, detail) of one entry on the live system."""
+    source, target = entry.source, entry.target
+    src = tree.look(source)
+    tgt = tree.look(target)
+    host_target = tree.host(target)
+    if entry.kind == "file":
+        wanted = link_text(entry)
+        if tgt is not None and tgt.kind == "link" and tgt.link == wanted:
+            if src is None:
+                return "ok", "linked; the source is created on first write"
+            return "ok", "linked"
+        if entry.method == "symlink":
+            return "not-linked", f"target is {describe_kind(tgt) if tgt else 'missing'}; expected a link to {wanted}"
+        if src is None:
+            return "source-missing", f"{tree.host(source)} does not exist and target is not a link to it"
+        if tgt is not None and tree.same(source, target):
+            return "ok", "mounted"
+        if tgt is not None and mounts.is_mountpoint(host_target):
+            return "wrong-source", "mounted from " + "".join(mounts.points[host_target][:2])
+        return "not-mounted", f"target is {describe_kind(tgt) if tgt else 'missing'}"
+    if src is None:
+        return "source-missing", f"{tree.host(source)} does not exist"
+    if src.kind != "dir":
+        return "error", f"source is {describe_kind(src)}"
+    if tgt is None or not tree.same(source, target):
+        if tgt is not None and mounts.is_mountpoint(host_target):
+            return "wrong-source", "mounted from " + "".join(mounts.points[host_target][:2])
+        return "not-mounted", "target is " + (describe_kind(tgt) if tgt else "missing")
+    uid, gid, mode = accounts.resolve(entry.perms, entry.storage)
+    if (src.uid, src.gid) != (uid, gid):
+        return "owner-differs", f"source is {src.uid}:{src.gid}, declared {uid}:{gid}"
+    if src.mode != mode:
+        return "mode-differs", f"source is {format_mode(src.mode)}, declared {format_mode(mode)}"
+    return "ok", "mounted"
+
+
+def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> int:
+    tree = Tree(root)
+    mounts = MountTable()  # read once for the whole run
+    storage_rows = []
+    state_of: dict = {}
+    for storage in config.storages:
+        host = tree.host(storage)
+        try:
+            node = tree.look(storage)
+        except EntryError as exc:
+            node, problem = None, exc.cause
+        else:
+            problem = None if node is not None and node.kind == "dir" else "missing"
+        if problem:
+            state, detail = "unavailable", problem
+        elif mounts.is_mountpoint(host):
+            state, detail = "mounted", "from " + mounts.points[host][0]
+        else:
+            state, detail = "not-a-mount-point", "a plain directory"
+        storage_rows.append({"storage": as_path(storage), "state": state, "detail": detail})
+        state_of[storage] = state
+    accounts = Accounts(config, tree, [s for s, st in state_of.items() if st != "unavailable"])
+    rows = []
+    for entry in config.entries:
+        if state_of.get(entry.storage) == "unavailable":
+            state, detail = "storage-unavailable", f"{as_path(entry.storage)} is unavailable"
+        else:
+            try:
+                state, detail = entry_status(entry, tree, mounts, accounts)
+            except EntryError as exc:
+                state, detail = "error", f"{exc.path}: {exc.cause}"
+            except OSError as exc:
+                state, detail = "error", describe_oserror(exc)
+        rows.append({"target": as_path(entry.target), "kind": entry.kind,
+                     "source": as_path(entry.source), "state": state, "detail": detail})
+    drift = sum(1 for r in rows if r["state"] != "ok")
+    drift += sum(1 for r in storage_rows if r["state"] == "unavailable")
+    if as_json:
+        import json
+
+        out.write(json.dumps({"root": root, "storage": storage_rows, "entries": rows,
+                              "drift": drift}, indent=2) + "\n")
+    else:
+        for r in storage_rows:
+            out.write(f"{r['state']:<19} storage   {r['storage']}  ({r['detail']})\n")
+        for r in rows:
+            out.write(f"{r['state']:<19} {r['kind']:<9} {r['target']}  ({r['detail']})\n")
+        out.write(f"{len(rows) - sum(1 for r in rows if r['state'] != 'ok')} of {len(rows)} entries in place\n")
+    return EXIT_FAILED if drift else EXIT_OK
+
+
+def command_unmount(config: Config, root: str, log: Log) -> int:
+    """Undo apply, children first: unmount our bind mounts, remove the links
+    and the empty mount points apply made. Storage is never written to."""
+    tree = Tree(root)
+    mounts = MountTable()
+    failed = 0
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    chain = DirChain(root_fd, tree)
+    proc_fds = os.path.isdir("/proc/self/fd")
+    try:
+        for entry in reversed(config.entries):
+            host = tree.host(entry.target)
+            try:
+                failed += unmount_entry(entry, tree, mounts, chain, proc_fds, log)
+            except EntryError as exc:
+                failed += 1
+                log.error(f"{exc.path}: {exc.cause}")
+            except OSError as exc:
+                failed += 1
+                log.error(f"{exc.filename or host}: {describe_oserror(exc)}")
+        for fs in sorted(config.filesystems, key=lambda f: f.mountpoint, reverse=True):
+            host = tree.host(fs.mountpoint)
+            if mounts.is_mountpoint(host):
+                chain.truncate(0)
+                try:
+                    umount2(host, UMOUNT_NOFOLLOW, host)
+                    log.info(f"unmounted {host}")
+                except OSError as exc:
+                    failed += 1
+                    log.error(f"{host}: cannot unmount: {describe_oserror(exc)}")
+    finally:
+        chain.close()
+        os.close(root_fd)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
+                  proc_fds: bool, log: Log) -> int:
+    target = entry.target
+    host = tree.host(target)
+    node = tree.look(target)
+    if node is None:
+        return 0
+    if node.kind == "link":
+        if node.link != link_text(entry):
+            return 0
+        parent = chain.open(target[:-1])
+        os.unlink(target[-1], dir_fd=parent)
+        log.info(f"removed link {host}")
+        return 0
+    src = tree.look(entry.source)
+    while mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
+        parent = chain.open(target[:-1])
+        # Through the pinned parent, never following a link at the leaf; an
+        # fd on the mount itself would keep it busy.
+        path = f"/proc/self/fd/{parent}/{target[-1]}" if proc_fds else host
+        umount2(path, UMOUNT_NOFOLLOW, host)
+        log.info(f"unmounted {host}")
+        mounts.remove(host)
+        node = tree.look(target)
+    if node is None or mounts.is_mountpoint(host):
+        return 0
+    # Remove the mount point only if apply created it and it is empty.
+    parent = chain.open(target[:-1])
+    flags = (O_DIR if node.kind == "dir" else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    if node.kind not in ("dir", "file"):
+        return 0
+    fd = os.open(target[-1], flags, dir_fd=parent)
+    try:
+        try:
+            marked = os.getxattr(fd, MARK_XATTR) == b"1"
+        except OSError:
+            marked = False
+        st = os.fstat(fd)
+        empty = (not os.listdir(fd)) if node.kind == "dir" else st.st_size == 0
+    finally:
+        os.close(fd)
+    if marked and empty:
+        if node.kind == "dir":
+            os.rmdir(target[-1], dir_fd=parent)
+        else:
+            os.unlink(target[-1], dir_fd=parent)
+        log.info(f"removed mount point {host}")
+    return 0
+
+
+def command_check(config: Config, out) -> int:
+    dirs = sum(1 for e in config.entries if e.kind == "directory")
+    out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
+              f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
+    return EXIT_OK
+
+
+# --- Command line ------------------------------------------------------------------------
+
+USAGE = """\
+usage: impermanence_boot.py [--config PATH] [--root PATH] [-v|--verbose] [-q|--quiet] [COMMAND] [--json]
+
+Reconnect persistent state to a freshly wiped root (NixOS impermanence's
+environment.persistence, as JSON), before switch_root or by hand.
+
+commands (default: apply):
+  apply    mount persistent storage, create directories, bind/link everything
+  plan     print, in order, every action apply would take now; change nothing
+  status   compare the live system with the config, one line per entry
+           (--json for machine-readable output); exit 1 on drift
+  unmount  undo what apply set up (bind mounts, links), in reverse order;
+           never deletes or modifies anything in persistent storage
+  check    validate the config only
+
+options:
+  --config PATH  config file (default: $IMPERMANENCE_CONFIG, else /etc/impermanence.json)
+  --root PATH    the root the config's paths are relative to (default: /)
+  -v, --verbose  log every action
+  -q, --quiet    only errors
+  --json         with status: JSON output
+  -h, --help     show this help
+
+exit status: 0 all in place; 1 an entry failed (others applied) or status
+found drift; 2 usage or config error, nothing changed; 3 a persistent
+storage location was unavailable, nothing bound from it.
+"""
+
+COMMANDS = ("apply", "plan", "status", "unmount", "check")
+
+
+class Options(Record):
+    __slots__ = ("command", "config", "root", "verbosity", "json", "help")
+
+
+def parse_args(argv: list) -> Options:
+    command, config, root, verbosity, as_json = None, None, "/", 1, False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        value = None
+        if arg.startswith("--") and "=" in arg:
+            arg, value = arg.split("=", 1)
+        if arg in ("-h", "--help"):
+            return Options(None, None, None, 1, False, True)
+        if arg in ("--config", "--root"):
+            if value is None:
+                if not args:
+                    raise UsageError(f"{arg} needs a path")
+                value = args.pop(0)
+            if not value:
+                raise UsageError(f"{arg} needs a non-empty path")
+            if arg == "--config":
+                config = value
+            else:
+                root = value
+        elif value is not None:
+            raise UsageError(f"{arg} takes no value")
+        elif arg in ("-v", "--verbose"):
+            verbosity = 2
+        elif arg in ("-q", "--quiet"):
+            verbosity = 0
+        elif arg == "--json":
+            as_json = True
+        elif arg in COMMANDS and command is None:
+            command = arg
+        elif arg.startswith("-"):
+            raise UsageError(f"unknown option {arg}")
+        elif command is not None:
+            raise UsageError(f"unexpected argument {arg!r} after command {command}")
+        else:
+            raise UsageError(f"unknown command {arg!r} (one of {', '.join(COMMANDS)})")
+    command = command or "apply"
+    if as_json and command != "status":
+        raise UsageError("--json goes with status")
+    if config is None:
+        config = os.environ.get("IMPERMANENCE_CONFIG") or DEFAULT_CONFIG
+    return Options(command, config, root, verbosity, as_json, False)
+
+
+def main(argv: list | None = None) -> int:
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        sys.stderr.write(f"impermanence: {exc}\n{USAGE.splitlines()[0]}\n")
+        return EXIT_CONFIG
+    if opts.help:
+        sys.stdout.write(USAGE)
+        return EXIT_OK
+    log = Log(opts.verbosity)
+    try:
+        config = load_config_file(opts.config)
+    except ConfigError as exc:
+        where = exc.where if exc.where.startswith("/") else f"{opts.config}: {exc.where}"
+        log.error(f"{where}: {exc.cause}")
+        return EXIT_CONFIG
+    if opts.command == "check":
+        return command_check(config, sys.stdout)
+    root = os.path.realpath(opts.root)
+    if not os.path.isdir(root):
+        log.error(f"{opts.root}: --root is not a directory")
+        return EXIT_CONFIG
+    try:
+        if opts.command == "apply":
+            os.umask(0o022)
+            return command_apply(config, root, log)
+        if opts.command == "plan":
+            return command_plan(config, root, log, sys.stdout)
+        if opts.command == "status":
+            return command_status(config, root, log, sys.stdout, opts.json)
+        return command_unmount(config, root, log)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_FAILED
+    except Exception as exc:  # a bug: still one line, details with -v
+        log.error(f"{opts.command}: internal error: {type(exc).__name__}: {exc}")
+        if opts.verbosity >= 2:
+            import traceback
+
+            traceback.print_exc()
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Shared fixtures: real mounts inside a private mount namespace.
+
+The whole pytest process enters its own mount namespace once (unshare
+CLONE_NEWNS, then makes every mount private), so tmpfs roots, loop mounts
+and bind mounts made by the tests never reach the host. Loop devices are
+global, so they are detached at teardown.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+SCRIPT = PROJECT / "impermanence_boot.py"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+
+_namespace_entered = False
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip locally when a prerequisite is missing; in CI that is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must run this test, but {why}")
+    pytest.skip(why)
+
+
+def enter_private_mount_namespace() -> None:
+    global _namespace_entered
+    if _namespace_entered:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "unshare(CLONE_NEWNS)")
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), "mount --make-rprivate /")
+    _namespace_entered = True
+
+
+@pytest.fixture
+def namespace():
+    require(os.geteuid() == 0, "it needs root (real mounts)")
+    enter_private_mount_namespace()
+
+
+def umount_tree(path: Path) -> None:
+    subprocess.run(["umount", "-R", "-l", str(path)], stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def sandbox(namespace, tmp_path):
+    """A fresh tmpfs root R (like the initrd's /mnt-root) at tmp_path/root."""
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "fresh-root", str(root)], check=True)
+    yield Sandbox(root, tmp_path)
+    umount_tree(root)
+
+
+class LoopDisk:
+    def __init__(self, image: Path, device: str, label: str):
+        self.image, self.device, self.label = image, device, label
+
+
+def make_loop_disk(directory: Path, label: str = "persist", size_mb: int = 32,
+                   mkfs: tuple[str, ...] = ("mkfs.ext4", "-q", "-F", "-L")) -> LoopDisk:
+    require(shutil.which(mkfs[0]) is not None, f"{mkfs[0]} is not installed")
+    image = directory / f"{label}.img"
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run([*mkfs, label, str(image)], check=True, stdout=subprocess.DEVNULL)
+    device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    return LoopDisk(image, device, label)
+
+
+@pytest.fixture
+def loop_disk(namespace, tmp_path):
+    """An ext4 filesystem labelled 'persist' on a real loop device."""
+    disks: list[LoopDisk] = []
+
+    def make(label: str = "persist", **kw) -> LoopDisk:
+        disk = make_loop_disk(tmp_path, label, **kw)
+        disks.append(disk)
+        return disk
+
+    yield make
+    for disk in disks:
+        subprocess.run(["losetup", "-d", disk.device], stderr=subprocess.DEVNULL)
+
+
+class Sandbox:
+    """A tmpfs root plus helpers to run the script against it."""
+
+    def __init__(self, root: Path, work: Path):
+        self.root = root
+        self.work = work
+        self.config_path = work / "impermanence.json"
+
+    def path(self, p: str) -> Path:
+        return self.root / p.lstrip("/")
+
+    def write_config(self, config: dict | str) -> Path:
+        text = config if isinstance(config, str) else json.dumps(config, indent=1)
+        self.config_path.write_text(text)
+        return self.config_path
+
+    def run(self, *args: str, config: dict | str | None = None, root: Path | None = None,
+            env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        if config is not None:
+            self.write_config(config)
+        full_env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
+        full_env.update(env or {})
+        cmd = [sys.executable, str(SCRIPT), "--root", str(root or self.root),
+               "--config", str(self.config_path), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=full_env,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def mountinfo_points() -> list[str]:
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            points.append(line.split()[4].replace("\\040", " "))
+    return points
