@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Build the test machine's initramfs from the Debian packages installed on
+this host (stdlib only; run as root because /boot/vmlinuz-* is root-only):
+
+    python3 vm/build_initramfs.py [--out vm/build] [--kver KVER] [--no-pyc]
+
+Contents (see docs/vm.md):
+  /init                      vm/guest/init (stage 1, NixOS-like)
+  /lib/modules/<kver>/...    virtio_pci, virtio_blk, ext4 and dependencies
+                             (modprobe --show-depends -S), decompressed,
+                             plus load-order (the insmod order)
+  /nix/bin/busybox + applet links (busybox-static)
+  /nix/bin/python3.11        wrapper: ld.so --library-path /nix/lib ...
+  /nix/lib/*.so*             ld.so and what ldd says python3.11 and the
+                             copied extension modules need (libffi for _ctypes)
+  /nix/python/bin/python3.11 Debian's /usr/bin/python3.11
+  /nix/python/lib/python3.11 only the stdlib modules computed by
+                             vm/find_modules.py from the scripts
+  /nix/impermanence/         impermanence_boot.py and config.json
+  /nix/stage2/               stage-2 init and stage2.py (the inspector)
+
+Writes OUT/initramfs.cpio (uncompressed: nothing to decompress under TCG),
+OUT/vmlinuz (a copy of the kernel) and OUT/manifest.json (sizes per
+component, module lists).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent
+sys.path.insert(0, str(HERE))
+from cpio import Archive  # noqa: E402
+
+KERNEL_MODULES = ("virtio_pci", "virtio_blk", "ext4")
+PYTHON = "/usr/bin/python3.11"
+PYVER = "python3.11"
+PYPREFIX = "/nix/python"
+PYLIB = f"{PYPREFIX}/lib/{PYVER}"
+# read-only invocations used to catch imports done lazily inside the stdlib
+EXERCISES = (["--help"], ["check", "--help"], ["--config", "/nonexistent/impermanence.json", "check"])
+
+
+class BuildError(Exception):
+    pass
+
+
+def run(cmd: list[str], **kw) -> str:
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+    except FileNotFoundError as e:
+        raise BuildError(f"{cmd[0]} is not installed") from e
+    except subprocess.CalledProcessError as e:
+        raise BuildError(f"{' '.join(cmd)} failed: {e.stderr.strip()}") from e
+
+
+def default_kver() -> str:
+    found = []
+    for p in Path("/boot").glob("vmlinuz-*"):
+        kver = p.name[len("vmlinuz-"):]
+        if Path("/lib/modules", kver).is_dir():
+            found.append(kver)
+    if not found:
+        raise BuildError("no /boot/vmlinuz-* with matching /lib/modules (install linux-image-amd64)")
+
+    def key(v: str):
+        return [int(x) if x.isdigit() else x for x in re.split(r"[.-]", v)]
+    return sorted(found, key=key)[-1]
+
+
+def kernel_module_files(kver: str, names=KERNEL_MODULES) -> list[Path]:
+    order: list[Path] = []
+    for name in names:
+        out = run(["modprobe", "--show-depends", "-S", kver, name])
+        for line in out.splitlines():
+            parts = line.split()
+            if parts and parts[0] == "insmod":
+                p = Path(parts[1])
+                if p not in order:
+                    order.append(p)
+            # "builtin X": compiled into the kernel, nothing to load
+    return order
+
+
+def decompress_module(path: Path) -> tuple[str, bytes]:
+    data = path.read_bytes()
+    name = path.name
+    if name.endswith(".xz"):
+        return name[:-3], lzma.decompress(data)
+    if name.endswith(".gz"):
+        return name[:-3], gzip.decompress(data)
+    if name.endswith(".zst"):
+        return name[:-4], subprocess.run(["zstd", "-dc", str(path)], check=True,
+                                         capture_output=True).stdout
+    return name, data
+
+
+def ldd(path: str) -> list[str]:
+    libs = []
+    for line in run(["ldd", path]).splitlines():
+        line = line.strip()
+        if "=>" in line:
+            target = line.split("=>", 1)[1].split("(")[0].strip()
+            if target and target != "not":
+                libs.append(target)
+            elif "not found" in line:
+                raise BuildError(f"{path}: {line}")
+        elif line.startswith("/"):
+            libs.append(line.split()[0])  # the dynamic loader
+    return libs
+
+
+def find_modules(scripts: list[Path], exercise_script: Path | None) -> dict:
+    cmd = [PYTHON, "-I", str(HERE / "find_modules.py"), *map(str, scripts)]
+    if exercise_script is not None:
+        for args in EXERCISES:
+            cmd += ["--exercise", json.dumps(args)]
+    return json.loads(run(cmd))
+
+
+def module_dest(name: str, path: str, stdlib: str) -> str | None:
+    """Where a stdlib module file goes in the initramfs (None: not stdlib)."""
+    real = os.path.realpath(path)
+    if not real.startswith(stdlib + "/"):
+        return None
+    return PYLIB + real[len(stdlib):]
+
+
+def add_python_modules(arc: Archive, mods: dict, names: set[str], component: str,
+                       stdlib: str, so_needed: list[str], skip_frozen: set[str]) -> list[str]:
+    added = []
+    for name in sorted(names):
+        path = mods.get(name)
+        if not path:
+            continue  # built in
+        dest = module_dest(name, path, stdlib)
+        if dest is None:
+            raise BuildError(f"module {name} comes from {path}, outside the stdlib {stdlib}")
+        if dest in arc.entries:
+            continue
+        if name in skip_frozen:
+            continue
+        arc.copy(dest, path, component=component)
+        added.append(name)
+        if path.endswith(".so"):
+            so_needed.append(path)
+    return added
+
+
+def compile_pycs(arc: Archive, python: str) -> None:
+    """Byte-compile every .py under PYLIB with the target interpreter
+    (unchecked-hash pycs: valid whatever the mtimes, never rewritten at boot)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pys = [p for p in arc.entries if p.startswith(PYLIB + "/") and p.endswith(".py")]
+        for p in pys:
+            dst = Path(tmp + p)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(arc.entries[p]["data"])
+        code = ("import compileall, py_compile, sys\n"
+                "ok = compileall.compile_dir(sys.argv[1], ddir=sys.argv[2], quiet=1,\n"
+                "    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
+                "sys.exit(0 if ok else 1)\n")
+        run([python, "-I", "-c", code, tmp + PYLIB, PYLIB])
+        for p in pys:
+            comp = arc.entries[p]["component"]
+            d, base = os.path.split(p)
+            pyc = f"{d}/__pycache__/{base[:-3]}.cpython-311.pyc"
+            arc.file(pyc, Path(tmp + pyc).read_bytes(), component=comp)
+
+
+def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
+          kver: str | None = None, pyc: bool = True) -> dict:
+    script = script or PROJECT / "impermanence_boot.py"
+    config = config or HERE / "demo-config.json"
+    if not script.is_file():
+        raise BuildError(f"{script} does not exist")
+    if not Path(PYTHON).is_file():
+        raise BuildError(f"{PYTHON} is not installed (apt-get install python3.11-minimal)")
+    kver = kver or default_kver()
+    kernel = Path(f"/boot/vmlinuz-{kver}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arc = Archive()
+
+    # skeleton and stage 1
+    for d in ("/dev", "/proc", "/sys", "/run", "/mnt-root", "/tmp", "/etc"):
+        arc.dir(d)
+    arc.chardev("/dev/console", 5, 1)
+    arc.chardev("/dev/null", 1, 3, 0o666)
+    arc.copy("/init", str(HERE / "guest/init"), mode=0o755, component="init")
+
+    # kernel modules, in insmod order
+    order = []
+    for ko in kernel_module_files(kver):
+        name, data = decompress_module(ko)
+        rel = str(ko.parent.relative_to(f"/lib/modules/{kver}")) + "/" + name
+        arc.file(f"/lib/modules/{kver}/{rel}", data, component="kernel-modules")
+        order.append(rel)
+    arc.file(f"/lib/modules/{kver}/load-order", ("\n".join(order) + "\n").encode(),
+             component="kernel-modules")
+
+    # busybox, with a link per applet
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    arc.copy("/nix/bin/busybox", busybox, mode=0o755, component="busybox")
+    for applet in run([busybox, "--list"]).split():
+        if applet not in ("busybox", PYVER):
+            arc.symlink(f"/nix/bin/{applet}", "busybox", component="busybox")
+
+    # the interpreter and the stdlib the scripts need
+    stdlib = run([PYTHON, "-I", "-c", "import os, sysconfig; print(os.path.realpath(sysconfig.get_paths()['stdlib']))"]).strip()
+    stage2 = HERE / "guest/stage2.py"
+    product = find_modules([script], script)
+    harness = find_modules([stage2], None)
+    if product["missing"]:
+        print(f"build: modules the script mentions but this Python lacks: {product['missing']}",
+              file=sys.stderr)
+    frozen = set(product["frozen"]) | set(harness["frozen"])
+    # os.py is the landmark by which the interpreter finds its stdlib directory
+    landmark_src = os.path.join(stdlib, "os.py")
+    arc.copy(f"{PYLIB}/os.py", landmark_src, component="python-stdlib")
+    arc.dir(f"{PYLIB}/lib-dynload", component="python-stdlib")
+    so_needed: list[str] = []
+    product_added = add_python_modules(arc, product["modules"], set(product["modules"]),
+                                       "python-stdlib", stdlib, so_needed, frozen)
+    harness_added = add_python_modules(arc, harness["modules"],
+                                       set(harness["modules"]) - set(product["modules"]),
+                                       "harness-stdlib", stdlib, so_needed, frozen)
+    # packages need their __init__ even if only a submodule was listed
+    for name in [n for n in product["modules"]] + [n for n in harness["modules"]]:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            pkg = ".".join(parts[:i])
+            init = os.path.join(stdlib, *parts[:i], "__init__.py")
+            dest = f"{PYLIB}/{'/'.join(parts[:i])}/__init__.py"
+            if os.path.exists(init) and dest not in arc.entries:
+                arc.copy(dest, init, component="python-stdlib")
+    if pyc:
+        compile_pycs(arc, PYTHON)
+    arc.copy(f"{PYPREFIX}/bin/{PYVER}", PYTHON, mode=0o755, component="python-interpreter")
+    libs: list[str] = []
+    for binary in [PYTHON, *so_needed]:
+        for lib in ldd(binary):
+            if lib not in libs:
+                libs.append(lib)
+    for lib in libs:
+        arc.copy(f"/nix/lib/{os.path.basename(lib)}", os.path.realpath(lib), mode=0o755,
+                 component="python-libs")
+    arc.copy(f"/nix/bin/{PYVER}", str(HERE / "guest/python-wrapper"), mode=0o755,
+             component="python-interpreter")
+
+    # the product and its config; the stage-2 inspector
+    arc.copy("/nix/impermanence/impermanence_boot.py", str(script), mode=0o755,
+             component="script")
+    arc.copy("/nix/impermanence/config.json", str(config), mode=0o644, component="config")
+    arc.copy("/nix/stage2/init", str(HERE / "guest/stage2-init"), mode=0o755, component="harness")
+    arc.copy("/nix/stage2/stage2.py", str(stage2), mode=0o644, component="harness")
+
+    blob = arc.to_bytes()
+    (out_dir / "initramfs.cpio").write_bytes(blob)
+    shutil.copyfile(kernel, out_dir / "vmlinuz")
+    sizes = arc.sizes()
+    py_bytes = sum(sizes.get(k, 0) for k in ("python-interpreter", "python-libs", "python-stdlib"))
+    manifest = {
+        "kver": kver,
+        "kernel": str(kernel),
+        "initramfs": str(out_dir / "initramfs.cpio"),
+        "initramfs_bytes": len(blob),
+        "initramfs_gzip_bytes": len(gzip.compress(blob, 6)),
+        "component_bytes": sizes,
+        "python_and_script_bytes": py_bytes + sizes.get("script", 0),
+        "python_and_script_gzip_bytes": len(gzip.compress(b"".join(
+            e["data"] for e in arc.entries.values()
+            if e["component"] in ("python-interpreter", "python-libs", "python-stdlib", "script")), 6)),
+        "pyc": pyc,
+        "kernel_modules": order,
+        "shared_libraries": libs,
+        "stdlib_modules": sorted(product_added),
+        "stdlib_frozen_not_copied": sorted(frozen),
+        "stdlib_startup": product["startup"],
+        "stdlib_exercised": product["exercised"],
+        "stdlib_missing": product["missing"],
+        "harness_only_modules": sorted(harness_added),
+        "script_sha256": __import__("hashlib").sha256(script.read_bytes()).hexdigest(),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE / "build")
+    ap.add_argument("--script", type=Path, default=None)
+    ap.add_argument("--config", type=Path, default=None)
+    ap.add_argument("--kver", default=None)
+    ap.add_argument("--no-pyc", action="store_true", help="ship .py only")
+    a = ap.parse_args()
+    try:
+        m = build(a.out, a.script, a.config, a.kver, pyc=not a.no_pyc)
+    except BuildError as e:
+        print(f"build_initramfs: {e}", file=sys.stderr)
+        return 1
+    print(f"initramfs: {m['initramfs']} {m['initramfs_bytes']} bytes "
+          f"({m['initramfs_gzip_bytes']} gzip); python + script: "
+          f"{m['python_and_script_bytes']} bytes ({m['python_and_script_gzip_bytes']} gzip)")
+    for k, v in sorted(m["component_bytes"].items()):
+        print(f"  {k:20} {v:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
