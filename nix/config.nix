@@ -28,9 +28,8 @@
 #     file directly in a home directory leaves the home's own 0700 alone);
 #   - users.<name>.home defaults to users.users.<name>.home, else
 #     /home/<name>, and must agree with users.users.<name>.home.
-# Items that override `persistentStoragePath` or `hideMount` are moved to a
-# location of their own (named "<location>[<storage path>]"), because the
-# JSON carries these settings per location.
+# An item's own `persistentStoragePath` is kept only where it differs from
+# its location's; `hideMount` and other internal options are dropped.
 # Errors (unknown options, wrong types, the same path listed twice) abort
 # the evaluation with a message naming the option.
 { persistence ? { }
@@ -125,9 +124,13 @@ let
     in optionalAttrs (group != null) { inherit group; }
   );
 
-  itemStorage = ctx: where: item:
+  # An item stored somewhere else than its location keeps its own
+  # persistentStoragePath; otherwise the key is left out.
+  storageOf = ctx: where: item:
     let p = item.persistentStoragePath or null;
-    in if p == null then ctx.storage else toString p;
+    in optionalAttrs (p != null && toString p != ctx.storage) {
+      persistentStoragePath = str "${where}.persistentStoragePath" (toString p);
+    };
 
   normDir = ctx: i: raw:
     let
@@ -144,12 +147,9 @@ let
         else fail where "`directory' is missing";
     in
     {
-      storage = itemStorage ctx where item;
-      hide = let h = item.hideMount or null; in
-        if h == null then ctx.hide else bool "${where}.hideMount" h;
       kind = "directories";
       path = directory;
-      value = { inherit directory; } // fillPerms ctx where item;
+      value = { inherit directory; } // fillPerms ctx where item // storageOf ctx where item;
     };
 
   methods = [ "auto" "symlink" ];
@@ -179,11 +179,10 @@ let
       parentSet = filter (k: (parent.${k} or null) != null) [ "user" "group" "mode" ];
     in
     {
-      storage = itemStorage ctx where item;
-      hide = ctx.hide;
       kind = "files";
       path = file;
       value = { inherit file method; }
+        // storageOf ctx where item
         // optionalAttrs (parentSet != [ ]) {
         parentDirectory = fillPerms ctx pwhere parent;
       };
@@ -257,47 +256,27 @@ let
 
       entries = map (e: { user = null; home = null; } // e) sysEntries ++ userEntries;
 
-      groupKey = e: "${e.storage}\n${if e.hide then "1" else "0"}";
-      ownKey = groupKey { inherit storage hide; };
-      byGroup = builtins.groupBy groupKey entries;
-      keys = [ ownKey ] ++ filter (k: k != ownKey) (attrNames byGroup);
+      pick = kind: user:
+        map (e: e.value) (filter (e: e.kind == kind && e.user == user) entries);
 
-      mkLocation = key:
-        let
-          es = byGroup.${key} or [ ];
-          first = if es == [ ] then { inherit storage hide; } else head es;
-          outName =
-            if key == ownKey then name
-            else "${name}[${first.storage}${if first.hide != hide then ",hideMounts=${if first.hide then "true" else "false"}" else ""}]";
-          pick = kind: user:
-            map (e: e.value) (filter (e: e.kind == kind && e.user == user) es);
-          usersHere = attrNames (listToAttrs (map (e: { name = e.user; value = null; })
-            (filter (e: e.user != null) es)));
-        in
-        {
-          name = outName;
-          value = {
-            enable = true;
-            persistentStoragePath = first.storage;
-            hideMounts = first.hide;
-            directories = pick "directories" null;
-            files = pick "files" null;
-            users = listToAttrs (map
-              (u: {
-                name = u;
-                value = {
-                  home = userHome u;
-                  directories = pick "directories" u;
-                  files = pick "files" u;
-                };
-              })
-              usersHere);
-          };
-        };
+      json = {
+        enable = true;
+        persistentStoragePath = storage;
+        hideMounts = hide;
+        directories = pick "directories" null;
+        files = pick "files" null;
+        users = mapAttrs
+          (u: _: {
+            home = userHome u;
+            directories = pick "directories" u;
+            files = pick "files" u;
+          })
+          locUsers;
+      };
     in
     {
       inherit name enable entries;
-      locations = if enable then map mkLocation keys else [ ];
+      locations = if enable then [{ inherit name; value = json; }] else [ ];
       homes = listToAttrs (map (u: { name = u; value = userHome u; })
         (if enable then attrNames locUsers else [ ]));
     };
@@ -366,7 +345,7 @@ let
         fs = checkKeys where [ "device" "label" "fsType" "options" ] (attrs where fs0);
         device =
           if (fs.device or null) != null then str "${where}.device" fs.device
-          else if (fs.label or null) != null then "/dev/disk/by-label/${str "${where}.label" fs.label}"
+          else if (fs.label or null) != null then "LABEL=${str "${where}.label" fs.label}"
           else fail where "`device' (or `label') is missing";
         options = fs.options or [ ];
       in
