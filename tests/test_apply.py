@@ -1,0 +1,576 @@
+"""apply, plan, status and unmount against real mounts: a tmpfs root and an
+ext4 loop device as persistent storage, inside a private mount namespace."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import mountinfo_points, require
+
+BIRD = 1000
+USERS_GID = 100
+
+
+def unique_label() -> str:
+    return "p" + secrets.token_hex(6)
+
+
+@pytest.fixture
+def disk(loop_disk):
+    return loop_disk(unique_label())
+
+
+def base_config(label: str, persistence: dict, **extra) -> dict:
+    cfg = {
+        "fileSystems": {"/persistent": {"device": f"LABEL={label}", "fsType": "auto",
+                                        "options": ["noatime"]}},
+        "deviceTimeout": 5,
+        "users": {"bird": {"uid": BIRD, "group": "users", "home": "/home/bird"}},
+        "groups": {"users": {"gid": USERS_GID}},
+        "persistence": {"/persistent": persistence},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def owner_mode(path: Path) -> tuple:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def same_inode(a: Path, b: Path) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def mounts_under(root: Path) -> list:
+    prefix = str(root)
+    return sorted(p for p in mountinfo_points() if p == prefix or p.startswith(prefix + "/"))
+
+
+def mountinfo_under(root: Path) -> list:
+    """Mount lines below root without the per-mount ids, for comparisons."""
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].startswith(str(root)):
+                rows.append((fields[3], fields[4]))
+    return sorted(rows)
+
+
+def tree_digest(top: Path) -> dict:
+    """path -> (type, uid, gid, mode, content hash) for everything below top."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            content = None
+            if stat.S_ISREG(st.st_mode):
+                content = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(p)
+            out[str(p.relative_to(top))] = (stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid,
+                                            stat.S_IMODE(st.st_mode), content)
+    return out
+
+
+def populate(disk, files: dict, dirs: dict | None = None) -> None:
+    """Write into the storage filesystem before the 'boot'."""
+    mnt = Path(f"/tmp/populate-{disk.label}")
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", disk.device, str(mnt)], check=True)
+    try:
+        for rel, (uid, gid, mode) in (dirs or {}).items():
+            p = mnt / rel
+            p.mkdir(parents=True, exist_ok=True)
+            os.chown(p, uid, gid)
+            os.chmod(p, mode)
+        for rel, content in files.items():
+            p = mnt / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(content)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        mnt.rmdir()
+
+
+MAIN = {
+    "directories": [
+        "/var/log",
+        {"directory": "/etc/nixos", "user": "bird", "group": "users", "mode": "0700"},
+        {"directory": "/var/lib/colord", "user": "colord", "group": "colord", "mode": "u=rwx,g=rx,o="},
+    ],
+    "files": [
+        "/etc/machine-id",
+        {"file": "/etc/ssh/ssh_host_ed25519_key.pub", "method": "symlink"},
+        {"file": "/etc/nix/id_rsa", "parentDirectory": {"mode": "u=rwx,g=,o="}},
+        "/etc/adjtime",
+    ],
+    "users": {"bird": {
+        "directories": ["Downloads", {"directory": ".ssh", "mode": "0700"}, ".local/share/fish"],
+        "files": [".bash_history"],
+    }},
+}
+
+
+def main_config(label: str) -> dict:
+    return base_config(label, MAIN,
+                       users={"bird": {"uid": BIRD, "group": "users", "home": "/home/bird"},
+                              "colord": {"uid": 998, "group": "colord"}},
+                       groups={"users": {"gid": USERS_GID}, "colord": {"gid": 997}})
+
+
+# --- the main scenario: SPEC section 4 -------------------------------------------
+
+def test_apply_main_scenario(sandbox, disk):
+    populate(disk, {"etc/adjtime": b"0.0 0 0.0\n0\nUTC\n"})
+    result = sandbox.run("apply", config=main_config(disk.label))
+    assert result.returncode == 0, result.stderr
+    R, S = sandbox.root, sandbox.path("/persistent")
+
+    # storage mounted by LABEL= (no udev here: found by reading superblocks)
+    assert str(S) in mounts_under(R)
+    # directories: sources created with the item's owner and mode, bound
+    assert owner_mode(S / "var/log") == (0, 0, 0o755)
+    assert owner_mode(S / "etc/nixos") == (BIRD, USERS_GID, 0o700)
+    assert owner_mode(S / "var/lib/colord") == (998, 997, 0o750)
+    for d in ("var/log", "etc/nixos", "var/lib/colord", "home/bird/Downloads", "home/bird/.ssh",
+              "home/bird/.local/share/fish"):
+        assert same_inode(R / d, S / d), d
+        assert str(R / d) in mounts_under(R)
+    # storage parents: root-owned outside homes; inside the home, the user's
+    assert owner_mode(S / "var/lib") == (0, 0, 0o755)
+    assert owner_mode(S / "home") == (0, 0, 0o755)
+    assert owner_mode(S / "home/bird") == (BIRD, USERS_GID, 0o700)
+    assert owner_mode(S / "home/bird/.local") == (BIRD, USERS_GID, 0o755)
+    assert owner_mode(S / "home/bird/.local/share") == (BIRD, USERS_GID, 0o755)
+    assert owner_mode(S / "home/bird/.ssh") == (BIRD, USERS_GID, 0o700)
+    assert owner_mode(S / "home/bird/Downloads") == (BIRD, USERS_GID, 0o755)
+    # root-side parents mirror storage: ~/.local belongs to the user (SPEC 5)
+    for d in ("home", "home/bird", "home/bird/.local", "home/bird/.local/share", "var", "var/lib",
+              "etc", "etc/nix", "etc/ssh"):
+        assert owner_mode(R / d) == owner_mode(S / d), d
+    # parentDirectory sets the file's immediate parent
+    assert owner_mode(S / "etc/nix") == (0, 0, 0o700)
+    # files: existing source -> bind mount on an empty file
+    assert same_inode(R / "etc/adjtime", S / "etc/adjtime")
+    assert (R / "etc/adjtime").read_bytes() == b"0.0 0 0.0\n0\nUTC\n"
+    # missing source -> link to where the booted system sees the source
+    assert os.readlink(R / "etc/nix/id_rsa") == "/persistent/etc/nix/id_rsa"
+    assert os.readlink(R / "home/bird/.bash_history") == "/persistent/home/bird/.bash_history"
+    # method symlink: always a link
+    assert os.readlink(R / "etc/ssh/ssh_host_ed25519_key.pub") == "/persistent/etc/ssh/ssh_host_ed25519_key.pub"
+    # machine-id: source created 'uninitialized', then bound
+    assert (S / "etc/machine-id").read_bytes() == b"uninitialized\n"
+    assert same_inode(R / "etc/machine-id", S / "etc/machine-id")
+    # the root and the storage mount point are never chowned or chmodded
+    assert owner_mode(R) == (0, 0, 0o755)
+    assert owner_mode(S) == (0, 0, 0o755)
+
+
+def test_apply_is_idempotent(sandbox, disk):
+    cfg = main_config(disk.label)
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    first_mounts = mountinfo_under(sandbox.root)
+    first_tree = tree_digest(sandbox.root)
+    second = sandbox.run("-v", "apply")
+    assert second.returncode == 0, second.stderr
+    assert mountinfo_under(sandbox.root) == first_mounts  # no stacked mounts
+    assert tree_digest(sandbox.root) == first_tree        # no duplicate links
+    # nothing but the summary was logged: no action was taken
+    actions = [l for l in second.stderr.splitlines()
+               if "apply:" not in l and "already a mount point; used as it is" not in l]
+    assert actions == []
+    plan = sandbox.run("plan")
+    assert plan.stdout.strip() == "nothing to do: everything is in place"
+
+
+def test_plan_prints_actions_and_changes_nothing(sandbox, disk):
+    cfg = main_config(disk.label)
+    result = sandbox.run("plan", config=cfg)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"mount LABEL={disk.label} (")
+    assert f"bind {sandbox.path('/persistent/var/log')} on {sandbox.path('/var/log')}" in lines
+    assert f"link {sandbox.path('/etc/nix/id_rsa')} -> /persistent/etc/nix/id_rsa" in lines
+    assert any(l.startswith(f"mkdir {sandbox.path('/home/bird/.local')} (1000:100 0755") for l in lines)
+    # order: a directory is created before its child, a bind after its mkdirs
+    assert lines.index(f"mkdir {sandbox.path('/home/bird')} (1000:100 0700, as in storage)") < \
+        lines.index(f"mkdir {sandbox.path('/home/bird/.local')} (1000:100 0755, as in storage)")
+    assert os.listdir(sandbox.root) == []
+    assert mounts_under(sandbox.root) == [str(sandbox.root)]
+    # after apply, the plan that was printed is what was done: plan is now empty
+    assert sandbox.run("apply").returncode == 0
+    assert sandbox.run("plan").stdout.strip() == "nothing to do: everything is in place"
+
+
+def test_second_boot_keeps_data_and_wipes_the_rest(sandbox, disk):
+    cfg = main_config(disk.label)
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    (sandbox.path("/var/log/kept.log")).write_text("kept\n")
+    # the booted system writes through the link (absolute: resolved in storage)
+    assert os.readlink(sandbox.path("/home/bird/.bash_history")) == "/persistent/home/bird/.bash_history"
+    sandbox.path("/persistent/home/bird/.bash_history").write_text("ls\n")
+    (sandbox.path("/etc/unkept")).write_text("gone\n")
+    # "reboot": a fresh tmpfs root, the same disk
+    subprocess.run(["umount", "-R", str(sandbox.root)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "fresh", str(sandbox.root)], check=True)
+    result = sandbox.run("apply")
+    assert result.returncode == 0, result.stderr
+    assert sandbox.path("/var/log/kept.log").read_text() == "kept\n"
+    assert not sandbox.path("/etc/unkept").exists()
+    # the file now exists in storage: bound this time, not linked
+    history = sandbox.path("/home/bird/.bash_history")
+    assert not history.is_symlink()
+    assert history.read_text() == "ls\n"
+    assert same_inode(history, sandbox.path("/persistent/home/bird/.bash_history"))
+
+
+def test_nested_entries_across_storages_are_not_hidden(sandbox, loop_disk):
+    a, b = loop_disk(unique_label()), loop_disk(unique_label())
+    cfg = {
+        "fileSystems": {"/persistent": {"device": f"LABEL={a.label}"},
+                        "/cache": {"device": b.device, "fsType": "ext4"}},
+        "persistence": {"/persistent": {"directories": ["/var/lib"]},
+                        "/cache": {"directories": ["/var/lib/cache", "/var/lib/cache/deep"]}},
+    }
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 0, result.stderr
+    # the child is mounted after (on top of) its parent: visible, from /cache
+    assert same_inode(sandbox.path("/var/lib"), sandbox.path("/persistent/var/lib"))
+    assert same_inode(sandbox.path("/var/lib/cache"), sandbox.path("/cache/var/lib/cache"))
+    sandbox.path("/var/lib/cache/x").write_text("1")
+    assert sandbox.path("/cache/var/lib/cache/x").read_text() == "1"
+    assert same_inode(sandbox.path("/var/lib/cache/deep"), sandbox.path("/cache/var/lib/cache/deep"))
+    order = [p for p in mountinfo_points() if p.startswith(str(sandbox.root))]
+    assert order.index(str(sandbox.path("/var/lib"))) < order.index(str(sandbox.path("/var/lib/cache")))
+
+
+def test_existing_directories_keep_owner_and_mode(sandbox, disk):
+    populate(disk, {}, dirs={"var/log": (5, 6, 0o711), "home/bird": (BIRD, USERS_GID, 0o750)})
+    cfg = base_config(disk.label, {"directories": [{"directory": "/var/log", "user": "bird", "mode": "0700"}],
+                                   "users": {"bird": {"directories": ["Music"]}}})
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    S = sandbox.path("/persistent")
+    assert owner_mode(S / "var/log") == (5, 6, 0o711)
+    assert owner_mode(S / "home/bird") == (BIRD, USERS_GID, 0o750)
+    assert owner_mode(sandbox.path("/home/bird")) == (BIRD, USERS_GID, 0o750)
+
+
+def test_storage_mount_point_and_root_never_chowned(sandbox, disk):
+    # A storage root with an unusual mode stays as it is; the root too.
+    populate(disk, {}, dirs={".": (0, 0, 0o711)})
+    os.chmod(sandbox.root, 0o751)
+    cfg = base_config(disk.label, {"users": {"bird": {"directories": ["x"]}}},
+                      users={"bird": {"uid": BIRD, "group": "users", "home": "/"}})
+    # a home of "/" would make the root the user's home: refused as config
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 2
+    cfg["users"]["bird"]["home"] = "/home/bird"
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    assert owner_mode(sandbox.root) == (0, 0, 0o751)
+    assert owner_mode(sandbox.path("/persistent")) == (0, 0, 0o711)
+
+
+# --- files --------------------------------------------------------------------------
+
+def test_empty_target_is_replaced_nonempty_is_kept(sandbox, disk):
+    populate(disk, {"etc/machine-id": b"0123456789abcdef0123456789abcdef\n", "etc/kept": b"from storage\n"})
+    R = sandbox.root
+    (R / "etc").mkdir()
+    (R / "etc/machine-id").write_bytes(b"")        # SPEC 5: pre-existing empty machine-id
+    (R / "etc/kept").write_bytes(b"local data\n")  # non-empty: must not be overwritten
+    (R / "etc/linked").write_bytes(b"")             # empty: replaced by the link
+    cfg = base_config(disk.label, {"files": ["/etc/machine-id", "/etc/kept", "/etc/linked"],
+                                   "directories": ["/var/log"]})
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 1
+    assert f"impermanence: {R}/etc/kept: target exists and is not empty; not overwritten" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (R / "etc/kept").read_bytes() == b"local data\n"
+    assert sandbox.path("/persistent/etc/kept").read_bytes() == b"from storage\n"
+    assert same_inode(R / "etc/machine-id", sandbox.path("/persistent/etc/machine-id"))
+    assert (R / "etc/machine-id").read_bytes() == b"0123456789abcdef0123456789abcdef\n"
+    assert os.readlink(R / "etc/linked") == "/persistent/etc/linked"
+    assert same_inode(R / "var/log", sandbox.path("/persistent/var/log"))  # the others applied
+
+
+def test_machine_id_without_source(sandbox, disk):
+    R = sandbox.root
+    (R / "etc").mkdir()
+    (R / "etc/machine-id").write_bytes(b"")
+    cfg = base_config(disk.label, {"files": ["/etc/machine-id"]})
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    source = sandbox.path("/persistent/etc/machine-id")
+    assert source.read_bytes() == b"uninitialized\n"
+    assert owner_mode(source) == (0, 0, 0o444)
+    assert same_inode(R / "etc/machine-id", source)
+    assert str(R / "etc/machine-id") in mounts_under(R)
+
+
+def test_symlink_method_even_when_source_exists(sandbox, disk):
+    populate(disk, {"etc/ssh/key.pub": b"ssh-ed25519 AAAA\n"})
+    cfg = base_config(disk.label, {"files": [{"file": "/etc/ssh/key.pub", "method": "symlink"}]})
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    link = sandbox.path("/etc/ssh/key.pub")
+    assert os.readlink(link) == "/persistent/etc/ssh/key.pub"
+    assert str(link) not in mounts_under(sandbox.root)
+
+
+def test_file_source_that_is_a_directory_fails_that_entry(sandbox, disk):
+    populate(disk, {}, dirs={"etc/odd": (0, 0, 0o755)})
+    cfg = base_config(disk.label, {"files": ["/etc/odd"], "directories": ["/srv"]})
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 1
+    assert "etc/odd: source is a directory, not a regular file" in result.stderr
+    assert same_inode(sandbox.path("/srv"), sandbox.path("/persistent/srv"))
+
+
+# --- storage -------------------------------------------------------------------------
+
+def test_device_by_path_and_existing_mount_reused(sandbox, disk):
+    cfg = base_config(disk.label, {"directories": ["/var/log"]})
+    cfg["fileSystems"]["/persistent"] = {"device": disk.device, "fsType": "ext4"}
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    before = mountinfo_under(sandbox.root)
+    # a second run finds /persistent already mounted and uses it as it is
+    result = sandbox.run("-v", "apply")
+    assert result.returncode == 0
+    assert "already a mount point; used as it is" in result.stderr
+    assert mountinfo_under(sandbox.root) == before
+
+
+def test_storage_mounted_by_stage1_without_filesystems_entry(sandbox, disk):
+    S = sandbox.path("/persistent")
+    S.mkdir()
+    subprocess.run(["mount", disk.device, str(S)], check=True)
+    cfg = {"persistence": {"/persistent": {"directories": ["/var/log"]}}}
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # a mount point: no warning
+    assert same_inode(sandbox.path("/var/log"), S / "var/log")
+
+
+def test_storage_not_a_mount_point_warns_and_goes_on(sandbox):
+    sandbox.path("/persistent").mkdir()
+    cfg = {"persistence": {"/persistent": {"directories": ["/var/log"]}}}
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 0
+    assert f"impermanence: {sandbox.path('/persistent')}: not a mount point; kept data would live on the root filesystem" in result.stderr
+    assert same_inode(sandbox.path("/var/log"), sandbox.path("/persistent/var/log"))
+
+
+def test_missing_storage_exits_3_and_other_locations_apply(sandbox, disk):
+    cfg = base_config(disk.label, {"directories": ["/var/log"]})
+    cfg["persistence"]["/nowhere"] = {"directories": ["/srv"], "files": ["/etc/x"]}
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 3
+    assert f"impermanence: /nowhere: storage path does not exist" in result.stderr
+    assert "2 entries not applied" in result.stderr
+    assert not sandbox.path("/srv").exists()
+    assert not sandbox.path("/nowhere").exists()  # nothing written to the bare tmpfs
+    assert same_inode(sandbox.path("/var/log"), sandbox.path("/persistent/var/log"))
+
+
+def test_device_never_appears_exits_3_within_timeout(sandbox):
+    cfg = {"fileSystems": {"/persistent": {"device": f"LABEL={unique_label()}"}},
+           "deviceTimeout": 1.5,
+           "persistence": {"/persistent": {"directories": ["/var/log"]}}}
+    started = time.monotonic()
+    result = sandbox.run("apply", config=cfg)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 3
+    assert "device did not appear within 1.5 s" in result.stderr
+    assert 1.5 <= elapsed < 10
+    assert not sandbox.path("/var/log").exists()
+
+
+def test_wrong_fstype_exits_3_with_the_kernel_reason(sandbox, disk):
+    cfg = base_config(disk.label, {"directories": ["/var/log"]})
+    cfg["fileSystems"]["/persistent"]["fsType"] = "xfs"
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 3
+    line = [l for l in result.stderr.splitlines() if "cannot mount" in l][0]
+    assert line.startswith(f"impermanence: {sandbox.path('/persistent')}: cannot mount LABEL={disk.label} ({disk.device}) as xfs:")
+
+
+def test_storage_path_inside_mounted_filesystem_is_created(sandbox, disk):
+    cfg = base_config(disk.label, {})
+    cfg["persistence"] = {"/persistent/system": {"directories": ["/var/log"]}}
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    assert same_inode(sandbox.path("/var/log"), sandbox.path("/persistent/system/var/log"))
+
+
+# --- accounts ---------------------------------------------------------------------------
+
+def test_names_from_nixos_uid_map_and_root_passwd(sandbox, disk):
+    populate(disk, {"var/lib/nixos/uid-map": json.dumps({"colord": 321}).encode(),
+                    "var/lib/nixos/gid-map": json.dumps({"colord": 322}).encode()})
+    R = sandbox.root
+    (R / "etc").mkdir()
+    (R / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\nalice:x:2001:2002::/home/alice:/bin/sh\n")
+    (R / "etc/group").write_text("root:x:0:\nstaff:x:50:\n")
+    cfg = base_config(disk.label, {
+        "directories": [{"directory": "/var/lib/colord", "user": "colord", "group": "colord"},
+                        {"directory": "/srv/a", "user": "alice", "group": "staff"}],
+        "users": {"alice": {"directories": ["Music"]}}}, users={}, groups={})
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 0, result.stderr
+    S = sandbox.path("/persistent")
+    assert owner_mode(S / "var/lib/colord")[:2] == (321, 322)
+    assert owner_mode(S / "srv/a")[:2] == (2001, 50)
+    # primary group from the root's passwd
+    assert owner_mode(S / "home/alice/Music")[:2] == (2001, 2002)
+
+
+def test_unknown_user_fails_that_entry_with_a_fix(sandbox, disk):
+    cfg = base_config(disk.label, {"directories": [{"directory": "/var/lib/ghost", "user": "ghost-user"},
+                                                   "/var/log"]})
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 1
+    (line,) = [l for l in result.stderr.splitlines() if "ghost-user" in l]
+    assert line.startswith("impermanence: user ghost-user: unknown user")
+    assert '"users": {"ghost-user": {"uid": N}}' in line
+    assert not sandbox.path("/persistent/var/lib/ghost").exists()
+    assert same_inode(sandbox.path("/var/log"), sandbox.path("/persistent/var/log"))
+
+
+# --- safety --------------------------------------------------------------------------------
+
+def test_symlink_planted_in_storage_is_not_followed(sandbox, disk):
+    # bird owns ~/.local in storage and replaces ~/.local/share with a link to /etc.
+    populate(disk, {}, dirs={"home/bird": (BIRD, USERS_GID, 0o700),
+                             "home/bird/.local": (BIRD, USERS_GID, 0o755)})
+    mnt = Path("/tmp/plant-" + disk.label)
+    mnt.mkdir()
+    subprocess.run(["mount", disk.device, str(mnt)], check=True)
+    os.symlink("/etc", mnt / "home/bird/.local/share")
+    subprocess.run(["umount", str(mnt)], check=True)
+    mnt.rmdir()
+    etc_before = owner_mode(Path("/etc"))
+    cfg = base_config(disk.label, {"users": {"bird": {"directories": [".local/share/evil", "Music"]}}})
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 1
+    assert (f"impermanence: {sandbox.path('/persistent/home/bird/.local/share')}: is a symbolic link "
+            "to /etc, not a directory") in result.stderr
+    assert owner_mode(Path("/etc")) == etc_before
+    assert not Path("/etc/evil").exists()
+    assert same_inode(sandbox.path("/home/bird/Music"), sandbox.path("/persistent/home/bird/Music"))
+
+
+# --- status and unmount ----------------------------------------------------------------------
+
+def status_json(sandbox) -> dict:
+    result = sandbox.run("status", "--json")
+    data = json.loads(result.stdout)
+    return result.returncode, {e["target"]: e for e in data["entries"]}, data
+
+
+def test_status_reports_each_kind_of_drift(sandbox, disk, tmp_path):
+    cfg = main_config(disk.label)
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    code, entries, data = status_json(sandbox)
+    assert code == 0, entries
+    assert {e["state"] for e in entries.values()} == {"ok"}
+    assert data["storage"][0]["state"] == "mounted"
+    R, S = sandbox.root, sandbox.path("/persistent")
+    subprocess.run(["umount", str(R / "var/log")], check=True)                  # not mounted
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["mount", "--bind", str(other), str(R / "home/bird/Downloads")], check=True)  # wrong
+    os.chown(S / "etc/nixos", 0, 0)                                              # owner drift
+    os.chmod(S / "home/bird/.ssh", 0o755)                                        # mode drift
+    os.unlink(R / "etc/ssh/ssh_host_ed25519_key.pub")                            # link gone
+    code, entries, data = status_json(sandbox)
+    assert code == 1
+    assert entries["/var/log"]["state"] == "not-mounted"
+    assert entries["/home/bird/Downloads"]["state"] == "wrong-source"
+    assert entries["/etc/nixos"]["state"] == "owner-differs"
+    assert entries["/home/bird/.ssh"]["state"] == "mode-differs"
+    assert entries["/etc/ssh/ssh_host_ed25519_key.pub"]["state"] == "not-linked"
+    assert entries["/etc/machine-id"]["state"] == "ok"
+    text = sandbox.run("status")
+    assert text.returncode == 1
+    assert any(l.startswith("not-mounted") and "/var/log" in l for l in text.stdout.splitlines())
+
+
+def test_status_reads_mountinfo_once(sandbox, disk):
+    require(subprocess.run(["which", "strace"], capture_output=True).returncode == 0, "strace is not installed")
+    cfg = main_config(disk.label)
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    trace = sandbox.work / "trace"
+    import sys
+    from conftest import SCRIPT
+    subprocess.run(["strace", "-f", "-e", "trace=open,openat", "-o", str(trace), sys.executable, str(SCRIPT),
+                    "--root", str(sandbox.root), "--config", str(sandbox.config_path), "status"],
+                   capture_output=True, env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
+    opens = [l for l in trace.read_text().splitlines() if "/proc/self/mountinfo" in l]
+    assert len(opens) == 1, opens
+
+
+def test_source_missing_status(sandbox, disk):
+    cfg = base_config(disk.label, {"directories": ["/var/log"]})
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    subprocess.run(["umount", str(sandbox.path("/var/log"))], check=True)
+    os.rmdir(sandbox.path("/persistent/var/log"))
+    code, entries, _ = status_json(sandbox)
+    assert code == 1
+    assert entries["/var/log"]["state"] == "source-missing"
+
+
+def test_unmount_round_trip_leaves_storage_identical(sandbox, disk):
+    populate(disk, {"etc/adjtime": b"x\n", "home/bird/.bash_history": b"ls\n"})
+    cfg = main_config(disk.label)
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    applied_mounts = mountinfo_under(sandbox.root)
+    applied_tree = tree_digest(sandbox.root)
+    storage_before = tree_digest(sandbox.path("/persistent"))
+    result = sandbox.run("-v", "unmount")
+    assert result.returncode == 0, result.stderr
+    # everything below the root is unmounted, storage included; links and
+    # the mount points apply created are gone, their parents stay
+    assert mounts_under(sandbox.root) == [str(sandbox.root)]
+    for gone in ("etc/adjtime", "etc/machine-id", "etc/nix/id_rsa", "var/log", "home/bird/.ssh",
+                 "etc/ssh/ssh_host_ed25519_key.pub"):
+        assert not os.path.lexists(sandbox.root / gone), gone
+    assert (sandbox.root / "home/bird/.local/share").is_dir()
+    # storage is untouched
+    subprocess.run(["mount", disk.device, str(sandbox.path("/persistent"))], check=True)
+    assert tree_digest(sandbox.path("/persistent")) == storage_before
+    subprocess.run(["umount", str(sandbox.path("/persistent"))], check=True)
+    # and apply brings back exactly the same tree and mounts
+    assert sandbox.run("apply").returncode == 0
+    assert mountinfo_under(sandbox.root) == applied_mounts
+    assert tree_digest(sandbox.root) == applied_tree
+
+
+def test_unmount_keeps_directories_it_did_not_create(sandbox, disk):
+    R = sandbox.root
+    (R / "srv").mkdir()  # existed before apply: not ours to remove
+    cfg = base_config(disk.label, {"directories": ["/srv", "/var/log"]})
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    assert sandbox.run("unmount").returncode == 0
+    assert (R / "srv").is_dir()
+    assert not (R / "var/log").exists()
+
+
+# --- messages ------------------------------------------------------------------------------
+
+def test_messages_reach_kmsg(sandbox, disk):
+    require(os.access("/dev/kmsg", os.W_OK), "/dev/kmsg is not writable")
+    token = unique_label()
+    cfg = base_config(disk.label, {"directories": [{"directory": f"/srv/{token}", "user": f"nouser{token}"}]})
+    result = sandbox.run("apply", config=cfg, env={"IMPERMANENCE_NO_KMSG": ""})
+    assert result.returncode == 1
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    assert f"impermanence: user nouser{token}: unknown user" in dmesg
