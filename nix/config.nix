@@ -53,8 +53,9 @@ let
   nonEmptyStr = x: isString x && x != "";
 
   # Keys the NixOS module system fills in on its own (internal options of
-  # NixOS impermanence, and this project's module).  Accepted, not used.
-  internalItemKeys = [ "dirPath" "filePath" "home" "defaultPerms" "enableDebugging" "assertions" ];
+  # NixOS impermanence and of this project's module, and `_module`, which
+  # every evaluated submodule carries).  Accepted, not used.
+  internalItemKeys = [ "dirPath" "filePath" "home" "defaultPerms" "enableDebugging" "assertions" "_module" ];
   internalParentKeys = internalItemKeys
     ++ [ "directory" "persistentStoragePath" "hideMount" "method" "user" "group" "mode" ];
 
@@ -195,8 +196,8 @@ let
   # ---- locations ------------------------------------------------------------
 
   locationKeys = [ "enable" "persistentStoragePath" "hideMounts" "directories" "files" "users" ]
-    ++ [ "enableDebugging" "enableWarnings" "assertions" ];
-  userLocationKeys = [ "directories" "files" "home" "enableDebugging" ];
+    ++ [ "enableDebugging" "enableWarnings" "assertions" "_module" ];
+  userLocationKeys = [ "directories" "files" "home" "enableDebugging" "_module" ];
 
   systemDefaults = { user = "root"; group = "root"; mode = "0755"; };
 

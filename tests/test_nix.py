@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,7 @@ REAL_WORLD = r'''
 
 # --- nix files are valid Nix -----------------------------------------------------------
 
-@pytest.mark.parametrize("path", sorted(p.name for p in NIX_DIR.glob("*.nix")))
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(NIX_DIR)) for p in NIX_DIR.rglob("*.nix")))
 def test_nix_files_parse(tmp_path, path):
     """`nix-instantiate --parse` also rejects undefined variables."""
     proc = nix_run(tmp_path, ["--parse", str(NIX_DIR / path)])
@@ -249,7 +250,7 @@ def test_module_evaluated_form_gives_the_same_json(tmp_path):
         directories = [
           { directory = "/var/log"; user = "root"; group = "root"; mode = "0755";
             persistentStoragePath = "/persistent"; hideMount = false; home = null;
-            dirPath = "/var/log"; enableDebugging = false; }
+            dirPath = "/var/log"; enableDebugging = false; _module = { args = { }; }; }
           { directory = "/etc/nixos"; user = "root"; group = "root"; mode = "0700";
             persistentStoragePath = "/persistent"; hideMount = false; home = null;
             dirPath = "/etc/nixos"; enableDebugging = false; }
@@ -264,6 +265,7 @@ def test_module_evaluated_form_gives_the_same_json(tmp_path):
         ];
         users.bird = {
           home = "/home/bird";
+          _module = { args = { }; };
           directories = [
             { directory = ".ssh"; user = "bird"; group = "users"; mode = "0755";
               persistentStoragePath = "/persistent"; hideMount = false; home = "/home/bird";
@@ -485,3 +487,217 @@ def test_generated_file_systems_entry_mounts_by_label(sandbox, loop_disk, tmp_pa
     assert str(sandbox.path("/var/lib/nixos")) in mountinfo_points()
     assert (storage / "var/lib/nixos").is_dir()
     assert disk.device  # the loop device stays attached until teardown
+
+
+# --- nix/module.nix, evaluated against a stand-in for nixpkgs ---------------------
+#
+# There is no nixpkgs here, so nix/tests/module-stub.nix supplies the few
+# lib/pkgs functions module.nix uses and the `config` the module system
+# would pass.  This checks names and wiring, not the module system itself.
+
+STUB = NIX_DIR / "tests" / "module-stub.nix"
+
+# environment.persistence as the module system hands it over.
+MODULE_PERSISTENCE = r'''
+{
+  "/persistent" = {
+    enable = true; persistentStoragePath = "/persistent"; hideMounts = false;
+    enableDebugging = false; enableWarnings = true;
+    allowOther = null; removePrefixDirectory = null; defaultDirectoryMethod = null;
+    _module = { args = { }; };
+    directories = [
+      { directory = "/var/log"; user = "root"; group = "root"; mode = "0755";
+        persistentStoragePath = "/persistent"; hideMount = false; home = null;
+        dirPath = "/var/log"; enableDebugging = false; _module = { }; }
+    ];
+    files = [
+      { file = "/etc/machine-id"; method = "auto"; persistentStoragePath = "/persistent";
+        home = null; filePath = "/etc/machine-id"; enableDebugging = false; _module = { };
+        parentDirectory = { user = null; group = null; mode = null; }; }
+    ];
+    users.bird = {
+      home = "/home/bird"; _module = { };
+      directories = [
+        { directory = ".ssh"; user = "bird"; group = "users"; mode = "0700";
+          persistentStoragePath = "/persistent"; hideMount = false; home = "/home/bird";
+          dirPath = "/home/bird/.ssh"; enableDebugging = false; _module = { }; }
+      ];
+      files = [ ];
+    };
+  };
+  "/off" = {
+    enable = false; persistentStoragePath = "/off"; hideMounts = false;
+    enableDebugging = false; enableWarnings = true;
+    allowOther = null; removePrefixDirectory = null; defaultDirectoryMethod = null;
+    directories = [ ]; files = [ ]; users = { };
+  };
+}
+'''
+
+MODULE_ACCOUNTS = r'''
+  users = {
+    bird = { uid = 1000; group = "users"; home = "/home/bird"; isNormalUser = true; };
+    root = { uid = 0; group = "root"; home = "/root"; };
+  };
+  groups = { users.gid = 100; root.gid = 0; };
+'''
+
+
+def evaluate_module(tmp: Path, extra: str = "", persistence: str = MODULE_PERSISTENCE) -> dict:
+    expr = tmp / "module-eval.nix"
+    expr.write_text(f"import {STUB} {{ persistence = {persistence}; {MODULE_ACCOUNTS} {extra} }}\n")
+    proc = nix_run(tmp, ["--eval", "--strict", "--json", str(expr)])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_module_declares_the_impermanence_option_names(tmp_path):
+    options = evaluate_module(tmp_path)["options"]
+    # NixOS impermanence's user-facing option names at every level.
+    assert {"enable", "persistentStoragePath", "hideMounts", "directories", "files",
+            "users", "enableWarnings"} <= set(options["location"])
+    assert {"directories", "files", "home"} <= set(options["user"])
+    for level in ("directory", "userDirectory"):
+        assert {"directory", "user", "group", "mode", "persistentStoragePath",
+                "hideMount"} <= set(options[level])
+    assert {"file", "method", "persistentStoragePath"} <= set(options["file"])
+    assert set(options["parentDirectory"]) == {"user", "group", "mode"}
+    assert {"fileSystems", "deviceTimeout"} <= set(options["top"])
+
+
+def test_module_option_defaults_match_impermanence(tmp_path):
+    defaults = evaluate_module(tmp_path)["defaults"]
+    assert defaults["location"] == {"enable": True, "persistentStoragePath": "/persistent",
+                                    "hideMounts": False, "enableWarnings": True}
+    assert defaults["directory"] == {"user": "root", "group": "root", "mode": "0755",
+                                     "persistentStoragePath": "/persistent", "hideMount": False}
+    # users.<name> level: the user and the primary group from users.users.
+    assert defaults["userDirectory"] == {"user": "bird", "group": "users", "mode": "0755"}
+    assert defaults["file"] == {"method": "auto"}
+    assert defaults["userHome"] == "/home/bird"
+
+
+def test_module_scripted_initrd_runs_apply_from_post_mount_commands(tmp_path):
+    out = evaluate_module(tmp_path)
+    initrd = out["resolved"]["boot"]["initrd"]
+    etc_json = out["resolved"]["environment"]["etc"]["impermanence.json"]["source"]
+    commands = initrd["postMountCommands"]
+    assert "--root /mnt-root" in commands
+    assert f"--config {etc_json}" in commands
+    assert commands.split("apply")[0].count("bin/python3") == 1
+    assert " apply " in commands
+    assert "systemd" not in initrd
+    # Interpreter, script and JSON are put into the initrd.
+    assert initrd["extraFiles"]["/etc/impermanence.json"]["source"] == etc_json
+    assert len(initrd["extraFiles"]) == 3
+    # The JSON the module installs is config.nix's, for the enabled location only.
+    data = json.loads(out["configText"])
+    assert list(data["persistence"]) == ["/persistent"]
+    assert data["persistence"]["/persistent"]["users"]["bird"]["directories"] == [
+        {"directory": ".ssh", "user": "bird", "group": "users", "mode": "0700"}]
+    assert data["users"]["bird"] == {"uid": 1000, "group": "users", "home": "/home/bird"}
+    assert check(tmp_path, data).returncode == 0
+    assert all(a["assertion"] for a in out["resolved"]["assertions"])
+
+
+def test_module_systemd_initrd_service(tmp_path):
+    out = evaluate_module(tmp_path, "systemdInitrd = true;")
+    initrd = out["resolved"]["boot"]["initrd"]
+    assert "postMountCommands" not in initrd
+    service = initrd["systemd"]["services"]["impermanence-boot"]
+    exec_start = service["serviceConfig"]["ExecStart"]
+    assert "--root /sysroot" in exec_start and exec_start.endswith(" apply")
+    assert service["serviceConfig"]["Type"] == "oneshot"
+    assert "initrd-nixos-activation.service" in service["before"]
+    assert "initrd-fs.target" in service["after"]
+    assert service["unitConfig"]["DefaultDependencies"] is False
+    assert "initrd.target" in service["wantedBy"]
+    assert service["requiredBy"] == []
+    etc_json = out["resolved"]["environment"]["etc"]["impermanence.json"]["source"]
+    assert etc_json in initrd["systemd"]["storePaths"]
+    assert f"--config {etc_json}" in exec_start
+
+
+def test_module_emergency_on_error(tmp_path):
+    scripted = evaluate_module(tmp_path, "impermanence.emergencyOnError = true;")
+    assert "fail" in scripted["resolved"]["boot"]["initrd"]["postMountCommands"]
+    systemd = evaluate_module(tmp_path, "impermanence.emergencyOnError = true; systemdInitrd = true;")
+    service = systemd["resolved"]["boot"]["initrd"]["systemd"]["services"]["impermanence-boot"]
+    assert service["requiredBy"] == ["initrd.target"]
+    assert service["serviceConfig"]["SuccessExitStatus"] == "1"
+
+
+def test_module_assertions_on_storage_mounts(tmp_path):
+    # /persistent in fileSystems without neededForBoot: not there in stage 1.
+    out = evaluate_module(tmp_path, 'fileSystems."/persistent" = { device = "/dev/sdb1"; };')
+    failed = [a["message"] for a in out["resolved"]["assertions"] if not a["assertion"]]
+    assert len(failed) == 1 and "neededForBoot" in failed[0] and "/persistent" in failed[0]
+    ok = evaluate_module(tmp_path, 'fileSystems."/persistent" = { device = "/dev/sdb1"; neededForBoot = true; };')
+    assert all(a["assertion"] for a in ok["resolved"]["assertions"])
+    # Mounted both by stage 1 and by the script.
+    twice = evaluate_module(tmp_path, 'fileSystems."/persistent" = { device = "/dev/sdb1"; neededForBoot = true; };'
+                                      'impermanence.fileSystems."/persistent" = { device = "/dev/sdb1"; label = null; fsType = "ext4"; options = [ ]; };')
+    failed = [a["message"] for a in twice["resolved"]["assertions"] if not a["assertion"]]
+    assert len(failed) == 1 and "one place only" in failed[0]
+
+
+def test_module_file_systems_add_kernel_support(tmp_path):
+    out = evaluate_module(tmp_path, 'impermanence.fileSystems."/persistent" = '
+                                    '{ device = null; label = "persist"; fsType = "btrfs"; options = [ "subvol=persist" ]; };')
+    assert out["resolved"]["boot"]["initrd"]["supportedFilesystems"] == ["btrfs"]
+    data = json.loads(out["configText"])
+    assert data["fileSystems"]["/persistent"] == {
+        "device": "LABEL=persist", "fsType": "btrfs", "options": ["subvol=persist"]}
+
+
+def shell_glue(tmp: Path, sandbox, extra: str = "") -> tuple[str, dict]:
+    """postMountCommands with the real interpreter, script and JSON."""
+    pkg = tmp / "pkg"
+    (pkg / "bin").mkdir(parents=True)
+    (pkg / "bin" / "impermanence_boot.py").symlink_to(SCRIPT)
+    python_prefix = tmp / "python"
+    (python_prefix / "bin").mkdir(parents=True)
+    (python_prefix / "bin" / "python3").symlink_to(os.path.realpath(sys.executable))
+    out = evaluate_module(tmp, extra + f'''
+      impermanence.python = {{ type = "derivation"; name = "python"; outPath = "{python_prefix}"; }};
+      impermanence.package = {{ type = "derivation"; name = "pkg"; outPath = "{pkg}"; }};''')
+    commands = out["resolved"]["boot"]["initrd"]["postMountCommands"]
+    etc_json = out["resolved"]["environment"]["etc"]["impermanence.json"]["source"]
+    generated = tmp / "impermanence.json"
+    generated.write_text(out["configText"])
+    commands = commands.replace(etc_json, str(generated)).replace("/mnt-root", str(sandbox.root))
+    return commands, json.loads(out["configText"])
+
+
+def test_post_mount_commands_apply_for_real(sandbox, tmp_path):
+    require(SCRIPT.exists(), "impermanence_boot.py is not there yet")
+    commands, _ = shell_glue(tmp_path, sandbox)
+    storage = sandbox.path("/persistent")
+    storage.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "persist", str(storage)], check=True)
+    proc = subprocess.run(["sh", "-c", "fail() { echo FAIL-CALLED; }\n" + commands + "\necho END"],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("END"), proc.stdout + proc.stderr
+    assert "FAIL-CALLED" not in proc.stdout
+    points = mountinfo_points()
+    assert str(sandbox.path("/var/log")) in points
+    assert str(sandbox.path("/home/bird/.ssh")) in points
+    assert stat.S_IMODE(os.stat(storage / "home/bird/.ssh").st_mode) == 0o700
+    assert sandbox.path("/etc/machine-id").read_text() == "uninitialized\n"
+
+
+def test_post_mount_commands_storage_missing(sandbox, tmp_path):
+    """Storage unavailable (exit 3): the boot goes on, unless emergencyOnError."""
+    require(SCRIPT.exists(), "impermanence_boot.py is not there yet")
+    for extra, expect_fail in (("", False), ("impermanence.emergencyOnError = true;", True)):
+        commands, _ = shell_glue(tmp_path, sandbox, extra)
+        proc = subprocess.run(["sh", "-c", "fail() { echo FAIL-CALLED; }\n" + commands + "\necho END"],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
+        assert proc.stdout.strip().endswith("END"), proc.stdout + proc.stderr
+        assert "exited with status 3" in proc.stdout, proc.stdout + proc.stderr
+        assert ("FAIL-CALLED" in proc.stdout) == expect_fail
+        assert not sandbox.path("/var/log").exists(), "nothing may be bound from missing storage"
+        shutil.rmtree(tmp_path / "pkg")
+        shutil.rmtree(tmp_path / "python")
