@@ -1,0 +1,181 @@
+"""Finding the storage device without udev: superblocks and partition tables
+read by the script, checked against blkid(8) as the reference."""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SCRIPT, require
+
+sys.path.insert(0, str(SCRIPT.parent))
+import impermanence_boot as ib  # noqa: E402
+
+MKFS = {
+    "ext4": (["mkfs.ext4", "-q", "-F", "-L"], 16),
+    "btrfs": (["mkfs.btrfs", "-q", "-f", "-L"], 128),
+    "xfs": (["mkfs.xfs", "-q", "-f", "-L"], 320),
+    "vfat": (["mkfs.vfat", "-n"], 16),
+}
+
+
+def blkid(path: str) -> dict:
+    out = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def make_image(directory: Path, fs: str, label: str) -> Path:
+    cmd, size_mb = MKFS[fs]
+    require(shutil.which(cmd[0]) is not None, f"{cmd[0]} is not installed")
+    image = directory / f"{fs}.img"
+    with open(image, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run([*cmd, label, str(image)], check=True, capture_output=True)
+    return image
+
+
+@pytest.mark.parametrize("fs", sorted(MKFS))
+def test_superblock_matches_blkid(tmp_path, fs):
+    label = "PERSIST" if fs == "vfat" else "persist-" + secrets.token_hex(2)
+    image = make_image(tmp_path, fs, label)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        found = ib.probe_filesystem(fd)
+    finally:
+        os.close(fd)
+    reference = blkid(str(image))
+    assert found is not None
+    fs_type, uuid, found_label = found
+    assert fs_type == ("ext4" if reference["TYPE"].startswith("ext") else reference["TYPE"])
+    assert uuid.lower() == reference["UUID"].lower()
+    assert found_label == reference["LABEL"] == label
+
+
+def test_unknown_content_is_not_a_filesystem(tmp_path):
+    image = tmp_path / "zero.img"
+    image.write_bytes(os.urandom(1 << 20))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert ib.probe_filesystem(fd) is None
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def loop_image(namespace, tmp_path):
+    devices = []
+
+    def attach(image: Path, partitions: bool = False) -> str:
+        args = ["losetup", "-f", "--show"] + (["-P"] if partitions else []) + [str(image)]
+        device = subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+        devices.append(device)
+        if partitions:
+            subprocess.run(["partx", "-a", device], capture_output=True)  # when partscan lags
+        return device
+
+    yield attach
+    for device in devices:
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+@pytest.mark.parametrize("fs", ["ext4", "btrfs", "vfat"])
+def test_lookup_by_label_and_uuid_on_loop_devices(loop_image, tmp_path, fs):
+    label = ("P" + secrets.token_hex(3)).upper() if fs == "vfat" else "p" + secrets.token_hex(5)
+    image = make_image(tmp_path, fs, label)
+    device = loop_image(image)
+    uuid = blkid(device)["UUID"]
+    assert ib.lookup_device(f"LABEL={label}")[0] == device
+    assert ib.lookup_device(f"UUID={uuid}")[0] == device
+    assert ib.lookup_device(f"UUID={uuid.swapcase()}")[0] == device  # case-insensitive
+    assert ib.lookup_device(f"LABEL={label}x") == (None, None)
+
+
+def partition_nodes(device: str, count: int) -> list:
+    base = os.path.basename(device)
+    names = [f"{base}p{i}" for i in range(1, count + 1)]
+    for name in names:
+        require(os.path.exists(f"/sys/class/block/{name}"), "the kernel did not scan loop partitions")
+        if not os.path.exists(f"/dev/{name}"):
+            major, minor = open(f"/sys/class/block/{name}/dev").read().split(":")
+            os.mknod(f"/dev/{name}", 0o600 | 0o060000, os.makedev(int(major), int(minor)))
+    return [f"/dev/{n}" for n in names]
+
+
+def test_gpt_partuuid_and_partlabel(loop_image, tmp_path):
+    image = tmp_path / "gpt.img"
+    with open(image, "wb") as f:
+        f.truncate(48 << 20)
+    name = "persist-" + secrets.token_hex(3)
+    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
+                   input=f'label: gpt\nsize=16M, type=L, name="{name}"\nsize=16M, type=L, name="other"\n')
+    device = loop_image(image, partitions=True)
+    first, second = partition_nodes(device, 2)
+    for part in (first, second):
+        reference = blkid(part)
+        assert ib.lookup_device(f"PARTUUID={reference['PART_ENTRY_UUID']}")[0] == part
+    assert ib.lookup_device(f"PARTLABEL={name}")[0] == first
+
+
+def test_mbr_partuuid(loop_image, tmp_path):
+    image = tmp_path / "mbr.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
+                   input="label: dos\nsize=8M, type=83\nsize=8M, type=83\n")
+    device = loop_image(image, partitions=True)
+    first, second = partition_nodes(device, 2)
+    reference = blkid(second)
+    assert ib.lookup_device(f"PARTUUID={reference['PART_ENTRY_UUID']}")[0] == second
+
+
+def test_apply_mounts_storage_found_by_partlabel(sandbox, loop_image, tmp_path):
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(40 << 20)
+    name = "persist-" + secrets.token_hex(3)
+    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
+                   input=f'label: gpt\nsize=32M, type=L, name="{name}"\n')
+    device = loop_image(image, partitions=True)
+    (part,) = partition_nodes(device, 1)
+    subprocess.run(["mkfs.ext4", "-q", "-F", part], check=True)
+    cfg = {"fileSystems": {"/persist": {"device": f"PARTLABEL={name}"}},
+           "persistence": {"/persist": {"directories": ["/var/log"]}}}
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 0, result.stderr
+    st = os.stat(sandbox.path("/persist"))
+    assert os.major(st.st_dev) == os.major(os.stat(part).st_rdev)
+    assert os.minor(st.st_dev) == os.minor(os.stat(part).st_rdev)
+
+
+def test_device_appearing_late_is_waited_for(sandbox, loop_disk, tmp_path):
+    # The disk is made now but attached only after apply started waiting.
+    label = "late" + secrets.token_hex(4)
+    image = tmp_path / "late.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, str(image)], check=True)
+    cfg = {"fileSystems": {"/persistent": {"device": f"LABEL={label}"}}, "deviceTimeout": 20,
+           "persistence": {"/persistent": {"directories": ["/var/log"]}}}
+    sandbox.write_config(cfg)
+    env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--root", str(sandbox.root), "--config",
+                             str(sandbox.config_path), "apply"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    time.sleep(1.5)
+    assert proc.poll() is None, "apply should still be waiting for the device"
+    device = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    try:
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert os.path.samestat(os.stat(sandbox.path("/var/log")),
+                                os.stat(sandbox.path("/persistent/var/log")))
+    finally:
+        subprocess.run(["umount", "-R", str(sandbox.root)], capture_output=True)
+        subprocess.run(["losetup", "-d", device], capture_output=True)
