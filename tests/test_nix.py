@@ -701,3 +701,14 @@ def test_post_mount_commands_storage_missing(sandbox, tmp_path):
         assert not sandbox.path("/var/log").exists(), "nothing may be bound from missing storage"
         shutil.rmtree(tmp_path / "pkg")
         shutil.rmtree(tmp_path / "python")
+
+
+def test_module_verbose_flag(tmp_path):
+    quiet = evaluate_module(tmp_path)["resolved"]["boot"]["initrd"]["postMountCommands"]
+    assert "--verbose" not in quiet
+    loud = evaluate_module(tmp_path, "impermanence.verbose = true;")
+    assert "--verbose apply" in loud["resolved"]["boot"]["initrd"]["postMountCommands"]
+    debug = evaluate_module(tmp_path, persistence=MODULE_PERSISTENCE.replace(
+        "enableDebugging = false; enableWarnings = true;\n    allowOther = null; removePrefixDirectory = null; defaultDirectoryMethod = null;\n    _module",
+        "enableDebugging = true; enableWarnings = true;\n    allowOther = null; removePrefixDirectory = null; defaultDirectoryMethod = null;\n    _module", 1))
+    assert "--verbose apply" in debug["resolved"]["boot"]["initrd"]["postMountCommands"]
