@@ -86,7 +86,8 @@ def debugfs_exists(image: Path, path: str) -> bool:
 
 def overlay(config: dict | str | None = None, checks: dict | None = None,
             args: list[str] | None = None,
-            preroot: dict[str, str | None] | None = None) -> bytes:
+            preroot: dict[str, str | None] | None = None,
+            measure: bool = False) -> bytes:
     """The per-boot cpio appended to the initramfs (see vm/guest/init).
     preroot maps a path on the fresh root to file content (None: a
     directory), created before the script runs."""
@@ -97,6 +98,8 @@ def overlay(config: dict | str | None = None, checks: dict | None = None,
     arc.file("/nix/scenario/checks.json", json.dumps(checks or {}).encode())
     if args:
         arc.file("/nix/scenario/args", (" ".join(args) + "\n").encode())
+    if measure:
+        arc.file("/nix/scenario/measure", b"")
     for path, content in sorted((preroot or {}).items()):
         dest = "/nix/scenario/preroot" + path
         if content is None:
@@ -127,6 +130,11 @@ class BootResult:
     @property
     def script_ms(self) -> float | None:
         t = self.report and self.report["stage1"].get("t_script")
+        return (t[1] - t[0]) / 1e6 if t else None
+
+    @property
+    def python_pass_ms(self) -> float | None:
+        t = self.report and self.report["stage1"].get("t_python_pass")
         return (t[1] - t[0]) / 1e6 if t else None
 
     def describe(self) -> str:

@@ -6,9 +6,13 @@ judges the report.
 
 CHECKS.json (all keys optional):
   inspect        paths to describe before anything is written
-  writes         [{"path", "content"}] written next, like a running system
-                 would (through the bind mounts and links the script made)
-  inspect_after  paths to describe after the writes
+  writes         [{"path", "content", "as": [uid, gid] (optional)}] written
+                 next, like a running system would (through the bind mounts
+                 and links the script made), as root or as that user
+  commands       [[args...]]: run "impermanence_boot.py --root / --config
+                 CONFIG args..." on the booted system after the writes
+                 (e.g. ["apply"] to see that a second apply changes nothing)
+  inspect_after  paths to describe after the writes and commands
   status         true: also run "impermanence_boot.py status --json" on the
                  booted system (--root /) and record its output
 
@@ -168,6 +172,38 @@ def kmsg_lines():
     return lines
 
 
+def write_as(path, content, ids):
+    """Write a file as root, or, with ids = [uid, gid], in a child process
+    running as that user (as the user's own programs would)."""
+    if not ids:
+        try:
+            with open(path, "w") as f:
+                f.write(content)
+            return {"ok": True}
+        except OSError as e:
+            return {"ok": False, "error": "%s: %s" % (type(e).__name__, e.strerror)}
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(ids[1])
+            os.setuid(ids[0])
+            with open(path, "w") as f:
+                f.write(content)
+            os.write(w, b"ok")
+        except OSError as e:
+            os.write(w, ("%s: %s" % (type(e).__name__, e.strerror)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    msg = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return {"ok": True} if msg == "ok" else {"ok": False, "error": msg}
+
+
 def run(argv):
     """Run a program, return (exit status, stdout, stderr); no subprocess."""
     out_r, out_w = os.pipe()
@@ -213,8 +249,9 @@ def main():
     for name in ("t_init", "t_switch"):
         t = read(STAGE1 + "/" + name)
         stage1[name] = int(t) if t and t.strip() else None
-    t = read(STAGE1 + "/t_script")
-    stage1["t_script"] = [int(x) for x in t.split()] if t and t.strip() else None
+    for name in ("t_script", "t_python_pass"):
+        t = read(STAGE1 + "/" + name)
+        stage1[name] = [int(x) for x in t.split()] if t and t.strip() else None
     stage1["insmod_log"] = read(STAGE1 + "/insmod.log") or ""
     report["stage1"] = stage1
     report["uptime"] = read("/proc/uptime")
@@ -224,17 +261,17 @@ def main():
     writes = []
     for w in spec.get("writes", []):
         result = {"path": w["path"]}
-        try:
-            with open(w["path"], "w") as f:
-                f.write(w["content"])
-            result["ok"] = True
-        except OSError as e:
-            result["ok"] = False
-            result["error"] = "%s: %s" % (type(e).__name__, e.strerror)
+        result.update(write_as(w["path"], w["content"], w.get("as")))
         writes.append(result)
     report["writes"] = writes
     os.sync()
+    commands = []
+    for args in spec.get("commands", []):
+        rc, out, err = run([PYTHON, "-I", SCRIPT, "--root", "/", "--config", CONFIG, *args])
+        commands.append({"args": args, "exit": rc, "stdout": out, "stderr": err})
+    report["commands"] = commands
     mounts = mountinfo()
+    report["mounts_after"] = mounts
     report["inspect_after"] = {p: describe(p, mounts) for p in spec.get("inspect_after", [])}
     if spec.get("status"):
         rc, out, err = run([PYTHON, "-I", SCRIPT, "--root", "/", "--config", CONFIG,

@@ -1,0 +1,327 @@
+"""Real boots under QEMU: Debian's kernel, an initramfs holding busybox,
+python3.11 and impermanence_boot.py (vm/build_initramfs.py), a NixOS-like
+stage 1 that runs the script as postMountCommands on a tmpfs /mnt-root, then
+switch_root into a stage 2 that inspects the booted system (vm/guest/).
+
+The initramfs is built once per session; each boot gets a fresh ext4 disk
+image and has a timeout (vm/machine.py). With CI=true a missing QEMU,
+kernel or interpreter fails these tests instead of skipping them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT, SCRIPT, require
+
+sys.path.insert(0, str(PROJECT / "vm"))
+import build_initramfs  # noqa: E402
+import machine  # noqa: E402
+import scenarios as sc  # noqa: E402
+
+pytestmark = pytest.mark.vm
+
+STAGE1_MOUNTS = {"/nix", "/proc", "/sys", "/dev", "/run"}
+
+
+def boot(build, work: Path, name: str, disks, **overlay_kw) -> machine.BootResult:
+    result = machine.Boot(build, work, machine.overlay(**overlay_kw), disks, name=name).run()
+    assert not result.timed_out, f"{name}: the boot timed out\n{result.describe()}"
+    assert result.report is not None, f"{name}: stage 2 was never reached\n{result.describe()}"
+    assert result.returncode == 0, f"{name}: qemu failed\n{result.describe()}"
+    return result
+
+
+# --- fixtures ----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def vm_build(tmp_path_factory):
+    require(os.geteuid() == 0, "it needs root (the kernel image in /boot is root-only)")
+    require(machine.qemu_available(), "qemu-system-x86_64 is not installed")
+    require(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 (e2fsprogs) is not installed")
+    require(Path(build_initramfs.PYTHON).is_file(), f"{build_initramfs.PYTHON} is not installed")
+    require(shutil.which("busybox") is not None, "busybox-static is not installed")
+    try:
+        kver = build_initramfs.default_kver()
+    except build_initramfs.BuildError as e:
+        require(False, str(e))
+    require(SCRIPT.is_file(), f"{SCRIPT} does not exist")
+    out = tmp_path_factory.mktemp("vm-build")
+    manifest = build_initramfs.build(out, SCRIPT, kver=kver)
+    return out
+
+
+@pytest.fixture(scope="module")
+def main_boots(vm_build, tmp_path_factory):
+    """The main scenario: one disk, booted twice."""
+    work = tmp_path_factory.mktemp("vm-main")
+    disk = machine.make_disk(work / "persist.img", "persist")
+    first = boot(vm_build, work, "main-1", [disk], checks=sc.main_checks(1))
+    on_disk = {p: machine.debugfs_cat(disk, p) for p in
+               ["/" + q.lstrip("/") for q in sc.KEPT_WRITES] + list(sc.UNKEPT_WRITES)}
+    second = boot(vm_build, work, "main-2", [disk], checks=sc.main_checks(2))
+    return first, second, on_disk
+
+
+def entries(result) -> dict:
+    return {e["path"]: e for e in result.report["root_entries"]}
+
+
+def mount_counts(mounts) -> dict:
+    counts: dict = {}
+    for m in mounts:
+        counts[m["point"]] = counts.get(m["point"], 0) + 1
+    return counts
+
+
+def same_inode(a: dict, b: dict) -> bool:
+    return a["exists"] and b["exists"] and (a["dev"], a["ino"]) == (b["dev"], b["ino"])
+
+
+# What the fresh root must hold after apply on boot 1 and boot 2, and
+# nothing else: (type, uid, gid, mode, mounted here?). Modes of bind-mount
+# targets are their sources' (lstat of a mount point shows the mounted root).
+EXPECTED_ROOT = {
+    "/etc": ("dir", 0, 0, "0755", False),
+    "/etc/machine-id": ("file", 0, 0, None, True),
+    "/etc/nix": ("dir", 0, 0, "0700", False),          # parentDirectory u=rwx,g=,o=
+    "/etc/nix/id_rsa": ("symlink", 0, 0, None, False),
+    "/etc/nixos": ("dir", 1000, 100, "0700", True),
+    "/etc/ssh": ("dir", 0, 0, "0755", False),
+    "/etc/ssh/ssh_host_ed25519_key.pub": ("symlink", 0, 0, None, False),
+    "/home": ("dir", 0, 0, "0755", False),
+    "/home/bird": ("dir", 1000, 100, "0700", False),    # a home: 0700, the user's
+    "/home/bird/.bash_history": ("symlink", 0, 0, None, False),
+    "/home/bird/.local": ("dir", 1000, 100, "0755", False),  # never root's
+    "/home/bird/.local/share": ("dir", 1000, 100, "0755", False),
+    "/home/bird/.local/share/keyrings": ("dir", 1000, 100, "0755", True),
+    "/home/bird/.ssh": ("dir", 1000, 100, "0700", True),
+    "/home/bird/Downloads": ("dir", 1000, 100, "0755", True),
+    "/persistent": ("dir", 0, 0, None, True),
+    "/var": ("dir", 0, 0, "0755", False),
+    "/var/lib": ("dir", 0, 0, "0755", False),
+    "/var/lib/colord": ("dir", 124, 124, "0750", True),  # u=rwx,g=rx,o=
+    "/var/lib/nixos": ("dir", 0, 0, "0755", True),
+    "/var/log": ("dir", 0, 0, "0755", True),
+}
+
+
+def check_root_layout(result, expected: dict) -> None:
+    got = entries(result)
+    assert set(got) - STAGE1_MOUNTS == set(expected), (
+        "the fresh root must hold exactly what the script created",
+        sorted(set(got) - STAGE1_MOUNTS - set(expected)), sorted(set(expected) - set(got)))
+    for path, (kind, uid, gid, mode, mounted) in expected.items():
+        e = got[path]
+        assert e["type"] == kind, (path, e)
+        assert e["mountpoint"] == mounted, (path, e)
+        if kind != "symlink":
+            assert (e["uid"], e["gid"]) == (uid, gid), (path, e)
+        if mode is not None:
+            assert e["mode"] == mode, (path, e)
+    for m in STAGE1_MOUNTS:
+        assert got[m]["mountpoint"], m
+
+
+# --- the main scenario ------------------------------------------------------
+
+def test_main_boot1_apply_succeeds_in_stage1(main_boots):
+    first, _, _ = main_boots
+    assert first.script_exit == 0, first.script_stderr + first.describe()
+    assert "Traceback" not in first.script_stderr
+    # stage 1 reports to the console; stage 2 started from the new root
+    assert "impermanence_boot.py exited 0" in first.console
+
+
+def test_main_boot1_layout_owners_and_modes(main_boots):
+    first, _, _ = main_boots
+    check_root_layout(first, EXPECTED_ROOT)
+    persistent = [m for m in first.report["mounts"] if m["point"] == "/persistent"]
+    assert len(persistent) == 1 and persistent[0]["source"] == "/dev/vda", persistent
+    assert persistent[0]["fstype"] == "ext4"
+    assert "noatime" in persistent[0]["options"].split(","), persistent
+
+
+def test_main_boot1_targets_are_their_sources(main_boots):
+    first, _, _ = main_boots
+    ins = first.report["inspect"]
+    for target in sc.MAIN_DIRS + sc.MAIN_BIND_FILES:
+        src = "/persistent" + target
+        assert same_inode(ins[target], ins[src]), (target, ins[target], ins[src])
+        assert ins[target]["mountpoint"], target
+    # storage-side owners and modes, as declared (or as SPEC's defaults)
+    declared = {"/etc/nixos": (1000, 100, "0700"), "/var/lib/colord": (124, 124, "0750"),
+                "/var/log": (0, 0, "0755"), "/var/lib/nixos": (0, 0, "0755"),
+                "/home/bird/Downloads": (1000, 100, "0755"), "/home/bird/.ssh": (1000, 100, "0700"),
+                "/home/bird/.local/share/keyrings": (1000, 100, "0755")}
+    for target, (uid, gid, mode) in declared.items():
+        s = ins["/persistent" + target]
+        assert (s["uid"], s["gid"], s["mode"]) == (uid, gid, mode), (target, s)
+    assert (ins["/persistent/home/bird"]["uid"], ins["/persistent/home/bird"]["mode"]) == (1000, "0700")
+    assert ins["/persistent/etc/nix"]["mode"] == "0700"  # parentDirectory
+    # machine-id with no source: created "uninitialized", then bind-mounted
+    assert ins["/etc/machine-id"]["content"] == "uninitialized\n"
+    assert ins["/persistent/etc/machine-id"]["content"] == "uninitialized\n"
+
+
+def test_main_boot1_links_point_at_the_booted_path(main_boots):
+    first, _, _ = main_boots
+    ins = first.report["inspect"]
+    for target in sc.MAIN_LINKS:
+        assert ins[target]["type"] == "symlink", ins[target]
+        assert ins[target]["readlink"] == "/persistent" + target, ins[target]
+        assert not ins["/persistent" + target]["exists"]  # created on first write
+
+
+def test_main_boot1_writes_reach_storage(main_boots):
+    first, _, on_disk = main_boots
+    assert all(w["ok"] for w in first.report["writes"]), first.report["writes"]
+    after = first.report["inspect_after"]
+    for path, content in sc.KEPT_WRITES.items():
+        assert after["/persistent" + path]["content"] == content, (path, after["/persistent" + path])
+        assert on_disk[path] == content, (path, "not on the ext4 image")
+    for path in sc.UNKEPT_WRITES:
+        assert on_disk[path] is None, (path, "reached the disk")
+
+
+def test_main_boot1_status_and_second_apply_change_nothing(main_boots):
+    first, _, _ = main_boots
+    status = first.report["status"]
+    assert status["exit"] == 0, status
+    assert json.loads(status["stdout"])["drift"] == 0
+    (again,) = first.report["commands"]
+    assert again["exit"] == 0, again
+    before, after = mount_counts(first.report["mounts"]), mount_counts(first.report["mounts_after"])
+    assert before == after, "a second apply stacked or removed mounts"
+    assert all(n == 1 for p, n in after.items() if p in EXPECTED_ROOT), after
+
+
+def test_main_boot2_kept_data_survived(main_boots):
+    _, second, _ = main_boots
+    assert second.script_exit == 0, second.script_stderr + second.describe()
+    ins = second.report["inspect"]
+    for path, content in sc.KEPT_WRITES.items():
+        assert ins[path]["content"] == content, (path, ins[path])
+    assert ins["/etc/machine-id"]["content"] == sc.MACHINE_ID
+
+
+def test_main_boot2_unkept_data_is_gone(main_boots):
+    _, second, _ = main_boots
+    ins = second.report["inspect"]
+    for path in sc.UNKEPT_WRITES:
+        assert not ins[path]["exists"], (path, ins[path])
+
+
+def test_main_boot2_links_and_mounts(main_boots):
+    _, second, _ = main_boots
+    ins = second.report["inspect"]
+    # .bash_history got a source through its link on boot 1: now a bind mount
+    expected = dict(EXPECTED_ROOT)
+    expected["/home/bird/.bash_history"] = ("file", 1000, 100, None, True)
+    check_root_layout(second, expected)
+    hist = ins["/home/bird/.bash_history"]
+    assert same_inode(hist, ins["/persistent/home/bird/.bash_history"]), hist
+    # method = "symlink" stays a link even though its source exists now
+    key = ins["/etc/ssh/ssh_host_ed25519_key.pub"]
+    assert key["type"] == "symlink" and key["readlink"] == "/persistent/etc/ssh/ssh_host_ed25519_key.pub"
+    assert key["follow"]["ino"] == ins["/persistent/etc/ssh/ssh_host_ed25519_key.pub"]["ino"]
+    # id_rsa never got a source: still a link
+    assert ins["/etc/nix/id_rsa"]["type"] == "symlink"
+    for target in sc.MAIN_DIRS + sc.MAIN_BIND_FILES:
+        assert same_inode(ins[target], ins["/persistent" + target]), target
+    counts = mount_counts(second.report["mounts"])
+    assert all(counts[p] == 1 for p, spec in expected.items() if spec[4]), counts
+    assert second.report["status"]["exit"] == 0, second.report["status"]
+    assert second.report["commands"][0]["exit"] == 0, second.report["commands"]
+
+
+# --- LABEL= without udev ------------------------------------------------------
+
+def test_label_found_among_partitions_without_udev(vm_build, tmp_path):
+    # vda: GPT with "boot" (vda1) and "persist" (vda2); vdb: "other". The
+    # initramfs has no udev and no /dev/disk/by-label: the script must probe.
+    vda = machine.make_partitioned_disk(tmp_path / "vda.img", [("boot", 16), ("persist", 40)])
+    vdb = machine.make_disk(tmp_path / "vdb.img", "other", 16)
+    r = boot(vm_build, tmp_path, "label", [vda, vdb], config=sc.LABEL_CONFIG,
+             checks=sc.LABEL_CHECKS)
+    assert r.script_exit == 0, r.script_stderr + r.describe()
+    ins = r.report["inspect"]
+    assert not ins["/dev/disk"]["exists"] and not ins["/run/udev"]["exists"]
+    assert ins["/dev/vda2"]["exists"] and ins["/dev/vdb"]["exists"]
+    persistent = [m for m in r.report["mounts"] if m["point"] == "/persistent"]
+    assert [m["source"] for m in persistent] == ["/dev/vda2"], persistent
+    assert same_inode(ins["/var/lib/nixos"], ins["/persistent/var/lib/nixos"])
+    assert same_inode(ins["/etc/machine-id"], ins["/persistent/etc/machine-id"])
+    assert r.report["status"]["exit"] == 0, r.report["status"]
+
+
+# --- faults -----------------------------------------------------------------
+
+def test_missing_device_exit_3_within_timeout_and_boot_goes_on(vm_build, tmp_path):
+    # no disk at all: LABEL=persist never appears
+    r = boot(vm_build, tmp_path, "missing", [], config=sc.MISSING_CONFIG,
+             checks=sc.MISSING_CHECKS, preroot=sc.MISSING_PREROOT)
+    assert r.script_exit == 3, r.script_stderr + r.describe()
+    err = r.script_stderr
+    assert "Traceback" not in err
+    assert any(line.startswith("impermanence: ") and "persist" in line for line in err.splitlines()), err
+    # waited for the device, but not much longer than deviceTimeout (the
+    # rest is the interpreter's start-up under TCG)
+    assert sc.MISSING_TIMEOUT * 1000 <= r.script_ms <= (sc.MISSING_TIMEOUT + 20) * 1000, r.script_ms
+    ins = r.report["inspect"]
+    points = {m["point"] for m in r.report["mounts"]}
+    assert "/persistent" not in points
+    assert not ins["/var/log"]["exists"] and not ins["/etc/machine-id"]["exists"], ins
+    # the other location was still applied
+    assert same_inode(ins["/var/lib/state-kept"], ins["/state/var/lib/state-kept"])
+    assert "/var/lib/state-kept" in points
+    # the error is in the kernel log too (dmesg / journal after boot)
+    assert any("impermanence" in line and "persist" in line for line in r.report["kmsg"]), r.report["kmsg"]
+    assert "stage 2: running on the new root" in r.console
+
+
+def test_invalid_config_exit_2_and_nothing_changed(vm_build, tmp_path):
+    disk = machine.make_disk(tmp_path / "persist.img", "persist")
+    r = boot(vm_build, tmp_path, "invalid", [disk], config=sc.INVALID_CONFIG,
+             checks=sc.INVALID_CHECKS)
+    assert r.script_exit == 2, r.script_stderr + r.describe()
+    err = r.script_stderr
+    assert "Traceback" not in err
+    assert "directores" in err and "directories" in err, err
+    assert all(line.startswith("impermanence: ") for line in err.splitlines() if line), err
+    # nothing created on the root, nothing mounted, the disk untouched
+    assert set(entries(r)) == STAGE1_MOUNTS, sorted(entries(r))
+    assert not machine.debugfs_exists(disk, "/etc")
+
+
+def test_nonempty_file_at_target_fails_only_that_entry(vm_build, tmp_path):
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    sc.seed_leftover_storage(seed)
+    disk = machine.make_disk(tmp_path / "persist.img", "persist", seed=seed)
+    r = boot(vm_build, tmp_path, "leftover", [disk], config=sc.LEFTOVER_CONFIG,
+             checks=sc.LEFTOVER_CHECKS, preroot=sc.LEFTOVER_PREROOT)
+    assert r.script_exit == 1, r.script_stderr + r.describe()
+    err = r.script_stderr
+    assert "Traceback" not in err
+    assert any("/etc/ssh/ssh_host_rsa_key" in line for line in err.splitlines()), err
+    ins = r.report["inspect"]
+    # the failed entry: the leftover is untouched, storage is untouched
+    key = ins["/etc/ssh/ssh_host_rsa_key"]
+    assert key["type"] == "file" and not key["mountpoint"], key
+    assert key["content"] == sc.LEFTOVER_STALE
+    assert ins["/persistent/etc/ssh/ssh_host_rsa_key"]["content"] == sc.LEFTOVER_KEY
+    assert ins["/persistent/etc/ssh/ssh_host_rsa_key"]["mode"] == "0600"
+    # everything else in place: the empty machine-id was simply mounted over
+    for target in ("/etc/machine-id", "/etc/adjtime", "/var/log"):
+        assert same_inode(ins[target], ins["/persistent" + target]), target
+        assert ins[target]["mountpoint"], target
+    assert ins["/etc/machine-id"]["content"] == "uninitialized\n"
+    assert r.report["status"]["exit"] == 1  # status sees the one entry missing
+    # and on the disk itself (read from the host), the key is what it was
+    assert machine.debugfs_cat(disk, "/etc/ssh/ssh_host_rsa_key") == sc.LEFTOVER_KEY

@@ -1,0 +1,130 @@
+"""The boots, as data shared by tests/test_vm.py and vm/demo.py: which config,
+which disks, what stage 2 inspects and writes. The expectations are in
+tests/test_vm.py."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MAIN_CONFIG = json.loads((HERE / "demo-config.json").read_text())
+
+# --- main scenario: the demo machine, booted twice on one disk -------------
+
+MAIN_DIRS = ["/var/log", "/var/lib/nixos", "/etc/nixos", "/var/lib/colord",
+             "/home/bird/Downloads", "/home/bird/.ssh", "/home/bird/.local/share/keyrings"]
+MAIN_BIND_FILES = ["/etc/machine-id"]
+MAIN_LINKS = ["/etc/ssh/ssh_host_ed25519_key.pub", "/etc/nix/id_rsa", "/home/bird/.bash_history"]
+
+MACHINE_ID = "4c1f1e2d8a0b4e6f9a7d3c5b1e0f2a6d\n"
+
+# written on boot 1 through the kept paths (they must reach the disk) ...
+KEPT_WRITES = {
+    "/var/log/boot-1.log": "kept: a log line from boot 1\n",
+    "/etc/nixos/configuration.nix": "{ ... }: { }\n",
+    "/home/bird/Downloads/paper.txt": "kept: downloaded on boot 1\n",
+    "/home/bird/.ssh/known_hosts": "kept: example.org ssh-ed25519 AAAA\n",
+    "/home/bird/.local/share/keyrings/login.keyring": "kept: keyring\n",
+    "/home/bird/.bash_history": "ls -la\n",  # through a link: creates the source
+    "/etc/ssh/ssh_host_ed25519_key.pub": "ssh-ed25519 AAAAC3Nza test@vm\n",  # method=symlink
+    "/etc/machine-id": MACHINE_ID,  # what systemd commits on first boot
+}
+# ... and to places that are not kept (they must be gone on boot 2)
+UNKEPT_WRITES = {
+    "/unkept-at-root.txt": "lost\n",
+    "/etc/unkept.conf": "lost\n",
+    "/home/bird/unkept.txt": "lost\n",
+    "/home/bird/.local/unkept.txt": "lost\n",
+    "/var/unkept.txt": "lost\n",
+}
+
+
+def _sources(paths):
+    return ["/persistent" + p for p in paths]
+
+
+def main_checks(boot: int) -> dict:
+    kept = MAIN_DIRS + MAIN_BIND_FILES + MAIN_LINKS
+    inspect = (["/persistent"] + kept + _sources(kept) + list(KEPT_WRITES)
+               + list(UNKEPT_WRITES) + ["/persistent/etc/nix", "/persistent/etc/ssh",
+                                        "/persistent/home/bird", "/persistent/home"])
+    checks = {"inspect": sorted(set(inspect)), "status": True, "commands": [["apply"]]}
+    if boot == 1:
+        # files under /home/bird are written by bird (uid 1000, group users)
+        checks["writes"] = [{"path": p, "content": c, **({"as": [1000, 100]}
+                                                         if p.startswith("/home/bird/") else {})}
+                            for p, c in {**KEPT_WRITES, **UNKEPT_WRITES}.items()]
+        checks["inspect_after"] = sorted(set(_sources(KEPT_WRITES)) | set(KEPT_WRITES))
+    return checks
+
+
+# --- the storage device found by LABEL= among several devices -------------
+
+LABEL_CONFIG = {
+    "fileSystems": {"/persistent": {"device": "LABEL=persist", "fsType": "ext4"}},
+    "deviceTimeout": 20,
+    "persistence": {"/persistent": {"directories": ["/var/lib/nixos"],
+                                    "files": ["/etc/machine-id"]}},
+}
+LABEL_CHECKS = {"inspect": ["/persistent", "/var/lib/nixos", "/persistent/var/lib/nixos",
+                            "/etc/machine-id", "/persistent/etc/machine-id",
+                            "/dev/disk", "/dev/vda1", "/dev/vda2", "/dev/vdb", "/run/udev"],
+                "status": True}
+
+# --- faults -----------------------------------------------------------------
+
+MISSING_TIMEOUT = 3
+MISSING_CONFIG = {
+    "fileSystems": {"/persistent": {"device": "LABEL=persist", "fsType": "ext4"}},
+    "deviceTimeout": MISSING_TIMEOUT,
+    "persistence": {
+        "/persistent": {"directories": ["/var/log"], "files": ["/etc/machine-id"]},
+        # a second location whose storage exists (stage 1 made it, as
+        # neededForBoot would): it is still applied
+        "/state": {"directories": ["/var/lib/state-kept"]},
+    },
+}
+MISSING_PREROOT = {"/state": None}
+MISSING_CHECKS = {"inspect": ["/persistent", "/var/log", "/etc/machine-id", "/etc",
+                              "/var/lib/state-kept", "/state/var/lib/state-kept"],
+                  "status": True}
+
+INVALID_CONFIG = copy.deepcopy(MAIN_CONFIG)
+# a typo'd key: the config error must name it and suggest "directories"
+INVALID_CONFIG["persistence"]["/persistent"]["directores"] = \
+    INVALID_CONFIG["persistence"]["/persistent"].pop("directories")
+INVALID_CHECKS = {"inspect": ["/persistent", "/etc/machine-id"]}
+
+LEFTOVER_CONFIG = {
+    "fileSystems": {"/persistent": {"device": "LABEL=persist", "fsType": "ext4"}},
+    "deviceTimeout": 20,
+    "persistence": {"/persistent": {
+        "directories": ["/var/log"],
+        "files": ["/etc/ssh/ssh_host_rsa_key", "/etc/machine-id", "/etc/adjtime"],
+    }},
+}
+LEFTOVER_KEY = "kept: the host key in storage\n"
+LEFTOVER_STALE = "leftover: written by stage 1 before the script ran\n"
+# On the wiped root before the script runs: a non-empty file where a kept file
+# goes (must fail that entry, overwrite nothing) and an empty machine-id (must
+# simply be mounted over, SPEC section 5).
+LEFTOVER_PREROOT = {"/etc": None, "/etc/ssh": None,
+                    "/etc/ssh/ssh_host_rsa_key": LEFTOVER_STALE,
+                    "/etc/machine-id": ""}
+LEFTOVER_CHECKS = {"inspect": ["/etc/ssh/ssh_host_rsa_key", "/persistent/etc/ssh/ssh_host_rsa_key",
+                               "/etc/machine-id", "/persistent/etc/machine-id",
+                               "/etc/adjtime", "/persistent/etc/adjtime",
+                               "/var/log", "/persistent/var/log"],
+                   "status": True}
+
+
+def seed_leftover_storage(seed: Path) -> None:
+    """Storage content for the leftover boot (mkfs.ext4 -d seed)."""
+    import os
+    (seed / "etc/ssh").mkdir(parents=True)
+    key = seed / "etc/ssh/ssh_host_rsa_key"
+    key.write_text(LEFTOVER_KEY)
+    os.chmod(key, 0o600)
+    (seed / "etc/adjtime").write_text("0.0 0 0.0\n0\nUTC\n")
+    os.chmod(seed, 0o755)
