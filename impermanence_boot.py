@@ -1453,6 +1453,14 @@ class Executor:
         want_dir = a.kind == "dir"
         src = self.open_leaf(self.sources, a.source, want_dir)
         try:
+            if not want_dir:
+                # A hard link planted by whoever owns the directory (say, to
+                # a root-owned file elsewhere in storage) is not kept state.
+                st = os.fstat(src)
+                owner = os.fstat(self.sources.open(a.source[:-1])).st_uid
+                if st.st_nlink > 1 and st.st_uid != owner:
+                    raise EntryError(self.tree.host(a.source), f"is a hard link to a file of uid "
+                                     f"{st.st_uid} in a directory of uid {owner}; not mounted")
             tgt = self.open_leaf(self.targets, a.target, want_dir)
             try:
                 src_st = os.fstat(src)
