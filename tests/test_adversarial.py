@@ -1,0 +1,280 @@
+"""Adversarial paths: a user who owns a kept directory plants links and
+special files where the script will walk, before the next boot.
+
+Every case builds the same world in a fresh tmpfs root R:
+- storage: a separate tmpfs mounted at R/persistent, holding the homes of
+  `mallory` (the attacker, uid 1000) and `alice` (uid 1001), /var/log, and
+  root-owned decoys R/persistent/etc and R/persistent/root;
+- decoys on the fresh root: R/etc and R/root with known owners, modes and
+  contents; and a decoy directory on the real host filesystem, outside R;
+- the config keeps, for each user, `.local/share/app` (directory),
+  `Documents` (directory) and `.config/app/conf` (file), plus `/var/log`.
+
+Then one path component on mallory's side is replaced by one kind of
+hostile node, at one position (the leaf, each parent, the home directory),
+on the storage side or on the root side. After `apply` the test checks the
+real outcome: decoys byte- and stat-identical with no inotify event (no
+write open, no chmod/chown, nothing created or removed), real host /, /etc,
+/root unchanged, no mount anywhere but on intended targets, storage
+unchanged apart from additions, every affected entry failed with a message
+naming the planted path, and every other entry bind-mounted in place.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import require  # noqa: F401
+from reliability_support import (ChangeWatch, all_mount_points, assert_clean_messages,
+                                 host_snapshot, mounts_under, snapshot, storage_damage)
+
+MALLORY, ALICE, USERS_GID = 1000, 1001, 100
+
+CONFIG = {
+    "users": {"mallory": {"uid": MALLORY, "group": "users"},
+              "alice": {"uid": ALICE, "group": "users"}},
+    "groups": {"users": {"gid": USERS_GID}},
+    "persistence": {
+        "/persistent": {
+            "directories": ["/var/log"],
+            "users": {
+                user: {"directories": [".local/share/app", "Documents"],
+                       "files": [".config/app/conf"]}
+                for user in ("mallory", "alice")
+            },
+        }
+    },
+}
+
+# Entries per user, relative to the home directory.
+USER_ENTRIES = {".local/share/app": "dir", "Documents": "dir", ".config/app/conf": "file"}
+
+# Positions, as a path relative to the home ("" is the home itself).
+POSITIONS = {
+    "dir-leaf": ".local/share/app",
+    "dir-parent": ".local/share",
+    "dir-grandparent": ".local",
+    "file-leaf": ".config/app/conf",
+    "file-parent": ".config/app",
+    "file-grandparent": ".config",
+    "home": "",
+}
+
+KINDS = ["link-etc", "link-root", "link-slash", "link-dotdot", "link-host-decoy",
+         "link-dangling", "hardlink-root-file", "fifo", "device", "socket"]
+
+SIDES = ["storage", "root"]
+
+
+class World:
+    def __init__(self, sandbox, tmp_path: Path):
+        self.sandbox = sandbox
+        self.R = sandbox.root
+        self.store = self.R / "persistent"
+        self.host_decoy = tmp_path / "host-decoy"
+
+    def home(self, side: str, user: str = "mallory") -> Path:
+        base = self.store if side == "storage" else self.R
+        return base / "home" / user
+
+    def build(self) -> None:
+        R, store = self.R, self.store
+        # Decoys on the fresh root.
+        for d, mode in (("etc", 0o755), ("etc/ssl", 0o750), ("root", 0o700)):
+            (R / d).mkdir()
+            os.chmod(R / d, mode)
+        for f, mode, owner, body in (
+                ("etc/passwd", 0o644, (0, 0), b"root:x:0:0::/root:/bin/sh\n"),
+                ("etc/shadow", 0o640, (0, 42), b"root:!:1::::::\n"),
+                ("etc/ssl/key", 0o600, (0, 0), b"secret key\n"),
+                ("root/secret", 0o600, (0, 0), b"root's secret\n")):
+            (R / f).write_bytes(body)
+            os.chown(R / f, *owner)
+            os.chmod(R / f, mode)
+        # Storage: its own filesystem, as stage 1 would have mounted it.
+        store.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "persist", str(store)], check=True)
+        for d, mode in (("etc", 0o755), ("root", 0o700), ("var", 0o755), ("var/log", 0o755),
+                        ("home", 0o755)):
+            (store / d).mkdir()
+            os.chmod(store / d, mode)
+        (store / "var/log/boot.log").write_bytes(b"log line\n")
+        (store / "etc/shadow").write_bytes(b"stored shadow\n")
+        os.chmod(store / "etc/shadow", 0o600)
+        (store / "root/secret").write_bytes(b"stored secret\n")
+        os.chmod(store / "root/secret", 0o600)
+        for user, uid in (("mallory", MALLORY), ("alice", ALICE)):
+            home = store / "home" / user
+            for d in ("", ".local", ".local/share", ".local/share/app", "Documents",
+                      ".config", ".config/app"):
+                p = home / d if d else home
+                p.mkdir()
+                os.chown(p, uid, USERS_GID)
+                os.chmod(p, 0o700 if not d else 0o755)
+            for f, body in ((".local/share/app/data", b"app data of " + user.encode()),
+                            ("Documents/letter.txt", b"letter of " + user.encode()),
+                            (".config/app/conf", b"conf of " + user.encode())):
+                (home / f).write_bytes(body)
+                os.chown(home / f, uid, USERS_GID)
+        (R / "home").mkdir()
+        # A decoy on the real host filesystem, outside R.
+        self.host_decoy.mkdir()
+        (self.host_decoy / "etc").mkdir()
+        (self.host_decoy / "etc/passwd").write_bytes(b"host decoy\n")
+        os.chmod(self.host_decoy / "etc/passwd", 0o644)
+
+    def decoys(self) -> list[Path]:
+        return [self.R / "etc", self.R / "root", self.store / "etc", self.store / "root",
+                self.host_decoy]
+
+    def plant(self, side: str, position: str, kind: str) -> Path:
+        """Replace the component at `position` on `side` with a `kind` node."""
+        home = self.home(side)
+        victim = home / position if position else home
+        if side == "root":
+            # The root side holds what an earlier apply (or the user, on a
+            # running system) left there: real parents, owned by the user.
+            for parent in reversed(victim.relative_to(self.R).parents):
+                p = self.R / parent
+                if p != self.R and not p.exists():
+                    p.mkdir()
+                    if p.is_relative_to(self.R / "home" / "mallory"):
+                        os.chown(p, MALLORY, USERS_GID)
+        else:
+            # The user moves the real thing aside (no data is destroyed).
+            os.rename(victim, victim.with_name(victim.name + ".moved"))
+        if kind.startswith("link-"):
+            text = {"link-etc": "/etc", "link-root": "/root", "link-slash": "/",
+                    "link-dotdot": os.path.relpath(self.R / "etc", victim.parent),
+                    "link-host-decoy": str(self.host_decoy / "etc"),
+                    "link-dangling": "/nonexistent-impermanence-test/x"}[kind]
+            os.symlink(text, victim)
+            os.lchown(victim, MALLORY, USERS_GID)
+        elif kind == "hardlink-root-file":
+            # Same filesystem as the victim, root-owned, not the user's.
+            os.link(self.store / "etc/shadow" if side == "storage" else self.R / "etc/shadow", victim)
+        elif kind == "fifo":
+            os.mkfifo(victim, 0o666)
+            os.chown(victim, MALLORY, USERS_GID)
+        elif kind == "device":
+            os.mknod(victim, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        elif kind == "socket":
+            # bind(2) takes at most 108 bytes: bind a relative name.
+            cwd = os.open(".", os.O_RDONLY)
+            try:
+                os.chdir(victim.parent)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.bind(victim.name)
+                s.close()
+            finally:
+                os.fchdir(cwd)
+                os.close(cwd)
+            os.lchown(victim, MALLORY, USERS_GID)
+        else:
+            raise AssertionError(kind)
+        return victim
+
+
+def affected(position: str) -> set[str]:
+    """Mallory's entries whose source or target passes through position."""
+    if position == "":
+        return set(USER_ENTRIES)
+    return {e for e in USER_ENTRIES if e == position or e.startswith(position + "/")}
+
+
+def check_in_place(world: World, user: str, entry: str) -> None:
+    target = world.home("root", user) / entry
+    source = world.home("storage", user) / entry
+    t, s = os.lstat(target), os.lstat(source)
+    assert (t.st_dev, t.st_ino) == (s.st_dev, s.st_ino), f"{target} is not {source}"
+    assert str(target) in all_mount_points(), f"{target} is not a mount point"
+
+
+def run_case(sandbox, tmp_path, side: str, position_name: str, kind: str):
+    world = World(sandbox, tmp_path)
+    world.build()
+    position = POSITIONS[position_name]
+    victim = world.plant(side, position, kind)
+
+    decoys_before = {str(d): snapshot(d) for d in world.decoys()}
+    storage_before = snapshot(world.store)
+    root_before = snapshot(world.R, follow_mounts=False)
+    host_before = host_snapshot()
+    mounts_before = set(all_mount_points())
+    watch = ChangeWatch(world.decoys())
+    try:
+        result = sandbox.run("apply", config=CONFIG)
+        events = watch.events()
+    finally:
+        watch.close()
+
+    # Nothing outside the intended paths was touched.
+    assert events == [], f"decoys were changed:\n" + "\n".join(events)
+    for d in world.decoys():
+        assert snapshot(d) == decoys_before[str(d)], f"decoy {d} changed"
+    assert host_snapshot() == host_before, "real host /, /etc or /root changed"
+    damage = storage_damage(storage_before, snapshot(world.store))
+    assert damage == [], "storage changed:\n" + "\n".join(damage)
+    root_after = snapshot(world.R, follow_mounts=False)
+    for path, value in root_before.items():
+        if path in root_after:
+            # Existing nodes keep owner, mode and content (the leaf of a
+            # planted file is allowed no change either).
+            assert root_after[path][:6] == value[:6], f"R/{path} changed: {value} -> {root_after[path]}"
+        else:
+            pytest.fail(f"R/{path} disappeared")
+
+    # Mounts: only on intended targets, and none outside R at all.
+    hit = affected(position)
+    intended = {str(world.R / "var/log")}
+    for user in ("mallory", "alice"):
+        for entry in USER_ENTRIES:
+            if user == "alice" or entry not in hit:
+                intended.add(str(world.home("root", user) / entry))
+    new_mounts = set(all_mount_points()) - mounts_before
+    assert new_mounts <= intended, f"unexpected mounts: {sorted(new_mounts - intended)}"
+    for point, fs_root, _type, _src in mounts_under(world.R):
+        if point in new_mounts:
+            assert "/etc" not in fs_root and "/root" not in fs_root, (point, fs_root)
+
+    # Affected entries failed with a message naming the planted path.
+    assert_clean_messages(result.stderr)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    named = [line for line in result.stderr.splitlines()
+             if line.startswith(f"impermanence: {victim}: ")]
+    assert named, f"no message names {victim}:\n{result.stderr}"
+    assert len(result.stderr.splitlines()) <= len(hit) + 1, result.stderr
+    # Everything else is in place.
+    check_in_place_var_log(world)
+    for user in ("mallory", "alice"):
+        for entry in USER_ENTRIES:
+            if user == "alice" or entry not in hit:
+                check_in_place(world, user, entry)
+    return result
+
+
+def check_in_place_var_log(world: World) -> None:
+    t, s = os.lstat(world.R / "var/log"), os.lstat(world.store / "var/log")
+    assert (t.st_dev, t.st_ino) == (s.st_dev, s.st_ino)
+
+
+CASES = [(side, pos, kind) for side in SIDES for pos in POSITIONS for kind in KINDS]
+
+
+@pytest.mark.parametrize("side,position,kind", CASES,
+                         ids=[f"{s}-{p}-{k}" for s, p, k in CASES])
+def test_planted_component(sandbox, tmp_path, side, position, kind):
+    run_case(sandbox, tmp_path, side, position, kind)
+
+
+def test_case_count():
+    """The matrix the report quotes: sides x positions x kinds."""
+    assert len(CASES) == len(SIDES) * len(POSITIONS) * len(KINDS) == 140
