@@ -1383,7 +1383,10 @@ class Executor:
             raise EntryError(shown, "appeared while applying; left as it is") from None
         fd = open_dir_at(parent, name, shown)
         st = os.fstat(fd)
-        if st.st_uid != self.euid or st.st_nlink != 2:
+        # Ours if still root-owned: whoever could swap it in its parent
+        # cannot make a root-owned directory. (No nlink test: btrfs
+        # directories always have one link.)
+        if st.st_uid != self.euid:
             os.close(fd)
             raise EntryError(shown, "was replaced while applying; not changed")
         # chown first: it clears set-id bits that chmod then sets.

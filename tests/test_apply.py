@@ -574,3 +574,17 @@ def test_messages_reach_kmsg(sandbox, disk):
     assert result.returncode == 1
     dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
     assert f"impermanence: user nouser{token}: unknown user" in dmesg
+
+
+@pytest.mark.parametrize("fs", ["btrfs", "xfs"])
+def test_apply_on_other_storage_filesystems(sandbox, loop_disk, fs):
+    mkfs = {"btrfs": ("mkfs.btrfs", "-q", "-f", "-L"), "xfs": ("mkfs.xfs", "-q", "-f", "-L")}[fs]
+    disk = loop_disk(unique_label()[:12], size_mb=320, mkfs=mkfs)
+    cfg = base_config(disk.label, {"directories": ["/var/log"],
+                                   "users": {"bird": {"directories": [".local/share/x"]}}})
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 0, result.stderr
+    S = sandbox.path("/persistent")
+    assert owner_mode(S / "home/bird/.local") == (BIRD, USERS_GID, 0o755)
+    assert same_inode(sandbox.path("/home/bird/.local/share/x"), S / "home/bird/.local/share/x")
+    assert sandbox.run("apply").returncode == 0
