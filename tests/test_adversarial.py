@@ -22,6 +22,7 @@ naming the planted path, and every other entry bind-mounted in place.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -278,3 +279,112 @@ def test_planted_component(sandbox, tmp_path, side, position, kind):
 def test_case_count():
     """The matrix the report quotes: sides x positions x kinds."""
     assert len(CASES) == len(SIDES) * len(POSITIONS) * len(KINDS) == 140
+
+
+# --- Races: a component swapped for a link between check and use ------------
+
+SWAPPER = r"""
+import ctypes, os, sys, signal
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = (os.fsencode(p) for p in sys.argv[1:3])
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+stop = False
+def handler(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, handler)
+n = 0
+sys.stdout.write("ready\n"); sys.stdout.flush()
+while not stop:
+    if libc.renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE) != 0:
+        sys.exit("renameat2: " + os.strerror(ctypes.get_errno()))
+    n += 1
+sys.stdout.write(f"{n}\n")
+"""
+
+RACES = {
+    # (side, component relative to mallory's home, link text builder)
+    "storage-parent": ("storage", ".local", lambda w, v: os.path.relpath(w.R / "etc", v.parent)),
+    "storage-leaf": ("storage", ".local/share/app", lambda w, v: "/etc"),
+    "storage-file-leaf": ("storage", ".config/app/conf", lambda w, v: str(w.R / "etc/shadow")),
+    "root-parent": ("root", ".local", lambda w, v: os.path.relpath(w.R / "root", v.parent)),
+    "root-home": ("root", "", lambda w, v: str(w.host_decoy)),
+}
+RACE_ROUNDS = 12
+
+
+def reset_root_side(world: World, mounts_before: set) -> None:
+    for point in sorted(set(all_mount_points()) - mounts_before, reverse=True):
+        subprocess.run(["umount", "-l", point], check=True)
+
+
+@pytest.mark.parametrize("race", sorted(RACES))
+def test_component_swapped_during_apply(sandbox, tmp_path, race):
+    side, position, link_text = RACES[race]
+    world = World(sandbox, tmp_path)
+    world.build()
+    home = world.home(side)
+    victim = home / position if position else home
+    if side == "root":
+        for p in (world.home("root"), world.home("root") / ".local"):
+            p.mkdir()
+            os.chown(p, MALLORY, USERS_GID)
+    twin = victim.with_name(victim.name + ".swap")
+    os.symlink(link_text(world, victim), twin)
+
+    decoys_before = {str(d): snapshot(d) for d in world.decoys()}
+    storage_before = snapshot(world.store)
+    host_before = host_snapshot()
+    mounts_before = set(all_mount_points())
+    store_dev = os.lstat(world.store).st_dev
+    watch = ChangeWatch(world.decoys())
+    swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(victim), str(twin)],
+                               stdout=subprocess.PIPE, text=True)
+    outcomes = {0: 0, 1: 0}
+    try:
+        assert swapper.stdout.readline() == "ready\n"
+        for _ in range(RACE_ROUNDS):
+            swapper.send_signal(signal.SIGCONT)
+            result = sandbox.run("apply", config=CONFIG)
+            # Hold the swapper still while the outcome is looked at.
+            swapper.send_signal(signal.SIGSTOP)
+            os.waitid(os.P_PID, swapper.pid, os.WSTOPPED | os.WNOWAIT)
+            assert_clean_messages(result.stderr)
+            assert result.returncode in (0, 1), result.stderr
+            outcomes[result.returncode] += 1
+            for point, fs_root, _type, source in mounts_under(world.R):
+                if point in mounts_before:
+                    continue
+                # Only kept state, from storage, on paths in the homes or /var/log.
+                assert source == "persist", (point, fs_root, source)
+                assert fs_root.startswith(("/home/mallory/", "/home/alice/", "/var/log")), (point, fs_root)
+                assert point.startswith((str(world.R / "home/mallory") + "/",
+                                         str(world.R / "home/mallory.swap") + "/",
+                                         str(world.R / "home/alice") + "/",
+                                         str(world.R / "var/log"))), point
+            # Alice is never affected by mallory's games.
+            for entry in USER_ENTRIES:
+                check_in_place(world, "alice", entry)
+            reset_root_side(world, mounts_before)
+    finally:
+        swapper.send_signal(signal.SIGCONT)
+        swapper.terminate()
+        swaps = swapper.communicate(timeout=10)[0]
+        events = watch.events()
+        watch.close()
+    print(race, outcomes, swaps)
+    assert swapper.returncode == 0, swaps
+    assert int(swaps) > RACE_ROUNDS, f"the swapper only swapped {swaps} times"
+    assert events == [], "decoys were changed:\n" + "\n".join(events)
+    for d in world.decoys():
+        assert snapshot(d) == decoys_before[str(d)], f"decoy {d} changed"
+    assert host_snapshot() == host_before
+    assert not (set(all_mount_points()) - mounts_before)
+    # Put the real component back under its name, then nothing is lost.
+    if os.path.islink(victim):
+        os.unlink(victim)
+        os.rename(twin, victim)
+    damage = storage_damage(storage_before, snapshot(world.store))
+    damage = [d for d in damage if ".swap" not in d.split(":")[0]]
+    assert damage == [], "storage changed:\n" + "\n".join(damage)
+    assert os.lstat(world.store).st_dev == store_dev
