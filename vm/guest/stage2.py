@@ -249,7 +249,7 @@ def main():
     for name in ("t_init", "t_switch"):
         t = read(STAGE1 + "/" + name)
         stage1[name] = int(t) if t and t.strip() else None
-    for name in ("t_script", "t_python_pass"):
+    for name in ("t_script", "t_python_pass", "t_python_pass2"):
         t = read(STAGE1 + "/" + name)
         stage1[name] = [int(x) for x in t.split()] if t and t.strip() else None
     stage1["insmod_log"] = read(STAGE1 + "/insmod.log") or ""
