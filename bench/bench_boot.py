@@ -84,7 +84,8 @@ MODES = [("0700", 0o700), ("750", 0o750), ("u=rwx,g=rx,o=", 0o750), ("0755", 0o7
 
 
 class Entry:
-    __slots__ = ("kind", "path", "user", "uid", "gid", "mode", "method", "parent", "exists", "item")
+    __slots__ = ("kind", "path", "user", "uid", "gid", "mode", "method", "parent", "exists", "item",
+                 "covered")
 
     def __init__(self, kind, path, user=None, uid=0, gid=0, mode=0o755, method="auto",
                  parent=None, exists=False, item=None):
@@ -96,6 +97,9 @@ class Entry:
         self.parent = parent      # (uid, gid, mode) of a file's parentDirectory, or None
         self.exists = exists      # source present in storage before apply
         self.item = item          # the JSON item as written in the config
+        # inside another kept directory of the same storage: once that one is
+        # bound, the target *is* the source; apply binds nothing more
+        self.covered = False
 
 
 def generate(n: int, seed: int = 6):
@@ -119,6 +123,7 @@ def generate(n: int, seed: int = 6):
             else:
                 uid, gid, _ = USERS[parent.user]
                 e = Entry("dir", path, user=parent.user, uid=uid, gid=gid, exists=exists, item=rel)
+            e.covered = True
             entries.append(e)
             continue
         if rng.random() < 0.7:
@@ -253,7 +258,9 @@ def write_floor_ops(path: str, root: str, entries) -> None:
                 seen.add(key)
                 lines.append("T\t%s\t%s" % (root + q, src_base + q))
         src, tgt, link = src_base + e.path, root + e.path, STORAGE + e.path
-        if e.kind == "dir":
+        if e.covered:
+            pass
+        elif e.kind == "dir":
             lines.append("D\t%s\t%s" % (src, tgt))
         elif e.method == "symlink":
             lines.append("L\t%s\t%s" % (tgt, link))
@@ -289,7 +296,9 @@ def write_shell(path: str, root: str, entries) -> None:
             out.append("sd %s %d %d %o\n" % (q, uid, gid, mode))
         for q in target_dirs(e):
             out.append("td %s\n" % q)
-        if e.kind == "dir":
+        if e.covered:
+            pass
+        elif e.kind == "dir":
             out.append("bd %s\n" % e.path)
         elif e.method == "symlink":
             out.append("lf %s\n" % e.path)
@@ -518,7 +527,11 @@ def check_expected(tree, entries, initial) -> list[str]:
     rt, st = tree["root"], tree["storage"]
     for e in entries:
         mounts = by_point.get(e.path, [])
-        if e.kind == "dir" or (e.method == "auto" and e.exists):
+        if e.covered:
+            if mounts or rt.get(e.path, ("?",))[0] != "d" or rt[e.path][1:4] != st.get(e.path, ())[1:4]:
+                problems.append("%s: inside a bound directory, expected the source itself, found %r "
+                                "(mounts %r)" % (e.path, rt.get(e.path), mounts))
+        elif e.kind == "dir" or (e.method == "auto" and e.exists):
             if mounts != [(e.path, "ext4")]:
                 problems.append("%s: expected one bind mount of %s%s, found %r"
                                 % (e.path, STORAGE, e.path, mounts))
@@ -765,6 +778,21 @@ class Bench:
 # --------------------------------------------------------------------------
 # Report
 
+def settle() -> None:
+    """Let writeback and deferred unmount work from the previous phase finish."""
+    os.sync()
+    time.sleep(1.0)
+
+
+def script_revision(script: str) -> str:
+    d = os.path.dirname(script)
+    rev = subprocess.run(["git", "-C", d, "log", "-1", "--format=%h", "--", script],
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", d, "status", "--porcelain", "--", script],
+                           capture_output=True, text=True).stdout.strip()
+    return (rev or "untracked") + (" (modified)" if dirty else "")
+
+
 def machine():
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -798,9 +826,11 @@ def report(results, args) -> str:
     start_imports = st["imports"]["wall"]["median"] if "imports" in st else 0.0
     lines = []
     m = results["machine"]
-    lines.append("Machine: %s, %d CPUs, %.0f GiB RAM, Linux %s, %s; %s; %s; %s; floor in %s."
+    lines.append("Machine: %s, %d CPUs, %.0f GiB RAM, Linux %s, %s; %s; %s; %s; floor in %s. "
+                 "Script: %s. Run %s: `%s`."
                  % (m["cpu"], m["cpus"], m["memory_gib"], m["kernel"], m["os"], results["python"],
-                    m["mount"], m["bash"], results["floor"]))
+                    m["mount"].split(" (")[0], m["bash"], results["floor"], results["script"],
+                    results["date"], results["command"]))
     lines.append("")
     lines.append("Wall time in ms, median (min–max) of %s timed runs after one untimed, verified warm-up "
                  "per contender; peak RSS in MiB. 1/2 and 1/3 are ratios of medians." % results["reps_note"])
@@ -910,14 +940,18 @@ def main(argv=None) -> int:
             [args.python, "-c", "import sys; print(sys.version.split()[0])"],
             capture_output=True, text=True).stdout.strip()),
         "floor": bench.floor_kind,
+        "script": "%s at %s" % (os.path.relpath(args.script, PROJECT), script_revision(args.script)),
         "command": " ".join([os.path.relpath(sys.argv[0], PROJECT)] + (argv if argv is not None else sys.argv[1:])),
         "reps": {n: (args.reps_large if n >= 10000 else args.reps) for n in args.sizes},
     })
     results["reps_note"] = ", ".join("%d (N=%s)" % (r, format(n, ",")) for n, r in results["reps"].items())
     try:
-        for n in args.sizes:
+        for i, n in enumerate(args.sizes):
+            settle()
             bench.size(n, results["reps"][n])
-        bench.startup(args.startup_reps)
+            if i == 0:  # start-up on a quiet machine, before the large sizes
+                settle()
+                bench.startup(args.startup_reps)
     except Exception as e:
         bench.problem("benchmark aborted: %s: %s" % (type(e).__name__, e))
         raise

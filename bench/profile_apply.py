@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Profile one `impermanence_boot.py apply` on the benchmark's setup.
+
+    python3 bench/profile_apply.py [--n 1000] [--tool cprofile|strace|importtime|plain]
+
+Same configuration, storage (ext4 on a loop device, sources partly present)
+and fresh tmpfs root as bench/bench_boot.py for that N, in a private mount
+namespace; runs apply once under the chosen tool and prints its report:
+  cprofile    python3.11 -I -m cProfile -s tottime (top 40 functions)
+  strace      strace -c -f (system call counts and times)
+  importtime  python3.11 -I -X importtime (modules the apply path imports)
+  plain       just the wall time
+Standard library only (plus strace for that tool).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_boot as bb  # noqa: E402
+
+SORT = "tottime"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--tool", choices=("cprofile", "strace", "importtime", "plain"), default="cprofile")
+    ap.add_argument("--python", default=bb.DEFAULT_PYTHON if os.path.exists(bb.DEFAULT_PYTHON) else sys.executable)
+    ap.add_argument("--script", default=bb.DEFAULT_SCRIPT)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumtime, ...)")
+    args = ap.parse_args()
+    global SORT
+    SORT = args.sort
+    if os.geteuid() != 0:
+        print("must run as root", file=sys.stderr)
+        return 2
+    bb.enter_private_namespace()
+    work = tempfile.mkdtemp(prefix="impermanence-bench.")
+    root = os.path.join(work, "root")
+    os.mkdir(root)
+    storage = None
+    try:
+        config, entries = bb.generate(args.n)
+        cfg = os.path.join(work, "config.json")
+        with open(cfg, "w") as f:
+            bb.json.dump(config, f)
+        storage = bb.Storage(work, args.n)
+        bb.populate_storage(storage.mnt, entries)
+        bb.fresh_root(root, storage)
+        cmd = [os.path.abspath(args.script), "--root", root, "--config", cfg, "apply"]
+        env = dict(bb.ENV)
+        if args.tool == "cprofile":
+            argv = [args.python, "-I", "-m", "cProfile", "-s", SORT, *cmd]
+        elif args.tool == "strace":
+            argv = ["strace", "-c", "-f", "-o", os.path.join(work, "strace.txt"), args.python, "-I", *cmd]
+        elif args.tool == "importtime":
+            argv = [args.python, "-I", "-X", "importtime", *cmd]
+        else:
+            argv = [args.python, "-I", *cmd]
+        t0 = time.perf_counter()
+        p = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        if args.tool == "cprofile":
+            lines = p.stdout.splitlines()
+            start = next((i for i, l in enumerate(lines) if "ncalls" in l), 0)
+            print("\n".join(lines[max(0, start - 4):start + 1 + args.top]))
+        elif args.tool == "strace":
+            with open(os.path.join(work, "strace.txt")) as f:
+                print(f.read())
+        elif args.tool == "importtime":
+            print(p.stderr)
+        print("exit %d, wall %.1f ms (under %s)" % (p.returncode, wall * 1e3, args.tool))
+        if p.returncode != 0:
+            print(p.stderr[-2000:], file=sys.stderr)
+    finally:
+        subprocess.run(["umount", "-l", root], stderr=subprocess.DEVNULL)
+        if storage:
+            storage.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
