@@ -125,7 +125,9 @@ def main(argv):
         if name != "__main__":
             result["modules"][name] = mod.__file__
     missing, _maybe = finder.any_missing_maybe()
-    result["missing"] = sorted(m for m in missing if m.split(".")[0] not in OTHER_PLATFORMS)
+    # os.path is an alias os sets up at run time (posixpath): never a file
+    result["missing"] = sorted(m for m in missing
+                               if m.split(".")[0] not in OTHER_PLATFORMS and m != "os.path")
     for name, path in startup_modules().items():
         result["startup"].append(name)
         result["modules"].setdefault(name, path)
