@@ -1368,7 +1368,16 @@ class Executor:
 
     def run(self, action: Action, storage: tuple) -> None:
         self.log.info(action.describe(self.tree))
-        getattr(self, "do_" + type(action).__name__)(action, storage)
+        try:
+            getattr(self, "do_" + type(action).__name__)(action, storage)
+        except OSError as exc:
+            # fd-relative calls report only the last component (or, for
+            # symlink, the link text): name the whole path instead.
+            shown = exc.filename if isinstance(exc.filename, str) else ""
+            if not shown.startswith(self.tree.prefix + "/"):
+                path = getattr(action, "path", None) or action.target
+                raise OSError(exc.errno, exc.strerror, self.tree.host(path)) from None
+            raise
 
     def do_Fail(self, a: Fail, storage: tuple) -> None:
         raise EntryError(self.tree.host(a.path), a.cause)
