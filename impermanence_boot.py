@@ -1415,7 +1415,8 @@ class Executor:
                      0o600, dir_fd=parent)
         try:
             if content:
-                os.write(fd, content)
+                if os.write(fd, content) != len(content):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
             if mark:
@@ -1423,6 +1424,16 @@ class Executor:
                     os.setxattr(fd, MARK_XATTR, b"1")
                 except OSError:
                     pass
+        except OSError:
+            # Leave no half-made file (an empty machine-id) for the next
+            # boot to take as real: remove it if the name is still ours.
+            try:
+                st = os.stat(path[-1], dir_fd=parent, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                    os.unlink(path[-1], dir_fd=parent)
+            except OSError:
+                pass
+            raise
         finally:
             os.close(fd)
 
