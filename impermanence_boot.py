@@ -1684,7 +1684,9 @@ def command_apply(config: Config, root: str, log: Log) -> int:
                     executor.run(action, entry.storage)
                 ok = True
             except EntryError as exc:
-                log.error(f"{exc.path}: {exc.cause}")
+                # An account error names the user or group; add the entry.
+                suffix = "" if exc.path.startswith("/") else f" (for {tree.host(entry.target)})"
+                log.error(f"{exc.path}: {exc.cause}{suffix}")
             except OSError as exc:
                 log.error(f"{exc.filename or tree.host(entry.target)}: {describe_oserror(exc)}")
             failed += not ok
