@@ -283,7 +283,9 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
         "pyc": pyc,
         "kernel_modules": order,
         "shared_libraries": libs,
-        "stdlib_modules": sorted(product_added),
+        "stdlib_needed": sorted(product["modules"]),  # incl. built-in and frozen
+        "stdlib_modules": sorted(product_added),  # the ones copied as files
+        "stdlib_builtin": sorted(n for n, f in product["modules"].items() if not f),
         "stdlib_frozen_not_copied": sorted(frozen),
         "stdlib_startup": product["startup"],
         "stdlib_exercised": product["exercised"],

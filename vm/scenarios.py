@@ -128,3 +128,11 @@ def seed_leftover_storage(seed: Path) -> None:
     os.chmod(key, 0o600)
     (seed / "etc/adjtime").write_text("0.0 0 0.0\n0\nUTC\n")
     os.chmod(seed, 0o755)
+
+# --- errors reach the kernel log even after many verbose lines -------------
+
+KMSG_CONFIG = copy.deepcopy(MAIN_CONFIG)
+KMSG_CONFIG["persistence"]["/persistent"]["files"].append("/var/spool/late.conf")
+# the last entry in target order fails, after ~40 verbose lines
+KMSG_PREROOT = {"/var": None, "/var/spool": None, "/var/spool/late.conf": "leftover\n"}
+KMSG_CHECKS = {"inspect": ["/var/spool/late.conf"]}

@@ -165,7 +165,9 @@ def kmsg_lines():
                 break
             text = rec.decode("utf-8", "replace")
             msg = text.split(";", 1)[1].split("\n", 1)[0] if ";" in text else text
-            if "impermanence" in msg:
+            # the script's lines, and the kernel's note when it dropped some
+            # ("python3.11: N output lines suppressed due to ratelimiting")
+            if "impermanence" in msg or "ratelimit" in msg:
                 lines.append(msg)
     finally:
         os.close(fd)
