@@ -118,38 +118,54 @@ def describe_oserror(exc: OSError) -> str:
 
 
 class Log:
-    """One line per message, `impermanence: ` first, to stderr and, when
-    writable (in an initrd), to /dev/kmsg so it shows in dmesg later."""
+    """One line per message, `impermanence: ` first, to stderr. Errors and
+    warnings also go to /dev/kmsg when it is writable (in an initrd), so
+    they show in dmesg and the journal after boot; the per-action lines of
+    -v stay on stderr, where they cannot crowd errors out of the kernel's
+    rate limit for /dev/kmsg writers (a burst of 10 lines per open file)."""
+
+    KMSG_BURST = 8
 
     def __init__(self, verbosity: int):
         self.verbosity = verbosity  # 0 quiet, 1 normal, 2 verbose
         self.kmsg = -1
+        self.kmsg_lines = 0
         if not os.environ.get("IMPERMANENCE_NO_KMSG"):
-            try:
-                self.kmsg = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            except OSError:
-                pass
+            self.kmsg = self._open_kmsg()
 
-    def _emit(self, level: int, text: str) -> None:
+    @staticmethod
+    def _open_kmsg() -> int:
+        try:
+            return os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return -1
+
+    def _emit(self, level: int, text: str, to_kmsg: bool) -> None:
         line = "impermanence: " + text.replace("\n", " ")
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
-        if self.kmsg >= 0:
+        if to_kmsg and self.kmsg >= 0:
+            if self.kmsg_lines == self.KMSG_BURST:
+                # The rate limit is per open file: a new one keeps every
+                # error (their number is bounded by the config's entries).
+                os.close(self.kmsg)
+                self.kmsg, self.kmsg_lines = self._open_kmsg(), 0
             try:
                 os.write(self.kmsg, f"<{level}>{line}\n".encode("utf-8", "replace"))
+                self.kmsg_lines += 1
             except OSError:
                 pass
 
     def error(self, text: str) -> None:
-        self._emit(3, text)
+        self._emit(3, text, True)
 
     def warn(self, text: str) -> None:
         if self.verbosity >= 1:
-            self._emit(4, text)
+            self._emit(4, text, True)
 
     def info(self, text: str) -> None:
         if self.verbosity >= 2:
-            self._emit(6, text)
+            self._emit(6, text, False)
 
 
 # --- Config model ------------------------------------------------------------
@@ -1386,11 +1402,20 @@ class Executor:
         chain = self.chain_for(a.path, storage)
         parent = chain.open(a.path[:-1])
         name, shown = a.path[-1], self.tree.host(a.path)
+        # Made under a temporary name and renamed into place once owner and
+        # mode are set: apply killed in between must not leave a root-owned
+        # 0700 directory that the next run would keep as it is.
+        temp = f".{name}.impermanence-new" if len(name) < 200 else name
+        if temp != name:
+            try:
+                os.rmdir(temp, dir_fd=parent)  # left by a killed run
+            except OSError:
+                pass
         try:
-            os.mkdir(name, 0o700, dir_fd=parent)
+            os.mkdir(temp, 0o700, dir_fd=parent)
         except FileExistsError:
             raise EntryError(shown, "appeared while applying; left as it is") from None
-        fd = open_dir_at(parent, name, shown)
+        fd = open_dir_at(parent, temp, shown)
         st = os.fstat(fd)
         # Ours if still root-owned: whoever could swap it in its parent
         # cannot make a root-owned directory. (No nlink test: btrfs
@@ -1406,12 +1431,38 @@ class Executor:
                 os.setxattr(fd, MARK_XATTR, b"1")
             except OSError:
                 pass  # unmount will then leave this mount point in place
+        if temp != name:
+            try:
+                # rename(2) would replace an empty directory made meanwhile.
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+                appeared = True
+            except FileNotFoundError:
+                appeared = False
+            if appeared:
+                os.close(fd)
+                os.rmdir(temp, dir_fd=parent)
+                raise EntryError(shown, "appeared while applying; left as it is")
+            try:
+                os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except OSError:
+                os.close(fd)
+                raise
         chain.push(name, fd)
 
     def _create_file(self, path: tuple, storage: tuple, content: bytes, uid: int, gid: int,
                      mode: int, mark: bool) -> None:
         parent = self.chain_for(path, storage).open(path[:-1])
-        fd = os.open(path[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        name = path[-1]
+        # A file with content is written under a temporary name and linked
+        # into place complete: apply killed while writing leaves no empty
+        # machine-id for the next boot to take as real.
+        temp = f".{name}.impermanence-new" if content and len(name) < 200 else name
+        if temp != name:
+            try:
+                os.unlink(temp, dir_fd=parent)  # left by a killed run
+            except OSError:
+                pass
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=parent)
         try:
             if content:
@@ -1424,13 +1475,16 @@ class Executor:
                     os.setxattr(fd, MARK_XATTR, b"1")
                 except OSError:
                     pass
+            if temp != name:
+                os.link(temp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+                os.unlink(temp, dir_fd=parent)
         except OSError:
-            # Leave no half-made file (an empty machine-id) for the next
-            # boot to take as real: remove it if the name is still ours.
+            # Leave no half-made file behind: remove it if the name is
+            # still ours.
             try:
-                st = os.stat(path[-1], dir_fd=parent, follow_symlinks=False)
+                st = os.stat(temp, dir_fd=parent, follow_symlinks=False)
                 if (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
-                    os.unlink(path[-1], dir_fd=parent)
+                    os.unlink(temp, dir_fd=parent)
             except OSError:
                 pass
             raise
