@@ -413,3 +413,34 @@ def test_config_from_environment(tmp_path):
     result = run_cli("check", env={"IMPERMANENCE_CONFIG": str(good)})
     assert result.returncode == 0
     assert "1 directories, 0 files" in result.stdout
+
+
+# --- packaging ----------------------------------------------------------------------
+
+def test_script_parses_as_python_3_9():
+    # Initrds ship whatever Python the distribution has: 3.9 is the floor.
+    import ast
+    ast.parse(SCRIPT.read_text(), feature_version=(3, 9))
+
+
+def test_script_imports_only_the_standard_library_and_few_modules_at_start():
+    import ast
+    tree = ast.parse(SCRIPT.read_text())
+    top_level = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            top_level.add(node.module)
+    assert top_level <= {"__future__", "errno", "os", "stat", "sys", "time"}
+    everything = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert everything <= set(sys.stdlib_module_names)
+
+
+def test_pyproject_entry_point():
+    import tomllib
+    data = tomllib.loads((SCRIPT.parent / "pyproject.toml").read_text())
+    assert data["project"]["requires-python"] == ">=3.9"
+    module, func = data["project"]["scripts"]["impermanence-boot"].split(":")
+    assert module == "impermanence_boot" and callable(getattr(ib, func))
+    assert set(data["project"]["optional-dependencies"]["test"]) == {"pytest", "hypothesis"}
