@@ -435,8 +435,32 @@ def load_config(text: str, name: str = "config") -> Config:
     return parse_config(data)
 
 
+def check_unicode(data) -> None:
+    """JSON may spell lone surrogates ("\\ud800"), which no path, name or
+    option can be encoded from: reject them where they are."""
+    stack = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        items = (value.items() if isinstance(value, dict)
+                 else enumerate(value) if isinstance(value, list) else ())
+        for key, item in items:
+            at = key_path(where, key if isinstance(key, int) else key.encode("utf-8", "replace").decode())
+            if isinstance(key, str) and not key.isascii():
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ConfigError(at, "key is not valid Unicode (lone surrogate)") from None
+            if isinstance(item, str) and not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ConfigError(at or "(top level)", "is not valid Unicode (lone surrogate)") from None
+            stack.append((at, item))
+
+
 def parse_config(data) -> Config:
     expect(data, dict, "(top level)", "a JSON object")
+    check_unicode(data)
     check_keys(data, "", TOP_KEYS)
 
     timeout = 30.0
