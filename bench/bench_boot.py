@@ -612,6 +612,9 @@ class Bench:
         self.root = os.path.join(self.work, "root")
         os.makedirs(self.root, exist_ok=True)
         self.floor_cmd = self.build_floor()
+        self.contenders = list(CONTENDERS)
+        if self.floor_cmd[0] != self.python and not args.no_python_floor:
+            self.contenders.append("pyfloor")
         self.results = {"sizes": {}, "startup": {}, "ok": True, "problems": []}
 
     def build_floor(self):
@@ -639,6 +642,8 @@ class Bench:
                     "--config", os.path.join(d, "config.json"), "apply"]
         if who == "shell":
             return [self.args.shell, os.path.join(d, "shell.sh")]
+        if who == "pyfloor":
+            return [self.python, "-I", os.path.join(HERE, "floor.py"), os.path.join(d, "floor.ops")]
         return self.floor_cmd + [os.path.join(d, "floor.ops")]
 
     def one_run(self, who, d, storage, verify=False, argv=None):
@@ -672,25 +677,26 @@ class Bench:
         }
         log("N=%d: %s" % (n, counts))
         storage = Storage(self.work, n)
-        res = {"entries": counts, "runs": {c: [] for c in CONTENDERS}, "verified": False}
+        who_all = self.contenders
+        res = {"entries": counts, "runs": {c: [] for c in who_all}, "verified": False}
         try:
             populate_storage(storage.mnt, entries)
             storage.snapshot()
             trees = {}
-            for who in CONTENDERS:  # warm-up, verified
+            for who in who_all:  # warm-up, verified
                 t0 = time.perf_counter()
                 wall, rss, rc, tree = self.one_run(who, d, storage, verify=True)
                 trees[who] = tree
                 log("N=%d warm-up %-5s %8.1f ms (verify %.1f s)"
                     % (n, who, wall * 1e3, time.perf_counter() - t0 - wall))
             all_ok = True
-            for who in CONTENDERS:
+            for who in who_all:
                 probs = check_expected(trees[who], entries, storage.initial)
                 if probs:
                     all_ok = False
                     self.problem("N=%d %s result does not match the configuration (%d problems):\n  %s"
                                  % (n, who, len(probs), "\n  ".join(probs[:10])))
-            for who in ("shell", "floor"):
+            for who in who_all[1:]:
                 diffs = diff_trees(trees["apply"], trees[who])
                 if diffs:
                     all_ok = False
@@ -701,13 +707,14 @@ class Bench:
             res["tree"] = {"root_paths": len(t["root"]), "storage_paths": len(t["storage"]),
                            "mounts": len(t["mounts"]),
                            "symlinks": sum(1 for a in t["root"].values() if a[0] == "l")}
-            order = list(CONTENDERS)
+            order = list(who_all)
             for rep in range(reps):
-                for who in order[rep % 3:] + order[:rep % 3]:
+                k = rep % len(order)
+                for who in order[k:] + order[:k]:
                     wall, rss, rc, _ = self.one_run(who, d, storage)
                     res["runs"][who].append({"wall": wall, "maxrss_kib": rss, "rc": rc})
                 log("N=%d rep %d/%d: %s" % (n, rep + 1, reps, "  ".join(
-                    "%s %.1f ms" % (w, res["runs"][w][-1]["wall"] * 1e3) for w in CONTENDERS)))
+                    "%s %.1f ms" % (w, res["runs"][w][-1]["wall"] * 1e3) for w in who_all)))
             if n == self.args.sizes[0]:
                 # module list of the apply path (untimed extra run)
                 fresh_root(self.root, storage)
@@ -719,7 +726,7 @@ class Bench:
                     storage.restore()
         finally:
             storage.close()
-        for who in CONTENDERS:
+        for who in who_all:
             runs = res["runs"][who]
             if runs:
                 res[who] = {"wall": summary([r["wall"] for r in runs]),
@@ -833,17 +840,22 @@ def report(results, args) -> str:
                     results["date"], results["command"]))
     lines.append("")
     lines.append("Wall time in ms, median (min–max) of %s timed runs after one untimed, verified warm-up "
-                 "per contender; peak RSS in MiB. 1/2 and 1/3 are ratios of medians." % results["reps_note"])
+                 "per contender, contenders interleaved; peak RSS in MiB (largest single process). "
+                 "1/2 and 1/3 are ratios of medians; start = `python3.11 -I -c 'import <the modules "
+                 "apply imports>'`." % results["reps_note"])
     lines.append("")
-    lines.append("| N | (1) apply | (2) shell | (3) floor | 1/2 | 1/3 | 1/(3 + start) | shell ÷ apply | peak RSS 1 / 2 / 3 | same tree |")
-    lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    py3b = any("pyfloor" in r for r in results["sizes"].values())
+    lines.append("| N | (1) apply | (2) shell | (3) floor | %s1/2 | 1/3 | 1/(3 + start) | shell ÷ apply "
+                 "| peak RSS 1 / 2 / 3 | same tree |" % ("(3b) floor in Python | " if py3b else ""))
+    lines.append("|---:|---:|---:|---:|%s---:|---:|---:|---:|---:|:---:|" % ("---:|" if py3b else ""))
     for n, r in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
         if not all(c in r for c in CONTENDERS):
             continue
         a, s, f = (r[c]["wall"]["median"] for c in CONTENDERS)
         rss = " / ".join(mib(r[c]["maxrss_kib"]) for c in CONTENDERS)
-        lines.append("| %s | %s | %s | %s | %.4f | %.2f | %.2f | %.0f× | %s | %s |" % (
+        lines.append("| %s | %s | %s | %s | %s%.4f | %.2f | %.2f | %.0f× | %s | %s |" % (
             format(int(n), ","), fmt(r["apply"]["wall"]), fmt(r["shell"]["wall"]), fmt(r["floor"]["wall"]),
+            (fmt(r["pyfloor"]["wall"]) + " | ") if py3b and "pyfloor" in r else ("– | " if py3b else ""),
             a / s, a / f, a / (f + start_imports), s / a, rss, "yes" if r["verified"] else "NO"))
     lines.append("")
     if "bare" in st:
@@ -890,6 +902,13 @@ def report(results, args) -> str:
         for g, v, ok in goals:
             lines.append("| %s | %s | %s |" % (g, v, "yes" if ok else "**no**"))
         lines.append("")
+    for n in sorted(sizes):
+        r = sizes[n]
+        if "pyfloor" in r and "floor" in r:
+            lines.append("Floor in Python (3b) ÷ floor in C (3) at N=%s: %.2f — what a Python "
+                         "program with no planning and no checks costs over the bare system calls."
+                         % (format(n, ","), r["pyfloor"]["wall"]["median"] / r["floor"]["wall"]["median"]))
+    lines.append("")
     if results["problems"]:
         lines.append("Problems:")
         lines.extend("- " + p.replace("\n", "\n  ") for p in results["problems"])
@@ -911,6 +930,8 @@ def main(argv=None) -> int:
     ap.add_argument("--script", default=DEFAULT_SCRIPT)
     ap.add_argument("--shell", default="/bin/bash", help="shell for the per-entry script (default bash)")
     ap.add_argument("--python-floor", action="store_true", help="use the Python floor even if cc exists")
+    ap.add_argument("--no-python-floor", action="store_true",
+                    help="with the C floor, do not also measure the Python floor (3b)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
                     help="directory for the JSON and Markdown results (default bench/results)")
     ap.add_argument("--json", help="also write the JSON results to this path")
