@@ -381,7 +381,6 @@ def test_duplicate_and_overlapping_entries(sandbox, case):
         cfg["persistence"] = {"/persist/data": location}
     else:
         cfg["persistence"] = {"/persistent": location}
-    line = unchanged_config_error(sandbox, cfg, "")  if False else None
     before = tree_digest(sandbox.root)
     result = sandbox.run("apply", config=cfg)
     assert result.returncode == 2, result.stderr
