@@ -932,44 +932,32 @@ class Accounts:
         return [storage] + [s for s in self.storages if s != storage]
 
     def uid(self, name: str, storage: tuple) -> int:
-        if name.isdigit():
-            return int(name)
         account = self.config.accounts.get(name)
-        if account is not None and account.uid is not None:
-            return account.uid
-        for s in self._storages_for(storage):
-            uid = self._nixos_map(s, "uid-map").get(name)
-            if uid is not None:
-                return uid
-        fields = self._root_file("passwd").get(name)
-        if fields and fields[2].isdigit():
-            return int(fields[2])
-        try:
-            import pwd
-
-            return pwd.getpwnam(name).pw_uid
-        except (ImportError, KeyError):
-            pass
-        if name == "root":
-            return 0
-        raise EntryError(f"user {name}", "unknown user: not in the config's users table, "
-                         f"{as_path(storage)}/var/lib/nixos/uid-map, the root's /etc/passwd or the "
-                         f"running system; add \"users\": {{\"{name}\": {{\"uid\": N}}}} to the config")
+        return self._resolve("user", name, storage, account.uid if account else None,
+                             "uid-map", "passwd", "users", "uid")
 
     def gid(self, name: str, storage: tuple) -> int:
+        return self._resolve("group", name, storage, self.config.group_ids.get(name),
+                             "gid-map", "group", "groups", "gid")
+
+    def _resolve(self, what: str, name: str, storage: tuple, configured: int | None,
+                 nixos_map: str, database: str, table: str, key: str) -> int:
         if name.isdigit():
             return int(name)
-        gid = self.config.group_ids.get(name)
-        if gid is not None:
-            return gid
+        if configured is not None:
+            return configured
         for s in self._storages_for(storage):
-            gid = self._nixos_map(s, "gid-map").get(name)
-            if gid is not None:
-                return gid
-        fields = self._root_file("group").get(name)
+            found = self._nixos_map(s, nixos_map).get(name)
+            if found is not None:
+                return found
+        fields = self._root_file(database).get(name)
         if fields and fields[2].isdigit():
             return int(fields[2])
         try:
+            if database == "passwd":
+                import pwd
+
+                return pwd.getpwnam(name).pw_uid
             import grp
 
             return grp.getgrnam(name).gr_gid
@@ -977,9 +965,10 @@ class Accounts:
             pass
         if name == "root":
             return 0
-        raise EntryError(f"group {name}", "unknown group: not in the config's groups table, "
-                         f"{as_path(storage)}/var/lib/nixos/gid-map, the root's /etc/group or the "
-                         f"running system; add \"groups\": {{\"{name}\": {{\"gid\": N}}}} to the config")
+        raise EntryError(f"{what} {name}", f"unknown {what}: not in the config's {table} table, "
+                         f"{as_path(storage)}/var/lib/nixos/{nixos_map}, the root's /etc/{database} "
+                         f"or the running system; add \"{table}\": {{\"{name}\": {{\"{key}\": N}}}} "
+                         "to the config")
 
     def primary_gid(self, user: str, storage: tuple) -> int:
         account = self.config.accounts.get(user)
