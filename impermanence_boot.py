@@ -649,14 +649,27 @@ def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
             if holder is not None:
                 raise ConfigError(e.where, f"{as_path(e.target)} is inside the kept file "
                                            f"{as_path(holder.target)} ({holder.where})")
-    guarded = [(s, "persistent storage path") for s in storages]
-    guarded += [(fs.mountpoint, "fileSystems mount point") for fs in filesystems]
-    guarded += [(e.storage, "persistent storage path") for e in entries]
+    guarded: dict = {}
+    for path in storages:
+        guarded.setdefault(path, "persistent storage path")
+    for fs in filesystems:
+        guarded.setdefault(fs.mountpoint, "fileSystems mount point")
     for e in entries:
-        for path, what in guarded:
-            if is_under(e.target, path) or is_under(path, e.target):
-                raise ConfigError(e.where, f"{as_path(e.target)} overlaps the {what} {as_path(path)}; "
-                                           "a bind mount there would hide storage")
+        guarded.setdefault(e.storage, "persistent storage path")
+    # Every prefix of a guarded path, so one lookup per entry tells whether
+    # a guarded path lies at or below its target (linear, not N x N).
+    below: dict = {}
+    for path in guarded:
+        for depth in range(1, len(path) + 1):
+            below.setdefault(path[:depth], path)
+    for e in entries:
+        hit = below.get(e.target)
+        for depth in range(1, len(e.target)):
+            if hit is None and e.target[:depth] in guarded:
+                hit = e.target[:depth]
+        if hit is not None:
+            raise ConfigError(e.where, f"{as_path(e.target)} overlaps the {guarded[hit]} {as_path(hit)}; "
+                                       "a bind mount there would hide storage")
 
 
 # --- Device lookup and superblock probing ------------------------------------
@@ -1025,7 +1038,7 @@ class Tree:
     def __init__(self, root: str):
         self.root = root
         self.prefix = "" if root == "/" else root
-        self.dirs: set = set()       # prefixes seen to be real directories
+        self.dirs: dict = {}         # real directories seen: path -> Node
         self.created: dict = {}      # planned: path -> Node
         self.binds: dict = {}        # planned: target -> source
         self.pending_binds: list = []
@@ -1055,11 +1068,12 @@ class Tree:
         """The node at comps, or None if missing. Raises EntryError if a
         parent component is a symlink or not a directory."""
         comps = self.translate(comps)
-        if comps in self.created:
-            return self.created[comps]
+        node = self.created.get(comps) or self.dirs.get(comps)
+        if node is not None:
+            return node
         for depth in range(1, len(comps)):
             prefix = comps[:depth]
-            if prefix in self.dirs:
+            if prefix in self.dirs or prefix in self.created:
                 continue
             node = self._lstat(prefix)
             if node is None:
@@ -1067,10 +1081,13 @@ class Tree:
             if node.kind != "dir":
                 what = "a symbolic link" if node.kind == "link" else "not a directory"
                 raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
-            if prefix not in self.created:
-                self.dirs.add(prefix)
+            self.dirs[prefix] = node
         node = self._lstat(comps) if comps else node_from_stat(os.stat(self.root))
-        if node is not None and node.kind == "link" and comps not in self.created:
+        if node is not None and node.kind == "dir":
+            # Directories are never changed by apply once they exist; what
+            # a mount puts over one is found through `binds` or `forget`.
+            self.dirs[comps] = node
+        elif node is not None and node.kind == "link":
             try:
                 link = os.readlink(self.host(comps))
             except OSError:
@@ -1093,6 +1110,10 @@ class Tree:
     def record_bind(self, source: tuple, target: tuple) -> None:
         self.binds[target] = self.translate(source)
         self.pending_binds.append(target)
+
+    def forget(self, comps: tuple) -> None:
+        """A mount was made on or removed from comps."""
+        self.dirs.pop(comps, None)
 
     def settle(self, succeeded: bool) -> None:
         """After an entry ran: the real tree now holds what it created. Its
@@ -1396,7 +1417,8 @@ class Executor:
         os.close(self.root_fd)
 
     def run(self, action: Action, storage: tuple) -> None:
-        self.log.info(action.describe(self.tree))
+        if self.log.verbosity >= 2:
+            self.log.info(action.describe(self.tree))
         try:
             getattr(self, "do_" + type(action).__name__)(action, storage)
         except OSError as exc:
@@ -1553,7 +1575,6 @@ class Executor:
                                      f"{st.st_uid} in a directory of uid {owner}; not mounted")
             tgt = self.open_leaf(self.targets, a.target, want_dir)
             try:
-                src_st = os.fstat(src)
                 shown = self.tree.host(a.target)
                 if self.proc_fds:
                     # The kernel resolves these magic links to exactly the
@@ -1566,13 +1587,6 @@ class Executor:
         finally:
             os.close(src)
         self.targets.forget(a.target)
-        check = self.open_leaf(self.targets, a.target, want_dir)
-        try:
-            st = os.fstat(check)
-        finally:
-            os.close(check)
-        if (st.st_dev, st.st_ino) != (src_st.st_dev, src_st.st_ino):
-            raise EntryError(shown, "bind mount did not take effect")
         self.mounts.add(shown, self.tree.host(a.source), "/", "bind")
 
 
@@ -1625,6 +1639,7 @@ def mount_filesystem(fs: FileSystem, tree: Tree, executor: Executor, mounts: Mou
                     break
                 continue
             executor.targets.forget(fs.mountpoint)
+            tree.forget(fs.mountpoint)
             mounts.add(host, device, "/", fs_type)
             log.info(f"mounted {device} ({fs_type}) on {host}")
             return
@@ -1941,6 +1956,7 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         umount2(path, UMOUNT_NOFOLLOW, host)
         log.info(f"unmounted {host}")
         mounts.remove(host)
+        tree.forget(target)
         node = tree.look(target)
     if node is None or mounts.is_mountpoint(host):
         return 0
