@@ -67,6 +67,9 @@ def _load_libc():
         lib.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                               ctypes.c_ulong, ctypes.c_char_p)
         lib.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+        if hasattr(lib, "renameat2"):  # glibc >= 2.28
+            lib.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                      ctypes.c_char_p, ctypes.c_uint)
         _libc, _ctypes = lib, ctypes
     return _libc
 
@@ -82,6 +85,28 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
     if lib.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)) != 0:
         err = _ctypes.get_errno()
         raise OSError(err, os.strerror(err), shown or target)
+
+
+RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(dir_fd: int, old: str, new: str, shown: str) -> None:
+    """renameat2(RENAME_NOREPLACE) within one directory: never replaces what
+    appeared at `new` meanwhile. Where the kernel or filesystem lacks it,
+    a check then rename(2)."""
+    lib = _load_libc()
+    if hasattr(lib, "renameat2"):
+        if lib.renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), RENAME_NOREPLACE) == 0:
+            return
+        err = _ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), shown)
+    try:
+        os.stat(new, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return
+    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), shown)
 
 
 def umount2(target: str, flags: int, shown: str | None = None) -> None:
@@ -170,16 +195,17 @@ class Log:
 
 # --- Config model ------------------------------------------------------------
 
+_set_field = object.__setattr__
+
+
 class Record:
     """A small frozen record (dataclasses costs ~12 ms of imports at boot)."""
 
     __slots__ = ()
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args):
         for name, value in zip(self.__slots__, args):
-            object.__setattr__(self, name, value)
-        for name, value in kwargs.items():
-            object.__setattr__(self, name, value)
+            _set_field(self, name, value)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"{type(self).__name__} is frozen")
@@ -916,6 +942,7 @@ class Accounts:
         self.storages = available
         self._maps: dict = {}
         self._files: dict = {}
+        self._cache: dict = {}
 
     def _nixos_map(self, storage: tuple, name: str) -> dict:
         key = (storage, name)
@@ -957,6 +984,15 @@ class Accounts:
                  nixos_map: str, database: str, table: str, key: str) -> int:
         if name.isdigit():
             return int(name)
+        cache_key = (database, name, storage)
+        found = self._cache.get(cache_key)
+        if found is None:
+            found = self._cache[cache_key] = self._lookup(what, name, storage, configured,
+                                                          nixos_map, database, table, key)
+        return found
+
+    def _lookup(self, what: str, name: str, storage: tuple, configured: int | None,
+                nixos_map: str, database: str, table: str, key: str) -> int:
         if configured is not None:
             return configured
         for s in self._storages_for(storage):
@@ -1012,9 +1048,14 @@ class Accounts:
 
 # --- Looking at the tree ------------------------------------------------------
 
-class Node(Record):
-    """What is at a path: kind is 'dir', 'file', 'link' or 'other'."""
+class Node:
+    """What is at a path: kind is 'dir', 'file', 'link' or 'other'. Made for
+    every lookup, so a plain slotted class rather than a Record."""
     __slots__ = ("kind", "uid", "gid", "mode", "size", "dev", "ino", "link")
+
+    def __init__(self, kind, uid, gid, mode, size, dev, ino, link):
+        self.kind, self.uid, self.gid, self.mode = kind, uid, gid, mode
+        self.size, self.dev, self.ino, self.link = size, dev, ino, link
 
 
 def node_from_stat(st) -> Node:
@@ -1082,6 +1123,9 @@ class Tree:
                 what = "a symbolic link" if node.kind == "link" else "not a directory"
                 raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
             self.dirs[prefix] = node
+        parent = self.created.get(comps[:-1]) if comps else None
+        if parent is not None and parent.kind == "dir":
+            return None  # inside a directory only just planned: empty
         node = self._lstat(comps) if comps else node_from_stat(os.stat(self.root))
         if node is not None and node.kind == "dir":
             # Directories are never changed by apply once they exist; what
@@ -1104,6 +1148,13 @@ class Tree:
         return (na is not None and nb is not None and na.ino is not None
                 and (na.dev, na.ino) == (nb.dev, nb.ino))
 
+    def is_dir(self, comps: tuple) -> bool:
+        """Known, without a system call, to be a directory whose every
+        parent was checked: the common case for shared parents."""
+        comps = self.translate(comps)
+        node = self.created.get(comps) or self.dirs.get(comps)
+        return node is not None and node.kind == "dir"
+
     def record(self, comps: tuple, node: Node) -> None:
         self.created[self.translate(comps)] = node
 
@@ -1114,6 +1165,13 @@ class Tree:
     def forget(self, comps: tuple) -> None:
         """A mount was made on or removed from comps."""
         self.dirs.pop(comps, None)
+
+    def enter(self, target: tuple) -> None:
+        """Planning moves on to target. Entries come in path order, so a
+        bind mount that is not above target is above no later entry
+        either: dropping it keeps every lookup's translation short."""
+        if self.binds:
+            self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t}
 
     def settle(self, succeeded: bool) -> None:
         """After an entry ran: the real tree now holds what it created. Its
@@ -1259,13 +1317,14 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is now."""
     actions: list = []
     source, target, storage = entry.source, entry.target, entry.storage
+    tree.enter(target)
 
     def make_dir(path: tuple, uid: int, gid: int, mode: int, why: str, mark: bool = False):
         actions.append(MakeDir(path, uid, gid, mode, why, mark))
         tree.record(path, Node("dir", uid, gid, mode, 0, None, None, None))
 
     # Storage side: parents, then the source itself.
-    for depth in range(len(storage) + 1, len(source)):
+    for depth in range(len(storage) + 1, 0 if tree.is_dir(source[:-1]) else len(source)):
         path = source[:depth]
         node = tree.look(path)
         if node is None:
@@ -1290,7 +1349,7 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
         source_exists = True
 
     # Root side: parents mirror their counterparts in storage.
-    for depth in range(1, len(target)):
+    for depth in range(1, 0 if tree.is_dir(target[:-1]) else len(target)):
         path = target[:depth]
         node = tree.look(path)
         if node is None:
@@ -1439,17 +1498,20 @@ class Executor:
         name, shown = a.path[-1], self.tree.host(a.path)
         # Made under a temporary name and renamed into place once owner and
         # mode are set: apply killed in between must not leave a root-owned
-        # 0700 directory that the next run would keep as it is.
-        temp = f".{name}.impermanence-new" if len(name) < 200 else name
-        if temp != name:
+        # directory that the next run would keep as it is. A mount point
+        # needs none of that: a bind mount covers its owner and mode.
+        temp = f".{name}.impermanence-new" if len(name) < 200 and not a.mark else name
+        for attempt in (1, 2):
             try:
-                os.rmdir(temp, dir_fd=parent)  # left by a killed run
-            except OSError:
-                pass
-        try:
-            os.mkdir(temp, 0o700, dir_fd=parent)
-        except FileExistsError:
-            raise EntryError(shown, "appeared while applying; left as it is") from None
+                os.mkdir(temp, a.mode & 0o1777, dir_fd=parent)  # umask is 0
+                break
+            except FileExistsError:
+                if temp == name or attempt == 2:
+                    raise EntryError(shown, "appeared while applying; left as it is") from None
+                try:
+                    os.rmdir(temp, dir_fd=parent)  # left by a killed run
+                except OSError:
+                    pass
         fd = open_dir_at(parent, temp, shown)
         st = os.fstat(fd)
         # Ours if still root-owned: whoever could swap it in its parent
@@ -1458,9 +1520,10 @@ class Executor:
         if st.st_uid != self.euid:
             os.close(fd)
             raise EntryError(shown, "was replaced while applying; not changed")
-        # chown first: it clears set-id bits that chmod then sets.
         os.fchown(fd, a.uid, a.gid)
-        os.fchmod(fd, a.mode)
+        # mkdir cannot set set-id bits, and a set-gid parent passes its own.
+        if a.mode & 0o6000 or stat.S_IMODE(st.st_mode) != a.mode:
+            os.fchmod(fd, a.mode)
         if a.mark:
             try:
                 os.setxattr(fd, MARK_XATTR, b"1")
@@ -1468,19 +1531,12 @@ class Executor:
                 pass  # unmount will then leave this mount point in place
         if temp != name:
             try:
-                # rename(2) would replace an empty directory made meanwhile.
-                os.stat(name, dir_fd=parent, follow_symlinks=False)
-                appeared = True
-            except FileNotFoundError:
-                appeared = False
-            if appeared:
+                rename_noreplace(parent, temp, name, shown)
+            except OSError as exc:
                 os.close(fd)
-                os.rmdir(temp, dir_fd=parent)
-                raise EntryError(shown, "appeared while applying; left as it is")
-            try:
-                os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
-            except OSError:
-                os.close(fd)
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    os.rmdir(temp, dir_fd=parent)
+                    raise EntryError(shown, "appeared while applying; left as it is") from None
                 raise
         chain.push(name, fd)
 
@@ -1562,7 +1618,20 @@ class Executor:
         return fd
 
     def do_Bind(self, a: Bind, storage: tuple) -> None:
-        want_dir = a.kind == "dir"
+        shown = self.tree.host(a.target)
+        if a.kind == "dir":
+            # Both opened O_DIRECTORY|O_NOFOLLOW along the walks (usually
+            # already open), then bound between exactly those inodes.
+            src = self.sources.open(a.source)
+            tgt = self.targets.open(a.target)
+            if self.proc_fds:
+                mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, MS_BIND, None, shown)
+            else:
+                mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
+            self.targets.forget(a.target)
+            self.mounts.add(shown, self.tree.host(a.source), "/", "bind")
+            return
+        want_dir = False
         src = self.open_leaf(self.sources, a.source, want_dir)
         try:
             if not want_dir:
@@ -1575,7 +1644,6 @@ class Executor:
                                      f"{st.st_uid} in a directory of uid {owner}; not mounted")
             tgt = self.open_leaf(self.targets, a.target, want_dir)
             try:
-                shown = self.tree.host(a.target)
                 if self.proc_fds:
                     # The kernel resolves these magic links to exactly the
                     # inodes opened above: no path is looked up again.
@@ -2097,7 +2165,9 @@ def main(argv: list | None = None) -> int:
         return EXIT_CONFIG
     try:
         if opts.command == "apply":
-            os.umask(0o022)
+            # Directories are made with their final mode; nothing is
+            # created with a mode not set explicitly.
+            os.umask(0)
             return command_apply(config, root, log)
         if opts.command == "plan":
             return command_plan(config, root, log, sys.stdout)
