@@ -85,10 +85,10 @@ MODES = [("0700", 0o700), ("750", 0o750), ("u=rwx,g=rx,o=", 0o750), ("0755", 0o7
 
 class Entry:
     __slots__ = ("kind", "path", "user", "uid", "gid", "mode", "method", "parent", "exists", "item",
-                 "covered")
+                 "covered", "home")
 
     def __init__(self, kind, path, user=None, uid=0, gid=0, mode=0o755, method="auto",
-                 parent=None, exists=False, item=None):
+                 parent=None, exists=False, item=None, home=None):
         self.kind = kind          # "dir" | "file"
         self.path = path          # target as the booted system sees it
         self.user = user          # None: system level; else the user whose home it is in
@@ -100,6 +100,7 @@ class Entry:
         # inside another kept directory of the same storage: once that one is
         # bound, the target *is* the source; apply binds nothing more
         self.covered = False
+        self.home = home          # the user's home; None: USERS[user]'s
 
 
 def generate(n: int, seed: int = 6):
@@ -188,6 +189,100 @@ def generate(n: int, seed: int = 6):
     return config, entries
 
 
+def parse_mode(spec) -> int:
+    """A mode as the config writes it (SPEC §3): octal, or symbolic chmod
+    clauses applied to a 0 base ("u=rwx,g=rx,o=")."""
+    spec = str(spec)
+    if re.fullmatch(r"[0-7]{1,4}", spec):
+        return int(spec, 8)
+    mode = 0
+    for clause in spec.split(","):
+        m = re.fullmatch(r"([ugoa]*)([=+-])([rwxst]*)", clause)
+        if not m:
+            raise ValueError("mode %r: not octal or symbolic" % spec)
+        who = m.group(1) or "a"
+        classes = "ugo" if "a" in who else who
+        bits = mask = 0
+        for c in classes:
+            shift = {"u": 6, "g": 3, "o": 0}[c]
+            mask |= 7 << shift
+            for ch in m.group(3):
+                if ch in "rwx":
+                    bits |= {"r": 4, "w": 2, "x": 1}[ch] << shift
+                elif ch == "s" and c in "ug":
+                    bits |= 0o4000 if c == "u" else 0o2000
+                elif ch == "t" and c == "o":
+                    bits |= 0o1000
+        if m.group(2) == "=":
+            mode = (mode & ~mask) | bits
+        elif m.group(2) == "+":
+            mode |= bits
+        else:
+            mode &= ~bits
+    return mode
+
+
+def entries_from_config(config: dict):
+    """[Entry] for a real configuration (the JSON of SPEC §3), so the shell
+    approach can be generated for it as for the synthetic ones: the same
+    defaults (system level root:root 0755, user level the user and their
+    primary group), names resolved from the config's users/groups tables.
+    Only the storage path STORAGE is supported."""
+    users = config.get("users", {})
+    groups = config.get("groups", {})
+
+    def gid_of(name):
+        if isinstance(name, int) or str(name).isdigit():
+            return int(name)
+        return int(groups[name]["gid"])
+
+    def uid_of(name):
+        if isinstance(name, int) or str(name).isdigit():
+            return int(name)
+        return int(users[name]["uid"])
+
+    def account(name):
+        u = users[name]
+        return uid_of(name), gid_of(u.get("group", "users")), u.get("home", "/home/" + name)
+
+    entries: list[Entry] = []
+    for name, loc in config.get("persistence", {}).items():
+        if loc.get("enable", True) is False:
+            continue
+        if loc.get("persistentStoragePath", name) != STORAGE:
+            raise ValueError("storage %s: only %s is supported" % (name, STORAGE))
+        levels = [(None, None, "/", loc)]
+        for uname, sub in loc.get("users", {}).items():
+            _, _, home = account(uname)
+            levels.append((uname, home, home.rstrip("/") + "/", sub))
+        for uname, home, base, level in levels:
+            d_uid, d_gid = account(uname)[:2] if uname else (0, 0)
+            for item in level.get("directories", []):
+                spec = item if isinstance(item, dict) else {"directory": item}
+                path = base + spec["directory"].lstrip("/") if uname else spec["directory"]
+                entries.append(Entry(
+                    "dir", path, user=uname, home=home,
+                    uid=uid_of(spec["user"]) if "user" in spec else d_uid,
+                    gid=gid_of(spec["group"]) if "group" in spec else d_gid,
+                    mode=parse_mode(spec.get("mode", "0755")), item=item))
+            for item in level.get("files", []):
+                spec = item if isinstance(item, dict) else {"file": item}
+                path = base + spec["file"].lstrip("/") if uname else spec["file"]
+                parent = None
+                if "parentDirectory" in spec:
+                    pd = spec["parentDirectory"]
+                    parent = (uid_of(pd["user"]) if "user" in pd else d_uid,
+                              gid_of(pd["group"]) if "group" in pd else d_gid,
+                              parse_mode(pd.get("mode", "0755")))
+                entries.append(Entry("file", path, user=uname, home=home, uid=d_uid, gid=d_gid,
+                                     method=spec.get("method", "auto"), parent=parent, item=item))
+    kept_dirs = [e.path for e in entries if e.kind == "dir"]
+    for e in entries:
+        e.covered = any(e.path.startswith(d + "/") for d in kept_dirs)
+    entries.sort(key=lambda e: e.path.split("/"))
+    return entries
+
+
 def prefixes(path: str):
     """'/a/b/c' -> ['/a', '/a/b', '/a/b/c']"""
     parts = path.strip("/").split("/")
@@ -201,7 +296,7 @@ def source_dirs(e: Entry):
     comps = prefixes(e.path)
     if e.kind == "file":
         comps = comps[:-1]
-    home = USERS[e.user][2] if e.user else None
+    home = (e.home or USERS[e.user][2]) if e.user else None
     for q in comps:
         if e.kind == "dir" and q == e.path:
             spec = (e.uid, e.gid, e.mode)
@@ -279,7 +374,7 @@ rc=0
 # storage side: create a missing directory with the declared owner and mode
 sd() { [ -d "$S$1" ] || { mkdir -m "$4" "$S$1" && chown "$2:$3" "$S$1"; } || rc=1; }
 # root side: create a missing directory mirroring its storage counterpart
-td() { [ -d "$R$1" ] || { mkdir "$R$1" && chown --reference="$S$1" "$R$1" && chmod --reference="$S$1" "$R$1"; } || rc=1; }
+%(td)s
 # directory: bind mount
 bd() { mount --bind "$S$1" "$R$1" || rc=1; }
 # file, method auto: bind mount when the source exists, else a symlink
@@ -289,8 +384,20 @@ lf() { ln -s "%(storage)s$1" "$R$1" || rc=1; }
 """
 
 
-def write_shell(path: str, root: str, entries) -> None:
-    out = [SHELL_PRELUDE % {"root": root, "storage": STORAGE}]
+# GNU coreutils (as the existing tools' scripts do), and the same for busybox,
+# whose chown/chmod have no --reference: the owner and mode are read with stat
+TD_REFERENCE = ('td() { [ -d "$R$1" ] || { mkdir "$R$1" && chown --reference="$S$1" "$R$1" '
+                '&& chmod --reference="$S$1" "$R$1"; } || rc=1; }')
+TD_STAT = ('td() { [ -d "$R$1" ] || { mkdir "$R$1" && chown "$(stat -c %u:%g "$S$1")" "$R$1" '
+           '&& chmod "$(stat -c %a "$S$1")" "$R$1"; } || rc=1; }')
+
+
+def shell_text(root: str, entries, busybox: bool = False) -> str:
+    """The per-entry shell script for entries on root (storage at
+    root/persistent). Plain POSIX sh; busybox=True for busybox's applets
+    (no --reference), else GNU coreutils and util-linux mount."""
+    out = [SHELL_PRELUDE % {"root": root, "storage": STORAGE,
+                            "td": TD_STAT if busybox else TD_REFERENCE}]
     for e in entries:
         for q, uid, gid, mode in source_dirs(e):
             out.append("sd %s %d %d %o\n" % (q, uid, gid, mode))
@@ -305,8 +412,12 @@ def write_shell(path: str, root: str, entries) -> None:
         else:
             out.append("bf %s\n" % e.path)
     out.append("exit $rc\n")
+    return "".join(out)
+
+
+def write_shell(path: str, root: str, entries, busybox: bool = False) -> None:
     with open(path, "w") as f:
-        f.write("".join(out))
+        f.write(shell_text(root, entries, busybox))
 
 
 # --------------------------------------------------------------------------
