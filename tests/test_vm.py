@@ -61,10 +61,16 @@ def main_boots(vm_build, tmp_path_factory):
     """The main scenario: one disk, booted twice."""
     work = tmp_path_factory.mktemp("vm-main")
     disk = machine.make_disk(work / "persist.img", "persist")
-    first = boot(vm_build, work, "main-1", [disk], checks=sc.main_checks(1))
+    # each boot also runs the shell approach on a copy of the disk as it is
+    # just before that boot (/dev/vdb, another label)
+    shell1 = machine.copy_disk(disk, work / "shell-1.img", sc.SHELL_LABEL)
+    first = boot(vm_build, work, "main-1", [disk, shell1], checks=sc.main_checks(1),
+                 shell_device=sc.SHELL_DEVICE)
     on_disk = {p: machine.debugfs_cat(disk, p) for p in
                ["/" + q.lstrip("/") for q in sc.KEPT_WRITES] + list(sc.UNKEPT_WRITES)}
-    second = boot(vm_build, work, "main-2", [disk], checks=sc.main_checks(2))
+    shell2 = machine.copy_disk(disk, work / "shell-2.img", sc.SHELL_LABEL)
+    second = boot(vm_build, work, "main-2", [disk, shell2], checks=sc.main_checks(2),
+                  shell_device=sc.SHELL_DEVICE)
     return first, second, on_disk
 
 
@@ -238,6 +244,52 @@ def test_main_boot2_links_and_mounts(main_boots):
     assert all(counts[p] == 1 for p, spec in expected.items() if spec[4]), counts
     assert second.report["status"]["exit"] == 0, second.report["status"]
     assert second.report["commands"][0]["exit"] == 0, second.report["commands"]
+
+
+# --- the same config by the per-entry shell approach, in the same boots -------
+
+def test_main_shell_approach_made_the_same_tree(main_boots):
+    """Stage 1 of both main boots also ran the shell script bench/bench_boot.py
+    generates for the demo config (busybox sh) on its own root and its own
+    copy of the storage; seen from the booted system, it left the same root
+    and the same storage as the script, except where they differ by design
+    (machine-id with no source, boot 1). Times are printed, never asserted."""
+    first, second, _ = main_boots
+    for n, r, expected in ((1, first, sc.SHELL_DIFFERENCES_FRESH_STORAGE), (2, second, set())):
+        assert r.shell_exit == 0, r.report["stage1"]["shell_stderr"] + r.describe()
+        assert r.report["stage1"]["shell_stderr"] == ""
+        diffs = sc.shell_tree_differences(r.report)
+        assert {(part, path) for part, path, *_ in diffs} == expected, diffs
+        print(f"boot {n}: impermanence_boot.py {r.script_ms:.0f} ms (first Python process of the "
+              f"boot), shell approach {r.shell_ms:.0f} ms + {r.shell_mount_ms:.0f} ms mounting storage")
+    # boot 1's one difference: the script bound a fresh machine-id, the
+    # shell approach linked to the missing source
+    trees = first.report["trees"]
+    mid = trees["shell_root"]["/etc/machine-id"]
+    assert mid["type"] == "symlink" and mid["readlink"] == "/persistent/etc/machine-id", mid
+    assert "/etc/machine-id" not in trees["shell_storage"]
+    assert trees["script_root"]["/etc/machine-id"]["mountpoint"]
+
+
+def test_main_shell_approach_targets_are_its_sources(main_boots):
+    """The shell approach's mounts are real binds of its own storage (the
+    copy on /dev/vdb), not of the script's, and the script's are of /dev/vda:
+    the two runs did not touch each other."""
+    for r in main_boots[:2]:
+        trees = r.report["trees"]
+        root, storage = trees["shell_root"], trees["shell_storage"]
+        bound = [p for p, e in root.items() if e["mountpoint"] and p != "/persistent"]
+        assert len(bound) >= len(sc.MAIN_DIRS), bound
+        for path in bound:
+            e, src = root[path], storage[path]
+            assert (e["dev"], e["ino"]) == (src["dev"], src["ino"]), (path, e, src)
+            assert e["mount"]["source"] == sc.SHELL_DEVICE and e["mount"]["root"] == path, e
+        assert root["/persistent"]["mount"]["source"] == sc.SHELL_DEVICE
+        script_bound = [e for p, e in trees["script_root"].items()
+                        if e["mountpoint"] and p not in sc.STAGE1_POINTS]
+        assert script_bound and all(e["mount"]["source"] == "/dev/vda" for e in script_bound)
+        for target in sc.MAIN_DIRS:
+            assert root[target]["dev"] != trees["script_root"][target]["dev"], target
 
 
 # --- LABEL= without udev ------------------------------------------------------

@@ -16,7 +16,10 @@ Contents (see docs/vm.md):
   /nix/python/bin/python3.11 Debian's /usr/bin/python3.11
   /nix/python/lib/python3.11 only the stdlib modules computed by
                              vm/find_modules.py from the scripts
-  /nix/impermanence/         impermanence_boot.py and config.json
+  /nix/impermanence/         impermanence_boot.py and config.json; the
+                             per-entry shell approach for that config
+                             (shell-approach.sh, shell-storage), generated
+                             by bench/bench_boot.py's generator
   /nix/stage2/               stage-2 init and stage2.py (the inspector)
 
 Writes OUT/initramfs.cpio (uncompressed: nothing to decompress under TCG),
@@ -41,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(HERE))
 from cpio import Archive  # noqa: E402
+import shell_approach  # noqa: E402
 
 KERNEL_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 PYTHON = "/usr/bin/python3.11"
@@ -261,6 +265,14 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
     arc.copy("/nix/impermanence/impermanence_boot.py", str(script), mode=0o755,
              component="script")
     arc.copy("/nix/impermanence/config.json", str(config), mode=0o644, component="config")
+    # the per-entry shell approach for the same config, for the comparison
+    # (run only when a boot asks for it: vm/guest/init, vm/shell_approach.py)
+    cfg = json.loads(config.read_text())
+    shell_text = shell_approach.script(cfg)
+    arc.file("/nix/impermanence/shell-approach.sh", shell_text.encode(), mode=0o755,
+             component="harness")
+    arc.file("/nix/impermanence/shell-storage", shell_approach.storage_mount(cfg).encode(),
+             component="harness")
     arc.copy("/nix/stage2/init", str(HERE / "guest/stage2-init"), mode=0o755, component="harness")
     arc.copy("/nix/stage2/stage2.py", str(stage2), mode=0o644, component="harness")
 
@@ -291,6 +303,7 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
         "stdlib_exercised": product["exercised"],
         "stdlib_missing": product["missing"],
         "harness_only_modules": sorted(harness_added),
+        "shell_approach_commands": shell_approach.command_count(shell_text),
         "script_sha256": __import__("hashlib").sha256(script.read_bytes()).hexdigest(),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

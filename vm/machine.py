@@ -71,6 +71,15 @@ def make_partitioned_disk(path: Path, partitions: list[tuple[str, int]]) -> Path
     return path
 
 
+def copy_disk(src: Path, dst: Path, label: str) -> Path:
+    """A copy of an ext4 image with another label (so LABEL= still finds
+    only the original): the shell approach's storage, the same content as
+    the script's at the moment of the copy."""
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    subprocess.run(["e2label", str(dst), label], check=True, stdout=subprocess.DEVNULL)
+    return dst
+
+
 def debugfs_cat(image: Path, path: str) -> str | None:
     """Read a file straight from an ext4 image (host side, no mount)."""
     r = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True)
@@ -87,14 +96,24 @@ def debugfs_exists(image: Path, path: str) -> bool:
 def overlay(config: dict | str | None = None, checks: dict | None = None,
             args: list[str] | None = None,
             preroot: dict[str, str | None] | None = None,
-            measure: bool = False) -> bytes:
+            measure: bool = False, shell_device: str | None = None) -> bytes:
     """The per-boot cpio appended to the initramfs (see vm/guest/init).
     preroot maps a path on the fresh root to file content (None: a
-    directory), created before the script runs."""
+    directory), created before the script runs. shell_device: also run the
+    per-entry shell approach for the same config in stage 1, with its
+    storage on that device (a copy of the script's: copy_disk)."""
     arc = Archive()
     if config is not None:
         text = config if isinstance(config, str) else json.dumps(config, indent=1)
         arc.file("/nix/impermanence/config.json", text.encode())
+    if shell_device:
+        arc.file("/nix/scenario/shell-device", (shell_device + "\n").encode())
+        if config is not None:  # the base image holds the demo config's
+            import shell_approach
+            cfg = json.loads(text)
+            arc.file("/nix/impermanence/shell-approach.sh", shell_approach.script(cfg).encode(),
+                     mode=0o755)
+            arc.file("/nix/impermanence/shell-storage", shell_approach.storage_mount(cfg).encode())
     arc.file("/nix/scenario/checks.json", json.dumps(checks or {}).encode())
     if args:
         arc.file("/nix/scenario/args", (" ".join(args) + "\n").encode())
@@ -136,6 +155,24 @@ class BootResult:
     def python_pass_ms(self) -> float | None:
         t = self.report and self.report["stage1"].get("t_python_pass")
         return (t[1] - t[0]) / 1e6 if t else None
+
+    def _ms(self, key: str) -> float | None:
+        t = self.report and self.report["stage1"].get(key)
+        return (t[1] - t[0]) / 1e6 if t else None
+
+    @property
+    def shell_ms(self) -> float | None:
+        """The generated shell script's wall time (busybox sh)."""
+        return self._ms("t_shell")
+
+    @property
+    def shell_mount_ms(self) -> float | None:
+        """Stage 1 mounting the shell approach's storage before it."""
+        return self._ms("t_shell_mount")
+
+    @property
+    def shell_exit(self) -> int | None:
+        return self.report["stage1"].get("shell_exit") if self.report else None
 
     def describe(self) -> str:
         """For assertion messages: how the boot went, the console tail."""

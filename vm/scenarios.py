@@ -49,7 +49,8 @@ def main_checks(boot: int) -> dict:
     inspect = (["/persistent"] + kept + _sources(kept) + list(KEPT_WRITES)
                + list(UNKEPT_WRITES) + ["/persistent/etc/nix", "/persistent/etc/ssh",
                                         "/persistent/home/bird", "/persistent/home"])
-    checks = {"inspect": sorted(set(inspect)), "status": True, "commands": [["apply"]]}
+    checks = {"inspect": sorted(set(inspect)), "status": True, "commands": [["apply"]],
+              "trees": SHELL_TREES}
     if boot == 1:
         # files under /home/bird are written by bird (uid 1000, group users)
         checks["writes"] = [{"path": p, "content": c, **({"as": [1000, 100]}
@@ -57,6 +58,57 @@ def main_checks(boot: int) -> dict:
                             for p, c in {**KEPT_WRITES, **UNKEPT_WRITES}.items()]
         checks["inspect_after"] = sorted(set(_sources(KEPT_WRITES)) | set(KEPT_WRITES))
     return checks
+
+
+# --- the same config by the per-entry shell approach, in the same boot ------
+# Stage 1 runs the generated shell script (vm/shell_approach.py) after the
+# script, on its own tmpfs root, with a copy of the script's disk (taken just
+# before the boot, relabelled) as its storage: the second disk, /dev/vdb.
+
+SHELL_DEVICE = "/dev/vdb"
+SHELL_LABEL = "persist-shell"
+SHELL_TREES = {"script_root": "/", "script_storage": "/persistent",
+               "shell_root": "/run/shell-root", "shell_storage": "/run/shell-root/persistent"}
+# made by stage 1 itself on the script's root, not by the script
+STAGE1_POINTS = ("/nix", "/proc", "/sys", "/dev", "/run")
+# Where the two approaches differ by design: with no source, the script
+# creates /etc/machine-id in storage ("uninitialized") and binds it (SPEC
+# section 4); the shell approach, as the existing tools do, links it. Once
+# the source exists (boot 2), both bind it.
+SHELL_DIFFERENCES_FRESH_STORAGE = {("root", "/etc/machine-id"), ("storage", "/etc/machine-id")}
+
+
+def _shape(e: dict | None):
+    """What must be the same in both trees: type, owner, mode, link text,
+    whether it is a mount point and what is mounted there (the path within
+    the storage filesystem, the type, how many mounts are stacked); a
+    file's size. Not inode numbers or the device (vda vs vdb)."""
+    if e is None:
+        return None
+    m = e.get("mount") or {}
+    return (e["type"], e["uid"], e["gid"], e["mode"], e.get("readlink"),
+            e["mountpoint"], m.get("root"), m.get("fstype"), m.get("count"),
+            e["size"] if e["type"] == "file" else None)
+
+
+def shell_tree_differences(report: dict) -> list[tuple[str, str, tuple, tuple]]:
+    """[(part, path, the script's, the shell approach's)] where the root or
+    the storage the shell approach left differs from the script's, as seen
+    from the booted system (stage 2's walk of both)."""
+    trees = report["trees"]
+    out = []
+    for part in ("root", "storage"):
+        a, b = trees[f"script_{part}"], trees[f"shell_{part}"]
+        if a is None or b is None:
+            out.append((part, "(whole tree)", a is not None, b is not None))
+            continue
+        if part == "root":
+            a = {p: e for p, e in a.items() if p not in STAGE1_POINTS}
+        for path in sorted(set(a) | set(b)):
+            sa, sb = _shape(a.get(path)), _shape(b.get(path))
+            if sa != sb:
+                out.append((part, path, sa, sb))
+    return out
 
 
 # --- the storage device found by LABEL= among several devices -------------

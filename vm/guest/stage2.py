@@ -15,6 +15,9 @@ CHECKS.json (all keys optional):
   inspect_after  paths to describe after the writes and commands
   status         true: also run "impermanence_boot.py status --json" on the
                  booted system (--root /) and record its output
+  trees          {name: directory}: walk each (before the writes) without
+                 descending into mount points, e.g. the root the script made
+                 and the one the shell approach made (/run/shell-root)
 
 The report is one line, "IMPVM-REPORT <json>", on /dev/ttyS1 (the host's
 report file); a short human summary goes to the console.
@@ -147,6 +150,49 @@ def walk_root(mounts):
     return entries
 
 
+def walk_tree(base, mounts):
+    """{path relative to base: entry} for everything under base on base's
+    filesystem, not descending into mount points; a mount point's entry
+    says what is mounted there (the top mount: its root within its
+    filesystem, source, type). None if base does not exist."""
+    try:
+        base_dev = os.lstat(base).st_dev
+    except OSError:
+        return None
+    by_point = {}
+    for m in mounts:
+        by_point[m["point"]] = m  # later lines are on top
+    prefix = base.rstrip("/")
+    out = {}
+
+    def visit(path):
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            return
+        for name in names:
+            p = path.rstrip("/") + "/" + name
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            e = describe_stat(st)
+            top = by_point.get(p)
+            e["mountpoint"] = top is not None
+            if top is not None:
+                e["mount"] = {"root": top["root"], "source": top["source"],
+                              "fstype": top["fstype"],
+                              "count": sum(1 for m in mounts if m["point"] == p)}
+            if stat.S_ISLNK(st.st_mode):
+                e["readlink"] = os.readlink(p)
+            out[p[len(prefix):]] = e
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == base_dev and top is None:
+                visit(p)
+
+    visit(base)
+    return out
+
+
 def kmsg_lines():
     lines = []
     try:
@@ -251,14 +297,19 @@ def main():
     for name in ("t_init", "t_switch"):
         t = read(STAGE1 + "/" + name)
         stage1[name] = int(t) if t and t.strip() else None
-    for name in ("t_script", "t_python_pass", "t_python_pass2"):
+    for name in ("t_script", "t_python_pass", "t_python_pass2", "t_shell_mount", "t_shell"):
         t = read(STAGE1 + "/" + name)
         stage1[name] = [int(x) for x in t.split()] if t and t.strip() else None
     stage1["insmod_log"] = read(STAGE1 + "/insmod.log") or ""
+    shell_exit = read(STAGE1 + "/shell_exit")
+    stage1["shell_exit"] = int(shell_exit) if shell_exit and shell_exit.strip() else None
+    stage1["shell_stderr"] = read(STAGE1 + "/shell.stderr") or ""
     report["stage1"] = stage1
     report["uptime"] = read("/proc/uptime")
     report["mounts"] = mounts
     report["root_entries"] = walk_root(mounts)
+    report["trees"] = {name: walk_tree(base, mounts)
+                       for name, base in sorted(spec.get("trees", {}).items())}
     report["inspect"] = {p: describe(p, mounts) for p in spec.get("inspect", [])}
     writes = []
     for w in spec.get("writes", []):
