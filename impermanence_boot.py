@@ -446,11 +446,42 @@ def load_config_file(path: str) -> Config:
     return load_config(text, path)
 
 
-def load_config(text: str, name: str = "config") -> Config:
+class _JsonContext:
+    """What _json's C scanner reads from json.JSONDecoder: the defaults."""
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # NaN, Infinity, -Infinity, as json.loads reads them
+    memo: dict = {}
+
+
+JSON_SPACE = " \t\n\r"
+
+
+def parse_json(text: str):
+    """json.loads, through the C scanner json uses, without importing json:
+    that module brings re, enum, functools and more into every boot.
+    Any error is raised again by json.loads itself, for its message."""
+    try:
+        import _json
+
+        scan = _json.make_scanner(_JsonContext)
+        start = len(text) - len(text.lstrip(JSON_SPACE))
+        value, end = scan(text, start)
+        if not text[end:].strip(JSON_SPACE):
+            return value
+    except Exception:  # ImportError, any parse error; on some inputs the
+        pass           # C scanner even fails with SystemError
     import json
 
+    return json.loads(text)
+
+
+def load_config(text: str, name: str = "config") -> Config:
     try:
-        data = json.loads(text)
+        data = parse_json(text)
     except ValueError as exc:  # JSONDecodeError, or a number too large
         line, col = getattr(exc, "lineno", None), getattr(exc, "colno", None)
         at = f" at line {line} column {col}" if line else ""
@@ -463,7 +494,31 @@ def load_config(text: str, name: str = "config") -> Config:
 
 def check_unicode(data) -> None:
     """JSON may spell lone surrogates ("\\ud800"), which no path, name or
-    option can be encoded from: reject them where they are."""
+    option can be encoded from: reject them where they are. The walk
+    builds key paths only once it has found one."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not key.isascii() and not valid_unicode(key):
+                    return locate_bad_unicode(data)
+                stack.append(item)
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and not value.isascii() and not valid_unicode(value):
+            return locate_bad_unicode(data)
+
+
+def valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def locate_bad_unicode(data) -> None:
     stack = [("", data)]
     while stack:
         where, value = stack.pop()
@@ -471,16 +526,10 @@ def check_unicode(data) -> None:
                  else enumerate(value) if isinstance(value, list) else ())
         for key, item in items:
             at = key_path(where, key if isinstance(key, int) else key.encode("utf-8", "replace").decode())
-            if isinstance(key, str) and not key.isascii():
-                try:
-                    key.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ConfigError(at, "key is not valid Unicode (lone surrogate)") from None
-            if isinstance(item, str) and not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ConfigError(at or "(top level)", "is not valid Unicode (lone surrogate)") from None
+            if isinstance(key, str) and not valid_unicode(key):
+                raise ConfigError(at, "key is not valid Unicode (lone surrogate)")
+            if isinstance(item, str) and not valid_unicode(item):
+                raise ConfigError(at or "(top level)", "is not valid Unicode (lone surrogate)")
             stack.append((at, item))
 
 
@@ -1567,8 +1616,9 @@ class Executor:
                 except OSError:
                     pass
             if temp != name:
-                os.link(temp, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
-                os.unlink(temp, dir_fd=parent)
+                # One atomic step: killed before it, the temporary is what
+                # the next run removes; after it, nothing is left over.
+                rename_noreplace(parent, temp, name, self.tree.host(path))
         except OSError:
             # Leave no half-made file behind: remove it if the name is
             # still ours.

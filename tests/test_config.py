@@ -444,3 +444,19 @@ def test_pyproject_entry_point():
     module, func = data["project"]["scripts"]["impermanence-boot"].split(":")
     assert module == "impermanence_boot" and callable(getattr(ib, func))
     assert set(data["project"]["optional-dependencies"]["test"]) == {"pytest", "hypothesis"}
+
+
+@settings(max_examples=300)
+@given(JSON, st.sampled_from(["", " ", "\n\t ", "\r\n"]))
+def test_parse_json_agrees_with_json_loads(value, space):
+    text = space + json.dumps(value) + space
+    assert ib.parse_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", "{", "[1,]", "{\"a\" 1}", "{\0}", "nul", "1 2", "\"\\ud800", "{}x"])
+def test_parse_json_errors_are_json_errors(text):
+    with pytest.raises(ValueError) as info:
+        ib.parse_json(text)
+    with pytest.raises(ValueError) as reference:
+        json.loads(text)
+    assert str(info.value) == str(reference.value)

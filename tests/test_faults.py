@@ -478,8 +478,8 @@ def reference(namespace, tmp_path):
 
 # Syscalls that change something (plus openat, as "anywhere"). strace kills
 # the process on entry to the K-th call of one of them, before it runs.
-KILL_SYSCALLS = ["mkdirat", "fchown", "fchmod", "renameat", "fsetxattr", "openat", "write",
-                 "linkat", "symlinkat", "unlinkat", "mount"]
+KILL_SYSCALLS = ["mkdirat", "fchown", "fchmod", "renameat2", "fsetxattr", "openat", "write",
+                 "symlinkat", "unlinkat", "mount"]
 FRACTIONS = {"first": 0.0, "quarter": 0.25, "half": 0.5, "three-quarters": 0.75, "last": 1.0}
 _counts: dict = {}
 
