@@ -2,8 +2,11 @@
 """The demo (run through vm/demo.sh, which installs what it needs first):
 build the initramfs, boot the demo machine twice on one fresh persistent
 disk, print what was kept, an owner/mode table and the time the script took
-inside the initramfs. Exit status 0 only if everything came out as the
-config says. Stdlib only.
+inside the initramfs, against the same config done by the per-entry shell
+approach (bench/bench_boot.py's generator, busybox sh) in the same stage 1
+on its own root and a copy of the storage. Exit status 0 only if everything
+came out as the config says and the shell approach left the same tree
+(apart from the machine-id difference by design). Stdlib only.
 
     python3 vm/demo.py [--out vm/build] [--timeout SECONDS]
 """
@@ -66,8 +69,12 @@ def main() -> int:
     reports = []
     for n in (1, 2):
         print(f"== boot {n} (QEMU, {'KVM' if machine.use_kvm() else 'TCG'}), persistent disk {disk}")
-        r = machine.Boot(out, out / "demo", machine.overlay(checks=sc.main_checks(n), measure=True),
-                         [disk], timeout=a.timeout, name=f"demo-{n}").run()
+        # the shell approach's storage: a copy of the disk as it is now
+        shell_disk = machine.copy_disk(disk, out / f"demo-shell-{n}.img", sc.SHELL_LABEL)
+        r = machine.Boot(out, out / "demo", machine.overlay(checks=sc.main_checks(n), measure=True,
+                                                            shell_device=sc.SHELL_DEVICE),
+                         [disk, shell_disk], timeout=a.timeout, name=f"demo-{n}").run()
+        shell_disk.unlink()
         if r.report is None:
             print(r.describe())
             print(f"demo: boot {n} did not reach stage 2 (console: {out / 'demo' / f'demo-{n}.console.log'})",
@@ -82,6 +89,25 @@ def main() -> int:
             print(f"   | {line}")
         if s1["exit"] != 0:
             problems.append(f"boot {n}: the script exited {s1['exit']}")
+        print(f"   the same config by the per-entry shell approach ({m['shell_approach_commands']} "
+              f"commands, busybox sh), after it in the same stage 1, on its own root and a copy of "
+              f"the storage: exited {s1['shell_exit']} after {ms(s1['t_shell'])} "
+              f"(+ {ms(s1['t_shell_mount'])} for stage 1 to mount its storage)")
+        for line in s1["shell_stderr"].splitlines():
+            print(f"   | {line}")
+        if s1["shell_exit"] != 0:
+            problems.append(f"boot {n}: the shell approach exited {s1['shell_exit']}")
+        diffs = sc.shell_tree_differences(r.report)
+        expected = sc.SHELL_DIFFERENCES_FRESH_STORAGE if n == 1 else set()
+        for part, path, mine, theirs in diffs:
+            by_design = (part, path) in expected
+            print(f"   {'differs by design' if by_design else 'DIFFERS'}: {part} {path}: "
+                  f"script {mine}, shell approach {theirs}")
+        if {(part, path) for part, path, *_ in diffs} != expected:
+            problems.append(f"boot {n}: the shell approach left another tree than the script")
+        else:
+            print("   same tree as the script's (root and storage, as the booted system sees them)"
+                  + (", apart from the above" if diffs else ""))
         reports.append(r)
 
     first, second = reports
@@ -129,13 +155,23 @@ def main() -> int:
         print(f"   boot {n}: kernel start -> /init {s1['t_init'] / 1e9:.2f} s, script {ms(s1['t_script'])}, "
               f"/init -> switch_root {(s1['t_switch'] - s1['t_init']) / 1e9:.2f} s, "
               f"whole boot in QEMU {r.seconds:.1f} s")
+    print("   script vs the per-entry shell approach, same config, same boot (wall time in stage 1):")
+    for n, r in enumerate(reports, 1):
+        s1 = r.report["stage1"]
+        print(f"   boot {n}: impermanence_boot.py apply {ms(s1['t_script'])} (interpreter start and "
+              f"mounting the storage included); shell approach {ms(s1['t_shell'])} "
+              f"+ {ms(s1['t_shell_mount'])} mounting its storage")
     print("   (TCG emulation, no KVM: a real machine runs the same code several times faster;")
     print("   the first Python start in a boot also pays TCG's one-time translation of the")
     print("   interpreter's code, which is why the script, started after the baselines, is")
     print("   faster here than as the first Python process of a boot, as in the tests)")
 
     summary = {"manifest": m, "boots": [{"qemu_seconds": r.seconds, "stage1": r.report["stage1"],
-                                        "stage2_ns": r.report["stage2_ns"]} for r in reports],
+                                        "stage2_ns": r.report["stage2_ns"],
+                                        "script_ms": r.script_ms, "shell_ms": r.shell_ms,
+                                        "shell_mount_ms": r.shell_mount_ms,
+                                        "shell_differences": sc.shell_tree_differences(r.report)}
+                                       for r in reports],
                "problems": problems}
     (out / "demo-report.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n   numbers: {out / 'demo-report.json'}; consoles: {out / 'demo'}/*.console.log")

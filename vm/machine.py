@@ -96,18 +96,22 @@ def debugfs_exists(image: Path, path: str) -> bool:
 def overlay(config: dict | str | None = None, checks: dict | None = None,
             args: list[str] | None = None,
             preroot: dict[str, str | None] | None = None,
-            measure: bool = False, shell_device: str | None = None) -> bytes:
+            measure: bool = False, shell_device: str | None = None,
+            shell_first: bool = False) -> bytes:
     """The per-boot cpio appended to the initramfs (see vm/guest/init).
     preroot maps a path on the fresh root to file content (None: a
     directory), created before the script runs. shell_device: also run the
     per-entry shell approach for the same config in stage 1, with its
-    storage on that device (a copy of the script's: copy_disk)."""
+    storage on that device (a copy of the script's: copy_disk), after the
+    script, or before it with shell_first."""
     arc = Archive()
     if config is not None:
         text = config if isinstance(config, str) else json.dumps(config, indent=1)
         arc.file("/nix/impermanence/config.json", text.encode())
     if shell_device:
         arc.file("/nix/scenario/shell-device", (shell_device + "\n").encode())
+        if shell_first:
+            arc.file("/nix/scenario/shell-first", b"")
         if config is not None:  # the base image holds the demo config's
             import shell_approach
             cfg = json.loads(text)
