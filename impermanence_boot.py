@@ -348,9 +348,17 @@ def type_name(value) -> str:
 def key_path(where: str, key) -> str:
     if isinstance(key, int):
         return f"{where}[{key}]"
-    if key.replace("_", "").isalnum():
+    if key.replace("_", "").isalnum() and key.isascii():
         return f"{where}.{key}" if where else key
-    return f'{where}["{key}"]'
+    if key.isprintable() and '"' not in key and "\\" not in key:
+        return f'{where}["{key}"]'
+    # Escaped, so a message stays one line whatever the key holds.
+    quoted = repr(key)
+    if quoted[0] == "'":
+        quoted = quoted[1:-1].replace("\\'", "'").replace('"', '\\"')
+    else:
+        quoted = quoted[1:-1]
+    return f'{where}["{quoted}"]'
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -1132,6 +1140,7 @@ class Tree:
         self.created: dict = {}      # planned: path -> Node
         self.binds: dict = {}        # planned: target -> source
         self.pending_binds: list = []
+        self.pending_created: list = []
 
     def host(self, comps: tuple) -> str:
         return self.prefix + "/" + "/".join(comps) if comps else self.root
@@ -1205,7 +1214,9 @@ class Tree:
         return node is not None and node.kind == "dir"
 
     def record(self, comps: tuple, node: Node) -> None:
-        self.created[self.translate(comps)] = node
+        key = self.translate(comps)
+        self.created[key] = node
+        self.pending_created.append(key)
 
     def record_bind(self, source: tuple, target: tuple) -> None:
         self.binds[target] = self.translate(source)
@@ -1223,13 +1234,17 @@ class Tree:
             self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t}
 
     def settle(self, succeeded: bool) -> None:
-        """After an entry ran: the real tree now holds what it created. Its
-        bind mounts stay recorded (lookups below them must go to their
-        source, as the kernel's do), unless the entry failed."""
-        self.created.clear()
+        """After an entry ran. What it created stays recorded: a directory
+        apply made holds only what apply puts in it, so lookups inside it
+        need no system call; its bind mounts stay recorded (lookups below
+        them go to their source, as the kernel's do). If the entry failed,
+        its record is dropped and the real tree is the truth."""
         if not succeeded:
+            for key in self.pending_created:
+                self.created.pop(key, None)
             for target in self.pending_binds:
                 self.binds.pop(target, None)
+        self.pending_created.clear()
         self.pending_binds.clear()
 
     def read_file(self, comps: tuple) -> str | None:

@@ -460,3 +460,10 @@ def test_parse_json_errors_are_json_errors(text):
     with pytest.raises(ValueError) as reference:
         json.loads(text)
     assert str(info.value) == str(reference.value)
+
+
+@given(st.text(max_size=12))
+def test_key_paths_are_one_line(key):
+    path = ib.key_path("persistence", key)
+    assert "\n" not in path and "\r" not in path
+    assert path.isprintable()
