@@ -264,6 +264,17 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
     # the product and its config; the stage-2 inspector
     arc.copy("/nix/impermanence/impermanence_boot.py", str(script), mode=0o755,
              component="script")
+    if pyc:
+        # What stage 1 runs: compiled once here, not at every boot.
+        with tempfile.TemporaryDirectory() as tmp:
+            compiled = Path(tmp) / "impermanence_boot.pyc"
+            run([PYTHON, "-I", "-c",
+                 "import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], "
+                 "dfile=sys.argv[3], doraise=True, "
+                 "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)",
+                 str(script), str(compiled), "/nix/impermanence/impermanence_boot.py"])
+            arc.file("/nix/impermanence/impermanence_boot.pyc", compiled.read_bytes(),
+                     component="script")
     arc.copy("/nix/impermanence/config.json", str(config), mode=0o644, component="config")
     # the per-entry shell approach for the same config, for the comparison
     # (run only when a boot asks for it: vm/guest/init, vm/shell_approach.py)
