@@ -589,7 +589,10 @@ def test_module_scripted_initrd_runs_apply_from_post_mount_commands(tmp_path):
     assert "systemd" not in initrd
     # Interpreter, script and JSON are put into the initrd.
     assert initrd["extraFiles"]["/etc/impermanence.json"]["source"] == etc_json
-    assert len(initrd["extraFiles"]) == 3
+    assert len(initrd["extraFiles"]) == 4
+    # What runs is the script byte-compiled at build time, also in the initrd.
+    compiled = initrd["extraFiles"]["/etc/impermanence-boot/impermanence_boot.pyc"]["source"]
+    assert f"-I -B {compiled} --root" in commands
     # The JSON the module installs is config.nix's, for the enabled location only.
     data = json.loads(out["configText"])
     assert list(data["persistence"]) == ["/persistent"]
@@ -666,6 +669,13 @@ def shell_glue(tmp: Path, sandbox, extra: str = "") -> tuple[str, dict]:
     generated = tmp / "impermanence.json"
     generated.write_text(out["configText"])
     commands = commands.replace(etc_json, str(generated)).replace("/mnt-root", str(sandbox.root))
+    # The module's build step, done here: byte-compile the script.
+    stand_in = out["resolved"]["boot"]["initrd"]["extraFiles"]["/etc/impermanence-boot/impermanence_boot.pyc"]["source"]
+    compiled = tmp / "impermanence_boot.pyc"
+    subprocess.run([sys.executable, "-I", "-c", "import py_compile, sys; "
+                    "py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
+                    str(SCRIPT), str(compiled)], check=True)
+    commands = commands.replace(stand_in, str(compiled))
     return commands, json.loads(out["configText"])
 
 
