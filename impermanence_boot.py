@@ -1806,7 +1806,8 @@ def prepare_storage(config: Config, tree: Tree, executor: Executor | None, mount
             if device is None:
                 shown += f" (not present now; apply waits up to {config.device_timeout:g} s)"
             opts = ",".join(fs.options)
-            plan_out.append(f"mount {shown} on {host} (type {fs.fs_type}{', ' + opts if opts else ''})")
+            plan_out.append(f"mount {shown} on {host} (type {fs.fs_type}{', ' + opts if opts else ''}; "
+                            "not mounted yet, so its contents are planned as if empty)")
             planned_mounts.add(fs.mountpoint)
             tree.record(fs.mountpoint, Node("dir", 0, 0, 0o755, 0, None, None, None))
             fs_state[fs.mountpoint] = None
