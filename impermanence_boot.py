@@ -1131,7 +1131,7 @@ class Tree:
     (and `plan` as a whole) is computed as if the earlier actions had run;
     paths below a recorded bind mount are looked up in its source, as the
     kernel would after the mount. `apply` settles the record after each
-    entry has run: from then on the real tree is the truth."""
+    entry has run (see `settle`)."""
 
     def __init__(self, root: str):
         self.root = root
@@ -1154,8 +1154,6 @@ class Tree:
         return comps
 
     def _lstat(self, comps: tuple) -> Node | None:
-        if comps in self.created:
-            return self.created[comps]
         try:
             return node_from_stat(os.lstat(self.host(comps)))
         except FileNotFoundError:
