@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo: on a fresh Debian machine, as root,
 #
-#     sudo ./vm/demo.sh
+#     ./vm/demo.sh   # as root
 #
 # installs what it needs (tests/setup.sh), builds the initramfs, boots the
 # demo machine twice under QEMU on one persistent disk and prints what was
