@@ -29,8 +29,10 @@ pytestmark = pytest.mark.vm
 STAGE1_MOUNTS = {"/nix", "/proc", "/sys", "/dev", "/run"}
 
 
-def boot(build, work: Path, name: str, disks, **overlay_kw) -> machine.BootResult:
-    result = machine.Boot(build, work, machine.overlay(**overlay_kw), disks, name=name).run()
+def boot(build, work: Path, name: str, disks, timeout: float | None = None,
+         **overlay_kw) -> machine.BootResult:
+    result = machine.Boot(build, work, machine.overlay(**overlay_kw), disks, name=name,
+                          timeout=timeout).run()
     assert not result.timed_out, f"{name}: the boot timed out\n{result.describe()}"
     assert result.report is not None, f"{name}: stage 2 was never reached\n{result.describe()}"
     assert result.returncode == 0, f"{name}: qemu failed\n{result.describe()}"
@@ -377,6 +379,195 @@ def test_nonempty_file_at_target_fails_only_that_entry(vm_build, tmp_path):
     assert r.report["status"]["exit"] == 1  # status sees the one entry missing
     # and on the disk itself (read from the host), the key is what it was
     assert machine.debugfs_cat(disk, "/etc/ssh/ssh_host_rsa_key") == sc.LEFTOVER_KEY
+
+
+# --- hostile storage: what a user who owns a kept directory planted ----------
+
+HOSTILE_TIMEOUT = 90  # a boot takes ~9 s; opening the planted FIFO would hang it
+# every path stage 1 or stage 2 looks at in storage, read from the image
+# before and after the boot
+HOSTILE_DISK_PATHS = (["/", "/etc", "/etc/shadow-like", "/home/bird", "/home/bird/.local"]
+                      + [planted for planted, _ in sc.HOSTILE_AFFECTED.values()])
+HOSTILE_DISK_DIRS = ["/", "/etc", "/home", "/home/bird", "/home/bird/.local"]
+# the booted root, apart from stage 1's mount points: (type, uid, gid, mode, mounted?)
+HOSTILE_ROOT = {
+    "/etc": ("dir", 0, 0, "0755", False),
+    "/etc/hostname": ("file", 0, 0, "0644", False),      # decoy
+    "/etc/machine-id": ("file", 0, 0, "0444", True),
+    "/root": ("dir", 0, 0, "0700", False),               # decoy
+    "/root/.marker": ("file", 0, 0, "0600", False),      # decoy
+    "/home": ("dir", 0, 0, "0755", False),
+    "/home/bird": ("dir", 1000, 100, "0700", False),
+    "/home/bird/.profile": ("file", 1000, 100, "0644", True),
+    "/home/bird/Documents": ("dir", 1000, 100, "0755", True),
+    "/persistent": ("dir", 0, 0, "0755", True),
+    "/var": ("dir", 0, 0, "0755", False),
+    "/var/lib": ("dir", 0, 0, "0755", False),
+    "/var/lib/nixos": ("dir", 0, 0, "0755", True),
+    "/var/log": ("dir", 0, 0, "0755", True),
+}
+# Where a refused file entry may leave its (empty, unmounted) target: the
+# script creates the target of a kept file before it finds that the source
+# is a hard link it refuses.
+HOSTILE_EMPTY_TARGET_ALLOWED = {"/home/bird/.netrc"}
+
+
+def _ancestors(path: str) -> set[str]:
+    parts = path.strip("/").split("/")
+    return {"/" + "/".join(parts[:i]) for i in range(1, len(parts))}
+
+
+@pytest.fixture(scope="module")
+def hostile_boot(vm_build, tmp_path_factory):
+    """One boot on a disk where bird planted links, a hard link, a FIFO and
+    a device node at kept paths (vm/scenarios.py, seed_hostile_storage)."""
+    work = tmp_path_factory.mktemp("vm-hostile")
+    seed = work / "seed"
+    seed.mkdir()
+    sc.seed_hostile_storage(seed)
+    disk = machine.make_disk(work / "persist.img", "persist", seed=seed)
+    before = {p: machine.debugfs_stat(disk, p) for p in HOSTILE_DISK_PATHS}
+    listed = {p: machine.debugfs_ls(disk, p) for p in HOSTILE_DISK_DIRS}
+    secret = machine.debugfs_cat(disk, "/etc/shadow-like")
+    assert secret == sc.HOSTILE_SECRET and before["/home/bird/.netrc"]["links"] == 2, before
+    r = boot(vm_build, work, "hostile", [disk], timeout=HOSTILE_TIMEOUT,
+             config=sc.HOSTILE_CONFIG, checks=sc.HOSTILE_CHECKS, preroot=sc.HOSTILE_PREROOT,
+             initrd=sc.HOSTILE_INITRD, snapshot=sc.HOSTILE_SNAPSHOT)
+    after = {p: machine.debugfs_stat(disk, p) for p in HOSTILE_DISK_PATHS}
+    listed_after = {p: machine.debugfs_ls(disk, p) for p in HOSTILE_DISK_DIRS}
+    print(f"hostile storage boot: {r.seconds:.1f} s, impermanence_boot.py {r.script_ms:.0f} ms")
+    return r, disk, (before, listed, secret), (after, listed_after)
+
+
+def _lines_naming(lines, path: str) -> list[str]:
+    """Lines that name path itself (followed by ": "), not a longer path."""
+    return [line for line in lines if f"{path}: " in line]
+
+
+def test_hostile_storage_each_planted_path_fails_with_one_line(hostile_boot):
+    r, *_ = hostile_boot
+    assert r.script_exit == 1, r.script_stderr + r.describe()
+    lines = [line for line in r.script_stderr.splitlines() if line]
+    assert "Traceback" not in r.script_stderr
+    assert all(line.startswith("impermanence: ") for line in lines), lines
+    # one line per planted path, naming it as stage 1 sees it, with a cause;
+    # and nothing else on stderr
+    for target, (planted, cause) in sc.HOSTILE_AFFECTED.items():
+        named = _lines_naming(lines, "/mnt-root/persistent" + planted)
+        assert len(named) == 1, (target, planted, lines)
+        assert cause in named[0].split(planted + ": ", 1)[1], (target, named)
+    assert len(lines) == len(sc.HOSTILE_AFFECTED), lines
+    # the same lines in the kernel log, once each
+    kmsg = [line for line in r.report["kmsg"] if "impermanence" in line]
+    for target, (planted, cause) in sc.HOSTILE_AFFECTED.items():
+        named = _lines_naming(kmsg, "/mnt-root/persistent" + planted)
+        assert len(named) == 1 and cause in named[0], (target, kmsg)
+    assert not [line for line in r.report["kmsg"] if "ratelimit" in line], r.report["kmsg"]
+
+
+def test_hostile_storage_nothing_outside_kept_paths_changed(hostile_boot):
+    r, *_ = hostile_boot
+    rep = r.report
+    unaffected = set(sc.HOSTILE_UNAFFECTED)
+    # mounts (stage 2's /proc/self/mountinfo): stage 1's, the root, the
+    # storage and the unaffected targets, nothing else (not /etc, /root)
+    points = [m["point"] for m in rep["mounts"]]
+    assert set(points) == STAGE1_MOUNTS | {"/", "/persistent"} | unaffected, points
+    assert [(m["fstype"], m["source"]) for m in rep["mounts"] if m["point"] == "/"] \
+        == [("tmpfs", "root")], rep["mounts"]
+    # /, /etc and /root as the booted system sees them
+    ins = rep["inspect"]
+    for path, mode in (("/", "0755"), ("/etc", "0755"), ("/root", "0700")):
+        e = ins[path]
+        assert (e["type"], e["uid"], e["gid"], e["mode"], e["mountpoint"]) \
+            == ("dir", 0, 0, mode, path == "/"), e
+    assert set(rep["trees"]["etc"]) == {"/hostname", "/machine-id"}, rep["trees"]["etc"]
+    assert set(rep["trees"]["root"]) == {"/.marker"}, rep["trees"]["root"]
+    assert ins["/etc/hostname"]["content"] == sc.HOSTILE_PREROOT["/etc/hostname"][0]
+    assert ins["/root/.marker"]["content"] == sc.HOSTILE_PREROOT["/root/.marker"][0]
+    # the whole booted root: the expected entries, nothing else
+    got = entries(r)
+    extra = set(got) - STAGE1_MOUNTS - set(HOSTILE_ROOT)
+    assert extra <= HOSTILE_EMPTY_TARGET_ALLOWED, sorted(extra)
+    for path in extra:  # a refused entry's target: empty, root's, not mounted
+        assert (got[path]["type"], got[path]["size"], got[path]["uid"], got[path]["mountpoint"]) \
+            == ("file", 0, 0, False), got[path]
+    for path, (kind, uid, gid, mode, mounted) in HOSTILE_ROOT.items():
+        e = got.get(path)
+        assert e is not None, (path, "missing")
+        assert (e["type"], e["uid"], e["gid"], e["mode"], e["mountpoint"]) \
+            == (kind, uid, gid, mode, mounted), (path, e)
+    # stage 1's snapshots around the script: the initramfs's /, /etc and
+    # /root untouched; on the fresh root, only kept targets and their
+    # parents (and the storage mount point) were created, nothing changed
+    before = machine.parse_snapshot(rep["stage1"]["snapshot-before"])
+    after = machine.parse_snapshot(rep["stage1"]["snapshot-after"])
+    assert before and after, rep["stage1"]
+    assert "/etc/initrd-decoy" in before and "/root/.marker" in before
+    assert "/mnt-root/root/.marker" in before and "/mnt-root/etc/hostname" in before
+    changes = machine.snapshot_changes(before, after)
+    assert changes["removed"] == [] and changes["changed"] == [], changes
+    allowed = {"/persistent"} | HOSTILE_EMPTY_TARGET_ALLOWED
+    for target in unaffected:
+        allowed |= {target} | _ancestors(target)
+    created = {p[len("/mnt-root"):] for p in changes["created"]}
+    assert all(p.startswith("/mnt-root/") for p in changes["created"]), changes
+    assert created <= allowed, sorted(created - allowed)
+
+
+def test_hostile_storage_unaffected_entries_in_place(hostile_boot):
+    r, *_ = hostile_boot
+    rep = r.report
+    assert "stage 2: running on the new root" in r.console
+    ins = rep["inspect"]
+    mounts = {m["point"]: m for m in rep["mounts"]}
+    for target, (kind, probe, content) in sc.HOSTILE_UNAFFECTED.items():
+        assert same_inode(ins[target], ins["/persistent" + target]), (target, ins[target])
+        assert ins[target]["type"] == kind and ins[target]["mountpoint"], ins[target]
+        assert (mounts[target]["source"], mounts[target]["root"]) == ("/dev/vda", target)
+        assert ins[probe]["content"] == content, (probe, ins[probe])
+    # the affected ones are not: no target, or (a refused file) an empty one
+    for target in sc.HOSTILE_AFFECTED:
+        e = ins[target]
+        assert not e["exists"] or (target in HOSTILE_EMPTY_TARGET_ALLOWED and e["type"] == "file"
+                                   and e["size"] == 0 and not e["mountpoint"]), e
+    # status counts the affected entries; a second apply on the booted
+    # system meets the same storage: the same failures, no new mount
+    status = rep["status"]
+    assert status["exit"] == 1 and json.loads(status["stdout"])["drift"] == len(sc.HOSTILE_AFFECTED), \
+        status
+    (again,) = rep["commands"]
+    assert again["exit"] == 1, again
+    again_lines = [line for line in again["stderr"].splitlines() if line]
+    assert len(again_lines) == len(sc.HOSTILE_AFFECTED), again_lines
+    for planted, _ in sc.HOSTILE_AFFECTED.values():
+        assert len(_lines_naming(again_lines, "/persistent" + planted)) == 1, (planted, again_lines)
+    assert mount_counts(rep["mounts"]) == mount_counts(rep["mounts_after"])
+
+
+def test_hostile_storage_unchanged_on_disk(hostile_boot):
+    r, disk, (before, listed, secret), (after, listed_after) = hostile_boot
+    # read from the image on the host: every planted node and the root file
+    # as they were (inode, type, owner, mode, links, size, link text), no
+    # entry added or removed in the directories around them
+    assert after == before, [(p, before[p], after[p]) for p in before if before[p] != after[p]]
+    assert listed_after == listed
+    for planted, target in sc.HOSTILE_LINKS.items():
+        assert after[planted]["type"] == "symlink" and after[planted]["link"] == target, after[planted]
+    assert after["/home/bird/.netrc"]["inode"] == after["/etc/shadow-like"]["inode"]
+    shadow = after["/etc/shadow-like"]
+    assert (shadow["uid"], shadow["gid"], shadow["mode"], shadow["links"]) == (0, 0, "0600", 2), shadow
+    assert machine.debugfs_cat(disk, "/etc/shadow-like") == secret == sc.HOSTILE_SECRET
+    assert after["/home/bird/.bash_history"]["type"] == "FIFO"
+    assert after["/home/bird/disk.img"]["type"] == "block"
+    # and as the booted system saw storage
+    ins = r.report["inspect"]
+    for planted, target in sc.HOSTILE_LINKS.items():
+        e = ins["/persistent" + planted]
+        assert e["type"] == "symlink" and e["readlink"] == target, e
+    s = ins["/persistent/etc/shadow-like"]
+    assert (s["uid"], s["gid"], s["mode"], s["content"]) == (0, 0, "0600", sc.HOSTILE_SECRET), s
+    assert ins["/persistent/home/bird/.netrc"]["ino"] == s["ino"]
 
 
 def test_errors_reach_the_kernel_log_even_with_verbose(vm_build, tmp_path):

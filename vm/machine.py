@@ -88,22 +88,79 @@ def debugfs_cat(image: Path, path: str) -> str | None:
     return r.stdout.decode("utf-8", "replace")
 
 
+def debugfs_stat(image: Path, path: str) -> dict | None:
+    """An inode as debugfs sees it on an ext4 image (no mount): {inode,
+    type, mode, uid, gid, links, size, link (a symlink's text) or None};
+    None if the path does not exist. debugfs does not follow a final link."""
+    r = subprocess.run(["debugfs", "-R", f"stat {path}", str(image)], capture_output=True)
+    text = r.stdout.decode("utf-8", "replace")
+    if r.returncode != 0 or b"not found" in r.stderr or "Inode:" not in text:
+        return None
+    import re
+    def field(name, pattern=r"(\S+)"):
+        m = re.search(rf"\b{name}:\s*{pattern}", text)
+        return m.group(1) if m else None
+    link = re.search(r'Fast link dest: "(.*)"', text)
+    if link is None and field("Type") == "symlink":  # a slow link: its block holds the text
+        cat = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True)
+        link = cat.stdout.decode("utf-8", "replace") if cat.returncode == 0 else None
+    else:
+        link = link.group(1) if link else None
+    return {"inode": int(field("Inode")), "type": field("Type"),
+            "mode": "%04o" % int(field("Mode"), 8), "uid": int(field("User")),
+            "gid": int(field("Group")), "links": int(field("Links")),
+            "size": int(field("Size")), "link": link}
+
+
+def debugfs_ls(image: Path, path: str) -> list[str] | None:
+    """The names in a directory of an ext4 image (without . and ..)."""
+    r = subprocess.run(["debugfs", "-R", f"ls -p {path}", str(image)], capture_output=True)
+    if r.returncode != 0 or b"not found" in r.stderr:
+        return None
+    names = []
+    for line in r.stdout.decode("utf-8", "replace").splitlines():
+        fields = line.split("/")  # /inode/mode/uid/gid/name/size/
+        if len(fields) >= 7 and fields[5] not in (".", ".."):
+            names.append(fields[5])
+    return sorted(names)
+
+
 def debugfs_exists(image: Path, path: str) -> bool:
     r = subprocess.run(["debugfs", "-R", f"stat {path}", str(image)], capture_output=True)
     return r.returncode == 0 and b"not found" not in r.stderr and b"Inode:" in r.stdout
 
 
+Node = "str | None | tuple[str | None, int]"
+
+
+def _add_node(arc: Archive, dest: str, node) -> None:
+    """content (a file, 0644), None (a directory, 0755) or (content or
+    None, mode)."""
+    content, mode = node if isinstance(node, tuple) else (node, None)
+    if content is None:
+        arc.dir(dest, 0o755 if mode is None else mode)
+    else:
+        arc.file(dest, content.encode(), 0o644 if mode is None else mode)
+
+
 def overlay(config: dict | str | None = None, checks: dict | None = None,
             args: list[str] | None = None,
-            preroot: dict[str, str | None] | None = None,
+            preroot: dict[str, Node] | None = None,
             measure: bool = False, shell_device: str | None = None,
-            shell_first: bool = False) -> bytes:
+            shell_first: bool = False, initrd: dict[str, Node] | None = None,
+            snapshot: list[str] | None = None) -> bytes:
     """The per-boot cpio appended to the initramfs (see vm/guest/init).
     preroot maps a path on the fresh root to file content (None: a
-    directory), created before the script runs. shell_device: also run the
-    per-entry shell approach for the same config in stage 1, with its
-    storage on that device (a copy of the script's: copy_disk), after the
-    script, or before it with shell_first."""
+    directory; (content or None, mode) for another mode than 0644/0755),
+    created before the script runs. initrd: the same for paths in the
+    initramfs itself, outside /nix (e.g. decoys in stage 1's own /etc; the
+    overlay's entries are root's). snapshot: "PATH [MAXDEPTH]" lines that
+    stage 1 records right before and after the script (type, owner, mode,
+    inode, link text, MD5: report["stage1"]["snapshot-before"/"-after"],
+    parse with parse_snapshot). shell_device: also run the per-entry shell
+    approach for the same config in stage 1, with its storage on that
+    device (a copy of the script's: copy_disk), after the script, or before
+    it with shell_first."""
     arc = Archive()
     if config is not None:
         text = config if isinstance(config, str) else json.dumps(config, indent=1)
@@ -123,13 +180,57 @@ def overlay(config: dict | str | None = None, checks: dict | None = None,
         arc.file("/nix/scenario/args", (" ".join(args) + "\n").encode())
     if measure:
         arc.file("/nix/scenario/measure", b"")
-    for path, content in sorted((preroot or {}).items()):
-        dest = "/nix/scenario/preroot" + path
-        if content is None:
-            arc.dir(dest)
-        else:
-            arc.file(dest, content.encode())
+    if snapshot:
+        arc.file("/nix/scenario/snapshot", ("\n".join(snapshot) + "\n").encode())
+    for path, node in sorted((preroot or {}).items()):
+        _add_node(arc, "/nix/scenario/preroot" + path, node)
+    for path, node in sorted((initrd or {}).items()):
+        assert path.startswith("/") and not path.startswith("/nix"), path
+        _add_node(arc, path, node)
     return arc.to_bytes()
+
+
+def parse_snapshot(text: str | None) -> dict[str, dict] | None:
+    """Stage 1's snapshot (vm/guest/init) as {path: {type, uid, gid, mode,
+    links, size, inode, link (text) or None, md5 or None}}; a PATH that did
+    not exist is {"type": "absent"}."""
+    if text is None:
+        return None
+    out: dict[str, dict] = {}
+    md5: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("absent|"):
+            out[line[len("absent|"):]] = {"type": "absent"}
+        elif line.startswith("md5|"):
+            path, _, digest = line[len("md5|"):].rpartition("|")
+            md5[path] = digest
+        elif line:
+            path, kind, uid, gid, mode, links, size, ino, name = line.split("|", 8)
+            link = None
+            if kind == "symbolic link" and " -> " in name:
+                link = name.split(" -> ", 1)[1].strip("'")
+            out[path] = {"type": kind, "uid": int(uid), "gid": int(gid),
+                         "mode": "%04o" % int(mode, 8), "links": int(links),
+                         "size": int(size), "inode": int(ino), "link": link, "md5": None}
+    for path, digest in md5.items():
+        out[path]["md5"] = digest
+    return out
+
+
+def snapshot_changes(before: dict, after: dict) -> dict[str, list[str]]:
+    """{"created", "removed", "changed"}: paths, between two parsed
+    snapshots. A directory counts as changed only by type, owner or mode
+    (its link count and size follow its entries); anything else by every
+    field (type, owner, mode, links, size, inode, link text, content)."""
+    changed = []
+    for path in sorted(set(before) & set(after)):
+        a, b = before[path], after[path]
+        keys = (("type", "uid", "gid", "mode") if a.get("type") == b.get("type") == "directory"
+                else tuple(sorted(set(a) | set(b))))
+        if any(a.get(k) != b.get(k) for k in keys):
+            changed.append(path)
+    return {"created": sorted(set(after) - set(before)),
+            "removed": sorted(set(before) - set(after)), "changed": changed}
 
 
 class BootResult:

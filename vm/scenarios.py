@@ -188,3 +188,131 @@ KMSG_CONFIG["persistence"]["/persistent"]["files"].append("/var/spool/late.conf"
 # the last entry in target order fails, after ~40 verbose lines
 KMSG_PREROOT = {"/var": None, "/var/spool": None, "/var/spool/late.conf": "leftover\n"}
 KMSG_CHECKS = {"inspect": ["/var/spool/late.conf"]}
+
+# --- hostile storage: what a user who owns a kept directory can plant ------
+# bird (uid 1000) owns /persistent/home/bird. Before the boot, bird has
+# replaced some of the kept paths in storage: ~/.local/share by a link to
+# /etc and ~/.ssh by a link to /root (absolute: they point into the booted
+# system, and in stage 1 into the initramfs), ~/.config by a relative link
+# climbing out of storage to /etc, the kept file ~/.netrc by a hard link to
+# a root-owned 0600 file elsewhere in storage, the kept file
+# ~/.bash_history by a FIFO (opening it would block the boot) and the kept
+# file ~/disk.img by a block device node (the virtio disk's numbers). The
+# config also keeps unaffected entries, system and user level. The booted
+# system's /etc and /root (stage-1 leftovers on the fresh root) and the
+# initramfs's own /etc and /root hold decoys.
+
+BIRD, USERS_GID = 1000, 100
+HOSTILE_SECRET = "root:$6$not-for-bird$0123456789abcdef:19000:0:99999:7:::\n"
+HOSTILE_MACHINE_ID = "0f9e8d7c6b5a49382716050413223140\n"
+HOSTILE_CONFIG = {
+    "fileSystems": {"/persistent": {"device": "LABEL=persist", "fsType": "ext4"}},
+    "deviceTimeout": 20,
+    "users": {"bird": {"uid": BIRD, "group": "users", "home": "/home/bird"}},
+    "groups": {"users": {"gid": USERS_GID}},
+    "persistence": {"/persistent": {
+        "directories": ["/var/log", "/var/lib/nixos"],
+        "files": ["/etc/machine-id"],
+        "users": {"bird": {
+            "directories": [".local/share/keyrings", ".ssh", ".config/app", "Documents"],
+            "files": [".netrc", ".bash_history", "disk.img", ".profile"],
+        }},
+    }},
+}
+# affected entry -> (the planted path in storage, words its error line must
+# hold besides the path: the cause)
+HOSTILE_AFFECTED = {
+    "/home/bird/.local/share/keyrings": ("/home/bird/.local/share", "symbolic link"),
+    "/home/bird/.ssh": ("/home/bird/.ssh", "symbolic link"),
+    "/home/bird/.config/app": ("/home/bird/.config", "symbolic link"),
+    "/home/bird/.netrc": ("/home/bird/.netrc", "hard link"),
+    "/home/bird/.bash_history": ("/home/bird/.bash_history", "special file"),
+    "/home/bird/disk.img": ("/home/bird/disk.img", "special file"),
+}
+HOSTILE_LINKS = {"/home/bird/.local/share": "/etc", "/home/bird/.ssh": "/root",
+                 "/home/bird/.config": "../../../etc"}
+HOSTILE_DEVICE = (254, 0)  # virtio_blk's /dev/vda on this kernel
+# unaffected entries: (kind, content of a file in it or of the file)
+HOSTILE_UNAFFECTED = {
+    "/var/log": ("dir", "/var/log/boot-0.log", "kept: an old log line\n"),
+    "/var/lib/nixos": ("dir", "/var/lib/nixos/uid-map", "{}\n"),
+    "/etc/machine-id": ("file", "/etc/machine-id", HOSTILE_MACHINE_ID),
+    "/home/bird/Documents": ("dir", "/home/bird/Documents/notes.txt", "kept: bird's notes\n"),
+    "/home/bird/.profile": ("file", "/home/bird/.profile", "export EDITOR=vi\n"),
+}
+# decoys: on the fresh root (the booted system's /etc and /root) ...
+HOSTILE_PREROOT = {
+    "/etc": (None, 0o755), "/etc/hostname": ("decoy\n", 0o644),
+    "/root": (None, 0o700), "/root/.marker": ("decoy: root's home\n", 0o600),
+}
+# ... and in the initramfs itself (stage 1's /etc and /root)
+HOSTILE_INITRD = {
+    "/etc/initrd-decoy": ("decoy: stage 1's /etc\n", 0o644),
+    "/root": (None, 0o700), "/root/.marker": ("decoy: stage 1's /root\n", 0o600),
+}
+# what stage 1 records right before and after the script: the initramfs's
+# /, /etc and /root, and the whole fresh root (not crossing mounts)
+HOSTILE_SNAPSHOT = ["/ 1", "/etc", "/root", "/mnt-root"]
+HOSTILE_STORAGE_PATHS = (["/persistent/etc/shadow-like", "/persistent/etc", "/persistent/home/bird",
+                          "/persistent/home/bird/.local"]
+                         + ["/persistent" + p for p, _ in HOSTILE_AFFECTED.values()])
+HOSTILE_CHECKS = {
+    "inspect": sorted(set(["/", "/etc", "/root", "/root/.marker", "/etc/hostname",
+                           "/home/bird", "/home/bird/.local", "/home/bird/.local/share"]
+                          + list(HOSTILE_AFFECTED) + list(HOSTILE_UNAFFECTED)
+                          + ["/persistent" + p for p in HOSTILE_UNAFFECTED]
+                          + [c[1] for c in HOSTILE_UNAFFECTED.values()]
+                          + HOSTILE_STORAGE_PATHS)),
+    "trees": {"etc": "/etc", "root": "/root"},
+    # a second apply on the booted system meets the same storage
+    "commands": [["apply"]],
+    "status": True,
+}
+
+
+def seed_hostile_storage(seed: Path) -> None:
+    """Storage content for the hostile boot (mkfs.ext4 -d seed keeps owners,
+    modes, links, hard links and FIFOs)."""
+    import os
+
+    def mkdir(rel, mode=0o755, uid=0, gid=0):
+        p = seed / rel.lstrip("/")
+        p.mkdir(parents=True, exist_ok=True)
+        os.chown(p, uid, gid)
+        os.chmod(p, mode)
+
+    def write(rel, content, mode=0o644, uid=0, gid=0):
+        p = seed / rel.lstrip("/")
+        p.write_text(content)
+        os.chown(p, uid, gid)
+        os.chmod(p, mode)
+
+    os.chmod(seed, 0o755)
+    for d in ("/etc", "/var", "/var/lib", "/home"):
+        mkdir(d)
+    # root's: a shadow-like file, 0600
+    write("/etc/shadow-like", HOSTILE_SECRET, 0o600)
+    mkdir("/var/log")
+    mkdir("/var/lib/nixos")
+    write("/var/log/boot-0.log", HOSTILE_UNAFFECTED["/var/log"][2])
+    write("/var/lib/nixos/uid-map", HOSTILE_UNAFFECTED["/var/lib/nixos"][2])
+    write("/etc/machine-id", HOSTILE_MACHINE_ID, 0o444)
+    # bird's home, and what bird planted there
+    mkdir("/home/bird", 0o700, BIRD, USERS_GID)
+    mkdir("/home/bird/.local", 0o755, BIRD, USERS_GID)
+    mkdir("/home/bird/Documents", 0o755, BIRD, USERS_GID)
+    write("/home/bird/Documents/notes.txt", HOSTILE_UNAFFECTED["/home/bird/Documents"][2],
+          0o644, BIRD, USERS_GID)
+    write("/home/bird/.profile", HOSTILE_UNAFFECTED["/home/bird/.profile"][2], 0o644, BIRD, USERS_GID)
+    for rel, target in HOSTILE_LINKS.items():
+        p = seed / rel.lstrip("/")
+        os.symlink(target, p)
+        os.lchown(p, BIRD, USERS_GID)
+    os.link(seed / "etc/shadow-like", seed / "home/bird/.netrc")
+    fifo = seed / "home/bird/.bash_history"
+    os.mkfifo(fifo, 0o600)
+    os.chown(fifo, BIRD, USERS_GID)
+    import stat
+    dev = seed / "home/bird/disk.img"
+    os.mknod(dev, stat.S_IFBLK | 0o600, os.makedev(*HOSTILE_DEVICE))
+    os.chown(dev, BIRD, USERS_GID)

@@ -304,6 +304,10 @@ def main():
     shell_exit = read(STAGE1 + "/shell_exit")
     stage1["shell_exit"] = int(shell_exit) if shell_exit and shell_exit.strip() else None
     stage1["shell_stderr"] = read(STAGE1 + "/shell.stderr") or ""
+    # stage 1's snapshots of the initramfs and the fresh root around the
+    # script (/nix/scenario/snapshot), as text; the host parses them
+    for name in ("snapshot-before", "snapshot-after"):
+        stage1[name] = read(STAGE1 + "/" + name, 1 << 20)
     report["stage1"] = stage1
     report["uptime"] = read("/proc/uptime")
     report["mounts"] = mounts
