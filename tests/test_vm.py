@@ -505,6 +505,11 @@ def test_hostile_storage_nothing_outside_kept_paths_changed(hostile_boot):
     assert before and after, rep["stage1"]
     assert "/etc/initrd-decoy" in before and "/root/.marker" in before
     assert "/mnt-root/root/.marker" in before and "/mnt-root/etc/hostname" in before
+    import hashlib  # the snapshot holds contents, not only names
+    decoy = sc.HOSTILE_INITRD["/etc/initrd-decoy"][0].encode()
+    assert after["/etc/initrd-decoy"]["md5"] == hashlib.md5(decoy).hexdigest(), after
+    assert (after["/root"]["type"], after["/root"]["mode"]) == ("directory", "0700"), after["/root"]
+    assert "/mnt-root/etc/machine-id" in after  # taken after the script
     changes = machine.snapshot_changes(before, after)
     assert changes["removed"] == [] and changes["changed"] == [], changes
     allowed = {"/persistent"} | HOSTILE_EMPTY_TARGET_ALLOWED

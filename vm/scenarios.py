@@ -197,7 +197,7 @@ KMSG_CHECKS = {"inspect": ["/var/spool/late.conf"]}
 # climbing out of storage to /etc, the kept file ~/.netrc by a hard link to
 # a root-owned 0600 file elsewhere in storage, the kept file
 # ~/.bash_history by a FIFO (opening it would block the boot) and the kept
-# file ~/disk.img by a block device node (the virtio disk's numbers). The
+# file ~/disk.img by a block device node (the virtio disk's usual numbers). The
 # config also keeps unaffected entries, system and user level. The booted
 # system's /etc and /root (stage-1 leftovers on the fresh root) and the
 # initramfs's own /etc and /root hold decoys.
@@ -231,7 +231,7 @@ HOSTILE_AFFECTED = {
 }
 HOSTILE_LINKS = {"/home/bird/.local/share": "/etc", "/home/bird/.ssh": "/root",
                  "/home/bird/.config": "../../../etc"}
-HOSTILE_DEVICE = (254, 0)  # virtio_blk's /dev/vda on this kernel
+HOSTILE_DEVICE = (254, 0)  # the numbers virtio_blk usually gets for /dev/vda
 # unaffected entries: (kind, content of a file in it or of the file)
 HOSTILE_UNAFFECTED = {
     "/var/log": ("dir", "/var/log/boot-0.log", "kept: an old log line\n"),
