@@ -1108,18 +1108,19 @@ class Accounts:
 class Node:
     """What is at a path: kind is 'dir', 'file', 'link' or 'other'. Made for
     every lookup, so a plain slotted class rather than a Record."""
-    __slots__ = ("kind", "uid", "gid", "mode", "size", "dev", "ino", "link")
+    __slots__ = ("kind", "uid", "gid", "mode", "size", "dev", "ino", "link", "nlink")
 
-    def __init__(self, kind, uid, gid, mode, size, dev, ino, link):
+    def __init__(self, kind, uid, gid, mode, size, dev, ino, link, nlink=1):
         self.kind, self.uid, self.gid, self.mode = kind, uid, gid, mode
-        self.size, self.dev, self.ino, self.link = size, dev, ino, link
+        self.size, self.dev, self.ino, self.link, self.nlink = size, dev, ino, link, nlink
 
 
 def node_from_stat(st) -> Node:
     m = st.st_mode
     kind = ("dir" if stat.S_ISDIR(m) else "file" if stat.S_ISREG(m)
             else "link" if stat.S_ISLNK(m) else "other")
-    return Node(kind, st.st_uid, st.st_gid, stat.S_IMODE(m), st.st_size, st.st_dev, st.st_ino, None)
+    return Node(kind, st.st_uid, st.st_gid, stat.S_IMODE(m), st.st_size, st.st_dev, st.st_ino, None,
+                st.st_nlink)
 
 
 class Tree:
@@ -1404,6 +1405,12 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
             return actions + [Fail(source, f"source is {describe_kind(node)}, not a directory")]
     elif node is not None and node.kind != "file":
         return actions + [Fail(source, f"source is {describe_kind(node)}, not a regular file")]
+    elif node is not None and node.nlink > 1 and entry.method == "auto":
+        # Checked again when binding; here too, so that nothing is made
+        # on the root for a source that will be refused.
+        folder = tree.look(source[:-1])
+        if folder is not None and folder.uid != node.uid:
+            return actions + [Fail(source, hard_link_refusal(node.uid, folder.uid))]
     elif node is None and target == MACHINE_ID and entry.method == "auto":
         # systemd commits a real id into storage on first boot.
         actions.append(WriteFile(source, b"uninitialized\n", 0, 0, 0o444))
@@ -1463,6 +1470,12 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     actions.append(Bind(source, target, "file"))
     tree.record_bind(source, target)
     return actions
+
+
+def hard_link_refusal(file_uid: int, folder_uid: int) -> str:
+    """A hard link planted by whoever owns the directory (say, to a
+    root-owned file elsewhere in storage) is not kept state."""
+    return f"is a hard link to a file of uid {file_uid} in a directory of uid {folder_uid}; not mounted"
 
 
 def describe_kind(node: Node) -> str:
@@ -1703,8 +1716,7 @@ class Executor:
                 st = os.fstat(src)
                 owner = os.fstat(self.sources.open(a.source[:-1])).st_uid
                 if st.st_nlink > 1 and st.st_uid != owner:
-                    raise EntryError(self.tree.host(a.source), f"is a hard link to a file of uid "
-                                     f"{st.st_uid} in a directory of uid {owner}; not mounted")
+                    raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
             tgt = self.open_leaf(self.targets, a.target, want_dir)
             try:
                 if self.proc_fds:

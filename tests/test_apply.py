@@ -606,3 +606,22 @@ def test_apply_on_other_storage_filesystems(sandbox, loop_disk, fs):
     assert owner_mode(S / "home/bird/.local") == (BIRD, USERS_GID, 0o755)
     assert same_inode(sandbox.path("/home/bird/.local/share/x"), S / "home/bird/.local/share/x")
     assert sandbox.run("apply").returncode == 0
+
+
+def test_refused_hard_link_leaves_nothing_at_the_target(sandbox, disk):
+    # bird's kept ~/.netrc is a hard link to a root-owned file in storage.
+    populate(disk, {"etc/secret": b"root only\n"}, dirs={"home/bird": (BIRD, USERS_GID, 0o700)})
+    mnt = Path("/tmp/plant-" + disk.label)
+    mnt.mkdir()
+    subprocess.run(["mount", disk.device, str(mnt)], check=True)
+    os.chmod(mnt / "etc/secret", 0o600)
+    os.link(mnt / "etc/secret", mnt / "home/bird/.netrc")
+    subprocess.run(["umount", str(mnt)], check=True)
+    mnt.rmdir()
+    cfg = base_config(disk.label, {"users": {"bird": {"files": [".netrc", ".profile"]}}})
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 1
+    assert (f"{sandbox.path('/persistent/home/bird/.netrc')}: is a hard link to a file of uid 0 "
+            "in a directory of uid 1000; not mounted") in result.stderr
+    assert not os.path.lexists(sandbox.path("/home/bird/.netrc"))
+    assert os.readlink(sandbox.path("/home/bird/.profile")) == "/persistent/home/bird/.profile"

@@ -406,12 +406,6 @@ HOSTILE_ROOT = {
     "/var/lib/nixos": ("dir", 0, 0, "0755", True),
     "/var/log": ("dir", 0, 0, "0755", True),
 }
-# Where a refused file entry may leave its (empty, unmounted) target: the
-# script creates the target of a kept file before it finds that the source
-# is a hard link it refuses.
-HOSTILE_EMPTY_TARGET_ALLOWED = {"/home/bird/.netrc"}
-
-
 def _ancestors(path: str) -> set[str]:
     parts = path.strip("/").split("/")
     return {"/" + "/".join(parts[:i]) for i in range(1, len(parts))}
@@ -488,10 +482,7 @@ def test_hostile_storage_nothing_outside_kept_paths_changed(hostile_boot):
     # the whole booted root: the expected entries, nothing else
     got = entries(r)
     extra = set(got) - STAGE1_MOUNTS - set(HOSTILE_ROOT)
-    assert extra <= HOSTILE_EMPTY_TARGET_ALLOWED, sorted(extra)
-    for path in extra:  # a refused entry's target: empty, root's, not mounted
-        assert (got[path]["type"], got[path]["size"], got[path]["uid"], got[path]["mountpoint"]) \
-            == ("file", 0, 0, False), got[path]
+    assert extra == set(), sorted(extra)
     for path, (kind, uid, gid, mode, mounted) in HOSTILE_ROOT.items():
         e = got.get(path)
         assert e is not None, (path, "missing")
@@ -512,7 +503,7 @@ def test_hostile_storage_nothing_outside_kept_paths_changed(hostile_boot):
     assert "/mnt-root/etc/machine-id" in after  # taken after the script
     changes = machine.snapshot_changes(before, after)
     assert changes["removed"] == [] and changes["changed"] == [], changes
-    allowed = {"/persistent"} | HOSTILE_EMPTY_TARGET_ALLOWED
+    allowed = {"/persistent"}
     for target in unaffected:
         allowed |= {target} | _ancestors(target)
     created = {p[len("/mnt-root"):] for p in changes["created"]}
@@ -531,11 +522,9 @@ def test_hostile_storage_unaffected_entries_in_place(hostile_boot):
         assert ins[target]["type"] == kind and ins[target]["mountpoint"], ins[target]
         assert (mounts[target]["source"], mounts[target]["root"]) == ("/dev/vda", target)
         assert ins[probe]["content"] == content, (probe, ins[probe])
-    # the affected ones are not: no target, or (a refused file) an empty one
+    # the affected ones are not: nothing is made at their targets
     for target in sc.HOSTILE_AFFECTED:
-        e = ins[target]
-        assert not e["exists"] or (target in HOSTILE_EMPTY_TARGET_ALLOWED and e["type"] == "file"
-                                   and e["size"] == 0 and not e["mountpoint"]), e
+        assert not ins[target]["exists"], ins[target]
     # status counts the affected entries; a second apply on the booted
     # system meets the same storage: the same failures, no new mount
     status = rep["status"]
