@@ -1169,7 +1169,11 @@ class Tree:
         node = self.created.get(comps) or self.dirs.get(comps)
         if node is not None:
             return node
-        for depth in range(1, len(comps)):
+        above = comps[:-1]
+        # A known parent was only recorded once all of its own parents had
+        # been checked: then there is nothing left to check above comps.
+        known = above in self.dirs or above in self.created
+        for depth in range(1, 0 if known else len(comps)):
             prefix = comps[:depth]
             if prefix in self.dirs or prefix in self.created:
                 continue
@@ -1541,6 +1545,10 @@ class Executor:
         self.targets = DirChain(self.root_fd, tree)
         self.proc_fds = os.path.isdir("/proc/self/fd")
         self.euid = os.geteuid()
+        cls = type(self)
+        self.steps = {kind: getattr(cls, "do_" + kind.__name__)
+                      for kind in (MakeDir, WriteFile, CreateMountFile, RemoveEmptyFile,
+                                   Symlink, Bind, Fail)}
 
     def chain_for(self, comps: tuple, storage: tuple) -> DirChain:
         return self.sources if storage and is_under(comps, storage) else self.targets
@@ -1554,7 +1562,7 @@ class Executor:
         if self.log.verbosity >= 2:
             self.log.info(action.describe(self.tree))
         try:
-            getattr(self, "do_" + type(action).__name__)(action, storage)
+            self.steps[type(action)](self, action, storage)
         except OSError as exc:
             # fd-relative calls report only the last component (or, for
             # symlink, the link text): name the whole path instead.
