@@ -1702,41 +1702,35 @@ class Executor:
         return fd
 
     def do_Bind(self, a: Bind, storage: tuple) -> None:
-        shown = self.tree.host(a.target)
         if a.kind == "dir":
             # Both opened O_DIRECTORY|O_NOFOLLOW along the walks (usually
-            # already open), then bound between exactly those inodes.
-            src = self.sources.open(a.source)
-            tgt = self.targets.open(a.target)
-            if self.proc_fds:
-                mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, MS_BIND, None, shown)
-            else:
-                mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
-            self.targets.forget(a.target)
-            self.mounts.add(shown, self.tree.host(a.source), "/", "bind")
+            # already open); the chains close them.
+            self._bind(a, self.sources.open(a.source), self.targets.open(a.target))
             return
-        want_dir = False
-        src = self.open_leaf(self.sources, a.source, want_dir)
+        src = self.open_leaf(self.sources, a.source, False)
         try:
-            if not want_dir:
-                # A hard link planted by whoever owns the directory (say, to
-                # a root-owned file elsewhere in storage) is not kept state.
-                st = os.fstat(src)
-                owner = os.fstat(self.sources.open(a.source[:-1])).st_uid
-                if st.st_nlink > 1 and st.st_uid != owner:
-                    raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
-            tgt = self.open_leaf(self.targets, a.target, want_dir)
+            # A hard link planted by whoever owns the directory (say, to a
+            # root-owned file elsewhere in storage) is not kept state.
+            st = os.fstat(src)
+            owner = os.fstat(self.sources.open(a.source[:-1])).st_uid
+            if st.st_nlink > 1 and st.st_uid != owner:
+                raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
+            tgt = self.open_leaf(self.targets, a.target, False)
             try:
-                if self.proc_fds:
-                    # The kernel resolves these magic links to exactly the
-                    # inodes opened above: no path is looked up again.
-                    mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, MS_BIND, None, shown)
-                else:
-                    mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
+                self._bind(a, src, tgt)
             finally:
                 os.close(tgt)
         finally:
             os.close(src)
+
+    def _bind(self, a: Bind, src: int, tgt: int) -> None:
+        shown = self.tree.host(a.target)
+        if self.proc_fds:
+            # The kernel resolves these magic links to exactly the inodes
+            # opened: no path is looked up again.
+            mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, MS_BIND, None, shown)
+        else:
+            mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
         self.targets.forget(a.target)
         self.mounts.add(shown, self.tree.host(a.source), "/", "bind")
 
@@ -1751,6 +1745,16 @@ def covering_filesystem(config: Config, storage: tuple):
     return best
 
 
+def make_root_dirs(path: tuple, first: int, why: str, tree: Tree, executor: Executor) -> None:
+    """Every missing directory of path from depth `first` on, root:root 0755."""
+    for depth in range(first, len(path) + 1):
+        node = tree.look(path[:depth])
+        if node is None:
+            executor.run(MakeDir(path[:depth], 0, 0, 0o755, why, False), ())
+        elif node.kind != "dir":
+            raise EntryError(tree.host(path[:depth]), f"is {describe_kind(node)}, not a directory")
+
+
 def mount_filesystem(fs: FileSystem, tree: Tree, executor: Executor, mounts: MountTable,
                      timeout: float, log: Log) -> None:
     host = tree.host(fs.mountpoint)
@@ -1760,13 +1764,7 @@ def mount_filesystem(fs: FileSystem, tree: Tree, executor: Executor, mounts: Mou
         return
     device, probed = wait_for_device(fs.device, timeout)
     # The mount point on the fresh root: plain root-owned directories.
-    for depth in range(1, len(fs.mountpoint) + 1):
-        path = fs.mountpoint[:depth]
-        node = tree.look(path)
-        if node is None:
-            executor.run(MakeDir(path, 0, 0, 0o755, "mount point", False), ())
-        elif node.kind != "dir":
-            raise EntryError(tree.host(path), f"is {describe_kind(node)}, not a directory")
+    make_root_dirs(fs.mountpoint, 1, "mount point", tree, executor)
     flags, data = split_mount_options(fs.options)
     if fs.fs_type != "auto":
         candidates = [fs.fs_type]
@@ -1865,9 +1863,7 @@ def prepare_storage(config: Config, tree: Tree, executor: Executor | None, mount
                 state[storage] = None
                 continue
             try:
-                for depth in range(len(fs.mountpoint) + 1, len(storage) + 1):
-                    if tree.look(storage[:depth]) is None:
-                        executor.run(MakeDir(storage[:depth], 0, 0, 0o755, "storage path", False), ())
+                make_root_dirs(storage, len(fs.mountpoint) + 1, "storage path", tree, executor)
                 node = tree.look(storage)
             except (EntryError, OSError) as exc:
                 state[storage] = getattr(exc, "cause", None) or describe_oserror(exc)
