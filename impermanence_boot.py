@@ -2058,7 +2058,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
         for entry in reversed(config.entries):
             host = tree.host(entry.target)
             try:
-                failed += unmount_entry(entry, tree, mounts, chain, proc_fds, log)
+                unmount_entry(entry, tree, mounts, chain, proc_fds, log)
             except EntryError as exc:
                 failed += 1
                 log.error(f"{exc.path}: {exc.cause}")
@@ -2082,21 +2082,21 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
 
 
 def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
-                  proc_fds: bool, log: Log) -> int:
+                  proc_fds: bool, log: Log) -> None:
     target = entry.target
     host = tree.host(target)
     node = tree.look(target)
     if node is None:
-        return 0
+        return
     if node.kind == "link":
         if node.link != link_text(entry):
-            return 0
+            return
         parent = chain.open(target[:-1])
         os.unlink(target[-1], dir_fd=parent)
         log.info(f"removed link {host}")
-        return 0
+        return
     src = tree.look(entry.source)
-    while mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
+    if mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
         parent = chain.open(target[:-1])
         # Through the pinned parent, never following a link at the leaf; an
         # fd on the mount itself would keep it busy.
@@ -2107,12 +2107,12 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         tree.forget(target)
         node = tree.look(target)
     if node is None or mounts.is_mountpoint(host):
-        return 0
+        return
     # Remove the mount point only if apply created it and it is empty.
+    if node.kind not in ("dir", "file"):
+        return
     parent = chain.open(target[:-1])
     flags = (O_DIR if node.kind == "dir" else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    if node.kind not in ("dir", "file"):
-        return 0
     fd = os.open(target[-1], flags, dir_fd=parent)
     try:
         try:
@@ -2129,7 +2129,6 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         else:
             os.unlink(target[-1], dir_fd=parent)
         log.info(f"removed mount point {host}")
-    return 0
 
 
 def command_check(config: Config, out) -> int:
