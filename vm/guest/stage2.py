@@ -119,12 +119,10 @@ def describe(path, mounts):
     return info
 
 
-def walk_root(mounts):
-    """Everything on the root filesystem, without descending into other
-    mounts: what the script (and stage 1) created on the fresh root."""
-    root_dev = os.lstat("/").st_dev
-    points = {m["point"] for m in mounts}
-    entries = []
+def walk_same_fs(base, points):
+    """(path, lstat, is a mount point) for everything under base, in name
+    order, not descending into other filesystems or mount points."""
+    base_dev = os.lstat(base).st_dev
 
     def visit(path):
         try:
@@ -137,16 +135,30 @@ def walk_root(mounts):
                 st = os.lstat(p)
             except OSError:
                 continue
-            e = describe_stat(st)
-            e["path"] = p
-            e["mountpoint"] = p in points
-            if stat.S_ISLNK(st.st_mode):
-                e["readlink"] = os.readlink(p)
-            entries.append(e)
-            if stat.S_ISDIR(st.st_mode) and st.st_dev == root_dev and p not in points:
-                visit(p)
+            mounted = p in points
+            yield p, st, mounted
+            if stat.S_ISDIR(st.st_mode) and st.st_dev == base_dev and not mounted:
+                yield from visit(p)
 
-    visit("/")
+    yield from visit(base)
+
+
+def describe_entry(p, st):
+    e = describe_stat(st)
+    if stat.S_ISLNK(st.st_mode):
+        e["readlink"] = os.readlink(p)
+    return e
+
+
+def walk_root(mounts):
+    """Everything on the root filesystem, without descending into other
+    mounts: what the script (and stage 1) created on the fresh root."""
+    entries = []
+    for p, st, mounted in walk_same_fs("/", {m["point"] for m in mounts}):
+        e = describe_entry(p, st)
+        e["path"] = p
+        e["mountpoint"] = mounted
+        entries.append(e)
     return entries
 
 
@@ -155,41 +167,22 @@ def walk_tree(base, mounts):
     filesystem, not descending into mount points; a mount point's entry
     says what is mounted there (the top mount: its root within its
     filesystem, source, type). None if base does not exist."""
-    try:
-        base_dev = os.lstat(base).st_dev
-    except OSError:
+    if not os.path.lexists(base):
         return None
     by_point = {}
     for m in mounts:
         by_point[m["point"]] = m  # later lines are on top
     prefix = base.rstrip("/")
     out = {}
-
-    def visit(path):
-        try:
-            names = sorted(os.listdir(path))
-        except OSError:
-            return
-        for name in names:
-            p = path.rstrip("/") + "/" + name
-            try:
-                st = os.lstat(p)
-            except OSError:
-                continue
-            e = describe_stat(st)
-            top = by_point.get(p)
-            e["mountpoint"] = top is not None
-            if top is not None:
-                e["mount"] = {"root": top["root"], "source": top["source"],
-                              "fstype": top["fstype"],
-                              "count": sum(1 for m in mounts if m["point"] == p)}
-            if stat.S_ISLNK(st.st_mode):
-                e["readlink"] = os.readlink(p)
-            out[p[len(prefix):]] = e
-            if stat.S_ISDIR(st.st_mode) and st.st_dev == base_dev and top is None:
-                visit(p)
-
-    visit(base)
+    for p, st, mounted in walk_same_fs(base, by_point):
+        e = describe_entry(p, st)
+        e["mountpoint"] = mounted
+        if mounted:
+            top = by_point[p]
+            e["mount"] = {"root": top["root"], "source": top["source"],
+                          "fstype": top["fstype"],
+                          "count": sum(1 for m in mounts if m["point"] == p)}
+        out[p[len(prefix):]] = e
     return out
 
 
