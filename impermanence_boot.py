@@ -244,11 +244,11 @@ class Entry(Record):
     """One kept directory or file. Paths are tuples of components relative
     to the root: target ('var', 'log'), storage ('persistent',)."""
     __slots__ = ("kind", "target", "storage", "perms", "method", "parent_perms",
-                 "home", "home_owner", "where")
+                 "home", "home_owner", "where", "source")
 
-    @property
-    def source(self) -> tuple:
-        return self.storage + self.target
+    def __init__(self, kind, target, storage, perms, method, parent_perms, home, home_owner, where):
+        Record.__init__(self, kind, target, storage, perms, method, parent_perms, home,
+                        home_owner, where, storage + target)
 
 
 class Config(Record):
@@ -1147,11 +1147,11 @@ class Tree:
         return self.prefix + "/" + "/".join(comps) if comps else self.root
 
     def translate(self, comps: tuple) -> tuple:
-        if self.binds:
-            for depth in range(len(comps), 0, -1):
-                source = self.binds.get(comps[:depth])
-                if source is not None:
-                    return source + comps[depth:]
+        binds = self.binds
+        for depth in range(len(comps), 0, -1):
+            source = binds.get(comps[:depth])
+            if source is not None:
+                return source + comps[depth:]
         return comps
 
     def _lstat(self, comps: tuple) -> Node | None:
@@ -1165,7 +1165,8 @@ class Tree:
     def look(self, comps: tuple) -> Node | None:
         """The node at comps, or None if missing. Raises EntryError if a
         parent component is a symlink or not a directory."""
-        comps = self.translate(comps)
+        if self.binds:
+            comps = self.translate(comps)
         node = self.created.get(comps) or self.dirs.get(comps)
         if node is not None:
             return node
@@ -1202,7 +1203,7 @@ class Tree:
 
     def same(self, a: tuple, b: tuple) -> bool:
         """Whether paths a and b are the same directory or file."""
-        ta, tb = self.translate(a), self.translate(b)
+        ta, tb = (self.translate(a), self.translate(b)) if self.binds else (a, b)
         if ta == tb:
             return True
         na, nb = self.look(ta), self.look(tb)
@@ -1212,17 +1213,18 @@ class Tree:
     def is_dir(self, comps: tuple) -> bool:
         """Known, without a system call, to be a directory whose every
         parent was checked: the common case for shared parents."""
-        comps = self.translate(comps)
+        if self.binds:
+            comps = self.translate(comps)
         node = self.created.get(comps) or self.dirs.get(comps)
         return node is not None and node.kind == "dir"
 
     def record(self, comps: tuple, node: Node) -> None:
-        key = self.translate(comps)
+        key = self.translate(comps) if self.binds else comps
         self.created[key] = node
         self.pending_created.append(key)
 
     def record_bind(self, source: tuple, target: tuple) -> None:
-        self.binds[target] = self.translate(source)
+        self.binds[target] = self.translate(source) if self.binds else source
         self.pending_binds.append(target)
 
     def forget(self, comps: tuple) -> None:
@@ -1278,14 +1280,20 @@ def open_dir_at(dir_fd: int, name: str, shown: str) -> int:
     try:
         return os.open(name, O_DIR, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-            try:
-                is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-            except OSError:
-                is_link = False
-            what = "a symbolic link" if is_link else "not a directory"
-            raise EntryError(shown, f"is {what}; refusing to follow it") from None
-        raise OSError(exc.errno, exc.strerror, shown) from None
+        raise dir_open_error(exc, dir_fd, name, shown) from None
+
+
+def dir_open_error(exc: OSError, dir_fd: int, name: str, shown: str) -> Exception:
+    """What to raise when opening directory `name` failed: a link or a
+    non-directory in the way is refused by name, with the whole path."""
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+        try:
+            is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            is_link = False
+        what = "a symbolic link" if is_link else "not a directory"
+        return EntryError(shown, f"is {what}; refusing to follow it")
+    return OSError(exc.errno, exc.strerror, shown)
 
 
 def open_beneath(root: str, comps: tuple, flags: int) -> int:
@@ -1304,13 +1312,22 @@ def open_beneath(root: str, comps: tuple, flags: int) -> int:
 
 # --- Actions --------------------------------------------------------------------
 
-class Action(Record):
-    """One change to the filesystem. `describe` is the line `plan` prints."""
+class Action:
+    """One change to the filesystem. `describe` is the line `plan` prints.
+    Made by the thousand at boot: plain slotted classes with their own
+    __init__ (a Record's generic one costs a loop per field)."""
     __slots__ = ()
+
+    def __repr__(self):
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
 
 
 class MakeDir(Action):
     __slots__ = ("path", "uid", "gid", "mode", "why", "mark")
+
+    def __init__(self, path: tuple, uid: int, gid: int, mode: int, why: str, mark: bool = False):
+        self.path, self.uid, self.gid, self.mode, self.why, self.mark = path, uid, gid, mode, why, mark
 
     def describe(self, tree: Tree) -> str:
         return f"mkdir {tree.host(self.path)} ({self.uid}:{self.gid} {format_mode(self.mode)}, {self.why})"
@@ -1318,6 +1335,9 @@ class MakeDir(Action):
 
 class WriteFile(Action):
     __slots__ = ("path", "content", "uid", "gid", "mode")
+
+    def __init__(self, path: tuple, content: bytes, uid: int, gid: int, mode: int):
+        self.path, self.content, self.uid, self.gid, self.mode = path, content, uid, gid, mode
 
     def describe(self, tree: Tree) -> str:
         return (f"create {tree.host(self.path)} containing {self.content.decode().strip()!r} "
@@ -1327,12 +1347,18 @@ class WriteFile(Action):
 class CreateMountFile(Action):
     __slots__ = ("path",)
 
+    def __init__(self, path: tuple):
+        self.path = path
+
     def describe(self, tree: Tree) -> str:
         return f"create empty {tree.host(self.path)} (mount point)"
 
 
 class RemoveEmptyFile(Action):
     __slots__ = ("path",)
+
+    def __init__(self, path: tuple):
+        self.path = path
 
     def describe(self, tree: Tree) -> str:
         return f"remove empty file {tree.host(self.path)} (replaced)"
@@ -1341,6 +1367,9 @@ class RemoveEmptyFile(Action):
 class Symlink(Action):
     __slots__ = ("path", "text")
 
+    def __init__(self, path: tuple, text: str):
+        self.path, self.text = path, text
+
     def describe(self, tree: Tree) -> str:
         return f"link {tree.host(self.path)} -> {self.text}"
 
@@ -1348,12 +1377,18 @@ class Symlink(Action):
 class Bind(Action):
     __slots__ = ("source", "target", "kind")
 
+    def __init__(self, source: tuple, target: tuple, kind: str):
+        self.source, self.target, self.kind = source, target, kind
+
     def describe(self, tree: Tree) -> str:
         return f"bind {tree.host(self.source)} on {tree.host(self.target)}"
 
 
 class Fail(Action):
     __slots__ = ("path", "cause")
+
+    def __init__(self, path: tuple, cause: str):
+        self.path, self.cause = path, cause
 
     def describe(self, tree: Tree) -> str:
         return f"fail {tree.host(self.path)}: {self.cause}"
@@ -1499,34 +1534,54 @@ class DirChain:
     def __init__(self, root_fd: int, tree: Tree):
         self.root_fd = root_fd
         self.tree = tree
-        self.names: list = []
+        self.path: tuple = ()        # fds[i] is the directory path[:i + 1]
         self.fds: list = []
+        self.owners: dict = {}       # depth -> uid, from fstat of that fd
 
     def truncate(self, depth: int) -> None:
-        while len(self.fds) > depth:
-            os.close(self.fds.pop())
-            self.names.pop()
+        fds = self.fds
+        while len(fds) > depth:
+            os.close(fds.pop())
+            self.owners.pop(len(fds) + 1, None)
+        self.path = self.path[:depth]
 
     def open(self, comps: tuple) -> int:
-        depth = 0
-        limit = min(len(self.names), len(comps))
-        while depth < limit and self.names[depth] == comps[depth]:
-            depth += 1
-        self.truncate(depth)
-        fd = self.fds[-1] if self.fds else self.root_fd
+        path = self.path
+        if comps == path:
+            return self.fds[-1] if path else self.root_fd
+        depth = len(path)
+        if comps[:depth] != path:
+            depth = 0
+            limit = min(len(path), len(comps))
+            while depth < limit and path[depth] == comps[depth]:
+                depth += 1
+            self.truncate(depth)
+        fd = self.fds[-1] if depth else self.root_fd
         for i in range(depth, len(comps)):
-            fd = open_dir_at(fd, comps[i], self.tree.host(comps[:i + 1]))
-            self.names.append(comps[i])
+            try:
+                fd = os.open(comps[i], O_DIR, dir_fd=fd)
+            except OSError as exc:
+                raise dir_open_error(exc, fd, comps[i], self.tree.host(comps[:i + 1])) from None
             self.fds.append(fd)
+            self.path = comps[:i + 1]
         return fd
 
+    def owner(self, comps: tuple) -> int:
+        """uid of the directory comps, opened along the walk."""
+        fd = self.open(comps)
+        depth = len(comps)
+        uid = self.owners.get(depth)
+        if uid is None:
+            uid = self.owners[depth] = os.fstat(fd).st_uid
+        return uid
+
     def push(self, name: str, fd: int) -> None:
-        self.names.append(name)
         self.fds.append(fd)
+        self.path += (name,)
 
     def forget(self, comps: tuple) -> None:
         """A mount landed on comps: fds at or below it see what it covers."""
-        if tuple(self.names[:len(comps)]) == comps:
+        if self.path[:len(comps)] == comps:
             self.truncate(len(comps) - 1)
 
     def close(self) -> None:
@@ -1578,7 +1633,7 @@ class Executor:
     def do_MakeDir(self, a: MakeDir, storage: tuple) -> None:
         chain = self.chain_for(a.path, storage)
         parent = chain.open(a.path[:-1])
-        name, shown = a.path[-1], self.tree.host(a.path)
+        name = a.path[-1]
         # Made under a temporary name and renamed into place once owner and
         # mode are set: apply killed in between must not leave a root-owned
         # directory that the next run would keep as it is. A mount point
@@ -1590,19 +1645,22 @@ class Executor:
                 break
             except FileExistsError:
                 if temp == name or attempt == 2:
-                    raise EntryError(shown, "appeared while applying; left as it is") from None
+                    raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
                 try:
                     os.rmdir(temp, dir_fd=parent)  # left by a killed run
                 except OSError:
                     pass
-        fd = open_dir_at(parent, temp, shown)
+        try:
+            fd = os.open(temp, O_DIR, dir_fd=parent)
+        except OSError as exc:
+            raise dir_open_error(exc, parent, temp, self.tree.host(a.path)) from None
         st = os.fstat(fd)
         # Ours if still root-owned: whoever could swap it in its parent
         # cannot make a root-owned directory. (No nlink test: btrfs
         # directories always have one link.)
         if st.st_uid != self.euid:
             os.close(fd)
-            raise EntryError(shown, "was replaced while applying; not changed")
+            raise EntryError(self.tree.host(a.path), "was replaced while applying; not changed")
         os.fchown(fd, a.uid, a.gid)
         # mkdir cannot set set-id bits, and a set-gid parent passes its own.
         if a.mode & 0o6000 or stat.S_IMODE(st.st_mode) != a.mode:
@@ -1614,12 +1672,12 @@ class Executor:
                 pass  # unmount will then leave this mount point in place
         if temp != name:
             try:
-                rename_noreplace(parent, temp, name, shown)
+                rename_noreplace(parent, temp, name, None)  # run() names the path
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     os.rmdir(temp, dir_fd=parent)
-                    raise EntryError(shown, "appeared while applying; left as it is") from None
+                    raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
                 raise
         chain.push(name, fd)
 
@@ -1712,7 +1770,7 @@ class Executor:
             # A hard link planted by whoever owns the directory (say, to a
             # root-owned file elsewhere in storage) is not kept state.
             st = os.fstat(src)
-            owner = os.fstat(self.sources.open(a.source[:-1])).st_uid
+            owner = self.sources.owner(a.source[:-1])
             if st.st_nlink > 1 and st.st_uid != owner:
                 raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
             tgt = self.open_leaf(self.targets, a.target, False)
@@ -1724,15 +1782,16 @@ class Executor:
             os.close(src)
 
     def _bind(self, a: Bind, src: int, tgt: int) -> None:
-        shown = self.tree.host(a.target)
+        # (The mount table is not updated: apply reads it only before the
+        # entries, for the fileSystems.)
         if self.proc_fds:
             # The kernel resolves these magic links to exactly the inodes
             # opened: no path is looked up again.
-            mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{tgt}", None, MS_BIND, None, shown)
+            mount(b"/proc/self/fd/%d" % src, b"/proc/self/fd/%d" % tgt, None, MS_BIND, None)
         else:
+            shown = self.tree.host(a.target)
             mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
         self.targets.forget(a.target)
-        self.mounts.add(shown, self.tree.host(a.source), "/", "bind")
 
 
 # --- Storage ------------------------------------------------------------------------
