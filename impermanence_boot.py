@@ -1599,6 +1599,7 @@ class Executor:
         self.sources = DirChain(self.root_fd, tree)
         self.targets = DirChain(self.root_fd, tree)
         self.proc_fds = os.path.isdir("/proc/self/fd")
+        self.new_file = None         # (path, fd): the mount point file just made
         self.euid = os.geteuid()
         cls = type(self)
         self.steps = {kind: getattr(cls, "do_" + kind.__name__)
@@ -1609,6 +1610,7 @@ class Executor:
         return self.sources if storage and is_under(comps, storage) else self.targets
 
     def close(self) -> None:
+        self.drop_new_file()
         self.sources.close()
         self.targets.close()
         os.close(self.root_fd)
@@ -1661,7 +1663,8 @@ class Executor:
         if st.st_uid != self.euid:
             os.close(fd)
             raise EntryError(self.tree.host(a.path), "was replaced while applying; not changed")
-        os.fchown(fd, a.uid, a.gid)
+        if st.st_uid != a.uid or st.st_gid != a.gid:
+            os.fchown(fd, a.uid, a.gid)
         # mkdir cannot set set-id bits, and a set-gid parent passes its own.
         if a.mode & 0o6000 or stat.S_IMODE(st.st_mode) != a.mode:
             os.fchmod(fd, a.mode)
@@ -1682,7 +1685,7 @@ class Executor:
         chain.push(name, fd)
 
     def _create_file(self, path: tuple, storage: tuple, content: bytes, uid: int, gid: int,
-                     mode: int, mark: bool) -> None:
+                     mode: int) -> None:
         parent = self.chain_for(path, storage).open(path[:-1])
         name = path[-1]
         # A file with content is written under a temporary name and linked
@@ -1702,11 +1705,6 @@ class Executor:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
-            if mark:
-                try:
-                    os.setxattr(fd, MARK_XATTR, b"1")
-                except OSError:
-                    pass
             if temp != name:
                 # One atomic step: killed before it, the temporary is what
                 # the next run removes; after it, nothing is left over.
@@ -1725,10 +1723,27 @@ class Executor:
             os.close(fd)
 
     def do_WriteFile(self, a: WriteFile, storage: tuple) -> None:
-        self._create_file(a.path, storage, a.content, a.uid, a.gid, a.mode, False)
+        self._create_file(a.path, storage, a.content, a.uid, a.gid, a.mode)
 
     def do_CreateMountFile(self, a: CreateMountFile, storage: tuple) -> None:
-        self._create_file(a.path, storage, b"", 0, 0, 0o644, True)
+        parent = self.targets.open(a.path[:-1])
+        # Root-owned and 0644 as made (umask is 0); the bind mount that
+        # follows covers it, so no chown or chmod.
+        fd = os.open(a.path[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=parent)
+        try:
+            os.setxattr(fd, MARK_XATTR, b"1")
+        except OSError:
+            pass  # unmount will then leave this file in place
+        # Kept open for the Bind that follows: the file just made is the
+        # one mounted on, without looking its name up again.
+        self.drop_new_file()
+        self.new_file = (a.path, fd)
+
+    def drop_new_file(self) -> None:
+        if self.new_file is not None:
+            os.close(self.new_file[1])
+            self.new_file = None
 
     def do_RemoveEmptyFile(self, a: RemoveEmptyFile, storage: tuple) -> None:
         parent = self.targets.open(a.path[:-1])
@@ -1745,19 +1760,20 @@ class Executor:
         parent = self.targets.open(a.path[:-1])
         os.symlink(a.text, a.path[-1], dir_fd=parent)
 
-    def open_leaf(self, chain: DirChain, comps: tuple, want_dir: bool) -> int:
+    def open_leaf(self, chain: DirChain, comps: tuple, want_dir: bool) -> tuple:
+        """(fd, stat) of the directory or regular file comps, never a link."""
         parent = chain.open(comps[:-1])
-        shown = self.tree.host(comps)
         try:
             fd = os.open(comps[-1], O_PATH_NOFOLLOW, dir_fd=parent)
         except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, shown) from None
-        mode = os.fstat(fd).st_mode
+            raise OSError(exc.errno, exc.strerror, self.tree.host(comps)) from None
+        st = os.fstat(fd)
+        mode = st.st_mode
         if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
             os.close(fd)
             kind = "a symbolic link" if stat.S_ISLNK(mode) else "of an unexpected type"
-            raise EntryError(shown, f"is {kind}; not mounted")
-        return fd
+            raise EntryError(self.tree.host(comps), f"is {kind}; not mounted")
+        return fd, st
 
     def do_Bind(self, a: Bind, storage: tuple) -> None:
         if a.kind == "dir":
@@ -1765,21 +1781,29 @@ class Executor:
             # already open); the chains close them.
             self._bind(a, self.sources.open(a.source), self.targets.open(a.target))
             return
-        src = self.open_leaf(self.sources, a.source, False)
+        new_file, self.new_file = self.new_file, None
         try:
-            # A hard link planted by whoever owns the directory (say, to a
-            # root-owned file elsewhere in storage) is not kept state.
-            st = os.fstat(src)
-            owner = self.sources.owner(a.source[:-1])
-            if st.st_nlink > 1 and st.st_uid != owner:
-                raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
-            tgt = self.open_leaf(self.targets, a.target, False)
+            src, st = self.open_leaf(self.sources, a.source, False)
             try:
+                # A hard link planted by whoever owns the directory (say, to
+                # a root-owned file elsewhere in storage) is not kept state.
+                if st.st_nlink > 1:
+                    owner = self.sources.owner(a.source[:-1])
+                    if st.st_uid != owner:
+                        raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
+                if new_file is not None and new_file[0] == a.target:
+                    tgt = new_file[1]
+                else:
+                    tgt = self.open_leaf(self.targets, a.target, False)[0]
+                    if new_file is not None:
+                        os.close(new_file[1])
+                    new_file = (a.target, tgt)
                 self._bind(a, src, tgt)
             finally:
-                os.close(tgt)
+                os.close(src)
         finally:
-            os.close(src)
+            if new_file is not None:
+                os.close(new_file[1])
 
     def _bind(self, a: Bind, src: int, tgt: int) -> None:
         # (The mount table is not updated: apply reads it only before the
@@ -1833,7 +1857,7 @@ def mount_filesystem(fs: FileSystem, tree: Tree, executor: Executor, mounts: Mou
         candidates = [probed]
     else:
         candidates = kernel_filesystems()
-    target_fd = executor.open_leaf(executor.targets, fs.mountpoint, True)
+    target_fd = executor.open_leaf(executor.targets, fs.mountpoint, True)[0]
     target = f"/proc/self/fd/{target_fd}" if executor.proc_fds else host
     errors = []
     try:
