@@ -18,6 +18,7 @@ imported here is copied into every initramfs and loaded at every boot.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import stat
 import sys
@@ -247,8 +248,17 @@ class Entry(Record):
                  "home", "home_owner", "where", "source")
 
     def __init__(self, kind, target, storage, perms, method, parent_perms, home, home_owner, where):
-        Record.__init__(self, kind, target, storage, perms, method, parent_perms, home,
-                        home_owner, where, storage + target)
+        f = _set_field  # one call a field: made for every item of the config
+        f(self, "kind", kind)
+        f(self, "target", target)
+        f(self, "storage", storage)
+        f(self, "perms", perms)
+        f(self, "method", method)
+        f(self, "parent_perms", parent_perms)
+        f(self, "home", home)
+        f(self, "home_owner", home_owner)
+        f(self, "where", where)
+        f(self, "source", storage + target)
 
 
 class Config(Record):
@@ -406,7 +416,7 @@ def parse_components(text, where: str, absolute: bool) -> tuple:
         raise ConfigError(where, f"path {text!r} must be relative to the user's home")
     body = text[1:] if absolute else text
     comps = tuple(body.split("/"))
-    if body == "" or any(c in ("", ".", "..") for c in comps):
+    if "" in comps or "." in comps or ".." in comps:
         raise ConfigError(where, f"path {text!r} must not be empty or contain empty, '.' or '..' components")
     return comps
 
@@ -497,7 +507,9 @@ def load_config(text: str, name: str = "config") -> Config:
         raise ConfigError(name, f"invalid JSON{at}: {msg}") from None
     except RecursionError:
         raise ConfigError(name, "invalid JSON: nested too deeply") from None
-    return parse_config(data)
+    # Text decoded from UTF-8 holds no lone surrogate; only a \u escape
+    # can make one.
+    return parse_config(data, escapes="\\u" in text)
 
 
 def check_unicode(data) -> None:
@@ -541,9 +553,10 @@ def locate_bad_unicode(data) -> None:
             stack.append((at, item))
 
 
-def parse_config(data) -> Config:
+def parse_config(data, escapes: bool = True) -> Config:
     expect(data, dict, "(top level)", "a JSON object")
-    check_unicode(data)
+    if escapes:
+        check_unicode(data)
     check_keys(data, "", TOP_KEYS)
 
     timeout = 30.0
@@ -626,10 +639,11 @@ def parse_config(data) -> Config:
                                    if "persistentStoragePath" in spec else where, absolute=True)
         expect(spec.get("hideMounts", False), bool, key_path(where, "hideMounts"), "true or false")
         for key in ("directories", "files"):
-            items = expect(spec.get(key, []), list, key_path(where, key), "a list")
+            base = key_path(where, key)
+            items = expect(spec.get(key, []), list, base, "a list")
             for i, item in enumerate(items):
-                entries.append(parse_item(key, item, key_path(key_path(where, key), i),
-                                          storage, (), None, ROOT_PERMS, None))
+                entries.append(parse_item(key, item, f"{base}[{i}]", storage, (), None,
+                                          ROOT_PERMS, None))
         user_table = expect(spec.get("users", {}), dict, key_path(where, "users"), "an object")
         for user, uspec in user_table.items():
             uwhere = key_path(key_path(where, "users"), user)
@@ -647,10 +661,11 @@ def parse_config(data) -> Config:
             home_mode = account.home_mode if account and account.home_mode is not None else 0o700
             default = Perms(user, account.group if account and account.group else None, 0o755)
             for key in ("directories", "files"):
-                items = expect(uspec.get(key, []), list, key_path(uwhere, key), "a list")
+                base = key_path(uwhere, key)
+                items = expect(uspec.get(key, []), list, base, "a list")
                 for i, item in enumerate(items):
-                    entries.append(parse_item(key, item, key_path(key_path(uwhere, key), i),
-                                              storage, home, user, default, home_mode))
+                    entries.append(parse_item(key, item, f"{base}[{i}]", storage, home, user,
+                                              default, home_mode))
         if storage not in storages:
             storages.append(storage)
     for account in accounts.values():
@@ -726,12 +741,6 @@ def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
             raise ConfigError(e.where, f"{as_path(e.target)} is listed twice: also at {previous.where}")
         previous = e
     files = {e.target: e for e in entries if e.kind == "file"}
-    for e in entries:
-        for depth in range(1, len(e.target)):
-            holder = files.get(e.target[:depth])
-            if holder is not None:
-                raise ConfigError(e.where, f"{as_path(e.target)} is inside the kept file "
-                                           f"{as_path(holder.target)} ({holder.where})")
     guarded: dict = {}
     for path in storages:
         guarded.setdefault(path, "persistent storage path")
@@ -748,8 +757,13 @@ def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
     for e in entries:
         hit = below.get(e.target)
         for depth in range(1, len(e.target)):
-            if hit is None and e.target[:depth] in guarded:
-                hit = e.target[:depth]
+            prefix = e.target[:depth]
+            holder = files.get(prefix)
+            if holder is not None:
+                raise ConfigError(e.where, f"{as_path(e.target)} is inside the kept file "
+                                           f"{as_path(holder.target)} ({holder.where})")
+            if hit is None and prefix in guarded:
+                hit = prefix
         if hit is not None:
             raise ConfigError(e.where, f"{as_path(e.target)} overlaps the {guarded[hit]} {as_path(hit)}; "
                                        "a bind mount there would hide storage")
@@ -2313,6 +2327,9 @@ def main(argv: list | None = None) -> int:
         sys.stdout.write(USAGE)
         return EXIT_OK
     log = Log(opts.verbosity)
+    # One short run that makes no reference cycles: the cyclic collector
+    # would only walk the config and plan again and again as they grow.
+    gc.disable()
     try:
         config = load_config_file(opts.config)
     except ConfigError as exc:
