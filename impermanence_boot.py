@@ -1614,7 +1614,7 @@ class Executor:
         self.targets = DirChain(self.root_fd, tree)
         self.proc_fds = os.path.isdir("/proc/self/fd")
         self.new_file = None         # (path, fd): the mount point file just made
-        self.euid = os.geteuid()
+        self.euid, self.egid = os.geteuid(), os.getegid()
         cls = type(self)
         self.steps = {kind: getattr(cls, "do_" + kind.__name__)
                       for kind in (MakeDir, WriteFile, CreateMountFile, RemoveEmptyFile,
@@ -1652,9 +1652,12 @@ class Executor:
         name = a.path[-1]
         # Made under a temporary name and renamed into place once owner and
         # mode are set: apply killed in between must not leave a root-owned
-        # directory that the next run would keep as it is. A mount point
-        # needs none of that: a bind mount covers its owner and mode.
-        temp = f".{name}.impermanence-new" if len(name) < 200 and not a.mark else name
+        # directory that the next run would keep as it is. Not needed where
+        # mkdir alone makes the final directory, nor for a mount point: a
+        # bind mount covers its owner and mode.
+        temp = name
+        if not a.mark and len(name) < 200 and not self.mkdir_is_final(a):
+            temp = f".{name}.impermanence-new"
         for attempt in (1, 2):
             try:
                 os.mkdir(temp, a.mode & 0o1777, dir_fd=parent)  # umask is 0
@@ -1697,6 +1700,17 @@ class Executor:
                     raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
                 raise
         chain.push(name, fd)
+
+    def mkdir_is_final(self, a: MakeDir) -> bool:
+        """Whether mkdir(2) alone gives a.path its owner and mode: ours,
+        without set-id bits, in a parent that passes on no group. (The
+        parent as planning saw it; if it changed since, the fstat after
+        mkdir still finds out and fixes owner and mode.)"""
+        if a.uid != self.euid or a.gid != self.egid or a.mode & 0o6000:
+            return False
+        tree, above = self.tree, a.path[:-1]
+        parent = tree.created.get(above) or tree.dirs.get(above)
+        return parent is not None and not parent.mode & stat.S_ISGID
 
     def _create_file(self, path: tuple, storage: tuple, content: bytes, uid: int, gid: int,
                      mode: int) -> None:
