@@ -1490,6 +1490,10 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
         elif node.kind != "dir":
             return actions + [Fail(target, f"target is {describe_kind(node)}, not a directory; left as it is")]
         elif tree.same(source, target):
+            # Mounted by an earlier run: what lies below is the source's,
+            # as for a bind made now (a kept directory nested in this one
+            # is then found already in place, not made twice).
+            tree.record_bind(source, target)
             return actions
         actions.append(Bind(source, target, "dir"))
         tree.record_bind(source, target)
@@ -1708,8 +1712,10 @@ class Executor:
         mkdir still finds out and fixes owner and mode.)"""
         if a.uid != self.euid or a.gid != self.egid or a.mode & 0o6000:
             return False
-        tree, above = self.tree, a.path[:-1]
-        parent = tree.created.get(above) or tree.dirs.get(above)
+        try:
+            parent = self.tree.look(a.path[:-1])  # known to planning: no system call
+        except EntryError:
+            return False
         return parent is not None and not parent.mode & stat.S_ISGID
 
     def _create_file(self, path: tuple, storage: tuple, content: bytes, uid: int, gid: int,

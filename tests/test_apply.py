@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import sys
 import secrets
 import stat
 import subprocess
@@ -516,6 +519,68 @@ def test_status_reads_mountinfo_once(sandbox, disk):
                    capture_output=True, env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
     opens = [l for l in trace.read_text().splitlines() if "/proc/self/mountinfo" in l]
     assert len(opens) == 1, opens
+
+
+def test_nested_entry_added_under_a_directory_an_earlier_run_mounted(sandbox, disk):
+    # The outer directory is already in place, so this run makes no bind
+    # for it; the nested one must still be seen through that mount (its
+    # target is its own source), not made a second time on the root side.
+    first = base_config(disk.label, {"directories": ["/srv/data"]})
+    assert sandbox.run("apply", config=first).returncode == 0
+    both = base_config(disk.label, {"directories": ["/srv/data", "/srv/data/inner"]})
+    result = sandbox.run("apply", config=both)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    inner = sandbox.path("/persistent/srv/data/inner")
+    assert inner.is_dir()
+    assert same_inode(sandbox.path("/srv/data/inner"), inner)
+    # And again, after the nested source was removed by hand.
+    inner.rmdir()
+    result = sandbox.run("apply", config=both)
+    assert result.returncode == 0, result.stderr
+    assert inner.is_dir() and same_inode(sandbox.path("/srv/data/inner"), inner)
+    assert sandbox.run("status", config=both).returncode == 0
+
+
+def test_storage_directories_are_renamed_into_place_only_when_mkdir_cannot_finish_them(sandbox, disk):
+    # A kill between mkdir and chown must not leave a root-owned directory
+    # the next run keeps; a directory that mkdir alone makes complete
+    # (root-owned, no set-id bits, parent passes on no group) needs no
+    # temporary name, and the rename it saves is the dearest call of all.
+    require(shutil.which("strace") is not None, "strace is not installed")
+    from conftest import SCRIPT
+    first = base_config(disk.label, {"directories": ["/srv/shared"]})
+    assert sandbox.run("apply", config=first).returncode == 0
+    shared = sandbox.path("/persistent/srv/shared")
+    os.chown(shared, 0, USERS_GID)
+    os.chmod(shared, 0o2775)
+    cfg = base_config(disk.label, {"directories": [
+        "/srv/shared", "/srv/shared/inner", "/var/lib/plain/state",
+        {"directory": "/var/lib/owned", "user": "bird", "mode": "0700"},
+        {"directory": "/var/lib/sticky", "mode": "1777"},
+        {"directory": "/var/lib/setgid", "mode": "2755"}]})
+    sandbox.write_config(cfg)
+    trace = sandbox.work / "trace"
+    result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=mkdirat,renameat2", "-o", str(trace),
+                             sys.executable, str(SCRIPT), "--root", str(sandbox.root),
+                             "--config", str(sandbox.config_path), "apply"],
+                            capture_output=True, text=True, env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
+    assert result.returncode == 0, result.stderr
+    calls = trace.read_text()
+    made = re.findall(r'mkdirat\(\d+, "([^"]+)"', calls)
+    renamed = re.findall(r'renameat2\(\d+, "([^"]+)", \d+, "([^"]+)"', calls)
+    temp = {new for old, new in renamed if old == f".{new}.impermanence-new"}
+    # Root-owned, no set-id bits, plain parent: one mkdir under the final name.
+    for name in ("var", "lib", "plain", "state", "sticky"):
+        assert name in made and name not in temp, (name, made, renamed)
+    # Owner to set, set-id bits to set, or a set-gid parent: renamed into place.
+    assert temp == {"owned", "setgid", "inner"}, renamed
+    S = sandbox.path("/persistent")
+    assert owner_mode(S / "var/lib/plain/state") == (0, 0, 0o755)
+    assert owner_mode(S / "var/lib/sticky") == (0, 0, 0o1777)
+    assert owner_mode(S / "var/lib/owned") == (BIRD, 0, 0o700)  # group defaults to root
+    assert owner_mode(S / "var/lib/setgid") == (0, 0, 0o2755)
+    assert owner_mode(S / "srv/shared/inner") == (0, 0, 0o755)
 
 
 def test_source_missing_status(sandbox, disk):
