@@ -88,6 +88,15 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
         raise OSError(err, os.strerror(err), shown or target)
 
 
+def bind_fds(source_fd: int, target_fd: int) -> None:
+    """mount --bind between two open fds: the kernel resolves these magic
+    links to exactly the inodes opened, so no path is looked up again."""
+    if (_libc or _load_libc()).mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
+                                     None, MS_BIND, None) != 0:
+        err = _ctypes.get_errno()
+        raise OSError(err, os.strerror(err))  # Executor.run names the target
+
+
 RENAME_NOREPLACE = 1
 
 
@@ -1129,12 +1138,13 @@ class Node:
         self.size, self.dev, self.ino, self.link, self.nlink = size, dev, ino, link, nlink
 
 
+KIND_OF_FORMAT = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "link"}
+
+
 def node_from_stat(st) -> Node:
     m = st.st_mode
-    kind = ("dir" if stat.S_ISDIR(m) else "file" if stat.S_ISREG(m)
-            else "link" if stat.S_ISLNK(m) else "other")
-    return Node(kind, st.st_uid, st.st_gid, stat.S_IMODE(m), st.st_size, st.st_dev, st.st_ino, None,
-                st.st_nlink)
+    return Node(KIND_OF_FORMAT.get(m & 0o170000, "other"), st.st_uid, st.st_gid, m & 0o7777,
+                st.st_size, st.st_dev, st.st_ino, None, st.st_nlink)
 
 
 class Tree:
@@ -1170,38 +1180,41 @@ class Tree:
 
     def _lstat(self, comps: tuple) -> Node | None:
         try:
-            return node_from_stat(os.lstat(self.host(comps)))
-        except FileNotFoundError:
+            st = os.lstat(self.prefix + "/" + "/".join(comps))
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except NotADirectoryError:
-            return None
+        m = st.st_mode
+        return Node(KIND_OF_FORMAT.get(m & 0o170000, "other"), st.st_uid, st.st_gid, m & 0o7777,
+                    st.st_size, st.st_dev, st.st_ino, None, st.st_nlink)
 
     def look(self, comps: tuple) -> Node | None:
         """The node at comps, or None if missing. Raises EntryError if a
         parent component is a symlink or not a directory."""
         if self.binds:
             comps = self.translate(comps)
-        node = self.created.get(comps) or self.dirs.get(comps)
+        created, dirs = self.created, self.dirs
+        node = created.get(comps) or dirs.get(comps)
         if node is not None:
             return node
         above = comps[:-1]
-        # A known parent was only recorded once all of its own parents had
-        # been checked: then there is nothing left to check above comps.
-        known = above in self.dirs or above in self.created
-        for depth in range(1, 0 if known else len(comps)):
-            prefix = comps[:depth]
-            if prefix in self.dirs or prefix in self.created:
-                continue
-            node = self._lstat(prefix)
-            if node is None:
-                return None
-            if node.kind != "dir":
-                what = "a symbolic link" if node.kind == "link" else "not a directory"
-                raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
-            self.dirs[prefix] = node
-        parent = self.created.get(comps[:-1]) if comps else None
-        if parent is not None and parent.kind == "dir":
-            return None  # inside a directory only just planned: empty
+        parent = created.get(above)
+        if parent is not None:
+            if parent.kind == "dir":
+                return None  # inside a directory only just planned: empty
+        elif above not in dirs:
+            # A known parent was only recorded once all of its own parents
+            # had been checked: only an unknown one needs the walk.
+            for depth in range(1, len(comps)):
+                prefix = comps[:depth]
+                if prefix in dirs or prefix in created:
+                    continue
+                node = self._lstat(prefix)
+                if node is None:
+                    return None
+                if node.kind != "dir":
+                    what = "a symbolic link" if node.kind == "link" else "not a directory"
+                    raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
+                dirs[prefix] = node
         node = self._lstat(comps) if comps else node_from_stat(os.stat(self.root))
         if node is not None and node.kind == "dir":
             # Directories are never changed by apply once they exist; what
@@ -1843,9 +1856,7 @@ class Executor:
         # (The mount table is not updated: apply reads it only before the
         # entries, for the fileSystems.)
         if self.proc_fds:
-            # The kernel resolves these magic links to exactly the inodes
-            # opened: no path is looked up again.
-            mount(b"/proc/self/fd/%d" % src, b"/proc/self/fd/%d" % tgt, None, MS_BIND, None)
+            bind_fds(src, tgt)
         else:
             shown = self.tree.host(a.target)
             mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
