@@ -440,6 +440,8 @@ def parse_owner(value, where: str) -> str:
 
 
 def parse_perms(obj: dict, where: str, default: Perms) -> Perms:
+    if "user" not in obj and "group" not in obj and "mode" not in obj:
+        return default
     user = parse_owner(obj["user"], key_path(where, "user")) if "user" in obj else default.user
     group = parse_owner(obj["group"], key_path(where, "group")) if "group" in obj else default.group
     mode = default.mode
@@ -695,17 +697,17 @@ def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
                user: str | None, default: Perms, home_mode: int | None) -> Entry:
     kind = "directory" if key == "directories" else "file"
     at_user = user is not None
+    home_info = (home, user, home_mode) if at_user else None
     if isinstance(item, str):
-        item = {kind: item}
-        path_where = where
-    else:
-        expect(item, dict, where, f"a path string or an object with '{kind}'")
-        check_keys(item, where, DIR_KEYS if kind == "directory" else FILE_KEYS)
-        if kind not in item:
-            raise ConfigError(where, f"missing '{kind}'")
-        path_where = key_path(where, kind)
-    rel = parse_components(item[kind], path_where, absolute=not at_user)
-    target = home + rel
+        # The common form, a bare path: every other setting is its default.
+        target = home + parse_components(item, where, absolute=not at_user)
+        return Entry(kind, target, storage, default if kind == "directory" else None, "auto", None,
+                     home_info, user, where)
+    expect(item, dict, where, f"a path string or an object with '{kind}'")
+    check_keys(item, where, DIR_KEYS if kind == "directory" else FILE_KEYS)
+    if kind not in item:
+        raise ConfigError(where, f"missing '{kind}'")
+    target = home + parse_components(item[kind], key_path(where, kind), absolute=not at_user)
     if "persistentStoragePath" in item and item["persistentStoragePath"] is not None:
         storage = parse_components(item["persistentStoragePath"],
                                    key_path(where, "persistentStoragePath"), absolute=True)
@@ -721,7 +723,6 @@ def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
             expect(item["parentDirectory"], dict, pwhere, "an object")
             check_keys(item["parentDirectory"], pwhere, PERM_KEYS)
             parent_perms = parse_perms(item["parentDirectory"], pwhere, default)
-    home_info = (home, user, home_mode) if at_user else None
     return Entry(kind, target, storage, perms, method, parent_perms, home_info, user, where)
 
 
