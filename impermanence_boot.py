@@ -42,6 +42,10 @@ MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MS_LAZYTIME = 1 << 25
 UMOUNT_NOFOLLOW = 8
+AT_EMPTY_PATH = 0x1000
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -71,6 +75,10 @@ def _load_libc():
         if hasattr(lib, "renameat2"):  # glibc >= 2.28
             lib.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
                                       ctypes.c_char_p, ctypes.c_uint)
+        if hasattr(lib, "open_tree") and hasattr(lib, "move_mount"):  # glibc >= 2.36
+            lib.open_tree.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+            lib.move_mount.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                       ctypes.c_char_p, ctypes.c_uint)
         _libc, _ctypes = lib, ctypes
     return _libc
 
@@ -88,13 +96,36 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
         raise OSError(err, os.strerror(err), shown or target)
 
 
+_new_mount_api = True  # until open_tree(2) is found missing
+
+
 def bind_fds(source_fd: int, target_fd: int) -> None:
-    """mount --bind between two open fds: the kernel resolves these magic
-    links to exactly the inodes opened, so no path is looked up again."""
-    if (_libc or _load_libc()).mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
-                                     None, MS_BIND, None) != 0:
+    """mount --bind from one open fd onto another: exactly the inodes
+    opened, no path looked up again. open_tree(2) and move_mount(2) (Linux
+    5.2) do it without the two /proc/self/fd lookups mount(2) needs, which
+    cost more than the mount itself; older kernels and C libraries get
+    mount(2) on those magic links."""
+    global _new_mount_api
+    lib = _libc or _load_libc()
+    if _new_mount_api and hasattr(lib, "move_mount"):
+        tree = lib.open_tree(source_fd, b"", OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH)
+        if tree >= 0:
+            try:
+                if lib.move_mount(tree, b"", target_fd, b"",
+                                  MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) == 0:
+                    return
+                err = _ctypes.get_errno()
+            finally:
+                os.close(tree)  # a clone left detached goes away with it
+            raise OSError(err, os.strerror(err))  # Executor.run names the target
         err = _ctypes.get_errno()
-        raise OSError(err, os.strerror(err))  # Executor.run names the target
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err))
+        _new_mount_api = False
+    if lib.mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
+                 None, MS_BIND, None) != 0:
+        err = _ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 RENAME_NOREPLACE = 1

@@ -479,7 +479,7 @@ def reference(namespace, tmp_path):
 # Syscalls that change something (plus openat, as "anywhere"). strace kills
 # the process on entry to the K-th call of one of them, before it runs.
 KILL_SYSCALLS = ["mkdirat", "fchown", "fchmod", "renameat2", "fsetxattr", "openat", "write",
-                 "symlinkat", "unlinkat", "mount"]
+                 "symlinkat", "unlinkat", "open_tree", "move_mount"]
 FRACTIONS = {"first": 0.0, "quarter": 0.25, "half": 0.5, "three-quarters": 0.75, "last": 1.0}
 _counts: dict = {}
 
@@ -537,6 +537,29 @@ def test_sigkill_then_apply_again(sandbox, reference, tmp_path, syscall, fractio
     result = run_script(sandbox.root, cfg_path, "apply")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+    assert state_of(sandbox.root) == want
+    assert storage_damage(before, snapshot(store)) == []
+
+
+def test_kernel_without_open_tree_gets_mount_on_proc_fds(sandbox, reference, tmp_path):
+    # Before Linux 5.2 (or under a seccomp filter) open_tree(2) fails with
+    # ENOSYS: binds then go through mount(2) on /proc/self/fd, same result.
+    require(shutil.which("strace") is not None, "strace is not installed")
+    cfg_path, want = reference
+    store = big_world(sandbox.root)
+    before = snapshot(store)
+    trace = tmp_path / "enosys.trace"
+    env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
+    result = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=open_tree,move_mount,mount",
+                             "-e", "inject=open_tree:error=ENOSYS", sys.executable, str(SCRIPT),
+                             "--root", str(sandbox.root), "--config", str(cfg_path), "apply"],
+                            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, result.stderr
+    calls = trace.read_text()
+    assert calls.count("open_tree(") == 1  # tried once, then not again
+    assert "move_mount(" not in calls
+    binds = [m for m in want[0] if m[0] not in (".", "persistent")]  # not the root, not storage
+    assert calls.count('mount("/proc/self/fd/') == len(binds) > 0
     assert state_of(sandbox.root) == want
     assert storage_damage(before, snapshot(store)) == []
 
