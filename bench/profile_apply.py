@@ -7,7 +7,8 @@ Same configuration, storage (ext4 on a loop device, sources partly present)
 and fresh tmpfs root as bench/bench_boot.py for that N, in a private mount
 namespace; runs apply once under the chosen tool and prints its report:
   cprofile    python3.11 -I -m cProfile -s tottime (top 40 functions)
-  strace      strace -c -f (system call counts and times)
+  strace      strace -c -f (system call counts and times; STRACE_ARGS in
+              the environment replaces -c, e.g. "-e trace=%file,mount")
   importtime  python3.11 -I -X importtime (modules the apply path imports)
   plain       just the wall time
 Standard library only (plus strace for that tool).
@@ -60,7 +61,7 @@ def main() -> int:
         if args.tool == "cprofile":
             argv = [args.python, "-I", "-m", "cProfile", "-s", SORT, *cmd]
         elif args.tool == "strace":
-            argv = ["strace", "-c", "-f", "-o", os.path.join(work, "strace.txt"), args.python, "-I", *cmd]
+            argv = ["strace", *(os.environ.get("STRACE_ARGS", "-c").split()), "-f", "-o", os.path.join(work, "strace.txt"), args.python, "-I", *cmd]
         elif args.tool == "importtime":
             argv = [args.python, "-I", "-X", "importtime", *cmd]
         else:
