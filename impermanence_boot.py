@@ -1062,14 +1062,12 @@ class Accounts:
             table = {}
             text = self.fs.read_file(storage + ("var", "lib", "nixos", name))
             if text is not None:
-                import json
-
                 try:
-                    loaded = json.loads(text)
+                    loaded = parse_json(text)  # not json: ~9 ms of imports at boot
                     if isinstance(loaded, dict):
                         table = {k: v for k, v in loaded.items()
                                  if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
-                except ValueError:
+                except (ValueError, RecursionError):
                     pass
             self._maps[key] = table
         return self._maps[key]

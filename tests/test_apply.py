@@ -427,8 +427,13 @@ def test_names_from_nixos_uid_map_and_root_passwd(sandbox, disk):
         "directories": [{"directory": "/var/lib/colord", "user": "colord", "group": "colord"},
                         {"directory": "/srv/a", "user": "alice", "group": "staff"}],
         "users": {"alice": {"directories": ["Music"]}}}, users={}, groups={})
-    result = sandbox.run("apply", config=cfg)
+    result = sandbox.run("apply", config=cfg, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert result.returncode == 0, result.stderr
+    # The maps are read with the C scanner, as the config is: the json
+    # package (re, enum, ...) would cost every boot that persists
+    # /var/lib/nixos several milliseconds.
+    imported = [l.rsplit("|", 1)[-1].strip() for l in result.stderr.splitlines() if l.startswith("import time:")]
+    assert "_json" in imported and "json" not in imported
     S = sandbox.path("/persistent")
     assert owner_mode(S / "var/lib/colord")[:2] == (321, 322)
     assert owner_mode(S / "srv/a")[:2] == (2001, 50)
