@@ -99,12 +99,13 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
 _new_mount_api = True  # until open_tree(2) is found missing
 
 
-def bind_fds(source_fd: int, target_fd: int) -> None:
+def bind_fds(source_fd: int, target_fd: int, proc_fds: bool) -> bool:
     """mount --bind from one open fd onto another: exactly the inodes
     opened, no path looked up again. open_tree(2) and move_mount(2) (Linux
     5.2) do it without the two /proc/self/fd lookups mount(2) needs, which
     cost more than the mount itself; older kernels and C libraries get
-    mount(2) on those magic links."""
+    mount(2) on those magic links. False if neither is available (an old
+    kernel and no /proc): the caller then has only paths."""
     global _new_mount_api
     lib = _libc or _load_libc()
     if _new_mount_api and hasattr(lib, "move_mount"):
@@ -113,7 +114,7 @@ def bind_fds(source_fd: int, target_fd: int) -> None:
             try:
                 if lib.move_mount(tree, b"", target_fd, b"",
                                   MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) == 0:
-                    return
+                    return True
                 err = _ctypes.get_errno()
             finally:
                 os.close(tree)  # a clone left detached goes away with it
@@ -122,10 +123,13 @@ def bind_fds(source_fd: int, target_fd: int) -> None:
         if err != errno.ENOSYS:
             raise OSError(err, os.strerror(err))
         _new_mount_api = False
+    if not proc_fds:
+        return False
     if lib.mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
                  None, MS_BIND, None) != 0:
         err = _ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+    return True
 
 
 RENAME_NOREPLACE = 1
@@ -1652,9 +1656,8 @@ class DirChain:
 class Executor:
     """Performs actions with fd-relative calls that never follow a link."""
 
-    def __init__(self, tree: Tree, mounts: MountTable, log: Log):
+    def __init__(self, tree: Tree, log: Log):
         self.tree = tree
-        self.mounts = mounts
         self.log = log
         self.root_fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.sources = DirChain(self.root_fd, tree)
@@ -1868,14 +1871,12 @@ class Executor:
                     owner = self.sources.owner(a.source[:-1])
                     if st.st_uid != owner:
                         raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
-                if new_file is not None and new_file[0] == a.target:
-                    tgt = new_file[1]
-                else:
+                if new_file is None or new_file[0] != a.target:
                     tgt = self.open_leaf(self.targets, a.target, False)[0]
                     if new_file is not None:
                         os.close(new_file[1])
                     new_file = (a.target, tgt)
-                self._bind(a, src, tgt)
+                self._bind(a, src, new_file[1])
             finally:
                 os.close(src)
         finally:
@@ -1885,9 +1886,7 @@ class Executor:
     def _bind(self, a: Bind, src: int, tgt: int) -> None:
         # (The mount table is not updated: apply reads it only before the
         # entries, for the fileSystems.)
-        if self.proc_fds:
-            bind_fds(src, tgt)
-        else:
+        if not bind_fds(src, tgt, self.proc_fds):
             shown = self.tree.host(a.target)
             mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
         self.targets.forget(a.target)
@@ -2058,7 +2057,7 @@ def command_apply(config: Config, root: str, log: Log) -> int:
     started = time.monotonic()
     tree = Tree(root)
     mounts = MountTable()
-    executor = Executor(tree, mounts, log)
+    executor = Executor(tree, log)
     failed = 0
     try:
         storage_state = prepare_storage(config, tree, executor, mounts, log)
