@@ -83,6 +83,13 @@ def _load_libc():
     return _libc
 
 
+def libc_error(shown: str | None = None) -> OSError:
+    """The error a libc call just reported through errno, as os functions
+    raise it."""
+    err = _ctypes.get_errno()
+    return OSError(err, os.strerror(err), shown)
+
+
 def _bytes(value: str | None) -> bytes | None:
     return None if value is None else os.fsencode(value)
 
@@ -92,8 +99,7 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
     """mount(2); raises OSError(errno, strerror, path) like os functions."""
     lib = _load_libc()
     if lib.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)) != 0:
-        err = _ctypes.get_errno()
-        raise OSError(err, os.strerror(err), shown or target)
+        raise libc_error(shown or target)
 
 
 _new_mount_api = True  # until open_tree(2) is found missing
@@ -115,20 +121,19 @@ def bind_fds(source_fd: int, target_fd: int, proc_fds: bool) -> bool:
                 if lib.move_mount(tree, b"", target_fd, b"",
                                   MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) == 0:
                     return True
-                err = _ctypes.get_errno()
+                exc = libc_error()  # Executor.run names the target
             finally:
                 os.close(tree)  # a clone left detached goes away with it
-            raise OSError(err, os.strerror(err))  # Executor.run names the target
-        err = _ctypes.get_errno()
-        if err != errno.ENOSYS:
-            raise OSError(err, os.strerror(err))
+            raise exc
+        exc = libc_error()
+        if exc.errno != errno.ENOSYS:
+            raise exc
         _new_mount_api = False
     if not proc_fds:
         return False
     if lib.mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
                  None, MS_BIND, None) != 0:
-        err = _ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        raise libc_error()
     return True
 
 
@@ -143,9 +148,9 @@ def rename_noreplace(dir_fd: int, old: str, new: str, shown: str) -> None:
     if hasattr(lib, "renameat2"):
         if lib.renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), RENAME_NOREPLACE) == 0:
             return
-        err = _ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS):
-            raise OSError(err, os.strerror(err), shown)
+        exc = libc_error(shown)
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise exc
     try:
         os.stat(new, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -157,8 +162,7 @@ def rename_noreplace(dir_fd: int, old: str, new: str, shown: str) -> None:
 def umount2(target: str, flags: int, shown: str | None = None) -> None:
     lib = _load_libc()
     if lib.umount2(_bytes(target), flags) != 0:
-        err = _ctypes.get_errno()
-        raise OSError(err, os.strerror(err), shown or target)
+        raise libc_error(shown or target)
 
 
 # --- Errors and messages ---------------------------------------------------
@@ -1214,12 +1218,9 @@ class Tree:
 
     def _lstat(self, comps: tuple) -> Node | None:
         try:
-            st = os.lstat(self.prefix + "/" + "/".join(comps))
+            return node_from_stat(os.lstat(self.prefix + "/" + "/".join(comps)))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        m = st.st_mode
-        return Node(KIND_OF_FORMAT.get(m & 0o170000, "other"), st.st_uid, st.st_gid, m & 0o7777,
-                    st.st_size, st.st_dev, st.st_ino, None, st.st_nlink)
 
     def look(self, comps: tuple) -> Node | None:
         """The node at comps, or None if missing. Raises EntryError if a
