@@ -7,6 +7,7 @@ global, so they are detached at teardown.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -131,9 +132,16 @@ class Sandbox:
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def mountinfo_points() -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            points.append(line.split()[4].replace("\\040", " "))
-    return points
+@contextlib.contextmanager
+def mounted(device: str, where: Path, *options: str):
+    """device's filesystem mounted at where for the block, then unmounted;
+    where is made for it, and removed again, if it did not exist."""
+    made = not where.exists()
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", *options, device, str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+        if made:
+            where.rmdir()

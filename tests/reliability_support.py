@@ -155,7 +155,7 @@ def mounts_under(root) -> list[tuple]:
     return out
 
 
-def all_mount_points() -> list[str]:
+def mountinfo_points() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [unescape(line.split()[4]) for line in f]
 

@@ -27,14 +27,12 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import require  # noqa: F401
-from reliability_support import (ChangeWatch, all_mount_points, assert_clean_messages,
+from reliability_support import (ChangeWatch, mountinfo_points, assert_clean_messages,
                                  host_snapshot, mounts_under, snapshot, storage_damage)
 
 MALLORY, ALICE, USERS_GID = 1000, 1001, 100
@@ -196,7 +194,7 @@ def check_in_place(world: World, user: str, entry: str) -> None:
     source = world.home("storage", user) / entry
     t, s = os.lstat(target), os.lstat(source)
     assert (t.st_dev, t.st_ino) == (s.st_dev, s.st_ino), f"{target} is not {source}"
-    assert str(target) in all_mount_points(), f"{target} is not a mount point"
+    assert str(target) in mountinfo_points(), f"{target} is not a mount point"
 
 
 def run_case(sandbox, tmp_path, side: str, position_name: str, kind: str):
@@ -209,7 +207,7 @@ def run_case(sandbox, tmp_path, side: str, position_name: str, kind: str):
     storage_before = snapshot(world.store)
     root_before = snapshot(world.R, follow_mounts=False)
     host_before = host_snapshot()
-    mounts_before = set(all_mount_points())
+    mounts_before = set(mountinfo_points())
     watch = ChangeWatch(world.decoys())
     try:
         result = sandbox.run("apply", config=CONFIG)
@@ -240,7 +238,7 @@ def run_case(sandbox, tmp_path, side: str, position_name: str, kind: str):
         for entry in USER_ENTRIES:
             if user == "alice" or entry not in hit:
                 intended.add(str(world.home("root", user) / entry))
-    new_mounts = set(all_mount_points()) - mounts_before
+    new_mounts = set(mountinfo_points()) - mounts_before
     assert new_mounts <= intended, f"unexpected mounts: {sorted(new_mounts - intended)}"
     for point, fs_root, _type, _src in mounts_under(world.R):
         if point in new_mounts:
@@ -314,7 +312,7 @@ RACE_ROUNDS = 12
 
 
 def reset_root_side(world: World, mounts_before: set) -> None:
-    for point in sorted(set(all_mount_points()) - mounts_before, reverse=True):
+    for point in sorted(set(mountinfo_points()) - mounts_before, reverse=True):
         subprocess.run(["umount", "-l", point], check=True)
 
 
@@ -335,7 +333,7 @@ def test_component_swapped_during_apply(sandbox, tmp_path, race):
     decoys_before = {str(d): snapshot(d) for d in world.decoys()}
     storage_before = snapshot(world.store)
     host_before = host_snapshot()
-    mounts_before = set(all_mount_points())
+    mounts_before = set(mountinfo_points())
     store_dev = os.lstat(world.store).st_dev
     watch = ChangeWatch(world.decoys())
     swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, str(victim), str(twin)],
@@ -379,7 +377,7 @@ def test_component_swapped_during_apply(sandbox, tmp_path, race):
     for d in world.decoys():
         assert snapshot(d) == decoys_before[str(d)], f"decoy {d} changed"
     assert host_snapshot() == host_before
-    assert not (set(all_mount_points()) - mounts_before)
+    assert not (set(mountinfo_points()) - mounts_before)
     # Put the real component back under its name, then nothing is lost.
     if os.path.islink(victim):
         os.unlink(victim)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mountinfo_points, require
+from conftest import SCRIPT, mounted, require
+from reliability_support import mountinfo_points
 
 BIRD = 1000
 USERS_GID = 100
@@ -89,10 +90,7 @@ def tree_digest(top: Path) -> dict:
 
 def populate(disk, files: dict, dirs: dict | None = None) -> None:
     """Write into the storage filesystem before the 'boot'."""
-    mnt = Path(f"/tmp/populate-{disk.label}")
-    mnt.mkdir(exist_ok=True)
-    subprocess.run(["mount", disk.device, str(mnt)], check=True)
-    try:
+    with mounted(disk.device, Path(f"/tmp/populate-{disk.label}")) as mnt:
         for rel, (uid, gid, mode) in (dirs or {}).items():
             p = mnt / rel
             p.mkdir(parents=True, exist_ok=True)
@@ -102,9 +100,6 @@ def populate(disk, files: dict, dirs: dict | None = None) -> None:
             p = mnt / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(content)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-        mnt.rmdir()
 
 
 MAIN = {
@@ -459,12 +454,8 @@ def test_symlink_planted_in_storage_is_not_followed(sandbox, disk):
     # bird owns ~/.local in storage and replaces ~/.local/share with a link to /etc.
     populate(disk, {}, dirs={"home/bird": (BIRD, USERS_GID, 0o700),
                              "home/bird/.local": (BIRD, USERS_GID, 0o755)})
-    mnt = Path("/tmp/plant-" + disk.label)
-    mnt.mkdir()
-    subprocess.run(["mount", disk.device, str(mnt)], check=True)
-    os.symlink("/etc", mnt / "home/bird/.local/share")
-    subprocess.run(["umount", str(mnt)], check=True)
-    mnt.rmdir()
+    with mounted(disk.device, Path("/tmp/plant-" + disk.label)) as mnt:
+        os.symlink("/etc", mnt / "home/bird/.local/share")
     etc_before = owner_mode(Path("/etc"))
     cfg = base_config(disk.label, {"users": {"bird": {"directories": [".local/share/evil", "Music"]}}})
     result = sandbox.run("apply", config=cfg)
@@ -512,17 +503,24 @@ def test_status_reports_each_kind_of_drift(sandbox, disk, tmp_path):
     assert any(l.startswith("not-mounted") and "/var/log" in l for l in text.stdout.splitlines())
 
 
+def run_traced(sandbox, syscalls: str, *args: str) -> tuple:
+    """The script run with its config under strace -e trace=syscalls:
+    (the result, the trace)."""
+    require(shutil.which("strace") is not None, "strace is not installed")
+    trace = sandbox.work / "trace"
+    result = subprocess.run(["strace", "-f", "-qq", "-e", f"trace={syscalls}", "-o", str(trace),
+                             sys.executable, str(SCRIPT), "--root", str(sandbox.root),
+                             "--config", str(sandbox.config_path), *args],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
+    return result, trace.read_text()
+
+
 def test_status_reads_mountinfo_once(sandbox, disk):
-    require(subprocess.run(["which", "strace"], capture_output=True).returncode == 0, "strace is not installed")
     cfg = main_config(disk.label)
     assert sandbox.run("apply", config=cfg).returncode == 0
-    trace = sandbox.work / "trace"
-    import sys
-    from conftest import SCRIPT
-    subprocess.run(["strace", "-f", "-e", "trace=open,openat", "-o", str(trace), sys.executable, str(SCRIPT),
-                    "--root", str(sandbox.root), "--config", str(sandbox.config_path), "status"],
-                   capture_output=True, env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
-    opens = [l for l in trace.read_text().splitlines() if "/proc/self/mountinfo" in l]
+    _, calls = run_traced(sandbox, "open,openat", "status")
+    opens = [l for l in calls.splitlines() if "/proc/self/mountinfo" in l]
     assert len(opens) == 1, opens
 
 
@@ -552,8 +550,6 @@ def test_storage_directories_are_renamed_into_place_only_when_mkdir_cannot_finis
     # the next run keeps; a directory that mkdir alone makes complete
     # (root-owned, no set-id bits, parent passes on no group) needs no
     # temporary name, and the rename it saves is the dearest call of all.
-    require(shutil.which("strace") is not None, "strace is not installed")
-    from conftest import SCRIPT
     first = base_config(disk.label, {"directories": ["/srv/shared"]})
     assert sandbox.run("apply", config=first).returncode == 0
     shared = sandbox.path("/persistent/srv/shared")
@@ -565,13 +561,8 @@ def test_storage_directories_are_renamed_into_place_only_when_mkdir_cannot_finis
         {"directory": "/var/lib/sticky", "mode": "1777"},
         {"directory": "/var/lib/setgid", "mode": "2755"}]})
     sandbox.write_config(cfg)
-    trace = sandbox.work / "trace"
-    result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=mkdirat,renameat2", "-o", str(trace),
-                             sys.executable, str(SCRIPT), "--root", str(sandbox.root),
-                             "--config", str(sandbox.config_path), "apply"],
-                            capture_output=True, text=True, env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
+    result, calls = run_traced(sandbox, "mkdirat,renameat2", "apply")
     assert result.returncode == 0, result.stderr
-    calls = trace.read_text()
     made = re.findall(r'mkdirat\(\d+, "([^"]+)"', calls)
     renamed = re.findall(r'renameat2\(\d+, "([^"]+)", \d+, "([^"]+)"', calls)
     temp = {new for old, new in renamed if old == f".{new}.impermanence-new"}
@@ -615,9 +606,8 @@ def test_unmount_round_trip_leaves_storage_identical(sandbox, disk):
         assert not os.path.lexists(sandbox.root / gone), gone
     assert (sandbox.root / "home/bird/.local/share").is_dir()
     # storage is untouched
-    subprocess.run(["mount", disk.device, str(sandbox.path("/persistent"))], check=True)
-    assert tree_digest(sandbox.path("/persistent")) == storage_before
-    subprocess.run(["umount", str(sandbox.path("/persistent"))], check=True)
+    with mounted(disk.device, sandbox.path("/persistent")) as storage:
+        assert tree_digest(storage) == storage_before
     # and apply brings back exactly the same tree and mounts
     assert sandbox.run("apply").returncode == 0
     assert mountinfo_under(sandbox.root) == applied_mounts
@@ -681,13 +671,9 @@ def test_apply_on_other_storage_filesystems(sandbox, loop_disk, fs):
 def test_refused_hard_link_leaves_nothing_at_the_target(sandbox, disk):
     # bird's kept ~/.netrc is a hard link to a root-owned file in storage.
     populate(disk, {"etc/secret": b"root only\n"}, dirs={"home/bird": (BIRD, USERS_GID, 0o700)})
-    mnt = Path("/tmp/plant-" + disk.label)
-    mnt.mkdir()
-    subprocess.run(["mount", disk.device, str(mnt)], check=True)
-    os.chmod(mnt / "etc/secret", 0o600)
-    os.link(mnt / "etc/secret", mnt / "home/bird/.netrc")
-    subprocess.run(["umount", str(mnt)], check=True)
-    mnt.rmdir()
+    with mounted(disk.device, Path("/tmp/plant-" + disk.label)) as mnt:
+        os.chmod(mnt / "etc/secret", 0o600)
+        os.link(mnt / "etc/secret", mnt / "home/bird/.netrc")
     cfg = base_config(disk.label, {"users": {"bird": {"files": [".netrc", ".profile"]}}})
     result = sandbox.run("apply", config=cfg)
     assert result.returncode == 1

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPT, make_loop_disk, require
-from reliability_support import (all_mount_points, assert_clean_messages, mounts_under,
+from conftest import SCRIPT, mounted, require
+from reliability_support import (mountinfo_points, assert_clean_messages, mounts_under,
                                  snapshot, storage_damage, tree_digest)
 
 ALICE, USERS_GID = 1000, 100
@@ -86,27 +86,16 @@ def seeded_disk(loop_disk, tmp_path):
     """A labelled ext4 loop device holding SEED."""
     def make(size_mb: int = 32, mkfs=("mkfs.ext4", "-q", "-F", "-L")):
         disk = loop_disk(label(), size_mb=size_mb, mkfs=mkfs)
-        view = tmp_path / f"seed-{disk.label}"
-        view.mkdir()
-        subprocess.run(["mount", disk.device, str(view)], check=True)
-        try:
+        with mounted(disk.device, tmp_path / f"seed-{disk.label}") as view:
             seed(view)
-        finally:
-            subprocess.run(["umount", str(view)], check=True)
         return disk
     return make
 
 
 def device_files(device: str, tmp_path: Path) -> dict:
     """A checksum of every file on the device, through a private ro mount."""
-    view = tmp_path / f"view-{secrets.token_hex(3)}"
-    view.mkdir()
-    subprocess.run(["mount", "-o", "ro", device, str(view)], check=True)
-    try:
+    with mounted(device, tmp_path / f"view-{secrets.token_hex(3)}", "-o", "ro") as view:
         snap = snapshot(view)
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
-        view.rmdir()
     return {k: v for k, v in snap.items() if not k.startswith("lost+found")}
 
 
@@ -172,11 +161,8 @@ def fill(directory: Path) -> None:
 
 def test_full_storage(sandbox, seeded_disk, tmp_path):
     disk = seeded_disk(size_mb=4, mkfs=("mkfs.ext4", "-q", "-F", "-m", "0", "-N", "64", "-L"))
-    view = tmp_path / "fill"
-    view.mkdir()
-    subprocess.run(["mount", disk.device, str(view)], check=True)
-    fill(view)
-    subprocess.run(["umount", str(view)], check=True)
+    with mounted(disk.device, tmp_path / "fill") as view:
+        fill(view)
     files_before = device_files(disk.device, tmp_path)
     result = sandbox.run("apply", config=config({"device": disk.device}))
     assert result.returncode == 1, result.stderr
@@ -196,11 +182,8 @@ def test_full_storage(sandbox, seeded_disk, tmp_path):
 
 def test_device_appears_after_two_seconds(sandbox, loop_disk, tmp_path):
     disk = loop_disk(label())
-    view = tmp_path / "seed"
-    view.mkdir()
-    subprocess.run(["mount", disk.device, str(view)], check=True)
-    seed(view)
-    subprocess.run(["umount", str(view)], check=True)
+    with mounted(disk.device, tmp_path / "seed") as view:
+        seed(view)
     files_before = device_files(disk.device, tmp_path)
     subprocess.run(["losetup", "-d", disk.device], check=True)
     late: list[str] = []
@@ -405,7 +388,7 @@ def test_non_empty_file_at_target(sandbox, source):
     one_line_naming(result, str(target), cause)
     assert len(messages(result)) == 1
     assert target.read_bytes() == b"the fresh root's own file\n"
-    assert str(target) not in all_mount_points()
+    assert str(target) not in mountinfo_points()
     for t in ("/var/log", "/home/alice/Documents", "/home/alice/.bashrc", "/etc/machine-id"):
         assert in_place(sandbox, t), t
     assert storage_damage(before, snapshot(store)) == []
@@ -484,9 +467,10 @@ FRACTIONS = {"first": 0.0, "quarter": 0.25, "half": 0.5, "three-quarters": 0.75,
 _counts: dict = {}
 
 
-def strace_apply(root: Path, cfg_path: Path, out: Path, inject: str | None = None):
+def strace_apply(root: Path, cfg_path: Path, out: Path, inject: str | None = None,
+                 trace: list = KILL_SYSCALLS):
     env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
-    cmd = ["strace", "-f", "-qq", "-o", str(out), "-e", "trace=" + ",".join(KILL_SYSCALLS)]
+    cmd = ["strace", "-f", "-qq", "-o", str(out), "-e", "trace=" + ",".join(trace)]
     if inject:
         cmd += ["-e", inject]
     cmd += [sys.executable, str(SCRIPT), "--root", str(root), "--config", str(cfg_path), "apply"]
@@ -549,11 +533,8 @@ def test_kernel_without_open_tree_gets_mount_on_proc_fds(sandbox, reference, tmp
     store = big_world(sandbox.root)
     before = snapshot(store)
     trace = tmp_path / "enosys.trace"
-    env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
-    result = subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=open_tree,move_mount,mount",
-                             "-e", "inject=open_tree:error=ENOSYS", sys.executable, str(SCRIPT),
-                             "--root", str(sandbox.root), "--config", str(cfg_path), "apply"],
-                            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+    result = strace_apply(sandbox.root, cfg_path, trace, "inject=open_tree:error=ENOSYS",
+                          trace=["open_tree", "move_mount", "mount"])
     assert result.returncode == 0, result.stderr
     calls = trace.read_text()
     assert calls.count("open_tree(") == 1  # tried once, then not again

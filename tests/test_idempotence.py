@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import mounted
 from reliability_support import mounts_under, snapshot, tree_digest
 
 BIRD, USERS_GID = 1000, 100
@@ -71,13 +71,8 @@ def state(root: Path) -> tuple:
 @pytest.fixture
 def world(sandbox, loop_disk, tmp_path):
     disk = loop_disk("i" + secrets.token_hex(6))
-    view = tmp_path / "seed"
-    view.mkdir()
-    subprocess.run(["mount", disk.device, str(view)], check=True)
-    try:
+    with mounted(disk.device, tmp_path / "seed") as view:
         seed(view)
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
     sandbox.write_config(config(disk.label))
     return sandbox, disk
 
@@ -128,13 +123,8 @@ def test_unmount_leaves_storage_byte_identical(world, tmp_path):
     assert mounts_under(sandbox.root) == [(str(sandbox.root), "/", "tmpfs", "fresh-root")]
     # Storage as it was just before unmount, every file (its times too: no
     # read-modify-write, no touch), and the image once it is unmounted.
-    view = tmp_path / "after"
-    view.mkdir()
-    subprocess.run(["mount", "-o", "ro", disk.device, str(view)], check=True)
-    try:
+    with mounted(disk.device, tmp_path / "after", "-o", "ro") as view:
         after = snapshot(view)
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
     assert {k: v[:6] for k, v in after.items()} == {k: v[:6] for k, v in in_use.items()}
     assert {k: v[6:] for k, v in after.items() if v[0] == "file"} == \
         {k: v[6:] for k, v in in_use.items() if v[0] == "file"}

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT, SCRIPT, mountinfo_points, require
+from conftest import PROJECT, SCRIPT, require
+from reliability_support import mountinfo_points
 
 NIX_DIR = PROJECT / "nix"
 CONFIG_NIX = NIX_DIR / "config.nix"
