@@ -200,6 +200,11 @@ def host_snapshot(paths=("/", "/etc", "/root")) -> dict:
     return out
 
 
+def owner_mode(path) -> tuple:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
 def tree_digest(root, skip=()) -> dict:
     """A comparable picture of a tree for idempotence checks: type, owner,
     mode, content hash / link text of every entry (no times, no inodes)."""

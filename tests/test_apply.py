@@ -2,14 +2,12 @@
 ext4 loop device as persistent storage, inside a private mount namespace."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import sys
 import secrets
-import stat
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SCRIPT, mounted, require
-from reliability_support import mountinfo_points
+from reliability_support import mountinfo_points, owner_mode, tree_digest
 
 BIRD = 1000
 USERS_GID = 100
@@ -45,11 +43,6 @@ def base_config(label: str, persistence: dict, **extra) -> dict:
     return cfg
 
 
-def owner_mode(path: Path) -> tuple:
-    st = os.lstat(path)
-    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
-
-
 def same_inode(a: Path, b: Path) -> bool:
     sa, sb = os.stat(a), os.stat(b)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
@@ -69,23 +62,6 @@ def mountinfo_under(root: Path) -> list:
             if fields[4].startswith(str(root)):
                 rows.append((fields[3], fields[4]))
     return sorted(rows)
-
-
-def tree_digest(top: Path) -> dict:
-    """path -> (type, uid, gid, mode, content hash) for everything below top."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = os.lstat(p)
-            content = None
-            if stat.S_ISREG(st.st_mode):
-                content = hashlib.sha256(p.read_bytes()).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                content = os.readlink(p)
-            out[str(p.relative_to(top))] = (stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid,
-                                            stat.S_IMODE(st.st_mode), content)
-    return out
 
 
 def populate(disk, files: dict, dirs: dict | None = None) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT, SCRIPT, require
-from reliability_support import mountinfo_points
+from reliability_support import mountinfo_points, owner_mode
 
 NIX_DIR = PROJECT / "nix"
 CONFIG_NIX = NIX_DIR / "config.nix"
@@ -382,11 +382,6 @@ APPLY_CONFIG = r'''
   };
 }
 '''
-
-
-def owner_mode(path: Path) -> tuple:
-    st = os.lstat(path)
-    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
 
 def test_generated_config_applies_in_namespace(sandbox, tmp_path):

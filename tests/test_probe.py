@@ -106,15 +106,19 @@ def partition_nodes(device: str, count: int) -> list:
     return [f"/dev/{n}" for n in names]
 
 
-def test_gpt_partuuid_and_partlabel(loop_image, tmp_path):
-    image = tmp_path / "gpt.img"
+def partitioned(loop_image, image: Path, size_mb: int, table: str, count: int) -> list:
+    """A sparse image partitioned by sfdisk from `table`, on a loop device:
+    its `count` partition nodes."""
     with open(image, "wb") as f:
-        f.truncate(48 << 20)
+        f.truncate(size_mb << 20)
+    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True, input=table)
+    return partition_nodes(loop_image(image, partitions=True), count)
+
+
+def test_gpt_partuuid_and_partlabel(loop_image, tmp_path):
     name = "persist-" + secrets.token_hex(3)
-    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
-                   input=f'label: gpt\nsize=16M, type=L, name="{name}"\nsize=16M, type=L, name="other"\n')
-    device = loop_image(image, partitions=True)
-    first, second = partition_nodes(device, 2)
+    first, second = partitioned(loop_image, tmp_path / "gpt.img", 48,
+                                f'label: gpt\nsize=16M, type=L, name="{name}"\nsize=16M, type=L, name="other"\n', 2)
     for part in (first, second):
         reference = blkid(part)
         assert ib.lookup_device(f"PARTUUID={reference['PART_ENTRY_UUID']}")[0] == part
@@ -122,26 +126,16 @@ def test_gpt_partuuid_and_partlabel(loop_image, tmp_path):
 
 
 def test_mbr_partuuid(loop_image, tmp_path):
-    image = tmp_path / "mbr.img"
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
-                   input="label: dos\nsize=8M, type=83\nsize=8M, type=83\n")
-    device = loop_image(image, partitions=True)
-    first, second = partition_nodes(device, 2)
+    first, second = partitioned(loop_image, tmp_path / "mbr.img", 32,
+                                "label: dos\nsize=8M, type=83\nsize=8M, type=83\n", 2)
     reference = blkid(second)
     assert ib.lookup_device(f"PARTUUID={reference['PART_ENTRY_UUID']}")[0] == second
 
 
 def test_apply_mounts_storage_found_by_partlabel(sandbox, loop_image, tmp_path):
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(40 << 20)
     name = "persist-" + secrets.token_hex(3)
-    subprocess.run(["sfdisk", "-q", str(image)], check=True, text=True,
-                   input=f'label: gpt\nsize=32M, type=L, name="{name}"\n')
-    device = loop_image(image, partitions=True)
-    (part,) = partition_nodes(device, 1)
+    (part,) = partitioned(loop_image, tmp_path / "disk.img", 40,
+                          f'label: gpt\nsize=32M, type=L, name="{name}"\n', 1)
     subprocess.run(["mkfs.ext4", "-q", "-F", part], check=True)
     cfg = {"fileSystems": {"/persist": {"device": f"PARTLABEL={name}"}},
            "persistence": {"/persist": {"directories": ["/var/log"]}}}
