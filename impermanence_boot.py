@@ -43,6 +43,7 @@ MS_STRICTATIME = 1 << 24
 MS_LAZYTIME = 1 << 25
 UMOUNT_NOFOLLOW = 8
 AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
 OPEN_TREE_CLONE = 1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
@@ -105,6 +106,36 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
 _new_mount_api = True  # until open_tree(2) is found missing
 
 
+def clone_mount(dir_fd: int, name: str) -> int | None:
+    """A detached bind mount of `name` in dir_fd ("" for dir_fd itself),
+    never following a link at `name`: open_tree(2) with OPEN_TREE_CLONE
+    (Linux 5.2). Looked up by name, the source costs no open and close of
+    its own; the caller fstat()s the fd it gets to check what it cloned.
+    None where the kernel or C library lacks it: bind_fds then falls back
+    to mount(2)."""
+    global _new_mount_api
+    if not _new_mount_api:
+        return None
+    lib = _libc or _load_libc()
+    if hasattr(lib, "move_mount"):
+        flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_SYMLINK_NOFOLLOW if name else AT_EMPTY_PATH)
+        tree = lib.open_tree(dir_fd, os.fsencode(name), flags)
+        if tree >= 0:
+            return tree
+        exc = libc_error()
+        if exc.errno != errno.ENOSYS:
+            raise exc
+    _new_mount_api = False
+    return None
+
+
+def attach_mount(tree: int, target_fd: int) -> None:
+    """move_mount(2) the detached mount `tree` onto target_fd."""
+    if _libc.move_mount(tree, b"", target_fd, b"",
+                        MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0:
+        raise libc_error()  # Executor.run names the target
+
+
 def bind_fds(source_fd: int, target_fd: int, proc_fds: bool) -> bool:
     """mount --bind from one open fd onto another: exactly the inodes
     opened, no path looked up again. open_tree(2) and move_mount(2) (Linux
@@ -112,27 +143,17 @@ def bind_fds(source_fd: int, target_fd: int, proc_fds: bool) -> bool:
     cost more than the mount itself; older kernels and C libraries get
     mount(2) on those magic links. False if neither is available (an old
     kernel and no /proc): the caller then has only paths."""
-    global _new_mount_api
-    lib = _libc or _load_libc()
-    if _new_mount_api and hasattr(lib, "move_mount"):
-        tree = lib.open_tree(source_fd, b"", OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH)
-        if tree >= 0:
-            try:
-                if lib.move_mount(tree, b"", target_fd, b"",
-                                  MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) == 0:
-                    return True
-                exc = libc_error()  # Executor.run names the target
-            finally:
-                os.close(tree)  # a clone left detached goes away with it
-            raise exc
-        exc = libc_error()
-        if exc.errno != errno.ENOSYS:
-            raise exc
-        _new_mount_api = False
+    tree = clone_mount(source_fd, "")
+    if tree is not None:
+        try:
+            attach_mount(tree, target_fd)
+        finally:
+            os.close(tree)  # a clone left detached goes away with it
+        return True
     if not proc_fds:
         return False
-    if lib.mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
-                 None, MS_BIND, None) != 0:
+    if _libc.mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
+                   None, MS_BIND, None) != 0:
         raise libc_error()
     return True
 
@@ -1856,41 +1877,66 @@ class Executor:
             raise EntryError(self.tree.host(comps), f"is {kind}; not mounted")
         return fd, st
 
+    def bind_source(self, a: Bind) -> tuple:
+        """(fd, stat or None, cloned) for a's source, checked to be what
+        was planned and never a link; the fd is the caller's to close. With
+        open_tree(2) it is a detached clone of the source (a directory just
+        made or walked into is cloned through its open fd: no check
+        needed); without, the source itself, opened."""
+        chain, comps, want_dir = self.sources, a.source, a.kind == "dir"
+        if want_dir and chain.path == comps:
+            tree = clone_mount(chain.fds[-1], "")
+            return (tree, None, True) if tree is not None else (os.dup(chain.fds[-1]), None, False)
+        parent = chain.open(comps[:-1])
+        try:
+            tree = clone_mount(parent, comps[-1])
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.tree.host(comps)) from None
+        if tree is None:
+            fd, st = self.open_leaf(chain, comps, want_dir)
+            return fd, st, False
+        st = os.fstat(tree)
+        mode = st.st_mode
+        if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
+            os.close(tree)
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "of an unexpected type"
+            raise EntryError(self.tree.host(comps), f"is {kind}; not mounted")
+        return tree, st, True
+
     def do_Bind(self, a: Bind, storage: tuple) -> None:
-        if a.kind == "dir":
-            # Both opened O_DIRECTORY|O_NOFOLLOW along the walks (usually
-            # already open); the chains close them.
-            self._bind(a, self.sources.open(a.source), self.targets.open(a.target))
-            return
         new_file, self.new_file = self.new_file, None
         try:
-            src, st = self.open_leaf(self.sources, a.source, False)
+            src, st, cloned = self.bind_source(a)
             try:
-                # A hard link planted by whoever owns the directory (say, to
-                # a root-owned file elsewhere in storage) is not kept state.
-                if st.st_nlink > 1:
-                    owner = self.sources.owner(a.source[:-1])
-                    if st.st_uid != owner:
-                        raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
-                if new_file is None or new_file[0] != a.target:
-                    tgt = self.open_leaf(self.targets, a.target, False)[0]
-                    if new_file is not None:
-                        os.close(new_file[1])
-                    new_file = (a.target, tgt)
-                self._bind(a, src, new_file[1])
+                if a.kind == "dir":
+                    tgt = self.targets.open(a.target)  # O_DIRECTORY|O_NOFOLLOW along the walk
+                else:
+                    # A hard link planted by whoever owns the directory (say,
+                    # to a root-owned file elsewhere in storage) is not kept
+                    # state.
+                    if st.st_nlink > 1:
+                        owner = self.sources.owner(a.source[:-1])
+                        if st.st_uid != owner:
+                            raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
+                    if new_file is None or new_file[0] != a.target:
+                        tgt = self.open_leaf(self.targets, a.target, False)[0]
+                        if new_file is not None:
+                            os.close(new_file[1])
+                        new_file = (a.target, tgt)
+                    tgt = new_file[1]
+                # (The mount table is not updated: apply reads it only
+                # before the entries, for the fileSystems.)
+                if cloned:
+                    attach_mount(src, tgt)
+                elif not bind_fds(src, tgt, self.proc_fds):
+                    shown = self.tree.host(a.target)
+                    mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
+                self.targets.forget(a.target)
             finally:
-                os.close(src)
+                os.close(src)  # a clone left detached goes away with it
         finally:
             if new_file is not None:
                 os.close(new_file[1])
-
-    def _bind(self, a: Bind, src: int, tgt: int) -> None:
-        # (The mount table is not updated: apply reads it only before the
-        # entries, for the fileSystems.)
-        if not bind_fds(src, tgt, self.proc_fds):
-            shown = self.tree.host(a.target)
-            mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
-        self.targets.forget(a.target)
 
 
 # --- Storage ------------------------------------------------------------------------
