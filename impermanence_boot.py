@@ -13,7 +13,7 @@ walks every path component by component with O_NOFOLLOW file descriptors.
 
 Only the standard library, and as little of it as possible: every module
 imported here is copied into every initramfs and loaded at every boot.
-`json` and `ctypes` are imported only by the code paths that need them.
+`json` and `_ctypes` are imported only by the code paths that need them.
 """
 from __future__ import annotations
 
@@ -60,34 +60,65 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
 DEFAULT_CONFIG = "/etc/impermanence.json"
 MACHINE_ID = ("etc", "machine-id")
 
+class Libc:
+    """The libc calls the os module lacks, bound through `_ctypes`, the C
+    half of ctypes. The ctypes package itself would add four modules
+    (ctypes, types, struct, ctypes._endian) to every initramfs and their
+    loading to every boot. A call missing from an old C library is None."""
+
+    def __init__(self):
+        import _ctypes
+
+        class Int(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class UInt(_ctypes._SimpleCData):
+            _type_ = "I"
+
+        class ULong(_ctypes._SimpleCData):
+            _type_ = "L"
+
+        class CharP(_ctypes._SimpleCData):
+            _type_ = "z"  # bytes or None (NULL)
+
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = Int
+
+        self._handle = _ctypes.dlopen(None, _ctypes.RTLD_LOCAL)  # the program and its libc
+        self.get_errno = _ctypes.get_errno
+
+        def bind(name: str, *argtypes):
+            try:
+                function = Function((name, self))  # dlsym(self._handle, name)
+            except AttributeError:
+                return None
+            function.argtypes = argtypes
+            return function
+
+        self.mount = bind("mount", CharP, CharP, CharP, ULong, CharP)
+        self.umount2 = bind("umount2", CharP, Int)
+        self.renameat2 = bind("renameat2", Int, CharP, Int, CharP, UInt)  # glibc >= 2.28
+        self.open_tree = bind("open_tree", Int, CharP, UInt)  # glibc >= 2.36
+        self.move_mount = bind("move_mount", Int, CharP, Int, CharP, UInt)
+        if self.open_tree is None or self.move_mount is None:
+            self.open_tree = self.move_mount = None
+
+
 _libc = None
-_ctypes = None
 
 
-def _load_libc():
-    global _libc, _ctypes
+def _load_libc() -> Libc:
+    global _libc
     if _libc is None:
-        import ctypes
-
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                              ctypes.c_ulong, ctypes.c_char_p)
-        lib.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-        if hasattr(lib, "renameat2"):  # glibc >= 2.28
-            lib.renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
-                                      ctypes.c_char_p, ctypes.c_uint)
-        if hasattr(lib, "open_tree") and hasattr(lib, "move_mount"):  # glibc >= 2.36
-            lib.open_tree.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-            lib.move_mount.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
-                                       ctypes.c_char_p, ctypes.c_uint)
-        _libc, _ctypes = lib, ctypes
+        _libc = Libc()
     return _libc
 
 
 def libc_error(shown: str | None = None) -> OSError:
     """The error a libc call just reported through errno, as os functions
     raise it."""
-    err = _ctypes.get_errno()
+    err = _libc.get_errno()
     return OSError(err, os.strerror(err), shown)
 
 
@@ -117,7 +148,7 @@ def clone_mount(dir_fd: int, name: str) -> int | None:
     if not _new_mount_api:
         return None
     lib = _libc or _load_libc()
-    if hasattr(lib, "move_mount"):
+    if lib.move_mount is not None:
         flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_SYMLINK_NOFOLLOW if name else AT_EMPTY_PATH)
         tree = lib.open_tree(dir_fd, os.fsencode(name), flags)
         if tree >= 0:
@@ -166,7 +197,7 @@ def rename_noreplace(dir_fd: int, old: str, new: str, shown: str) -> None:
     appeared at `new` meanwhile. Where the kernel or filesystem lacks it,
     a check then rename(2)."""
     lib = _load_libc()
-    if hasattr(lib, "renameat2"):
+    if lib.renameat2 is not None:
         if lib.renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), RENAME_NOREPLACE) == 0:
             return
         exc = libc_error(shown)

@@ -412,6 +412,24 @@ def test_names_from_nixos_uid_map_and_root_passwd(sandbox, disk):
     assert owner_mode(S / "home/alice/Music")[:2] == (2001, 2002)
 
 
+def test_mounting_loads_only_the_c_half_of_ctypes(sandbox, disk):
+    # mount(2) for the fileSystems, open_tree/move_mount for the binds,
+    # renameat2 for a user-owned directory: all bound through _ctypes. The
+    # ctypes package would add ctypes, types, struct and ctypes._endian to
+    # every initramfs and their loading to every boot.
+    cfg = base_config(disk.label, {"directories": [{"directory": "/srv/a", "user": "bird"}],
+                                   "files": ["/etc/hostname"]})
+    populate(disk, {"etc/hostname": b"h\n"})
+    result = sandbox.run("apply", config=cfg, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr
+    imported = [l.rsplit("|", 1)[-1].strip() for l in result.stderr.splitlines() if l.startswith("import time:")]
+    assert "_ctypes" in imported
+    assert not {"ctypes", "ctypes._endian", "struct"} & set(imported), imported
+    assert same_inode(sandbox.path("/srv/a"), sandbox.path("/persistent/srv/a"))
+    assert owner_mode(sandbox.path("/persistent/srv/a"))[0] == BIRD
+    assert same_inode(sandbox.path("/etc/hostname"), sandbox.path("/persistent/etc/hostname"))
+
+
 def test_unknown_user_fails_that_entry_with_a_fix(sandbox, disk):
     cfg = base_config(disk.label, {"directories": [{"directory": "/var/lib/ghost", "user": "ghost-user"},
                                                    "/var/log"]})
