@@ -347,7 +347,9 @@ let
     ${python} -I -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)' ${script} $out
   '';
 
-  command = root: escapeShellArgs ([ python "-I" "-B" "${compiledScript}" "--root" root "--config" "${configFile}" ]
+  # -S: the script needs nothing `site` sets up (site-packages, .pth
+  # files); skipping it saves about 1 ms a boot, ten times that on a slow CPU.
+  command = root: escapeShellArgs ([ python "-I" "-S" "-B" "${compiledScript}" "--root" root "--config" "${configFile}" ]
     ++ optional verbose "--verbose" ++ [ "apply" ]);
 
   defaultScriptPackage = pkgs.runCommandLocal "impermanence-boot" { } ''

@@ -588,7 +588,7 @@ def test_module_scripted_initrd_runs_apply_from_post_mount_commands(tmp_path):
     assert len(initrd["extraFiles"]) == 4
     # What runs is the script byte-compiled at build time, also in the initrd.
     compiled = initrd["extraFiles"]["/etc/impermanence-boot/impermanence_boot.pyc"]["source"]
-    assert f"-I -B {compiled} --root" in commands
+    assert f"-I -S -B {compiled} --root" in commands
     # The JSON the module installs is config.nix's, for the enabled location only.
     data = json.loads(out["configText"])
     assert list(data["persistence"]) == ["/persistent"]

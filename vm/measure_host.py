@@ -7,7 +7,7 @@ loop device). Runs inside a private mount namespace (unshare -m), as root.
     python3 vm/measure_host.py [--runs 7]
 
 Uses /usr/bin/python3.11 (the interpreter the initramfs ships). Prints the
-median wall time of `python3.11 -I -c pass` and of the apply.
+median wall time of `python3.11 -I -S -c pass` and of the apply.
 Stdlib only.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ set -e
 root=$1; cfg=$2; script=$3
 mount -t tmpfs -o mode=0755 measure-root "$root"
 t0=$(date +%s%N)
-/usr/bin/python3.11 -I -c pass
+/usr/bin/python3.11 -I -S -c pass
 t1=$(date +%s%N)
-IMPERMANENCE_NO_KMSG=1 /usr/bin/python3.11 -I "$script" --root "$root" --config "$cfg" apply
+IMPERMANENCE_NO_KMSG=1 /usr/bin/python3.11 -I -S "$script" --root "$root" --config "$cfg" apply
 t2=$(date +%s%N)
 umount -R "$root"
 echo "$t0 $t1 $t2"
@@ -77,7 +77,7 @@ def main() -> int:
             t0, t1, t2 = map(int, r.stdout.split()[-3:])
             passes.append((t1 - t0) / 1e6)
             applies.append((t2 - t1) / 1e6)
-    print(f"python3.11 -I -c pass: median {statistics.median(passes):.1f} ms over {a.runs} runs")
+    print(f"python3.11 -I -S -c pass: median {statistics.median(passes):.1f} ms over {a.runs} runs")
     print(f"{'impermanence_boot.py' if a.source else 'impermanence_boot.pyc'} apply (demo config, fresh disk): median "
           f"{statistics.median(applies):.1f} ms (min {min(applies):.1f}, max {max(applies):.1f})")
     return 0
