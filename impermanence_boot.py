@@ -62,9 +62,9 @@ MACHINE_ID = ("etc", "machine-id")
 
 class Libc:
     """The libc calls the os module lacks, bound through `_ctypes`, the C
-    half of ctypes. The ctypes package itself would add four modules
-    (ctypes, types, struct, ctypes._endian) to every initramfs and their
-    loading to every boot. A call missing from an old C library is None."""
+    half of ctypes. The ctypes package itself would add five modules
+    (ctypes, types, struct, _struct, ctypes._endian) to every initramfs and
+    their loading to every boot. A call missing from an old C library is None."""
 
     def __init__(self):
         import _ctypes

@@ -415,7 +415,7 @@ def test_names_from_nixos_uid_map_and_root_passwd(sandbox, disk):
 def test_mounting_loads_only_the_c_half_of_ctypes(sandbox, disk):
     # mount(2) for the fileSystems, open_tree/move_mount for the binds,
     # renameat2 for a user-owned directory: all bound through _ctypes. The
-    # ctypes package would add ctypes, types, struct and ctypes._endian to
+    # ctypes package would add ctypes, types, struct, _struct, ctypes._endian to
     # every initramfs and their loading to every boot.
     cfg = base_config(disk.label, {"directories": [{"directory": "/srv/a", "user": "bird"}],
                                    "files": ["/etc/hostname"]})
