@@ -1900,13 +1900,19 @@ class Executor:
             fd = os.open(comps[-1], O_PATH_NOFOLLOW, dir_fd=parent)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, self.tree.host(comps)) from None
+        return fd, self.checked_stat(fd, comps, want_dir)
+
+    def checked_stat(self, fd: int, comps: tuple, want_dir: bool):
+        """fstat of fd, opened or cloned at comps without following a link:
+        a directory or regular file as wanted, else fd is closed and the
+        entry fails."""
         st = os.fstat(fd)
         mode = st.st_mode
         if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
             os.close(fd)
             kind = "a symbolic link" if stat.S_ISLNK(mode) else "of an unexpected type"
             raise EntryError(self.tree.host(comps), f"is {kind}; not mounted")
-        return fd, st
+        return st
 
     def bind_source(self, a: Bind) -> tuple:
         """(fd, stat or None, cloned) for a's source, checked to be what
@@ -1926,13 +1932,7 @@ class Executor:
         if tree is None:
             fd, st = self.open_leaf(chain, comps, want_dir)
             return fd, st, False
-        st = os.fstat(tree)
-        mode = st.st_mode
-        if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
-            os.close(tree)
-            kind = "a symbolic link" if stat.S_ISLNK(mode) else "of an unexpected type"
-            raise EntryError(self.tree.host(comps), f"is {kind}; not mounted")
-        return tree, st, True
+        return tree, self.checked_stat(tree, comps, want_dir), True
 
     def do_Bind(self, a: Bind, storage: tuple) -> None:
         new_file, self.new_file = self.new_file, None
