@@ -140,10 +140,11 @@ _new_mount_api = True  # until open_tree(2) is found missing
 def clone_mount(dir_fd: int, name: str) -> int | None:
     """A detached bind mount of `name` in dir_fd ("" for dir_fd itself),
     never following a link at `name`: open_tree(2) with OPEN_TREE_CLONE
-    (Linux 5.2). Looked up by name, the source costs no open and close of
-    its own; the caller fstat()s the fd it gets to check what it cloned.
-    None where the kernel or C library lacks it: bind_fds then falls back
-    to mount(2)."""
+    (Linux 5.2). With move_mount(2) it binds without the two /proc/self/fd
+    lookups mount(2) would need, which cost more than the mount itself;
+    looked up by name, the source costs no open and close of its own. The
+    caller fstat()s the fd it gets to check what it cloned. None where the
+    kernel or C library lacks it: bind_fds then falls back to mount(2)."""
     global _new_mount_api
     if not _new_mount_api:
         return None
@@ -168,19 +169,10 @@ def attach_mount(tree: int, target_fd: int) -> None:
 
 
 def bind_fds(source_fd: int, target_fd: int, proc_fds: bool) -> bool:
-    """mount --bind from one open fd onto another: exactly the inodes
-    opened, no path looked up again. open_tree(2) and move_mount(2) (Linux
-    5.2) do it without the two /proc/self/fd lookups mount(2) needs, which
-    cost more than the mount itself; older kernels and C libraries get
-    mount(2) on those magic links. False if neither is available (an old
-    kernel and no /proc): the caller then has only paths."""
-    tree = clone_mount(source_fd, "")
-    if tree is not None:
-        try:
-            attach_mount(tree, target_fd)
-        finally:
-            os.close(tree)  # a clone left detached goes away with it
-        return True
+    """mount --bind from one open fd onto another where open_tree(2) is
+    missing (Linux < 5.2, or a C library without it): mount(2) on the two
+    /proc/self/fd magic links, exactly the inodes opened, no path looked up
+    again. False without /proc: the caller then has only paths."""
     if not proc_fds:
         return False
     if _libc.mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
