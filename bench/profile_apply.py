@@ -6,7 +6,8 @@
 Same configuration, storage (ext4 on a loop device, sources partly present)
 and fresh tmpfs root as bench/bench_boot.py for that N, in a private mount
 namespace; runs apply once under the chosen tool and prints its report:
-  cprofile    python3.11 -I -m cProfile -s tottime (top 40 functions)
+  cprofile    cProfile of the script's main() under python3.11 -I, by
+              tottime (top 40 functions)
   strace      strace -c -f (system call counts and times; STRACE_ARGS in
               the environment replaces -c, e.g. "-e trace=%file,mount")
   importtime  python3.11 -I -X importtime (modules the apply path imports)
@@ -27,6 +28,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_boot as bb  # noqa: E402
 
 SORT = "tottime"
+
+# argv: sort key, script, its arguments. Loads the script as a module and
+# profiles main() alone, then prints the report.
+PROFILE_MAIN = """
+import cProfile, importlib.util, pstats, sys
+sort, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+spec = importlib.util.spec_from_file_location("impermanence_boot", script)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+profile = cProfile.Profile()
+status = profile.runcall(module.main, args)
+pstats.Stats(profile, stream=sys.stdout).sort_stats(sort).print_stats()
+sys.exit(status)
+"""
 
 
 def main() -> int:
@@ -59,7 +74,9 @@ def main() -> int:
         cmd = [os.path.abspath(args.script), "--root", root, "--config", cfg, "apply"]
         env = dict(bb.ENV)
         if args.tool == "cprofile":
-            argv = [args.python, "-I", "-m", "cProfile", "-s", SORT, *cmd]
+            # Not `-m cProfile`: the script leaves through os._exit, which
+            # would skip the report. Its main() is profiled instead.
+            argv = [args.python, "-I", "-c", PROFILE_MAIN, SORT, *cmd]
         elif args.tool == "strace":
             argv = ["strace", *(os.environ.get("STRACE_ARGS", "-c").split()), "-f", "-o", os.path.join(work, "strace.txt"), args.python, "-I", *cmd]
         elif args.tool == "importtime":
