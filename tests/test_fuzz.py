@@ -312,3 +312,14 @@ def test_cli_random_arguments(tmp_path_factory, args):
     err = result.stderr.decode("utf-8", "replace")
     clean(err)
     assert "internal error" not in err
+
+
+@pytest.mark.parametrize("name", ["a\rb", "a\nb", "a\x0bb", "a\u2028b"])
+def test_a_line_break_in_a_path_is_written_escaped(tmp_path, name):
+    # Found by test_cli_random_arguments: --config "\r" split the message
+    # into two lines, the second without the prefix.
+    result = run_cli("--config", str(tmp_path / name), "check")
+    assert result.returncode == 2
+    line = one_clean_line(result)
+    assert str(tmp_path / "a") + ("\\x%02x" % ord(name[1]) if ord(name[1]) < 0x100
+                                  else "\\u%04x" % ord(name[1])) + "b" in line, line

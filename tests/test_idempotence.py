@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,24 @@ def test_unmount_leaves_storage_byte_identical(world, tmp_path):
     assert image_sum(disk.image) == image
     links = [p for p, v in snapshot(sandbox.root).items() if v[0] == "link"]
     assert links == []
+
+
+def test_paths_of_another_storage_nested_in_a_bound_directory_are_not_bound_twice(sandbox):
+    # /srv/site is bound from /persistent; /srv/site/inner and
+    # /srv/site/extra.conf come from /persist2 and are mounted inside it.
+    # A second run must find them through the real path: the source's
+    # path shows the directory under them, not them.
+    for name in ("persistent", "persist2"):
+        sandbox.path(name).mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", name, str(sandbox.path(name))], check=True)
+    sandbox.path("/persist2/srv/site/inner").mkdir(parents=True)
+    sandbox.path("/persist2/srv/site/extra.conf").write_text("extra\n")
+    sandbox.write_config({"persistence": {
+        "/persistent": {"directories": ["/srv/site"]},
+        "/persist2": {"directories": ["/srv/site/inner"], "files": ["/srv/site/extra.conf"]}}})
+    apply_ok(sandbox)
+    once = state(sandbox.root)
+    assert len(once[0]) == 2 + 1 + 3
+    apply_ok(sandbox)
+    assert state(sandbox.root) == once
+    assert sandbox.run("status").returncode == 0
