@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SCRIPT, require, umount_tree
-from reliability_support import assert_clean_messages, tree_digest
+from reliability_support import assert_clean_messages, mounts_under, tree_digest
 
 sys.path.insert(0, str(SCRIPT.parent))
 import impermanence_boot as ib  # noqa: E402
@@ -89,15 +89,8 @@ def run_apply(root: Path, config: Path, jobs: str, *args: str, prefix: tuple = (
 def mounts_below(root: Path) -> list:
     """(path relative to root, fs root, source) of the mounts below root, sorted:
     which mounts exist, not the order the two processes made them in."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = fields[4].replace("\\040", " ")
-            if point.startswith(str(root) + "/"):
-                sep = fields.index("-", 6)
-                out.append((os.path.relpath(point, root), fields[3], fields[sep + 2]))
-    return sorted(out)
+    return sorted((os.path.relpath(point, root), fs_root, source)
+                  for point, fs_root, _type, source in mounts_under(root) if point != str(root))
 
 
 def messages(stderr: str, root: Path) -> list:
