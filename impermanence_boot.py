@@ -58,6 +58,10 @@ MARK_XATTR = "trusted.impermanence-boot"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
 
 DEFAULT_CONFIG = "/etc/impermanence.json"
+# The big objects of a run (config, tree, plan), left for the process's
+# exit to free at once: freed one by one on return, 10,000 entries and
+# their tree take milliseconds, for nothing.
+KEPT_UNTIL_EXIT: list = []
 MACHINE_ID = ("etc", "machine-id")
 
 class Libc:
@@ -313,16 +317,17 @@ class Record:
     """A small frozen record (dataclasses costs ~12 ms of imports at boot)."""
 
     __slots__ = ()
+    _fields: tuple = ()
 
     def __init__(self, *args):
-        for name, value in zip(self.__slots__, args):
+        for name, value in zip(self._fields, args):
             _set_field(self, name, value)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"{type(self).__name__} is frozen")
 
     def _values(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
+        return tuple(getattr(self, name) for name in self._fields)
 
     def __eq__(self, other):
         return type(other) is type(self) and other._values() == self._values()
@@ -331,49 +336,44 @@ class Record:
         return hash(self._values())
 
     def __repr__(self):
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
         return f"{type(self).__name__}({fields})"
 
 
 class FileSystem(Record):
     """A persistent filesystem the tool mounts itself at <root><mountpoint>."""
-    __slots__ = ("mountpoint", "device", "fs_type", "options", "where")
+    __slots__ = _fields = ("mountpoint", "device", "fs_type", "options", "where")
 
 
 class Account(Record):
     """users.<name> of the account table (the initrd has no /etc/passwd)."""
-    __slots__ = ("name", "uid", "group", "home", "home_mode")
+    __slots__ = _fields = ("name", "uid", "group", "home", "home_mode")
 
 
 class Perms(Record):
     """Owner and mode for a directory apply creates. `group` None means the
     user's primary group, looked up when applying."""
-    __slots__ = ("user", "group", "mode")
+    __slots__ = _fields = ("user", "group", "mode")
 
 
 class Entry(Record):
     """One kept directory or file. Paths are tuples of components relative
     to the root: target ('var', 'log'), storage ('persistent',)."""
-    __slots__ = ("kind", "target", "storage", "perms", "method", "parent_perms",
-                 "home", "home_owner", "where", "source")
+    _fields = ("kind", "target", "storage", "perms", "method", "parent_perms",
+               "home", "home_owner", "where", "source")
 
     def __init__(self, kind, target, storage, perms, method, parent_perms, home, home_owner, where):
-        f = _set_field  # one call a field: made for every item of the config
-        f(self, "kind", kind)
-        f(self, "target", target)
-        f(self, "storage", storage)
-        f(self, "perms", perms)
-        f(self, "method", method)
-        f(self, "parent_perms", parent_perms)
-        f(self, "home", home)
-        f(self, "home_owner", home_owner)
-        f(self, "where", where)
-        f(self, "source", storage + target)
+        # Made for every item of the config: all fields in one call, into
+        # the instance's dict (slots would take one call a field).
+        _set_field(self, "__dict__", {
+            "kind": kind, "target": target, "storage": storage, "perms": perms, "method": method,
+            "parent_perms": parent_perms, "home": home, "home_owner": home_owner, "where": where,
+            "source": storage + target})
 
 
 class Config(Record):
-    __slots__ = ("filesystems", "device_timeout", "accounts", "group_ids",
-                 "storages", "entries")
+    __slots__ = _fields = ("filesystems", "device_timeout", "accounts", "group_ids",
+                           "storages", "entries")
 
 
 ROOT_PERMS = Perms("root", "root", 0o755)
@@ -784,12 +784,12 @@ def parse_config(data, escapes: bool = True) -> Config:
         if account.home:
             homes.setdefault(account.home, account.name)
 
-    entries = [attach_home(e, homes) for e in entries]
     entries.sort(key=lambda e: e.target)
+    attach_homes(entries, homes)
     check_overlaps(entries, filesystems, storages)
-    for e in entries:
-        if e.storage not in storages:
-            storages.append(e.storage)
+    for storage in entry_storages(entries):
+        if storage not in storages:
+            storages.append(storage)
     return Config(tuple(filesystems), float(timeout), accounts, group_ids,
                   tuple(storages), tuple(entries))
 
@@ -827,49 +827,113 @@ def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
     return Entry(kind, target, storage, perms, method, parent_perms, home_info, user, where)
 
 
-def attach_home(entry: Entry, homes: dict) -> Entry:
-    """A system-level entry inside a known user's home gets that home's
-    parent rules too, so ~/.local is never created root-owned."""
-    if entry.home is not None:
-        return entry
-    for depth in range(len(entry.target) - 1, 0, -1):
-        user = homes.get(entry.target[:depth])
-        if user is not None:
-            return Entry(entry.kind, entry.target, entry.storage, entry.perms, entry.method,
-                         entry.parent_perms, (entry.target[:depth], user, 0o700), user, entry.where)
-    return entry
+def first_at_least(values: list, x, lo: int, hi: int) -> int:
+    """The first index in [lo, hi) whose value is >= x (values sorted), or hi."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if values[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def below(targets: list, path: tuple) -> tuple:
+    """[start, end) of the sorted targets strictly below path. They are
+    consecutive, right after path itself: two binary searches."""
+    count, depth = len(targets), len(path)
+    start = first_at_least(targets, path, 0, count)
+    if start < count and targets[start] == path:
+        start += 1
+    lo, hi = start, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if targets[mid][:depth] == path:
+            lo = mid + 1
+        else:
+            hi = mid
+    return start, lo
+
+
+def entry_storages(entries: list) -> list:
+    """The entries' storage paths, each once, in order of first use."""
+    seen: list = []
+    last = None
+    for e in entries:
+        if e.storage is not last:  # one tuple object for a location's entries
+            last = e.storage
+            if last not in seen:
+                seen.append(last)
+    return seen
 
 
 def is_under(path: tuple, parent: tuple) -> bool:
     return path[:len(parent)] == parent
 
 
+def attach_homes(entries: list, homes: dict) -> None:
+    """A system-level entry inside a known user's home gets that home's
+    parent rules too, so ~/.local is never created root-owned. Entries are
+    sorted, so those below a home are consecutive; the deepest home is
+    taken first, and an entry once given a home keeps it."""
+    targets = [e.target for e in entries]
+    for home in sorted(homes, key=len, reverse=True):
+        user = homes[home]
+        start, end = below(targets, home)
+        for k in range(start, end):
+            e = entries[k]
+            if e.home is None:
+                entries[k] = Entry(e.kind, e.target, e.storage, e.perms, e.method, e.parent_perms,
+                                   (home, user, 0o700), user, e.where)
+
+
 def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
-    """Reject what would make one mount hide another or double-apply a path."""
-    previous = None
-    for e in entries:
-        if previous is not None and previous.target == e.target:
-            raise ConfigError(e.where, f"{as_path(e.target)} is listed twice: also at {previous.where}")
-        previous = e
-    files = {e.target: e for e in entries if e.kind == "file"}
+    """Reject what would make one mount hide another or double-apply a
+    path. Entries are sorted by target, so a path and what lies below it
+    are neighbours: binary searches find the few entries that can fail
+    (the first below a kept file; those at, above or first below a
+    storage path or mount point), and only those are checked in full, in
+    target order."""
+    targets = [e.target for e in entries]
+    count = len(targets)
+    for k in range(1, count):
+        if targets[k] == targets[k - 1]:
+            raise ConfigError(entries[k].where, f"{as_path(targets[k])} is listed twice: "
+                                                f"also at {entries[k - 1].where}")
     guarded: dict = {}
     for path in storages:
         guarded.setdefault(path, "persistent storage path")
     for fs in filesystems:
         guarded.setdefault(fs.mountpoint, "fileSystems mount point")
-    for e in entries:
-        guarded.setdefault(e.storage, "persistent storage path")
-    # Every prefix of a guarded path, so one lookup per entry tells whether
-    # a guarded path lies at or below its target (linear, not N x N).
-    below: dict = {}
+    for path in entry_storages(entries):
+        guarded.setdefault(path, "persistent storage path")
+    # Every prefix of a guarded path: one lookup tells whether a guarded
+    # path lies at or below a target.
+    guarded_below: dict = {}
     for path in guarded:
         for depth in range(1, len(path) + 1):
-            below.setdefault(path[:depth], path)
-    for e in entries:
-        hit = below.get(e.target)
+            guarded_below.setdefault(path[:depth], path)
+    suspects = {k + 1 for k in range(count - 1)
+                if entries[k].kind == "file" and targets[k + 1][:len(targets[k])] == targets[k]}
+    for prefix in guarded_below:
+        k = first_at_least(targets, prefix, 0, count)
+        if k < count and targets[k] == prefix:
+            suspects.add(k)
+    for path in guarded:
+        start, end = below(targets, path)
+        if start < end:
+            suspects.add(start)
+
+    def kept_file(prefix: tuple):
+        k = first_at_least(targets, prefix, 0, count)
+        return entries[k] if k < count and targets[k] == prefix and entries[k].kind == "file" else None
+
+    for k in sorted(suspects):
+        e = entries[k]
+        hit = guarded_below.get(e.target)
         for depth in range(1, len(e.target)):
             prefix = e.target[:depth]
-            holder = files.get(prefix)
+            holder = kept_file(prefix)
             if holder is not None:
                 raise ConfigError(e.where, f"{as_path(e.target)} is inside the kept file "
                                            f"{as_path(holder.target)} ({holder.where})")
@@ -2176,13 +2240,16 @@ def run_entries(numbered: list, tree: Tree, executor: Executor, accounts: Accoun
 # --- Two processes ----------------------------------------------------------------------
 #
 # Half of apply's time is the kernel's (mkdir, open, mount), and the other
-# half Python's; a second process on a second CPU takes half the entries.
-# The halves share no directory that apply creates or mounts on, so the
-# result is the one process's, and the messages are written in entry order
-# as one process would.
+# half Python's; a second process on a second CPU shares the entries. They
+# are cut into shares that meet in no directory apply creates or mounts on
+# once a few entries have run; the two processes take the shares in turn
+# from a pipe, so the one with the slower shares takes fewer, and the
+# messages are written in entry order, as one process writes them.
 
 TWO_PROCESSES_MIN_ENTRIES = 400  # below, a fork costs about what it saves
-TWO_PROCESSES_MIN_SHARE = 64     # the smaller half's weight (2 a directory, 1 a file)
+TWO_PROCESSES_MIN_SHARE = 64     # weight (2 a directory, 1 a file) beside the heaviest share
+SHARES = 48                      # each share about 1/SHARES of the work: both end together
+SPLIT_DEPTH_MAX = 8              # entries with a longer common prefix stay in one share
 ACCOUNT_PATHS = {("etc",), ("etc", "passwd"), ("etc", "group")}
 
 
@@ -2203,106 +2270,246 @@ def two_processes_wanted(count: int) -> bool | None:
         return None
 
 
-def split_in_two(entries: list, forced: bool):
-    """Two lists of (index, entry) that can run at once, or None.
+def split_in_shares(entries: list, several_storages: bool, forced: bool):
+    """(first, shares, meets), or None for one process: `first` the
+    indexes of the entries to run before the second process starts,
+    `shares` lists of (start, end) index ranges that can run at the same
+    time as each other, heaviest first, and `meets` the directories P
+    where shares meet, each with the storages used below it.
 
-    Entries are grouped by the first component of their target and the
-    groups dealt to the lighter half, heaviest first. Targets never lie at
-    or above a storage path or fileSystems mount point (check_overlaps),
-    and a source lies under <storage>/<first component of its target>; so
-    two groups meet only in <root>, in the storage paths and in their
-    parents, which exist before any entry runs and which no entry creates,
-    changes or mounts on. Nested entries share their first component and
-    stay in one process, in order."""
-    weights: dict = {}
-    for entry in entries:
-        # Names resolve through <root>/etc/passwd and /etc/group as the
-        # earlier entries left them: an entry that puts them in place must
-        # come first, in the process that resolves the names.
-        if entry.target[:2] in ACCOUNT_PATHS:
+    Entries are sorted by target, so those below a directory P are
+    consecutive. A run heavier than 1/SHARES of the whole is cut between
+    entries that differ in the next component of their target, unless its
+    first target is P itself (the others are all nested in it); a piece
+    with one name that is still too heavy is cut one component deeper.
+    Pieces of a cut run meet only in P and its parents, on the root and in
+    each storage: the entries below P up to the first one of each storage
+    go into `first`. They run before the others below P in one process
+    too, in the same order, and they leave P in place everywhere (no entry
+    lies above P: the run would not have been cut). The pieces then share
+    nothing that an entry creates, changes or mounts on (check_overlaps
+    keeps every target clear of the storage paths, and a source lies under
+    <storage><target>). Found by binary search, the cuts cost a few steps
+    a share, not a step an entry."""
+    from itertools import accumulate
+
+    targets = [entry.target for entry in entries]
+    count = len(targets)
+    # Names resolve through <root>/etc/passwd and /etc/group as the earlier
+    # entries left them: then one process, in order.
+    for path in ACCOUNT_PATHS:
+        k = first_at_least(targets, path, 0, count)
+        if k < count and targets[k][:2] == path:
             return None
-        key = entry.target[0]
-        weights[key] = weights.get(key, 0) + (2 if entry.kind == "directory" else 1)
-    if len(weights) < 2:
+    weights = list(accumulate(map(ENTRY_WEIGHT.__getitem__, [e.kind for e in entries]), initial=0))
+    total = weights[-1]
+    limit = max(1, total // SHARES)
+    first: set = set()
+    meets: list = []
+    spans: list = []
+    runs = [(0, count, 0)]
+    while runs:
+        lo, hi, depth = runs.pop()
+        if (weights[hi] - weights[lo] <= limit or depth == SPLIT_DEPTH_MAX
+                or len(targets[lo]) == depth):
+            spans.append((lo, hi))
+            continue
+        pieces = 0
+        i = lo
+        while i < hi:
+            # Up to where [i, p) reaches the limit, then back or on to a
+            # change of name at `depth`.
+            p = first_at_least(weights, weights[i] + limit, i + 1, hi)
+            name = targets[p - 1][depth]
+            start = first_at_least(targets, targets[p - 1][:depth + 1], i, p - 1)
+            pieces += 1
+            if start > i:  # whole names, lighter than the limit together
+                spans.append((i, start))
+                i = start
+                continue
+            end = first_named_after(targets, depth, name, p, hi)
+            if weights[end] - weights[i] > limit:
+                runs.append((i, end, depth + 1))
+            else:
+                spans.append((i, end))
+            i = end
+        if depth and pieces > 1:
+            # The pieces meet in P, on the root and in each storage: what
+            # runs first below P in one process, up to the first entry of
+            # each storage, runs first here too, and leaves P in place.
+            last = lo
+            seen = {entries[lo].storage}
+            if several_storages:
+                for k in range(lo + 1, hi):
+                    if entries[k].storage not in seen:
+                        seen.add(entries[k].storage)
+                        last = k
+            first.update(range(lo, last + 1))
+            meets.append((targets[lo][:depth], tuple(seen)))
+    # Consecutive spans merged up to the limit; a share is a list of spans.
+    spans.sort()
+    shares: list = []
+    share_weights: list = []
+    share: list = []
+    weight = 0
+    for lo, hi in spans:
+        share.append((lo, hi))
+        weight += weights[hi] - weights[lo]
+        if weight >= limit:
+            shares.append(share)
+            share_weights.append(weight)
+            share, weight = [], 0
+    if share:
+        shares.append(share)
+        share_weights.append(weight)
+    if len(shares) < 2 or (not forced and total - max(share_weights) < TWO_PROCESSES_MIN_SHARE):
         return None
-    side: dict = {}
-    loads = [0, 0]
-    for key in sorted(weights, key=lambda k: -weights[k]):  # stable: ties keep config order
-        half = 0 if loads[0] <= loads[1] else 1
-        side[key] = half
-        loads[half] += weights[key]
-    if not forced and min(loads) < TWO_PROCESSES_MIN_SHARE:
-        return None
-    halves: tuple = ([], [])
-    for index, entry in enumerate(entries):
-        halves[side[entry.target[0]]].append((index, entry))
-    return halves
+    order = sorted(range(len(shares)), key=share_weights.__getitem__, reverse=True)
+    return sorted(first), [shares[i] for i in order], meets
 
 
-def run_in_two(mine: list, theirs: list, tree: Tree, executor: Executor, accounts: Accounts,
-               log: Log, start_over) -> int:
-    """Run `theirs` in a forked process while this one runs `mine`; the
-    number of entries that failed. The child sends its messages and its
-    count through a pipe. If it ends without sending them (killed, out of
-    memory), its entries are run again here: apply is idempotent, and
-    start_over() gives a Tree, Executor and Accounts that have not seen the
-    state it left."""
-    read_fd, write_fd = os.pipe()
+ENTRY_WEIGHT = {"directory": 2, "file": 1}  # a directory's entry makes about twice the calls
+
+
+def first_named_after(targets: list, depth: int, name: str, lo: int, hi: int) -> int:
+    """The first index in [lo, hi) whose target's component `depth` comes
+    after `name` (they are sorted there), or hi."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if targets[mid][depth] <= name:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def share_entries(share: list, first: set, entries: list) -> list:
+    """The (index, entry) pairs of a share, without those run first."""
+    return [(k, entries[k]) for lo, hi in share for k in range(lo, hi) if k not in first]
+
+
+def take_share(queue_fd: int) -> int | None:
+    """The next share's number from the queue pipe, None once it is empty.
+    Every record is two bytes and every read asks for two, so a read takes
+    one whole record, whichever process makes it."""
+    record = os.read(queue_fd, 2)
+    return int.from_bytes(record, "little") if record else None
+
+
+def start_share_taker(entries: list, first: set, shares: list, tree: Tree, executor: Executor,
+                      accounts: Accounts, log: Log) -> tuple:
+    """Fork a process that takes shares from the queue and runs them;
+    (its pid or None if fork failed, the queue, the pipe its report comes
+    through or None). The report: one line a message (entry, level, to
+    kmsg, text), then `end <number of entries that failed>`."""
+    queue_r, queue_w = os.pipe()
+    # A few hundred bytes: the pipe holds them all before anyone reads.
+    os.write(queue_w, b"".join(i.to_bytes(2, "little") for i in range(len(shares))))
+    os.close(queue_w)
+    result_r, result_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         pid = os.fork()
     except OSError:
-        os.close(read_fd)
-        os.close(write_fd)
-        return run_entries(sorted(mine + theirs, key=lambda n: n[0]), tree, executor, accounts, log)
-    if pid == 0:
-        status = 70
-        try:
-            os.close(read_fd)
-            log.held = []
-            failed = run_entries(theirs, tree, executor, accounts, log)
-            records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(Log.LINE_BREAKS)}\n"
-                       for index, level, text, to_kmsg in log.held]
-            records.append(f"end\t{failed}\n")
-            data = memoryview("".join(records).encode("utf-8", "surrogatepass"))
-            while data:
-                data = data[os.write(write_fd, data):]
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_fd)
-    held = log.held = []
+        os.close(result_r)
+        os.close(result_w)
+        return None, queue_r, None
+    if pid:
+        os.close(result_w)
+        return pid, queue_r, result_r
+    status = 70
     try:
-        failed = run_entries(mine, tree, executor, accounts, log)
-    except BaseException:
-        log.release(held)
-        raise
+        os.close(result_r)
+        log.held = []
+        failed = 0
+        while (number := take_share(queue_r)) is not None:
+            failed += run_entries(share_entries(shares[number], first, entries),
+                                  tree, executor, accounts, log)
+        records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(Log.LINE_BREAKS)}\n"
+                   for index, level, text, to_kmsg in log.held]
+        records.append(f"end\t{failed}\n")
+        data = memoryview("".join(records).encode("utf-8", "surrogatepass"))
+        while data:
+            data = data[os.write(result_w, data):]
+        status = 0
+    finally:
+        os._exit(status)
+
+
+def share_taker_report(pid: int, result_fd: int):
+    """(messages, number failed) from the second process; or, if it ended
+    without reporting, how it ended."""
     chunks = []
-    while True:
-        chunk = os.read(read_fd, 1 << 16)
-        if not chunk:
-            break
+    while chunk := os.read(result_fd, 1 << 16):
         chunks.append(chunk)
-    os.close(read_fd)
+    os.close(result_fd)
     status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    theirs_held, theirs_failed = [], None
+    messages, failed = [], None
     for record in b"".join(chunks).decode("utf-8", "surrogatepass").split("\n"):
         if record.startswith("end\t"):
-            theirs_failed = int(record[4:])
+            failed = int(record[4:])
         elif record:
             index, level, to_kmsg, text = record.split("\t", 3)
-            theirs_held.append((int(index), int(level), text, to_kmsg == "1"))
-    if status == 0 and theirs_failed is not None:
-        log.release(held + theirs_held)
-        return failed + theirs_failed
-    log.release(held)
-    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-    log.error(f"apply: the second process {how} before its {len(theirs)} entries were done; "
-              "running them here")
+            messages.append((int(index), int(level), text, to_kmsg == "1"))
+    if status == 0 and failed is not None:
+        return messages, failed
+    return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+
+
+def meeting_points_in_place(meets: list, tree: Tree) -> bool:
+    """Whether every directory where shares meet is a directory, on the
+    root and in each storage used below it."""
+    try:
+        for path, storages in meets:
+            for where in (path, *(storage + path for storage in storages)):
+                node = tree.look(where)
+                if node is None or node.kind != "dir":
+                    return False
+    except EntryError:
+        return False
+    return True
+
+
+def run_in_two(entries: list, first: list, shares: list, meets: list, tree: Tree,
+               executor: Executor, accounts: Accounts, log: Log, start_over) -> int:
+    """Run the entries `first` names here, then the shares in two processes, each taking the
+    next share from the queue until none is left; the number of entries
+    that failed. If the second process ends without reporting (killed, out
+    of memory), the shares this process did not run are run again here:
+    apply is idempotent, and start_over() gives a Tree, Executor and
+    Accounts that have not seen the state it left."""
+    held = log.held = []
+    try:
+        failed = run_entries([(k, entries[k]) for k in first], tree, executor, accounts, log)
+        first = set(first)
+        if failed and not meeting_points_in_place(meets, tree):
+            # Two shares would both make it: the rest here, in order.
+            rest = [(k, entry) for k, entry in enumerate(entries) if k not in first]
+            return failed + run_entries(rest, tree, executor, accounts, log)
+        pid, queue_fd, result_fd = start_share_taker(entries, first, shares, tree, executor,
+                                                     accounts, log)
+        ran = set()
+        while (number := take_share(queue_fd)) is not None:
+            ran.add(number)
+            failed += run_entries(share_entries(shares[number], first, entries),
+                                  tree, executor, accounts, log)
+        os.close(queue_fd)
+        if pid is None:
+            return failed
+        report = share_taker_report(pid, result_fd)
+        if not isinstance(report, str):
+            held.extend(report[0])
+            return failed + report[1]
+    finally:
+        log.release(held)
+    left = sorted((pair for number, share in enumerate(shares) if number not in ran
+                   for pair in share_entries(share, first, entries)), key=lambda n: n[0])
+    log.error(f"apply: the second process {report} before it was done; "
+              f"running its {len(left)} entries here")
     tree, executor, accounts = start_over()
     try:
-        return failed + run_entries(theirs, tree, executor, accounts, log)
+        return failed + run_entries(left, tree, executor, accounts, log)
     finally:
         executor.close()
 
@@ -2313,14 +2520,17 @@ def command_apply(config: Config, root: str, log: Log) -> int:
     mounts = MountTable()
     executor = Executor(tree, log)
     processes, failed = 1, 0
+    KEPT_UNTIL_EXIT.append(tree)
     try:
         storage_state = prepare_storage(config, tree, executor, mounts, log)
         available = [s for s, reason in storage_state.items() if reason is None]
         accounts = Accounts(config, tree, available)
         usable, skipped = group_by_storage_state(config, storage_state, log)
+        KEPT_UNTIL_EXIT.append(usable)
         wanted = two_processes_wanted(len(usable))
-        halves = None if wanted is None else split_in_two(usable, wanted)
-        if halves is None:
+        split = (None if wanted is None
+                 else split_in_shares(usable, len(config.storages) > 1, wanted))
+        if split is None:
             failed = run_entries(list(enumerate(usable)), tree, executor, accounts, log)
         else:
             def start_over():
@@ -2328,7 +2538,7 @@ def command_apply(config: Config, root: str, log: Log) -> int:
                 return fresh, Executor(fresh, log), Accounts(config, fresh, available)
 
             processes = 2
-            failed = run_in_two(*halves, tree, executor, accounts, log, start_over)
+            failed = run_in_two(usable, *split, tree, executor, accounts, log, start_over)
     finally:
         executor.close()
     elapsed = (time.monotonic() - started) * 1000
@@ -2581,7 +2791,7 @@ COMMANDS = ("apply", "plan", "status", "unmount", "check")
 
 
 class Options(Record):
-    __slots__ = ("command", "config", "root", "verbosity", "json", "help")
+    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help")
 
 
 def parse_args(argv: list) -> Options:
@@ -2639,11 +2849,13 @@ def main(argv: list | None = None) -> int:
         sys.stdout.write(USAGE)
         return EXIT_OK
     log = Log(opts.verbosity)
+    KEPT_UNTIL_EXIT.clear()
     # One short run that makes no reference cycles: the cyclic collector
     # would only walk the config and plan again and again as they grow.
     gc.disable()
     try:
         config = load_config_file(opts.config)
+        KEPT_UNTIL_EXIT.append(config)
     except ConfigError as exc:
         where = exc.where if exc.where.startswith("/") else f"{opts.config}: {exc.where}"
         log.error(f"{where}: {exc.cause}")

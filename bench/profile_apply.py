@@ -73,6 +73,8 @@ def main() -> int:
         bb.fresh_root(root, storage)
         cmd = [os.path.abspath(args.script), "--root", root, "--config", cfg, "apply"]
         env = dict(bb.ENV)
+        if "IMPERMANENCE_JOBS" in os.environ:  # 1: profile one process alone
+            env["IMPERMANENCE_JOBS"] = os.environ["IMPERMANENCE_JOBS"]
         if args.tool == "cprofile":
             # Not `-m cProfile`: the script leaves through os._exit, which
             # would skip the report. Its main() is profiled instead.

@@ -8,11 +8,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import SCRIPT, require, umount_tree
 from reliability_support import assert_clean_messages, mounts_under, tree_digest
@@ -124,25 +127,92 @@ def config_file(tmp_path):
 # --- The split ------------------------------------------------------------------
 
 def entries_of(config: dict) -> list:
-    return ib.load_config(json.dumps(config)).entries
+    return list(ib.load_config(json.dumps(config)).entries)
 
 
-def test_split_keeps_each_top_directory_in_one_process_in_order():
+def split(entries: list, forced: bool):
+    storages = {e.storage for e in entries}
+    return ib.split_in_shares(entries, len(storages) > 1, forced)
+
+
+def common_depth(a: tuple, b: tuple) -> int:
+    depth = 0
+    while depth < min(len(a), len(b)) and a[depth] == b[depth]:
+        depth += 1
+    return depth
+
+
+def assert_shares_independent(entries: list, first: list, shares: list, meets: list) -> None:
+    """Every entry in exactly one span; `first` sorted and spans in entry
+    order; and two entries of different shares meet only in a directory P
+    that no kept path lies at or above, and that entries run before the
+    shares put in place: those below P up to the first of each of the two
+    entries' storages."""
+    spans = sorted(span for share in shares for span in share)
+    assert spans and spans[0][0] == 0 and spans[-1][1] == len(entries)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
+    assert all(lo < hi for lo, hi in spans)
+    assert first == sorted(set(first))
+    firsts = set(first)
+    share_of = {}
+    for number, share in enumerate(shares):
+        assert ib.share_entries(share, firsts, entries) or all(
+            k in firsts for lo, hi in share for k in range(lo, hi))
+        for lo, hi in share:
+            for k in range(lo, hi):
+                share_of[k] = number
+    weights = [sum(2 if entries[k].kind == "directory" else 1 for lo, hi in share for k in range(lo, hi))
+               for share in shares]
+    assert weights == sorted(weights, reverse=True)
+    targets = [e.target for e in entries]
+    for a in range(len(entries)):
+        for b in range(a + 1, len(entries)):
+            if a in firsts or b in firsts or share_of[a] == share_of[b]:
+                continue
+            depth = common_depth(targets[a], targets[b])
+            assert depth < len(targets[a]) and depth < len(targets[b]), (targets[a], targets[b])
+            if depth == 0:
+                continue
+            meet = targets[a][:depth]
+            assert not any(meet[:len(t)] == t for t in targets), (meet, targets[a], targets[b])
+            # In one process, everything below P up to there runs before
+            # them too: run first, it leaves the same state.
+            assert any(path == meet and {entries[a].storage, entries[b].storage} <= set(storages)
+                       for path, storages in meets), (meet, meets)
+            below = [k for k in range(len(entries)) if targets[k][:depth] == meet]
+            for storage in {entries[a].storage, entries[b].storage}:
+                earliest = min(k for k in below if entries[k].storage == storage)
+                assert all(k in firsts for k in below if k <= earliest), (meet, storage, targets[earliest])
+
+
+def test_split_of_the_big_config_is_independent_and_balanced():
     entries = entries_of(big_config())
-    mine, theirs = ib.split_in_two(entries, False)
-    tops = [{e.target[0] for _, e in half} for half in (mine, theirs)]
-    assert tops[0] and tops[1] and not tops[0] & tops[1]
-    assert sorted(i for i, _ in mine + theirs) == list(range(len(entries)))
-    for half in (mine, theirs):
-        assert [i for i, _ in half] == sorted(i for i, _ in half)
-        assert all(entries[i] is e for i, e in half)
-    # Balanced by weight (a directory 2, a file 1): the halves differ by
-    # no more than the heaviest group.
-    weight = lambda half: sum(2 if e.kind == "directory" else 1 for _, e in half)
-    groups: dict = {}
-    for e in entries:
-        groups[e.target[0]] = groups.get(e.target[0], 0) + (2 if e.kind == "directory" else 1)
-    assert abs(weight(mine) - weight(theirs)) <= max(groups.values())
+    first, shares, meets = split(entries, False)
+    assert_shares_independent(entries, first, shares, meets)
+    assert len(shares) >= 16
+    # Shares of about 1/SHARES of the weight each: none near half of it.
+    weight = lambda share: sum(2 if entries[k].kind == "directory" else 1
+                               for lo, hi in share for k in range(lo, hi))
+    total = sum(weight(share) for share in shares)
+    assert max(weight(share) for share in shares) <= total // 8
+
+
+NAMES = st.sampled_from(["a", "b", "c", "lib", "log", "x.conf"])
+PATHS = st.lists(NAMES, min_size=1, max_size=4).map(tuple)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(PATHS, st.sampled_from(["directory", "file"]),
+                          st.sampled_from(["/persistent", "/persist2"])),
+                min_size=2, max_size=60, unique_by=lambda t: t[0]),
+       st.booleans())
+def test_split_of_random_entries_is_independent(items, forced):
+    entries = sorted((ib.Entry(kind, target, tuple(storage[1:].split("/")), ib.ROOT_PERMS, "auto",
+                               None, None, None, "w") for target, kind, storage in items),
+                     key=lambda e: e.target)
+    result = split(entries, forced)
+    if result is not None:
+        assert_shares_independent(entries, *result)
 
 
 @pytest.mark.parametrize("kept", [{"file": "/etc/passwd"}, {"file": "/etc/group"},
@@ -156,17 +226,27 @@ def test_no_split_when_the_account_files_are_kept(kept):
             f for f in config["persistence"]["/persistent"]["files"]
             if not (f if isinstance(f, str) else f["file"]).startswith("/etc/")]
     items.append(kept)
-    assert ib.split_in_two(entries_of(config), True) is None
+    assert split(entries_of(config), True) is None
+    items.pop()
+    assert split(entries_of(config), True) is not None
 
 
-def test_no_split_with_one_top_directory_or_too_little_to_share():
-    one_top = {"persistence": {"/persistent": {"directories": [f"/var/d{i}" for i in range(500)]}}}
-    assert ib.split_in_two(entries_of(one_top), True) is None
-    lopsided = {"persistence": {"/persistent": {
-        "directories": [f"/var/d{i}" for i in range(500)] + [f"/srv/d{i}" for i in range(10)]}}}
-    assert ib.split_in_two(entries_of(lopsided), False) is None
-    mine, theirs = ib.split_in_two(entries_of(lopsided), True)
-    assert {e.target[0] for _, e in theirs} == {"srv"}
+def test_entries_below_one_directory_split_below_it_unless_it_is_kept():
+    one_top = {"persistence": {"/persistent": {"directories": [f"/var/d{i:03d}" for i in range(500)]}}}
+    entries = entries_of(one_top)
+    first, shares, meets = split(entries, False)
+    # /var is where the shares meet: the first entry below it puts it in place.
+    assert first == [0] and len(shares) > 8 and meets == [(("var",), (("persistent",),))]
+    assert_shares_independent(entries, first, shares, meets)
+    kept = {"persistence": {"/persistent": {"directories": ["/var"] + [f"/var/d{i:03d}" for i in range(500)]}}}
+    assert split(entries_of(kept), True) is None  # all nested in /var: in order, in one process
+
+
+def test_no_split_with_too_little_to_share_unless_forced():
+    small = {"persistence": {"/persistent": {"directories": [f"/var/d{i}" for i in range(20)]}}}
+    assert split(entries_of(small), False) is None
+    first, shares, meets = split(entries_of(small), True)
+    assert len(shares) > 1
 
 
 def test_two_processes_wanted(monkeypatch):
@@ -216,35 +296,81 @@ def test_two_processes_leave_and_say_what_one_process_does(worlds, config_file, 
     assert tree_digest(two) == tree_digest(one)
 
 
-def fill_in_order_config() -> dict:
-    """The heavier half (kept by the first process) makes no bind mounts:
-    symbolic links only; the second process binds 10 directories."""
+def binds_only_config() -> dict:
+    """40 directories, one share each when forced: every share binds."""
     return {"persistence": {"/persistent": {
-        "directories": [f"/var/lib/d{i}" for i in range(10)],
-        "files": [{"file": f"/etc/l{i:02d}", "method": "symlink"} for i in range(30)]}}}
+        "directories": [f"/var/lib/d{i:02d}" for i in range(40)],
+        "files": [{"file": f"/etc/l{i:02d}", "method": "symlink"} for i in range(10)]}}}
 
 
-def test_second_process_killed_midway_its_entries_are_finished_here(worlds, tmp_path):
-    require(shutil.which("strace") is not None, "strace is not installed")
-    config = tmp_path / "fill.json"
-    config.write_text(json.dumps(fill_in_order_config()))
-    mine, theirs = ib.split_in_two(entries_of(fill_in_order_config()), True)
-    assert {e.target[0] for _, e in mine} == {"etc"} and {e.target[0] for _, e in theirs} == {"var"}
+def test_second_process_killed_midway_its_shares_are_finished_here(worlds, tmp_path, monkeypatch,
+                                                                   capfd):
+    """In this process, so that the second process can be killed at a
+    chosen point: the first waits before taking a share, the second takes
+    shares and is killed (SIGKILL, as the OOM killer does) as it makes its
+    third bind mount."""
+    config = tmp_path / "binds.json"
+    config.write_text(json.dumps(binds_only_config()))
     one, two = worlds("one"), worlds("two")
     assert run_apply(one, config, "1").returncode == 0
-    # Killed as it starts its 8th bind: 7 are made, 3 are left to this
-    # process, which binds fewer than 8, so only the second process is hit.
-    trace = tmp_path / "kill.trace"
-    result = run_apply(two, config, "2", prefix=(
-        "strace", "-f", "-qq", "-o", str(trace), "-e", "trace=move_mount",
-        "-e", "inject=move_mount:signal=KILL:when=8"))
-    text = trace.read_text()
-    assert text.count("+++ killed by SIGKILL +++") == 1, text
-    assert_clean_messages(result.stderr)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines() == [
-        "impermanence: apply: the second process was killed by signal 9 before its 10 entries "
-        "were done; running them here"]
+    monkeypatch.setenv("IMPERMANENCE_JOBS", "2")
+    monkeypatch.setenv("IMPERMANENCE_NO_KMSG", "1")
+    parent = os.getpid()
+    binds = []
+    real_attach, real_take = ib.attach_mount, ib.take_share
+    waited = []
+
+    def attach_mount(tree, target_fd):
+        if os.getpid() != parent:
+            binds.append(target_fd)
+            if len(binds) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_attach(tree, target_fd)
+
+    def take_share(queue_fd):
+        if os.getpid() == parent and not waited:
+            waited.append(True)
+            time.sleep(0.5)
+        return real_take(queue_fd)
+
+    monkeypatch.setattr(ib, "attach_mount", attach_mount)
+    monkeypatch.setattr(ib, "take_share", take_share)
+    capfd.readouterr()
+    status = ib.main(["--root", str(two), "--config", str(config), "apply"])
+    err = capfd.readouterr().err
+    assert status == 0, err
+    assert_clean_messages(err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r"impermanence: apply: the second process was killed by signal 9 before it was done; "
+        r"running its ([0-9]+) entries here", lines[0]), err
+    assert int(lines[0].split("running its ")[1].split()[0]) >= 3
     # Nothing stacked, nothing missing: what one uninterrupted process leaves.
     assert mounts_below(two) == mounts_below(one)
+    assert tree_digest(two) == tree_digest(one)
+
+
+def test_a_failing_first_entry_leaves_the_rest_to_one_process(worlds, tmp_path):
+    """The entry that would put /var/lib in place for the shares fails (its
+    owner does not exist): the shares may not meet in a directory that is
+    there, so the rest runs in this process, in order, as one process
+    would run it."""
+    config = tmp_path / "first.json"
+    config.write_text(json.dumps({"persistence": {"/persistent": {"directories": [
+        {"directory": "/var/lib/a-first", "user": "nobody-such-user"}]
+        + [f"/var/lib/d{i:02d}" for i in range(30)]}}}))
+    entries = entries_of(json.loads(config.read_text()))
+    first, shares, meets = split(entries, True)
+    assert entries[first[0]].target == ("var", "lib", "a-first")
+    one, two = worlds("one"), worlds("two")
+    serial = run_apply(one, config, "1", "-v")
+    trace = tmp_path / "first.trace"
+    parallel = run_apply(two, config, "2", "-v",
+                         prefix=("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=move_mount"))
+    assert serial.returncode == parallel.returncode == 1
+    assert messages(parallel.stderr, two) == messages(serial.stderr, one)
+    pids = {line.split()[0] for line in trace.read_text().splitlines() if "move_mount(" in line}
+    assert len(pids) == 1, trace.read_text()[:2000]
+    assert mounts_below(two) == mounts_below(one)
+    assert len([m for m in mounts_below(one) if m[0].startswith("var/")]) == 30
     assert tree_digest(two) == tree_digest(one)
