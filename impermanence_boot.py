@@ -51,9 +51,15 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
-# Extended attribute put on the mount points apply creates on the fresh
-# root, so `unmount` removes those and nothing else.
-MARK_XATTR = "trusted.impermanence-boot"
+# Access and modification time given to the mount points apply creates on
+# the fresh root, so `unmount` removes those and nothing else: nanoseconds
+# since the epoch that no clock or archive gives a file. Hidden under the
+# bind mount while it is there; one utimensat(2), by name where the parent
+# only root can write, where an extended attribute took an open, a setxattr
+# and a close. (A filesystem with coarser timestamps keeps no mark:
+# `unmount` then leaves its mount points in place.)
+MARK_TIME_NS = 314_159_265
+MARK_TIMES = (MARK_TIME_NS, MARK_TIME_NS)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
 
@@ -169,6 +175,13 @@ def attach_mount(tree: int, target_fd: int) -> None:
     """move_mount(2) the detached mount `tree` onto target_fd."""
     if _libc.move_mount(tree, b"", target_fd, b"",
                         MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0:
+        raise libc_error()  # Executor.run names the target
+
+
+def attach_mount_at(tree: int, dir_fd: int, name: str) -> None:
+    """move_mount(2) the detached mount `tree` onto `name` in dir_fd,
+    never following a link there."""
+    if _libc.move_mount(tree, b"", dir_fd, os.fsencode(name), MOVE_MOUNT_F_EMPTY_PATH) != 0:
         raise libc_error()  # Executor.run names the target
 
 
@@ -1738,13 +1751,13 @@ class DirChain:
         self.tree = tree
         self.path: tuple = ()        # fds[i] is the directory path[:i + 1]
         self.fds: list = []
-        self.owners: dict = {}       # depth -> uid, from fstat of that fd
+        self.stats: dict = {}        # depth -> (uid, mode), from fstat of that fd
 
     def truncate(self, depth: int) -> None:
         fds = self.fds
         while len(fds) > depth:
             os.close(fds.pop())
-            self.owners.pop(len(fds) + 1, None)
+            self.stats.pop(len(fds) + 1, None)
         self.path = self.path[:depth]
 
     def open(self, comps: tuple) -> int:
@@ -1768,18 +1781,26 @@ class DirChain:
             self.path = comps[:i + 1]
         return fd
 
-    def owner(self, comps: tuple) -> int:
-        """uid of the directory comps, opened along the walk."""
+    def stat(self, comps: tuple) -> tuple:
+        """(uid, mode) of the directory comps, opened along the walk."""
         fd = self.open(comps)
         depth = len(comps)
-        uid = self.owners.get(depth)
-        if uid is None:
-            uid = self.owners[depth] = os.fstat(fd).st_uid
-        return uid
+        known = self.stats.get(depth)
+        if known is None:
+            st = os.fstat(fd)
+            known = self.stats[depth] = (st.st_uid, st.st_mode)
+        return known
 
-    def push(self, name: str, fd: int) -> None:
+    def owner(self, comps: tuple) -> int:
+        """uid of the directory comps, opened along the walk."""
+        return self.stat(comps)[0]
+
+    def push(self, name: str, fd: int, uid: int, mode: int) -> None:
+        """Take fd, the directory just made at path + (name,), with the
+        owner and mode it was given."""
         self.fds.append(fd)
         self.path += (name,)
+        self.stats[len(self.fds)] = (uid, stat.S_IFDIR | mode)
 
     def forget(self, comps: tuple) -> None:
         """A mount landed on comps: fds at or below it see what it covers."""
@@ -1801,6 +1822,7 @@ class Executor:
         self.targets = DirChain(self.root_fd, tree)
         self.proc_fds = os.path.isdir("/proc/self/fd")
         self.new_file = None         # (path, fd): the mount point file just made
+        self.new_dir = None          # (path, parent fd): the mount point directory just made
         self.euid, self.egid = os.geteuid(), os.getegid()
         cls = type(self)
         self.steps = {kind: getattr(cls, "do_" + kind.__name__)
@@ -1837,6 +1859,20 @@ class Executor:
         chain = self.chain_for(a.path, storage)
         parent = chain.open(a.path[:-1])
         name = a.path[-1]
+        if a.mark and self.mkdir_is_final(a) and self.only_we_write(chain, a.path[:-1]):
+            # A mount point in a directory no one else can change: made,
+            # marked and (by do_Bind) mounted on by name, with no fd of its
+            # own; nobody can swap the name in between.
+            try:
+                os.mkdir(name, a.mode & 0o1777, dir_fd=parent)  # umask is 0
+            except FileExistsError:
+                raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
+            try:
+                os.utime(name, ns=MARK_TIMES, dir_fd=parent, follow_symlinks=False)
+            except OSError:
+                pass  # unmount will then leave this mount point in place
+            self.new_dir = (a.path, parent)
+            return
         # Made under a temporary name and renamed into place once owner and
         # mode are set: apply killed in between must not leave a root-owned
         # directory that the next run would keep as it is. Not needed where
@@ -1874,7 +1910,7 @@ class Executor:
             os.fchmod(fd, a.mode)
         if a.mark:
             try:
-                os.setxattr(fd, MARK_XATTR, b"1")
+                os.utime(fd, ns=MARK_TIMES)
             except OSError:
                 pass  # unmount will then leave this mount point in place
         if temp != name:
@@ -1886,7 +1922,14 @@ class Executor:
                     os.rmdir(temp, dir_fd=parent)
                     raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
                 raise
-        chain.push(name, fd)
+        chain.push(name, fd, a.uid, a.mode)
+
+    def only_we_write(self, chain: DirChain, comps: tuple) -> bool:
+        """Whether only we (or root) can add, remove or rename entries in
+        the directory comps, opened along the walk: ours, and no write
+        bit for group or others (with an ACL, the group bits are its mask)."""
+        uid, mode = chain.stat(comps)
+        return uid == self.euid and not mode & 0o022
 
     def mkdir_is_final(self, a: MakeDir) -> bool:
         """Whether mkdir(2) alone gives a.path its owner and mode: ours,
@@ -1949,7 +1992,7 @@ class Executor:
         fd = os.open(a.path[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644, dir_fd=parent)
         try:
-            os.setxattr(fd, MARK_XATTR, b"1")
+            os.utime(fd, ns=MARK_TIMES)
         except OSError:
             pass  # unmount will then leave this file in place
         # Kept open for the Bind that follows: the file just made is the
@@ -2020,10 +2063,14 @@ class Executor:
 
     def do_Bind(self, a: Bind, storage: tuple) -> None:
         new_file, self.new_file = self.new_file, None
+        new_dir, self.new_dir = self.new_dir, None
         try:
             src, st, cloned = self.bind_source(a)
             try:
-                if a.kind == "dir":
+                tgt = None
+                if a.kind == "dir" and cloned and new_dir is not None and new_dir[0] == a.target:
+                    pass  # made just now, in a directory only we can change: by name
+                elif a.kind == "dir":
                     tgt = self.targets.open(a.target)  # O_DIRECTORY|O_NOFOLLOW along the walk
                 else:
                     # A hard link planted by whoever owns the directory (say,
@@ -2041,7 +2088,9 @@ class Executor:
                     tgt = new_file[1]
                 # (The mount table is not updated: apply reads it only
                 # before the entries, for the fileSystems.)
-                if cloned:
+                if tgt is None:
+                    attach_mount_at(src, new_dir[1], a.target[-1])
+                elif cloned:
                     attach_mount(src, tgt)
                 elif not bind_fds(src, tgt, self.proc_fds):
                     shown = self.tree.host(a.target)
@@ -2734,11 +2783,8 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
     flags = (O_DIR if node.kind == "dir" else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     fd = os.open(target[-1], flags, dir_fd=parent)
     try:
-        try:
-            marked = os.getxattr(fd, MARK_XATTR) == b"1"
-        except OSError:
-            marked = False
         st = os.fstat(fd)
+        marked = st.st_mtime_ns == MARK_TIME_NS
         empty = (not os.listdir(fd)) if node.kind == "dir" else st.st_size == 0
     finally:
         os.close(fd)

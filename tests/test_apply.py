@@ -573,6 +573,33 @@ def test_storage_directories_are_renamed_into_place_only_when_mkdir_cannot_finis
     assert owner_mode(S / "srv/shared/inner") == (0, 0, 0o755)
 
 
+def test_mount_points_are_mounted_on_by_name_only_where_no_one_else_can_swap_them(sandbox, disk):
+    # In a directory only root can write, nothing can replace a name
+    # between mkdir and move_mount: the mount point gets its mark and its
+    # mount by name, with no fd of its own. In one its user can write (the
+    # home on the fresh root), even a root-owned mount point is opened,
+    # checked and mounted on through that fd.
+    cfg = main_config(disk.label)
+    cfg["persistence"]["/persistent"]["directories"] += ["/var/lib/plain", "/home/bird/rootdir"]
+    sandbox.write_config(cfg)
+    result, calls = run_traced(sandbox, "openat,utimensat,move_mount", "apply")
+    assert result.returncode == 0, result.stderr
+    by_name = set(re.findall(r'move_mount\(\d+, "", \d+, "([^"]+)", MOVE_MOUNT_F_EMPTY_PATH\)', calls))
+    marked_by_name = set(re.findall(r'utimensat\(\d+, "([^"]+)", \[\{tv_sec=0, tv_nsec=314159265\}', calls))
+    assert by_name == marked_by_name == {"log", "plain"}, calls
+    assert re.search(r'openat\(\d+, "rootdir", O_RDONLY\|O_NOFOLLOW\|O_CLOEXEC\|O_DIRECTORY\)', calls)
+    marked_by_fd = re.findall(r'utimensat\(\d+, NULL, \[\{tv_sec=0, tv_nsec=314159265\}', calls)
+    by_fd = re.findall(r'move_mount\(\d+, "", \d+, "", MOVE_MOUNT_F_EMPTY_PATH\|MOVE_MOUNT_T_EMPTY_PATH\)', calls)
+    assert len(marked_by_fd) == len(by_fd) >= 5
+    R, S = sandbox.root, sandbox.path("/persistent")
+    for d in ("var/log", "var/lib/plain", "home/bird/rootdir"):
+        assert same_inode(R / d, S / d), d
+    # Both kinds are found again by unmount, which removes them.
+    assert sandbox.run("unmount").returncode == 0
+    for d in ("var/log", "var/lib/plain", "home/bird/rootdir", "home/bird/.ssh"):
+        assert not os.path.lexists(R / d), d
+
+
 def test_source_missing_status(sandbox, disk):
     cfg = base_config(disk.label, {"directories": ["/var/log"]})
     assert sandbox.run("apply", config=cfg).returncode == 0

@@ -317,15 +317,22 @@ def test_second_process_killed_midway_its_shares_are_finished_here(worlds, tmp_p
     monkeypatch.setenv("IMPERMANENCE_NO_KMSG", "1")
     parent = os.getpid()
     binds = []
-    real_attach, real_take = ib.attach_mount, ib.take_share
+    real_attach, real_attach_at, real_take = ib.attach_mount, ib.attach_mount_at, ib.take_share
     waited = []
 
-    def attach_mount(tree, target_fd):
+    def count_bind():
         if os.getpid() != parent:
-            binds.append(target_fd)
+            binds.append(True)
             if len(binds) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    def attach_mount(tree, target_fd):
+        count_bind()
         return real_attach(tree, target_fd)
+
+    def attach_mount_at(tree, dir_fd, name):
+        count_bind()
+        return real_attach_at(tree, dir_fd, name)
 
     def take_share(queue_fd):
         if os.getpid() == parent and not waited:
@@ -334,6 +341,7 @@ def test_second_process_killed_midway_its_shares_are_finished_here(worlds, tmp_p
         return real_take(queue_fd)
 
     monkeypatch.setattr(ib, "attach_mount", attach_mount)
+    monkeypatch.setattr(ib, "attach_mount_at", attach_mount_at)
     monkeypatch.setattr(ib, "take_share", take_share)
     capfd.readouterr()
     status = ib.main(["--root", str(two), "--config", str(config), "apply"])
