@@ -407,7 +407,7 @@ def parse_mode(text: str) -> int:
     ("u=rwx,g=rx,o="). Raises ValueError with a reason."""
     if not isinstance(text, str):
         raise ValueError(f"must be a string such as \"0755\", not {type_name(text)}")
-    if text and all(c in "01234567" for c in text):
+    if text and not text.strip("01234567"):
         if len(text) > 4:
             raise ValueError(f"octal mode {text!r} has more than 4 digits")
         return int(text, 8)
@@ -529,7 +529,14 @@ def expect(value, kind, where: str, what: str):
     return value
 
 
-def parse_components(text, where: str, absolute: bool) -> tuple:
+def parse_components(text, where: str, absolute: bool, key: str | None = None) -> tuple:
+    """A path's components. The error location is where[.key], made only
+    for an error: this runs for every item of the config."""
+    if isinstance(text, str) and "\0" not in text and text.startswith("/") == absolute:
+        comps = tuple((text[1:] if absolute else text).split("/"))
+        if "" not in comps and "." not in comps and ".." not in comps:
+            return comps
+    where = key_path(where, key) if key is not None else where
     expect(text, str, where, "a path string")
     if "\0" in text:
         raise ConfigError(where, "path contains a NUL byte")
@@ -537,27 +544,27 @@ def parse_components(text, where: str, absolute: bool) -> tuple:
         raise ConfigError(where, f"path {text!r} must be absolute (start with /)")
     if not absolute and text.startswith("/"):
         raise ConfigError(where, f"path {text!r} must be relative to the user's home")
-    body = text[1:] if absolute else text
-    comps = tuple(body.split("/"))
-    if "" in comps or "." in comps or ".." in comps:
-        raise ConfigError(where, f"path {text!r} must not be empty or contain empty, '.' or '..' components")
-    return comps
+    raise ConfigError(where, f"path {text!r} must not be empty or contain empty, '.' or '..' components")
 
 
-def parse_owner(value, where: str) -> str:
+def parse_owner(value, where: str, key: str | None = None) -> str:
+    """A user or group name, or a number as a string. The error location is
+    where[.key], made only for an error."""
+    if isinstance(value, str) and value and not ("\0" in value or "/" in value or ":" in value
+                                                 or "\n" in value):
+        return value
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return str(value)
+    where = key_path(where, key) if key is not None else where
     expect(value, str, where, "a user or group name or number")
-    if not value or "\0" in value or "/" in value or ":" in value or "\n" in value:
-        raise ConfigError(where, f"{value!r} is not a valid user or group name")
-    return value
+    raise ConfigError(where, f"{value!r} is not a valid user or group name")
 
 
 def parse_perms(obj: dict, where: str, default: Perms) -> Perms:
     if "user" not in obj and "group" not in obj and "mode" not in obj:
         return default
-    user = parse_owner(obj["user"], key_path(where, "user")) if "user" in obj else default.user
-    group = parse_owner(obj["group"], key_path(where, "group")) if "group" in obj else default.group
+    user = parse_owner(obj["user"], where, "user") if "user" in obj else default.user
+    group = parse_owner(obj["group"], where, "group") if "group" in obj else default.group
     mode = default.mode
     if "mode" in obj:
         try:
@@ -821,7 +828,7 @@ def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
     check_keys(item, where, DIR_KEYS if kind == "directory" else FILE_KEYS)
     if kind not in item:
         raise ConfigError(where, f"missing '{kind}'")
-    target = home + parse_components(item[kind], key_path(where, kind), absolute=not at_user)
+    target = home + parse_components(item[kind], where, not at_user, kind)
     if "persistentStoragePath" in item and item["persistentStoragePath"] is not None:
         storage = parse_components(item["persistentStoragePath"],
                                    key_path(where, "persistentStoragePath"), absolute=True)
@@ -829,8 +836,9 @@ def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
     if kind == "directory":
         perms = parse_perms(item, where, default)
     else:
-        method = expect(item.get("method", "auto"), str, key_path(where, "method"), "a string")
+        method = item.get("method", "auto")
         if method not in ("auto", "symlink"):
+            expect(method, str, key_path(where, "method"), "a string")
             raise ConfigError(key_path(where, "method"), f"{method!r} is not 'auto' or 'symlink'")
         if item.get("parentDirectory") is not None:
             pwhere = key_path(where, "parentDirectory")
@@ -1859,14 +1867,20 @@ class Executor:
         chain = self.chain_for(a.path, storage)
         parent = chain.open(a.path[:-1])
         name = a.path[-1]
-        if a.mark and self.mkdir_is_final(a) and self.only_we_write(chain, a.path[:-1]):
+        if a.mark and self.only_we_write(chain, a.path[:-1]):
             # A mount point in a directory no one else can change: made,
-            # marked and (by do_Bind) mounted on by name, with no fd of its
-            # own; nobody can swap the name in between.
+            # given its owner, mode and mark, and (by do_Bind) mounted on,
+            # all by name, with no fd of its own: nobody can swap the name
+            # in between.
             try:
                 os.mkdir(name, a.mode & 0o1777, dir_fd=parent)  # umask is 0
             except FileExistsError:
                 raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
+            if a.uid != self.euid or a.gid != self.egid:
+                os.chown(name, a.uid, a.gid, dir_fd=parent, follow_symlinks=False)
+            # mkdir cannot set set-id bits, and a set-gid parent passes its own.
+            if a.mode & 0o6000 or chain.stat(a.path[:-1])[1] & stat.S_ISGID:
+                os.chmod(name, a.mode, dir_fd=parent)
             try:
                 os.utime(name, ns=MARK_TIMES, dir_fd=parent, follow_symlinks=False)
             except OSError:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import secrets
 import subprocess
@@ -586,17 +587,31 @@ def test_mount_points_are_mounted_on_by_name_only_where_no_one_else_can_swap_the
     assert result.returncode == 0, result.stderr
     by_name = set(re.findall(r'move_mount\(\d+, "", \d+, "([^"]+)", MOVE_MOUNT_F_EMPTY_PATH\)', calls))
     marked_by_name = set(re.findall(r'utimensat\(\d+, "([^"]+)", \[\{tv_sec=0, tv_nsec=314159265\}', calls))
-    assert by_name == marked_by_name == {"log", "plain"}, calls
+    assert by_name == marked_by_name == {"log", "plain", "nixos", "colord"}, calls
     assert re.search(r'openat\(\d+, "rootdir", O_RDONLY\|O_NOFOLLOW\|O_CLOEXEC\|O_DIRECTORY\)', calls)
     marked_by_fd = re.findall(r'utimensat\(\d+, NULL, \[\{tv_sec=0, tv_nsec=314159265\}', calls)
     by_fd = re.findall(r'move_mount\(\d+, "", \d+, "", MOVE_MOUNT_F_EMPTY_PATH\|MOVE_MOUNT_T_EMPTY_PATH\)', calls)
     assert len(marked_by_fd) == len(by_fd) >= 5
     R, S = sandbox.root, sandbox.path("/persistent")
-    for d in ("var/log", "var/lib/plain", "home/bird/rootdir"):
+    for d in ("var/log", "var/lib/plain", "home/bird/rootdir", "etc/nixos", "var/lib/colord"):
         assert same_inode(R / d, S / d), d
+    # Below the mounts, each mount point has its storage twin's owner and
+    # mode, and the mark (a bind of the parent alone shows them).
+    under = sandbox.work / "under"
+    under.mkdir()
+    for parent, name in (("etc", "nixos"), ("var/lib", "colord"), ("var/lib", "plain"),
+                         ("home/bird", "rootdir")):
+        subprocess.run(["mount", "--bind", str(R / parent), str(under)], check=True)
+        try:
+            st = os.lstat(under / name)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == owner_mode(S / parent / name), name
+            assert st.st_mtime_ns == 314159265, name
+        finally:
+            subprocess.run(["umount", str(under)], check=True)
     # Both kinds are found again by unmount, which removes them.
     assert sandbox.run("unmount").returncode == 0
-    for d in ("var/log", "var/lib/plain", "home/bird/rootdir", "home/bird/.ssh"):
+    for d in ("var/log", "var/lib/plain", "home/bird/rootdir", "home/bird/.ssh", "etc/nixos",
+              "var/lib/colord"):
         assert not os.path.lexists(R / d), d
 
 
