@@ -2409,15 +2409,26 @@ def split_in_shares(entries: list, several_storages: bool, forced: bool):
                         last = k
             first.update(range(lo, last + 1))
             meets.append((targets[lo][:depth], tuple(seen)))
-    # Consecutive spans merged up to the limit; a share is a list of spans.
+    # Spans without the entries that run first, merged in order up to the
+    # limit: a share is a list of spans.
     spans.sort()
+    first_sorted = sorted(first)
     shares: list = []
     share_weights: list = []
     share: list = []
     weight = 0
+    f = 0
     for lo, hi in spans:
-        share.append((lo, hi))
-        weight += weights[hi] - weights[lo]
+        while f < len(first_sorted) and first_sorted[f] < hi:
+            k = first_sorted[f]
+            if lo < k:
+                share.append((lo, k))
+                weight += weights[k] - weights[lo]
+            lo = k + 1
+            f += 1
+        if lo < hi:
+            share.append((lo, hi))
+            weight += weights[hi] - weights[lo]
         if weight >= limit:
             shares.append(share)
             share_weights.append(weight)
@@ -2428,7 +2439,7 @@ def split_in_shares(entries: list, several_storages: bool, forced: bool):
     if len(shares) < 2 or (not forced and total - max(share_weights) < TWO_PROCESSES_MIN_SHARE):
         return None
     order = sorted(range(len(shares)), key=share_weights.__getitem__, reverse=True)
-    return sorted(first), [shares[i] for i in order], meets
+    return first_sorted, [shares[i] for i in order], meets
 
 
 ENTRY_WEIGHT = {"directory": 2, "file": 1}  # a directory's entry makes about twice the calls
@@ -2446,9 +2457,12 @@ def first_named_after(targets: list, depth: int, name: str, lo: int, hi: int) ->
     return lo
 
 
-def share_entries(share: list, first: set, entries: list) -> list:
-    """The (index, entry) pairs of a share, without those run first."""
-    return [(k, entries[k]) for lo, hi in share for k in range(lo, hi) if k not in first]
+def share_entries(share: list, entries: list) -> list:
+    """The (index, entry) pairs of a share."""
+    pairs: list = []
+    for lo, hi in share:
+        pairs.extend(zip(range(lo, hi), entries[lo:hi]))
+    return pairs
 
 
 def take_share(queue_fd: int) -> int | None:
@@ -2459,7 +2473,7 @@ def take_share(queue_fd: int) -> int | None:
     return int.from_bytes(record, "little") if record else None
 
 
-def start_share_taker(entries: list, first: set, shares: list, tree: Tree, executor: Executor,
+def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executor,
                       accounts: Accounts, log: Log) -> tuple:
     """Fork a process that takes shares from the queue and runs them;
     (its pid or None if fork failed, the queue, the pipe its report comes
@@ -2487,7 +2501,7 @@ def start_share_taker(entries: list, first: set, shares: list, tree: Tree, execu
         log.held = []
         failed = 0
         while (number := take_share(queue_r)) is not None:
-            failed += run_entries(share_entries(shares[number], first, entries),
+            failed += run_entries(share_entries(shares[number], entries),
                                   tree, executor, accounts, log)
         records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(Log.LINE_BREAKS)}\n"
                    for index, level, text, to_kmsg in log.held]
@@ -2502,12 +2516,15 @@ def start_share_taker(entries: list, first: set, shares: list, tree: Tree, execu
 
 def share_taker_report(pid: int, result_fd: int):
     """(messages, number failed) from the second process; or, if it ended
-    without reporting, how it ended."""
+    without reporting, how it ended. A complete report is enough: the
+    process is not waited for while its memory is given back, only reaped
+    if it is already gone (an orphan is reaped by init)."""
     chunks = []
     while chunk := os.read(result_fd, 1 << 16):
         chunks.append(chunk)
+        if chunk.endswith(b"\n") and b"".join(chunks[-2:]).rsplit(b"\n", 2)[-2].startswith(b"end\t"):
+            break
     os.close(result_fd)
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     messages, failed = [], None
     for record in b"".join(chunks).decode("utf-8", "surrogatepass").split("\n"):
         if record.startswith("end\t"):
@@ -2515,8 +2532,13 @@ def share_taker_report(pid: int, result_fd: int):
         elif record:
             index, level, to_kmsg, text = record.split("\t", 3)
             messages.append((int(index), int(level), text, to_kmsg == "1"))
-    if status == 0 and failed is not None:
+    if failed is not None:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         return messages, failed
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
 
 
@@ -2550,12 +2572,11 @@ def run_in_two(entries: list, first: list, shares: list, meets: list, tree: Tree
             # Two shares would both make it: the rest here, in order.
             rest = [(k, entry) for k, entry in enumerate(entries) if k not in first]
             return failed + run_entries(rest, tree, executor, accounts, log)
-        pid, queue_fd, result_fd = start_share_taker(entries, first, shares, tree, executor,
-                                                     accounts, log)
+        pid, queue_fd, result_fd = start_share_taker(entries, shares, tree, executor, accounts, log)
         ran = set()
         while (number := take_share(queue_fd)) is not None:
             ran.add(number)
-            failed += run_entries(share_entries(shares[number], first, entries),
+            failed += run_entries(share_entries(shares[number], entries),
                                   tree, executor, accounts, log)
         os.close(queue_fd)
         if pid is None:
@@ -2567,7 +2588,7 @@ def run_in_two(entries: list, first: list, shares: list, meets: list, tree: Tree
     finally:
         log.release(held)
     left = sorted((pair for number, share in enumerate(shares) if number not in ran
-                   for pair in share_entries(share, first, entries)), key=lambda n: n[0])
+                   for pair in share_entries(share, entries)), key=lambda n: n[0])
     log.error(f"apply: the second process {report} before it was done; "
               f"running its {len(left)} entries here")
     tree, executor, accounts = start_over()

@@ -143,24 +143,23 @@ def common_depth(a: tuple, b: tuple) -> int:
 
 
 def assert_shares_independent(entries: list, first: list, shares: list, meets: list) -> None:
-    """Every entry in exactly one span; `first` sorted and spans in entry
+    """Every entry run first or in exactly one span; `first` sorted, spans in entry
     order; and two entries of different shares meet only in a directory P
     that no kept path lies at or above, and that entries run before the
     shares put in place: those below P up to the first of each of the two
     entries' storages."""
-    spans = sorted(span for share in shares for span in share)
-    assert spans and spans[0][0] == 0 and spans[-1][1] == len(entries)
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
-    assert all(lo < hi for lo, hi in spans)
-    assert first == sorted(set(first))
     firsts = set(first)
+    assert first == sorted(firsts)
+    covered = sorted(k for share in shares for lo, hi in share for k in range(lo, hi))
+    assert sorted(covered + first) == list(range(len(entries))), (covered, first)
     share_of = {}
     for number, share in enumerate(shares):
-        assert ib.share_entries(share, firsts, entries) or all(
-            k in firsts for lo, hi in share for k in range(lo, hi))
-        for lo, hi in share:
-            for k in range(lo, hi):
-                share_of[k] = number
+        assert share and all(lo < hi for lo, hi in share)
+        pairs = ib.share_entries(share, entries)
+        assert [k for k, _ in pairs] == sorted(k for k, _ in pairs)
+        assert all(entries[k] is e for k, e in pairs)
+        for k, _ in pairs:
+            share_of[k] = number
     weights = [sum(2 if entries[k].kind == "directory" else 1 for lo, hi in share for k in range(lo, hi))
                for share in shares]
     assert weights == sorted(weights, reverse=True)
