@@ -1552,6 +1552,19 @@ class MakeDir(Action):
         return f"mkdir {tree.host(self.path)} ({self.uid}:{self.gid} {format_mode(self.mode)}, {self.why})"
 
 
+class FinishDir(Action):
+    """Give an empty directory with mode 0000 its owner and mode: apply was
+    killed while making it (see Executor.do_MakeDir)."""
+    __slots__ = ("path", "uid", "gid", "mode")
+
+    def __init__(self, path: tuple, uid: int, gid: int, mode: int):
+        self.path, self.uid, self.gid, self.mode = path, uid, gid, mode
+
+    def describe(self, tree: Tree) -> str:
+        return (f"finish {tree.host(self.path)} ({self.uid}:{self.gid} {format_mode(self.mode)}, "
+                "left with mode 0000 by an interrupted run)")
+
+
 class WriteFile(Action):
     __slots__ = ("path", "content", "uid", "gid", "mode")
 
@@ -1644,6 +1657,12 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
         actions.append(MakeDir(path, uid, gid, mode, why, mark))
         tree.record(path, Node("dir", uid, gid, mode, 0, None, None, None))
 
+    def finish_dir(path: tuple, node: Node, uid: int, gid: int, mode: int):
+        # Mode 0000: maybe one that an interrupted run did not finish.
+        if (node.uid, node.gid, node.mode) != (uid, gid, mode):
+            actions.append(FinishDir(path, uid, gid, mode))
+            tree.record(path, Node("dir", uid, gid, mode, 0, node.dev, node.ino, None))
+
     # Storage side: parents, then the source itself.
     for depth in range(len(storage) + 1, 0 if tree.is_dir(source[:-1]) else len(source)):
         path = source[:depth]
@@ -1653,6 +1672,8 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
             make_dir(path, uid, gid, mode, "storage parent")
         elif node.kind != "dir":
             return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
+        elif node.mode == 0:
+            finish_dir(path, node, *accounts.resolve(source_parent_perms(entry, path), storage))
     node = tree.look(source)
     source_exists = node is not None
     if entry.kind == "directory":
@@ -1661,6 +1682,8 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
             make_dir(source, uid, gid, mode, "kept directory")
         elif node.kind != "dir":
             return actions + [Fail(source, f"source is {describe_kind(node)}, not a directory")]
+        elif node.mode == 0:
+            finish_dir(source, node, *accounts.resolve(entry.perms, storage))
     elif node is not None and node.kind != "file":
         return actions + [Fail(source, f"source is {describe_kind(node)}, not a regular file")]
     elif node is not None and node.nlink > 1 and entry.method == "auto":
@@ -1686,6 +1709,10 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
             make_dir(path, twin.uid, twin.gid, twin.mode, "as in storage")
         elif node.kind != "dir":
             return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
+        elif node.mode == 0:
+            twin = tree.look(storage + path)
+            if twin is not None and twin.kind == "dir":
+                finish_dir(path, node, twin.uid, twin.gid, twin.mode)
 
     node = tree.look(target)
     if entry.kind == "directory":
@@ -1834,7 +1861,7 @@ class Executor:
         self.euid, self.egid = os.geteuid(), os.getegid()
         cls = type(self)
         self.steps = {kind: getattr(cls, "do_" + kind.__name__)
-                      for kind in (MakeDir, WriteFile, CreateMountFile, RemoveEmptyFile,
+                      for kind in (MakeDir, FinishDir, WriteFile, CreateMountFile, RemoveEmptyFile,
                                    Symlink, Bind, Fail)}
 
     def chain_for(self, comps: tuple, storage: tuple) -> DirChain:
@@ -1887,29 +1914,18 @@ class Executor:
                 pass  # unmount will then leave this mount point in place
             self.new_dir = (a.path, parent)
             return
-        # Made under a temporary name and renamed into place once owner and
-        # mode are set: apply killed in between must not leave a root-owned
-        # directory that the next run would keep as it is. Not needed where
-        # mkdir alone makes the final directory, nor for a mount point: a
-        # bind mount covers its owner and mode.
-        temp = name
-        if not a.mark and len(name) < 200 and not self.mkdir_is_final(a):
-            temp = f".{name}.impermanence-new"
-        for attempt in (1, 2):
-            try:
-                os.mkdir(temp, a.mode & 0o1777, dir_fd=parent)  # umask is 0
-                break
-            except FileExistsError:
-                if temp == name or attempt == 2:
-                    raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
-                try:
-                    os.rmdir(temp, dir_fd=parent)  # left by a killed run
-                except OSError:
-                    pass
+        # A directory that mkdir alone cannot finish (another owner, set-id
+        # bits, a set-gid parent) is made with mode 0000, then given owner
+        # and mode through its fd: apply killed in between leaves an empty
+        # directory with mode 0000, which the next run finishes (FinishDir),
+        # never a root-owned one that it would keep as it is. A mount point
+        # needs none of this: the bind mount covers its owner and mode.
+        mode = a.mode & 0o1777 if a.mark or self.mkdir_is_final(a) else 0
         try:
-            fd = os.open(temp, O_DIR, dir_fd=parent)
-        except OSError as exc:
-            raise dir_open_error(exc, parent, temp, self.tree.host(a.path)) from None
+            os.mkdir(name, mode, dir_fd=parent)  # umask is 0
+        except FileExistsError:
+            raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
+        fd = self.open_made_dir(parent, name, a.path)
         st = os.fstat(fd)
         # Ours if still root-owned: whoever could swap it in its parent
         # cannot make a root-owned directory. (No nlink test: btrfs
@@ -1917,26 +1933,44 @@ class Executor:
         if st.st_uid != self.euid:
             os.close(fd)
             raise EntryError(self.tree.host(a.path), "was replaced while applying; not changed")
-        if st.st_uid != a.uid or st.st_gid != a.gid:
-            os.fchown(fd, a.uid, a.gid)
-        # mkdir cannot set set-id bits, and a set-gid parent passes its own.
-        if a.mode & 0o6000 or stat.S_IMODE(st.st_mode) != a.mode:
-            os.fchmod(fd, a.mode)
+        self.give_owner_and_mode(fd, st, a.uid, a.gid, a.mode)
         if a.mark:
             try:
                 os.utime(fd, ns=MARK_TIMES)
             except OSError:
                 pass  # unmount will then leave this mount point in place
-        if temp != name:
-            try:
-                rename_noreplace(parent, temp, name, None)  # run() names the path
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    os.rmdir(temp, dir_fd=parent)
-                    raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
-                raise
         chain.push(name, fd, a.uid, a.mode)
+
+    def do_FinishDir(self, a: FinishDir, storage: tuple) -> None:
+        chain = self.chain_for(a.path, storage)
+        parent = chain.open(a.path[:-1])
+        name = a.path[-1]
+        fd = self.open_made_dir(parent, name, a.path)
+        st = os.fstat(fd)
+        # As a killed do_MakeDir leaves it: empty, mode 0000, owned by us
+        # or already by its owner-to-be.
+        if stat.S_IMODE(st.st_mode) or st.st_uid not in (self.euid, a.uid) or os.listdir(fd):
+            os.close(fd)
+            raise EntryError(self.tree.host(a.path), "has mode 0000 but is not a directory an "
+                                                     "interrupted run left unfinished; left as it is")
+        self.give_owner_and_mode(fd, st, a.uid, a.gid, a.mode)
+        chain.push(name, fd, a.uid, a.mode)
+
+    def open_made_dir(self, parent: int, name: str, path: tuple) -> int:
+        try:
+            return os.open(name, O_DIR, dir_fd=parent)
+        except OSError as exc:
+            raise dir_open_error(exc, parent, name, self.tree.host(path)) from None
+
+    @staticmethod
+    def give_owner_and_mode(fd: int, st, uid: int, gid: int, mode: int) -> None:
+        """Owner first, mode last: until the mode is set, the directory
+        keeps the 0000 a next run recognises."""
+        if st.st_uid != uid or st.st_gid != gid:
+            os.fchown(fd, uid, gid)
+        # mkdir cannot set set-id bits, and a set-gid parent passes its own.
+        if mode & 0o6000 or stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
 
     def only_we_write(self, chain: DirChain, comps: tuple) -> bool:
         """Whether only we (or root) can add, remove or rename entries in

@@ -540,11 +540,12 @@ def test_nested_entry_added_under_a_directory_an_earlier_run_mounted(sandbox, di
     assert sandbox.run("status", config=both).returncode == 0
 
 
-def test_storage_directories_are_renamed_into_place_only_when_mkdir_cannot_finish_them(sandbox, disk):
+def test_directories_mkdir_cannot_finish_are_made_with_mode_0000_first(sandbox, disk):
     # A kill between mkdir and chown must not leave a root-owned directory
-    # the next run keeps; a directory that mkdir alone makes complete
-    # (root-owned, no set-id bits, parent passes on no group) needs no
-    # temporary name, and the rename it saves is the dearest call of all.
+    # the next run keeps: a directory that needs a chown or chmod after
+    # mkdir is made with mode 0000, which the next run recognises. One that
+    # mkdir alone makes complete (root-owned, no set-id bits, parent passes
+    # on no group) is made with its mode, and there is nothing in between.
     first = base_config(disk.label, {"directories": ["/srv/shared"]})
     assert sandbox.run("apply", config=first).returncode == 0
     shared = sandbox.path("/persistent/srv/shared")
@@ -558,20 +559,51 @@ def test_storage_directories_are_renamed_into_place_only_when_mkdir_cannot_finis
     sandbox.write_config(cfg)
     result, calls = run_traced(sandbox, "mkdirat,renameat2", "apply")
     assert result.returncode == 0, result.stderr
-    made = re.findall(r'mkdirat\(\d+, "([^"]+)"', calls)
-    renamed = re.findall(r'renameat2\(\d+, "([^"]+)", \d+, "([^"]+)"', calls)
-    temp = {new for old, new in renamed if old == f".{new}.impermanence-new"}
-    # Root-owned, no set-id bits, plain parent: one mkdir under the final name.
-    for name in ("var", "lib", "plain", "state", "sticky"):
-        assert name in made and name not in temp, (name, made, renamed)
-    # Owner to set, set-id bits to set, or a set-gid parent: renamed into place.
-    assert temp == {"owned", "setgid", "inner"}, renamed
     S = sandbox.path("/persistent")
+    made = re.findall(r'mkdirat\(\d+, "([^"]+)", (0[0-7]*)\)', calls)
+    assert {name for name, mode in made if mode == "000"} == {"owned", "setgid", "inner"}, made
+    assert ("plain", "0755") in made and ("sticky", "01777") in made, made
+    assert "renameat2" not in calls
     assert owner_mode(S / "var/lib/plain/state") == (0, 0, 0o755)
     assert owner_mode(S / "var/lib/sticky") == (0, 0, 0o1777)
     assert owner_mode(S / "var/lib/owned") == (BIRD, 0, 0o700)  # group defaults to root
     assert owner_mode(S / "var/lib/setgid") == (0, 0, 0o2755)
     assert owner_mode(S / "srv/shared/inner") == (0, 0, 0o755)
+
+
+@pytest.mark.parametrize("left_owner", [0, BIRD])
+def test_a_directory_an_interrupted_run_left_with_mode_0000_is_finished(sandbox, disk, left_owner):
+    # What a run killed after mkdir (root-owned) or after fchown (the
+    # owner's) leaves: an empty directory with mode 0000. The next run gives
+    # it its owner and mode; a non-empty one with mode 0000 is not its to
+    # change, and only that entry fails.
+    cfg = base_config(disk.label, {"directories": [
+        {"directory": "/var/lib/owned", "user": "bird", "mode": "0750"},
+        {"directory": "/var/lib/locked", "user": "bird", "mode": "0750"}, "/var/log"]})
+    with mounted(disk.device, sandbox.work / "disk") as storage:
+        for name in ("owned", "locked"):
+            (storage / "var/lib" / name).mkdir(parents=True, mode=0)
+            os.chown(storage / "var/lib" / name, left_owner, 0)
+            os.chmod(storage / "var/lib" / name, 0)
+        (storage / "var/lib/locked/data").write_text("kept\n")
+    result = sandbox.run("-v", "apply", config=cfg)
+    assert result.returncode == 1, result.stderr
+    S, R = sandbox.path("/persistent"), sandbox.root
+    assert "impermanence: finish " + str(S / "var/lib/owned") in result.stderr
+    assert owner_mode(S / "var/lib/owned") == (BIRD, 0, 0o750)
+    assert same_inode(R / "var/lib/owned", S / "var/lib/owned")
+    errors = [line for line in result.stderr.splitlines() if ": has mode 0000" in line]
+    assert errors == [f"impermanence: {S / 'var/lib/locked'}: has mode 0000 but is not a directory an "
+                      "interrupted run left unfinished; left as it is"], result.stderr
+    assert owner_mode(S / "var/lib/locked") == (left_owner, 0, 0)
+    assert (S / "var/lib/locked/data").read_text() == "kept\n"
+    assert same_inode(R / "var/log", S / "var/log")
+    # Finished once: the next run has nothing to do there (and fails the
+    # locked one again, still leaving it as it is).
+    again = sandbox.run("-v", "apply")
+    assert again.returncode == 1
+    assert "finish " + str(S / "var/lib/owned") not in again.stderr
+    assert owner_mode(S / "var/lib/locked") == (left_owner, 0, 0)
 
 
 def test_mount_points_are_mounted_on_by_name_only_where_no_one_else_can_swap_them(sandbox, disk):
