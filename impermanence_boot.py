@@ -2343,7 +2343,7 @@ def run_entries(numbered: list, tree: Tree, executor: Executor, accounts: Accoun
 # from a pipe, so the one with the slower shares takes fewer, and the
 # messages are written in entry order, as one process writes them.
 
-TWO_PROCESSES_MIN_ENTRIES = 400  # below, a fork costs about what it saves
+TWO_PROCESSES_MIN_ENTRIES = 250  # below, a fork costs about what it saves
 TWO_PROCESSES_MIN_SHARE = 64     # weight (2 a directory, 1 a file) beside the heaviest share
 SHARES = 48                      # each share about 1/SHARES of the work: both end together
 SPLIT_DEPTH_MAX = 8              # entries with a longer common prefix stay in one share
