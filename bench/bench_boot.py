@@ -828,27 +828,23 @@ class Bench:
             res["tree"] = {"root_paths": len(t["root"]), "storage_paths": len(t["storage"]),
                            "mounts": len(t["mounts"]),
                            "symlinks": sum(1 for a in t["root"].values() if a[0] == "l")}
-            order = list(who_all)
-            for rep in range(reps):
-                k = rep % len(order)
-                for who in order[k:] + order[:k]:
-                    wall, rss, rc, _ = self.one_run(who, d, storage)
-                    res["runs"][who].append({"wall": wall, "maxrss_kib": rss, "rc": rc})
-                log("N=%d rep %d/%d: %s" % (n, rep + 1, reps, "  ".join(
-                    "%s %.1f ms" % (w, res["runs"][w][-1]["wall"] * 1e3) for w in who_all)))
+
+            def rounds(order: list, count: int, label: str) -> None:
+                for rep in range(count):
+                    k = rep % len(order)
+                    for who in order[k:] + order[:k]:
+                        wall, rss, rc, _ = self.one_run(who, d, storage)
+                        res["runs"][who].append({"wall": wall, "maxrss_kib": rss, "rc": rc})
+                    log("N=%d %s %d/%d: %s" % (n, label, rep + 1, count, "  ".join(
+                        "%s %.1f ms" % (w, res["runs"][w][-1]["wall"] * 1e3) for w in order)))
+
+            rounds(list(who_all), reps, "rep")
             # The contenders other than the shell take well under a second:
             # more of their runs, still interleaved, steady the ratio of
             # apply to the floor, which a busy neighbour on a shared host
             # moves by several per cent from one run to the next.
-            fast = [who for who in who_all if who != "shell"]
-            extra = max(0, self.args.reps_fast - reps)
-            for rep in range(extra):
-                k = rep % len(fast)
-                for who in fast[k:] + fast[:k]:
-                    wall, rss, rc, _ = self.one_run(who, d, storage)
-                    res["runs"][who].append({"wall": wall, "maxrss_kib": rss, "rc": rc})
-                log("N=%d extra rep %d/%d: %s" % (n, rep + 1, extra, "  ".join(
-                    "%s %.1f ms" % (w, res["runs"][w][-1]["wall"] * 1e3) for w in fast)))
+            rounds([who for who in who_all if who != "shell"],
+                   max(0, self.args.reps_fast - reps), "extra rep")
             if n == self.args.sizes[0]:
                 # module list of the apply path (untimed extra run)
                 fresh_root(self.root, storage)
