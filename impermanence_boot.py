@@ -859,21 +859,27 @@ def first_at_least(values: list, x, lo: int, hi: int) -> int:
     return lo
 
 
-def below(targets: list, path: tuple) -> tuple:
-    """[start, end) of the sorted targets strictly below path. They are
-    consecutive, right after path itself: two binary searches."""
-    count, depth = len(targets), len(path)
-    start = first_at_least(targets, path, 0, count)
-    if start < count and targets[start] == path:
-        start += 1
-    lo, hi = start, count
+def end_of_prefix(targets: list, prefix: tuple, lo: int, hi: int) -> int:
+    """The first index in [lo, hi) whose target does not start with prefix,
+    where those that do come first (sorted targets), or hi."""
+    depth = len(prefix)
     while lo < hi:
         mid = (lo + hi) // 2
-        if targets[mid][:depth] == path:
+        if targets[mid][:depth] == prefix:
             lo = mid + 1
         else:
             hi = mid
-    return start, lo
+    return lo
+
+
+def below(targets: list, path: tuple) -> tuple:
+    """[start, end) of the sorted targets strictly below path. They are
+    consecutive, right after path itself: two binary searches."""
+    count = len(targets)
+    start = first_at_least(targets, path, 0, count)
+    if start < count and targets[start] == path:
+        start += 1
+    return start, end_of_prefix(targets, path, start, count)
 
 
 def entry_storages(entries: list) -> list:
@@ -2347,6 +2353,7 @@ TWO_PROCESSES_MIN_ENTRIES = 250  # below, a fork costs about what it saves
 TWO_PROCESSES_MIN_SHARE = 64     # weight (2 a directory, 1 a file) beside the heaviest share
 SHARES = 48                      # each share about 1/SHARES of the work: both end together
 SPLIT_DEPTH_MAX = 8              # entries with a longer common prefix stay in one share
+ENTRY_WEIGHT = {"directory": 2, "file": 1}  # a directory's entry makes about twice the calls
 ACCOUNT_PATHS = {("etc",), ("etc", "passwd"), ("etc", "group")}
 
 
@@ -2417,14 +2424,14 @@ def split_in_shares(entries: list, several_storages: bool, forced: bool):
             # Up to where [i, p) reaches the limit, then back or on to a
             # change of name at `depth`.
             p = first_at_least(weights, weights[i] + limit, i + 1, hi)
-            name = targets[p - 1][depth]
-            start = first_at_least(targets, targets[p - 1][:depth + 1], i, p - 1)
+            named = targets[p - 1][:depth + 1]
+            start = first_at_least(targets, named, i, p - 1)
             pieces += 1
             if start > i:  # whole names, lighter than the limit together
                 spans.append((i, start))
                 i = start
                 continue
-            end = first_named_after(targets, depth, name, p, hi)
+            end = end_of_prefix(targets, named, p, hi)
             if weights[end] - weights[i] > limit:
                 runs.append((i, end, depth + 1))
             else:
@@ -2474,21 +2481,6 @@ def split_in_shares(entries: list, several_storages: bool, forced: bool):
         return None
     order = sorted(range(len(shares)), key=share_weights.__getitem__, reverse=True)
     return first_sorted, [shares[i] for i in order], meets
-
-
-ENTRY_WEIGHT = {"directory": 2, "file": 1}  # a directory's entry makes about twice the calls
-
-
-def first_named_after(targets: list, depth: int, name: str, lo: int, hi: int) -> int:
-    """The first index in [lo, hi) whose target's component `depth` comes
-    after `name` (they are sorted there), or hi."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if targets[mid][depth] <= name:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 def share_entries(share: list, entries: list) -> list:
@@ -2592,12 +2584,12 @@ def meeting_points_in_place(meets: list, tree: Tree) -> bool:
 
 def run_in_two(entries: list, first: list, shares: list, meets: list, tree: Tree,
                executor: Executor, accounts: Accounts, log: Log, start_over) -> int:
-    """Run the entries `first` names here, then the shares in two processes, each taking the
-    next share from the queue until none is left; the number of entries
-    that failed. If the second process ends without reporting (killed, out
-    of memory), the shares this process did not run are run again here:
-    apply is idempotent, and start_over() gives a Tree, Executor and
-    Accounts that have not seen the state it left."""
+    """Run the entries `first` names here, then the shares in two
+    processes, each taking the next share from the queue until none is
+    left; the number of entries that failed. If the second process ends
+    without reporting (killed, out of memory), the shares this process did
+    not run are run again here: apply is idempotent, and start_over() gives
+    a Tree, Executor and Accounts that have not seen the state it left."""
     held = log.held = []
     try:
         failed = run_entries([(k, entries[k]) for k in first], tree, executor, accounts, log)
