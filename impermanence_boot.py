@@ -773,9 +773,7 @@ def parse_config(data, escapes: bool = True) -> Config:
         for key in ("directories", "files"):
             base = key_path(where, key)
             items = expect(spec.get(key, []), list, base, "a list")
-            for i, item in enumerate(items):
-                entries.append(parse_item(key, item, f"{base}[{i}]", storage, (), None,
-                                          ROOT_PERMS, None))
+            entries += parse_items(key, items, base, storage, (), None, ROOT_PERMS, None)
         user_table = expect(spec.get("users", {}), dict, key_path(where, "users"), "an object")
         for user, uspec in user_table.items():
             uwhere = key_path(key_path(where, "users"), user)
@@ -795,9 +793,7 @@ def parse_config(data, escapes: bool = True) -> Config:
             for key in ("directories", "files"):
                 base = key_path(uwhere, key)
                 items = expect(uspec.get(key, []), list, base, "a list")
-                for i, item in enumerate(items):
-                    entries.append(parse_item(key, item, f"{base}[{i}]", storage, home, user,
-                                              default, home_mode))
+                entries += parse_items(key, items, base, storage, home, user, default, home_mode)
         if storage not in storages:
             storages.append(storage)
     for account in accounts.values():
@@ -812,6 +808,37 @@ def parse_config(data, escapes: bool = True) -> Config:
             storages.append(storage)
     return Config(tuple(filesystems), float(timeout), accounts, group_ids,
                   tuple(storages), tuple(entries))
+
+
+# In the bare paths of a list joined by newlines (a user's given a leading
+# "/" each), what marks an empty, "." or ".." component or a NUL.
+BAD_IN_PATHS = ("//", "/./", "/../", "/\n", "/.\n", "/..\n", "\0")
+
+
+def parse_items(key: str, items: list, base: str, storage: tuple, home: tuple,
+                user: str | None, default: Perms, home_mode: int | None) -> list:
+    """parse_item for every item of a list. The bare path strings, the
+    common form, are checked all at once: joined by newlines, a few scans
+    of that one text find a path that is not absolute (in a user's list,
+    not relative), an empty, "." or ".." component or a NUL; when there is
+    none, each is just split. Otherwise, and for the objects, every item
+    is parsed alone, for its message."""
+    lead = "" if user is None else "/"
+    paths = [item for item in items if type(item) is str]
+    text = "\n" + lead + ("\n" + lead).join(paths) + "\n"
+    if not paths or (text.count("\n") != len(paths) + 1  # a newline inside a path
+                     or text.count("\n/") != len(paths)
+                     or any(bad in text for bad in BAD_IN_PATHS)):
+        return [parse_item(key, item, f"{base}[{i}]", storage, home, user, default, home_mode)
+                for i, item in enumerate(items)]
+    kind = "directory" if key == "directories" else "file"
+    perms = default if kind == "directory" else None
+    home_info = (home, user, home_mode) if user is not None else None
+    skip = 1 - len(lead)  # the leading "/" of a system-level path
+    return [Entry(kind, home + tuple(item[skip:].split("/")), storage, perms, "auto", None,
+                  home_info, user, f"{base}[{i}]") if type(item) is str
+            else parse_item(key, item, f"{base}[{i}]", storage, home, user, default, home_mode)
+            for i, item in enumerate(items)]
 
 
 def parse_item(key: str, item, where: str, storage: tuple, home: tuple,

@@ -323,3 +323,42 @@ def test_a_line_break_in_a_path_is_written_escaped(tmp_path, name):
     line = one_clean_line(result)
     assert str(tmp_path / "a") + ("\\x%02x" % ord(name[1]) if ord(name[1]) < 0x100
                                   else "\\u%04x" % ord(name[1])) + "b" in line, line
+
+
+# --- Bare paths checked together ------------------------------------------------------
+
+# Mostly good components, so that whole lists pass and are read together;
+# now and then one that is not, or a newline that could pass for a separator.
+GOOD = st.sampled_from(["a", "b.c", ".a", "a.", "...", "\u00e9", " ", "x y"])
+BAD = st.sampled_from([".", "..", "", "x\ny", "a\n", "\n/a", "\0", "a\0"])
+COMPONENT = st.one_of(GOOD, GOOD, GOOD, GOOD, GOOD, GOOD, BAD)
+RELATIVE = st.lists(COMPONENT, min_size=1, max_size=4).map("/".join)
+PATH = st.one_of(RELATIVE.map(lambda p: "/" + p), RELATIVE.map(lambda p: "/" + p), RELATIVE,
+                 st.sampled_from(["", "/", "//", "a/", "/a/"]))
+ITEMS = st.lists(st.one_of(PATH, PATH, PATH, st.fixed_dictionaries({"directory": PATH}),
+                           st.fixed_dictionaries({"file": PATH})), max_size=5)
+
+
+def each_alone(key, items, base, storage, home, user, default, home_mode):
+    return [ib.parse_item(key, item, f"{base}[{i}]", storage, home, user, default, home_mode)
+            for i, item in enumerate(items)]
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["directories", "files"]), ITEMS, st.booleans())
+def test_bare_paths_checked_together_read_as_each_alone(key, items, at_user):
+    """parse_items checks a list's bare paths all at once and only splits
+    them: it must accept exactly what parse_item accepts alone, build the
+    same entries, and otherwise raise the same error for the same item."""
+    home, user = (("home", "bird"), "bird") if at_user else ((), None)
+    default = ib.Perms(user, None, 0o755) if at_user else ib.ROOT_PERMS
+    args = (key, items, "persistence./persistent." + key, ("persistent",), home, user, default,
+            0o700 if at_user else None)
+    try:
+        expected = each_alone(*args)
+    except ib.ConfigError as exc:
+        with pytest.raises(ib.ConfigError) as got:
+            ib.parse_items(*args)
+        assert (got.value.where, got.value.cause) == (exc.where, exc.cause)
+    else:
+        assert ib.parse_items(*args) == expected
