@@ -1927,19 +1927,15 @@ class Executor:
         chain = self.chain_for(a.path, storage)
         parent = chain.open(a.path[:-1])
         name = a.path[-1]
-        if a.mark and self.only_we_write(chain, a.path[:-1]):
-            # A mount point in a directory no one else can change: made,
-            # given its owner, mode and mark, and (by do_Bind) mounted on,
-            # all by name, with no fd of its own: nobody can swap the name
-            # in between.
-            try:
-                os.mkdir(name, a.mode & 0o1777, dir_fd=parent)  # umask is 0
-            except FileExistsError:
-                raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
+        if a.mark and self.by_name_in(chain, a.path[:-1]):
+            # A mount point in a directory no one else can change and that
+            # passes on no group: made, given its owner, mode and mark, and
+            # (by do_Bind) mounted on, all by name, with no fd of its own:
+            # nobody can swap the name in between.
+            self.make_dir_at(parent, name, a.mode & 0o1777, a.path)
             if a.uid != self.euid or a.gid != self.egid:
                 os.chown(name, a.uid, a.gid, dir_fd=parent, follow_symlinks=False)
-            # mkdir cannot set set-id bits, and a set-gid parent passes its own.
-            if a.mode & 0o6000 or chain.stat(a.path[:-1])[1] & stat.S_ISGID:
+            if a.mode & 0o6000:  # mkdir cannot set set-id bits
                 os.chmod(name, a.mode, dir_fd=parent)
             try:
                 os.utime(name, ns=MARK_TIMES, dir_fd=parent, follow_symlinks=False)
@@ -1953,11 +1949,8 @@ class Executor:
         # directory with mode 0000, which the next run finishes (FinishDir),
         # never a root-owned one that it would keep as it is. A mount point
         # needs none of this: the bind mount covers its owner and mode.
-        mode = a.mode & 0o1777 if a.mark or self.mkdir_is_final(a) else 0
-        try:
-            os.mkdir(name, mode, dir_fd=parent)  # umask is 0
-        except FileExistsError:
-            raise EntryError(self.tree.host(a.path), "appeared while applying; left as it is") from None
+        self.make_dir_at(parent, name, a.mode & 0o1777 if a.mark or self.mkdir_is_final(a) else 0,
+                         a.path)
         fd = self.open_made_dir(parent, name, a.path)
         st = os.fstat(fd)
         # Ours if still root-owned: whoever could swap it in its parent
@@ -1989,6 +1982,12 @@ class Executor:
         self.give_owner_and_mode(fd, st, a.uid, a.gid, a.mode)
         chain.push(name, fd, a.uid, a.mode)
 
+    def make_dir_at(self, parent: int, name: str, mode: int, path: tuple) -> None:
+        try:
+            os.mkdir(name, mode, dir_fd=parent)  # umask is 0
+        except FileExistsError:
+            raise EntryError(self.tree.host(path), "appeared while applying; left as it is") from None
+
     def open_made_dir(self, parent: int, name: str, path: tuple) -> int:
         try:
             return os.open(name, O_DIR, dir_fd=parent)
@@ -2005,12 +2004,14 @@ class Executor:
         if mode & 0o6000 or stat.S_IMODE(st.st_mode) != mode:
             os.fchmod(fd, mode)
 
-    def only_we_write(self, chain: DirChain, comps: tuple) -> bool:
-        """Whether only we (or root) can add, remove or rename entries in
-        the directory comps, opened along the walk: ours, and no write
-        bit for group or others (with an ACL, the group bits are its mask)."""
+    def by_name_in(self, chain: DirChain, comps: tuple) -> bool:
+        """Whether a mount point can be made and mounted on by name in the
+        directory comps, opened along the walk: only we (or root) can add,
+        remove or rename entries there (ours, no write bit for group or
+        others; with an ACL, the group bits are its mask), and it is not
+        set-gid, so what mkdir makes in it gets our own group."""
         uid, mode = chain.stat(comps)
-        return uid == self.euid and not mode & 0o022
+        return uid == self.euid and not mode & 0o2022
 
     def mkdir_is_final(self, a: MakeDir) -> bool:
         """Whether mkdir(2) alone gives a.path its owner and mode: ours,

@@ -647,6 +647,26 @@ def test_mount_points_are_mounted_on_by_name_only_where_no_one_else_can_swap_the
         assert not os.path.lexists(R / d), d
 
 
+def test_a_mount_point_in_a_set_gid_directory_gets_its_storage_twins_group(sandbox, disk):
+    # /var/lib in storage is set-gid with another group, so its mirror on
+    # the root is too, and mkdir there passes that group on: the mount
+    # point made in it must still end up with its twin's owner and mode.
+    populate(disk, {}, dirs={"var": (0, 0, 0o755), "var/lib": (0, USERS_GID, 0o2755),
+                             "var/lib/plain": (0, 0, 0o755)})
+    cfg = base_config(disk.label, {"directories": ["/var/lib/plain"]})
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    R = sandbox.root
+    assert owner_mode(R / "var/lib") == (0, USERS_GID, 0o2755)
+    under = sandbox.work / "under"
+    under.mkdir()
+    subprocess.run(["mount", "--bind", str(R / "var/lib"), str(under)], check=True)
+    try:
+        assert owner_mode(under / "plain") == (0, 0, 0o755)
+        assert os.lstat(under / "plain").st_mtime_ns == 314159265
+    finally:
+        subprocess.run(["umount", str(under)], check=True)
+
+
 def test_source_missing_status(sandbox, disk):
     cfg = base_config(disk.label, {"directories": ["/var/log"]})
     assert sandbox.run("apply", config=cfg).returncode == 0
