@@ -802,8 +802,9 @@ def parse_config(data, escapes: bool = True) -> Config:
 
     entries.sort(key=lambda e: e.target)
     attach_homes(entries, homes)
-    check_overlaps(entries, filesystems, storages)
-    for storage in entry_storages(entries):
+    used = entry_storages(entries)
+    check_overlaps(entries, filesystems, storages, used)
+    for storage in used:
         if storage not in storages:
             storages.append(storage)
     return Config(tuple(filesystems), float(timeout), accounts, group_ids,
@@ -941,7 +942,7 @@ def attach_homes(entries: list, homes: dict) -> None:
                                    (home, user, 0o700), user, e.where)
 
 
-def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
+def check_overlaps(entries: list, filesystems: list, storages: list, used: list) -> None:
     """Reject what would make one mount hide another or double-apply a
     path. Entries are sorted by target, so a path and what lies below it
     are neighbours: binary searches find the few entries that can fail
@@ -959,7 +960,7 @@ def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
         guarded.setdefault(path, "persistent storage path")
     for fs in filesystems:
         guarded.setdefault(fs.mountpoint, "fileSystems mount point")
-    for path in entry_storages(entries):
+    for path in used:  # the entries' own storage paths
         guarded.setdefault(path, "persistent storage path")
     # Every prefix of a guarded path: one lookup tells whether a guarded
     # path lies at or below a target.
