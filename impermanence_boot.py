@@ -801,9 +801,10 @@ def parse_config(data, escapes: bool = True) -> Config:
             homes.setdefault(account.home, account.name)
 
     entries.sort(key=lambda e: e.target)
-    attach_homes(entries, homes)
+    targets = [e.target for e in entries]
+    attach_homes(entries, targets, homes)
     used = entry_storages(entries)
-    check_overlaps(entries, filesystems, storages, used)
+    check_overlaps(entries, targets, filesystems, storages, used)
     for storage in used:
         if storage not in storages:
             storages.append(storage)
@@ -926,12 +927,12 @@ def is_under(path: tuple, parent: tuple) -> bool:
     return path[:len(parent)] == parent
 
 
-def attach_homes(entries: list, homes: dict) -> None:
+def attach_homes(entries: list, targets: list, homes: dict) -> None:
     """A system-level entry inside a known user's home gets that home's
     parent rules too, so ~/.local is never created root-owned. Entries are
-    sorted, so those below a home are consecutive; the deepest home is
-    taken first, and an entry once given a home keeps it."""
-    targets = [e.target for e in entries]
+    sorted, so those below a home are consecutive (`targets` are theirs,
+    in order); the deepest home is taken first, and an entry once given a
+    home keeps it."""
     for home in sorted(homes, key=len, reverse=True):
         user = homes[home]
         start, end = below(targets, home)
@@ -942,14 +943,14 @@ def attach_homes(entries: list, homes: dict) -> None:
                                    (home, user, 0o700), user, e.where)
 
 
-def check_overlaps(entries: list, filesystems: list, storages: list, used: list) -> None:
+def check_overlaps(entries: list, targets: list, filesystems: list, storages: list,
+                   used: list) -> None:
     """Reject what would make one mount hide another or double-apply a
     path. Entries are sorted by target, so a path and what lies below it
     are neighbours: binary searches find the few entries that can fail
     (the first below a kept file; those at, above or first below a
     storage path or mount point), and only those are checked in full, in
-    target order."""
-    targets = [e.target for e in entries]
+    target order. `targets` are the entries' targets, in order."""
     count = len(targets)
     for k in range(1, count):
         if targets[k] == targets[k - 1]:
