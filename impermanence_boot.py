@@ -248,16 +248,20 @@ class EntryError(Exception):
         self.path, self.cause = path, cause
 
 
+def internal_error(exc: Exception) -> str:
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
 def describe_oserror(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
 class Log:
-    """One line per message, `impermanence: ` first, to stderr. Errors and
-    warnings also go to /dev/kmsg when it is writable (in an initrd), so
-    they show in dmesg and the journal after boot; the per-action lines of
-    -v stay on stderr, where they cannot crowd errors out of the kernel's
-    rate limit for /dev/kmsg writers (a burst of 10 lines per open file)."""
+    """One line per message, `impermanence: ` first, to stderr, and to
+    /dev/kmsg when it is writable (in an initrd), so they show in dmesg and
+    the journal after boot: errors and warnings, and with -v every action.
+    The kernel lets one open /dev/kmsg write a burst of 10 lines and drops
+    the rest; a new open starts a new burst."""
 
     KMSG_BURST = 8
     # Whatever would end a line (a path may hold any of these) is written
@@ -311,7 +315,7 @@ class Log:
 
     def info(self, text: str) -> None:
         if self.verbosity >= 2:
-            self._emit(6, text, False)
+            self._emit(6, text, True)
 
     def release(self, held: list) -> None:
         """Write held messages, in entry order (stable within an entry)."""
@@ -404,7 +408,7 @@ _PERM_BITS = {"r": 0o444, "w": 0o222, "x": 0o111, "X": 0o111, "s": 0o6000, "t": 
 
 def parse_mode(text: str) -> int:
     """Octal ("0700", "755") or symbolic chmod clauses applied to a 0 base
-    ("u=rwx,g=rx,o="). Raises ValueError with a reason."""
+    ("u=rwx,g=rx,o=", "u=rwx,go=u-w"). Raises ValueError with a reason."""
     if not isinstance(text, str):
         raise ValueError(f"must be a string such as \"0755\", not {type_name(text)}")
     if text and not text.strip("01234567"):
@@ -430,9 +434,15 @@ def parse_mode(text: str) -> int:
                 raise ValueError(f"{clause!r}: expected =, + or - at {clause[i:]!r}")
             i += 1
             bits = 0
-            while i < len(clause) and clause[i] in _PERM_BITS:
-                bits |= _PERM_BITS[clause[i]]
+            if i < len(clause) and clause[i] in "ugo":
+                # A copy ("g=u"): that class's rwx as the mode stands now.
+                shift = {"u": 6, "g": 3, "o": 0}[clause[i]]
+                bits = ((mode >> shift) & 7) * 0o111
                 i += 1
+            else:
+                while i < len(clause) and clause[i] in _PERM_BITS:
+                    bits |= _PERM_BITS[clause[i]]
+                    i += 1
             if i < len(clause) and clause[i] not in "=+-":
                 raise ValueError(f"{clause!r}: unknown permission {clause[i]!r}")
             bits &= who
@@ -547,15 +557,39 @@ def parse_components(text, where: str, absolute: bool, key: str | None = None) -
     raise ConfigError(where, f"path {text!r} must not be empty or contain empty, '.' or '..' components")
 
 
+# Largest user or group id: chown(2) takes (uid_t) -1 as "leave unchanged".
+ID_MAX = 2**32 - 2
+
+
+def is_id(text: str) -> bool:
+    """Whether a name is a number (ASCII digits: "²".isdigit() is true too)."""
+    return text.isascii() and text.isdigit()
+
+
+def valid_id(value) -> bool:
+    return type(value) is int and 0 <= value <= ID_MAX
+
+
+def parse_id(text: str) -> int | None:
+    """The id a field of digits gives, None if it is not one or too large."""
+    if not is_id(text):
+        return None
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= 10 and int(digits or "0") <= ID_MAX else None
+
+
 def parse_owner(value, where: str, key: str | None = None) -> str:
     """A user or group name, or a number as a string. The error location is
     where[.key], made only for an error."""
     if isinstance(value, str) and value and not ("\0" in value or "/" in value or ":" in value
                                                  or "\n" in value):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if not is_id(value) or parse_id(value) is not None:
+            return value
+    elif valid_id(value):
         return str(value)
     where = key_path(where, key) if key is not None else where
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and is_id(value):
+        raise ConfigError(where, f"{value} is not a valid id (0 to {ID_MAX})")
     expect(value, str, where, "a user or group name or number")
     raise ConfigError(where, f"{value!r} is not a valid user or group name")
 
@@ -705,8 +739,8 @@ def parse_config(data, escapes: bool = True) -> Config:
         expect(spec, dict, where, "an object")
         check_keys(spec, where, ACCOUNT_KEYS, frozenset())
         uid = spec.get("uid")
-        if uid is not None and (expect(uid, int, key_path(where, "uid"), "a number") < 0):
-            raise ConfigError(key_path(where, "uid"), "must not be negative")
+        if uid is not None and not valid_id(expect(uid, int, key_path(where, "uid"), "a number")):
+            raise ConfigError(key_path(where, "uid"), f"{uid} is not a valid id (0 to {ID_MAX})")
         group = parse_owner(spec["group"], key_path(where, "group")) if spec.get("group") not in (None, "") else None
         home = None
         if spec.get("home") is not None:
@@ -727,8 +761,8 @@ def parse_config(data, escapes: bool = True) -> Config:
         expect(spec, dict, where, "an object")
         check_keys(spec, where, GROUP_KEYS, frozenset())
         gid = spec.get("gid")
-        if gid is not None and expect(gid, int, key_path(where, "gid"), "a number") < 0:
-            raise ConfigError(key_path(where, "gid"), "must not be negative")
+        if gid is not None and not valid_id(expect(gid, int, key_path(where, "gid"), "a number")):
+            raise ConfigError(key_path(where, "gid"), f"{gid} is not a valid id (0 to {ID_MAX})")
         group_ids[name] = gid
 
     filesystems = []
@@ -1255,8 +1289,7 @@ class Accounts:
                 try:
                     loaded = parse_json(text)  # not json: ~9 ms of imports at boot
                     if isinstance(loaded, dict):
-                        table = {k: v for k, v in loaded.items()
-                                 if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+                        table = {k: v for k, v in loaded.items() if valid_id(v)}
                 except (ValueError, RecursionError):
                     pass
             self._maps[key] = table
@@ -1282,8 +1315,8 @@ class Accounts:
 
     def _resolve(self, what: str, name: str, storage: tuple, configured: int | None,
                  nixos_map: str, database: str, table: str, key: str) -> int:
-        if name.isdigit():
-            return int(name)
+        if is_id(name):
+            return int(name)  # in range: checked with the config
         cache_key = (database, name, storage)
         found = self._cache.get(cache_key)
         if found is None:
@@ -1300,8 +1333,8 @@ class Accounts:
             if found is not None:
                 return found
         fields = self._root_file(database).get(name)
-        if fields and fields[2].isdigit():
-            return int(fields[2])
+        if fields and parse_id(fields[2]) is not None:
+            return parse_id(fields[2])
         try:
             if database == "passwd":
                 import pwd
@@ -1323,11 +1356,11 @@ class Accounts:
         account = self.config.accounts.get(user)
         if account is not None and account.group is not None:
             return self.gid(account.group, storage)
-        if user.isdigit():
+        if is_id(user):
             return int(user)
         fields = self._root_file("passwd").get(user)
-        if fields and fields[3].isdigit():
-            return int(fields[3])
+        if fields and parse_id(fields[3]) is not None:
+            return parse_id(fields[3])
         try:
             import pwd
 
@@ -1748,6 +1781,12 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
             twin = tree.look(storage + path)
             if twin is not None and twin.kind == "dir":
                 finish_dir(path, node, twin.uid, twin.gid, twin.mode)
+
+    if entry.kind == "file" and tree.same(source[:-1], target[:-1]):
+        # Inside a kept directory of the same storage, bound already: the
+        # target is the source, in place as it is (and created in storage
+        # by whoever writes it first). A link there would point to itself.
+        return actions
 
     node = tree.look(target)
     if entry.kind == "directory":
@@ -2365,6 +2404,8 @@ def run_entries(numbered: list, tree: Tree, executor: Executor, accounts: Accoun
             log.error(f"{exc.path}: {exc.cause}{suffix}")
         except OSError as exc:
             log.error(f"{exc.filename or tree.host(entry.target)}: {describe_oserror(exc)}")
+        except Exception as exc:  # a bug: this entry fails, the others still run
+            log.error(f"{tree.host(entry.target)}: {internal_error(exc)}")
         failed += not ok
         tree.settle(ok)
     return failed
@@ -2706,6 +2747,10 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
                 lines.append(action.describe(tree))
         except EntryError as exc:
             lines.append(f"fail {exc.path}: {exc.cause}")
+        except OSError as exc:
+            lines.append(f"fail {exc.filename or tree.host(entry.target)}: {describe_oserror(exc)}")
+        except Exception as exc:  # a bug: this entry's plan is lost, not the others'
+            lines.append(f"fail {tree.host(entry.target)}: {internal_error(exc)}")
     if not lines:
         lines.append("nothing to do: everything is in place")
     out.write("\n".join(lines) + "\n")
@@ -2723,6 +2768,12 @@ def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Account
     tgt = tree.look(target)
     host_target = tree.host(target)
     if entry.kind == "file":
+        if tree.same(source[:-1], target[:-1]):
+            if src is None:
+                return "ok", "inside a kept directory; the source is created on first write"
+            if src.kind != "file":
+                return "error", f"source is {describe_kind(src)}"
+            return "ok", "inside a kept directory"
         wanted = link_text(entry)
         if tgt is not None and tgt.kind == "link" and tgt.link == wanted:
             if src is None:
@@ -2786,6 +2837,8 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
                 state, detail = "error", f"{exc.path}: {exc.cause}"
             except OSError as exc:
                 state, detail = "error", describe_oserror(exc)
+            except Exception as exc:  # a bug: reported for this entry only
+                state, detail = "error", internal_error(exc)
         rows.append({"target": as_path(entry.target), "kind": entry.kind,
                      "source": as_path(entry.source), "state": state, "detail": detail})
     drift = sum(1 for r in rows if r["state"] != "ok")
@@ -2813,17 +2866,25 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     chain = DirChain(root_fd, tree)
     proc_fds = os.path.isdir("/proc/self/fd")
+    kept_dirs = {entry.target for entry in config.entries if entry.kind == "directory"}
     try:
         for entry in reversed(config.entries):
             host = tree.host(entry.target)
+            # Inside another kept directory, a link or mount point apply
+            # made lies in that directory's storage (or is the source
+            # itself): left there.
+            in_storage = any(entry.target[:depth] in kept_dirs for depth in range(1, len(entry.target)))
             try:
-                unmount_entry(entry, tree, mounts, chain, proc_fds, log)
+                unmount_entry(entry, tree, mounts, chain, proc_fds, log, in_storage)
             except EntryError as exc:
                 failed += 1
                 log.error(f"{exc.path}: {exc.cause}")
             except OSError as exc:
                 failed += 1
                 log.error(f"{exc.filename or host}: {describe_oserror(exc)}")
+            except Exception as exc:  # a bug: this entry stays, the others are undone
+                failed += 1
+                log.error(f"{host}: {internal_error(exc)}")
         for fs in sorted(config.filesystems, key=lambda f: f.mountpoint, reverse=True):
             host = tree.host(fs.mountpoint)
             if mounts.is_mountpoint(host):
@@ -2841,14 +2902,16 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
 
 
 def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
-                  proc_fds: bool, log: Log) -> None:
+                  proc_fds: bool, log: Log, in_storage: bool) -> None:
+    """Unmount one entry's bind mount; remove the link or the empty mount
+    point apply made for it, unless it lies in storage (in_storage)."""
     target = entry.target
     host = tree.host(target)
     node = tree.look(target)
     if node is None:
         return
     if node.kind == "link":
-        if node.link != link_text(entry):
+        if in_storage or node.link != link_text(entry):
             return
         parent = chain.open(target[:-1])
         os.unlink(target[-1], dir_fd=parent)
@@ -2865,7 +2928,7 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         mounts.remove(host)
         tree.forget(target)
         node = tree.look(target)
-    if node is None or mounts.is_mountpoint(host):
+    if node is None or in_storage or mounts.is_mountpoint(host):
         return
     # Remove the mount point only if apply created it and it is empty.
     if node.kind not in ("dir", "file"):

@@ -8,6 +8,7 @@ lost, truncated or changed.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import secrets
@@ -301,6 +302,97 @@ def test_unknown_user_or_group(sandbox, who):
     for target in ("/var/log", "/etc/kept.conf", "/home/alice/Documents", "/var/lib/new"):
         assert in_place(sandbox, target), target
     assert storage_damage(before, snapshot(store)) == []
+
+
+# chown(2) takes (uid_t) -1 as "leave unchanged": 4294967295 would leave a
+# directory root's, the fault SPEC 5 names; larger ones do not fit at all.
+BAD_IDS = [4294967295, 99999999999, "4294967295", "0" * 5 + "99999999999", "9" * 5000, -1]
+
+
+ID_CASES = [(where, value) for where in ("uid", "gid", "user", "group") for value in BAD_IDS
+            if where in ("user", "group") or isinstance(value, int)]  # uid, gid: numbers only
+
+
+@pytest.mark.parametrize("where,value", ID_CASES, ids=[f"{w}-{str(v)[:16]}" for w, v in ID_CASES])
+def test_out_of_range_id_is_a_config_error(sandbox, where, value):
+    tmpfs_storage(sandbox)
+    cfg = config(None)
+    if where == "uid":
+        cfg["users"]["alice"]["uid"] = value
+        key = 'users.alice.uid'
+    elif where == "gid":
+        cfg["groups"]["users"]["gid"] = value
+        key = 'groups.users.gid'
+    else:
+        cfg["persistence"]["/persistent"]["directories"].append({"directory": "/srv/x", where: value})
+        key = f'persistence["/persistent"].directories[2].{where}'
+    line = unchanged_config_error(sandbox, cfg, key)
+    assert "not a valid id" in line or "must be" in line, line
+    assert sandbox.run("check").returncode == 2
+
+
+def test_a_name_of_non_ascii_digits_is_a_name(sandbox):
+    # "²".isdigit() is true, int("²") fails: the name is looked up as a
+    # name, that one entry fails, the others are applied.
+    store = tmpfs_storage(sandbox)
+    before = snapshot(store)
+    cfg = config(None)
+    cfg["persistence"]["/persistent"]["directories"].append({"directory": "/srv/sq", "user": "\u00b2"})
+    assert sandbox.run("check", config=cfg).returncode == 0
+    result = sandbox.run("apply")
+    assert result.returncode == 1, result.stderr
+    (line,) = messages(result)
+    assert "user \u00b2: unknown user" in line and str(sandbox.path("/srv/sq")) in line, line
+    for target in ("/var/log", "/etc/kept.conf", "/home/alice/Documents", "/var/lib/new"):
+        assert in_place(sandbox, target), target
+    assert storage_damage(before, snapshot(store)) == []
+
+
+def test_an_unexpected_error_in_one_entry_stops_no_other(sandbox, monkeypatch, capfd):
+    # A bug (any exception) in one entry's work: that entry fails with one
+    # line, every other entry is still applied, planned and reported.
+    sys.path.insert(0, str(SCRIPT.parent))
+    import impermanence_boot as ib
+    store = tmpfs_storage(sandbox)
+    sandbox.write_config(config(None))
+    real_plan = ib.plan_entry
+
+    def plan_entry(entry, tree, accounts):
+        if entry.target == ("var", "log"):
+            raise RuntimeError("injected")
+        return real_plan(entry, tree, accounts)
+
+    monkeypatch.setattr(ib, "plan_entry", plan_entry)
+    monkeypatch.setattr(ib, "entry_status", lambda entry, *rest: (_ for _ in ()).throw(
+        RuntimeError("injected")) if entry.target == ("var", "log") else ("ok", "fine"))
+    monkeypatch.setenv("IMPERMANENCE_NO_KMSG", "1")
+    args = ["--root", str(sandbox.root), "--config", str(sandbox.config_path)]
+    # main() sets umask 0 and turns the cyclic collector off: this process's own.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    try:
+        in_process_runs(ib, args, sandbox, capfd)
+    finally:
+        os.umask(umask)
+        gc.enable()
+    assert store.is_dir()
+
+
+def in_process_runs(ib, args: list, sandbox, capfd) -> None:
+    capfd.readouterr()
+    assert ib.main([*args, "plan"]) == 0
+    out = capfd.readouterr().out
+    assert f"fail {sandbox.path('/var/log')}: internal error: RuntimeError: injected" in out
+    assert str(sandbox.path("/var/lib/new")) in out
+    assert ib.main([*args, "apply"]) == 1
+    err = capfd.readouterr().err
+    assert err == f"impermanence: {sandbox.path('/var/log')}: internal error: RuntimeError: injected\n"
+    for target in ("/etc/kept.conf", "/home/alice/Documents", "/var/lib/new"):
+        assert in_place(sandbox, target), target
+    assert not sandbox.path("/var/log").exists()
+    assert ib.main([*args, "status"]) == 1
+    out = capfd.readouterr().out
+    assert sum("internal error: RuntimeError: injected" in line for line in out.splitlines()) == 1
 
 
 BAD_MODES = ["0999", "8", "12345", "", "u=rwz", "u", "rwx", "-1", "0o755", "u=rwx,,", "a=r x",

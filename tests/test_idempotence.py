@@ -157,3 +157,62 @@ def test_paths_of_another_storage_nested_in_a_bound_directory_are_not_bound_twic
     apply_ok(sandbox)
     assert state(sandbox.root) == once
     assert sandbox.run("status").returncode == 0
+
+
+def tmpfs_storages(sandbox, *names: str) -> None:
+    for name in names:
+        sandbox.path(name).mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", name, str(sandbox.path(name))], check=True)
+
+
+def test_unmount_leaves_what_apply_made_inside_another_storage(sandbox):
+    # /srv/site/inner and /srv/site/extra.conf (from /persist2) get their
+    # mount points inside the bound /srv/site, that is in /persistent's
+    # storage; /srv/site/link.conf is linked there (no source yet).
+    # unmount undoes the mounts and removes nothing from storage.
+    tmpfs_storages(sandbox, "persistent", "persist2")
+    sandbox.path("/persist2/srv/site/inner").mkdir(parents=True)
+    sandbox.path("/persist2/srv/site/extra.conf").write_text("extra\n")
+    sandbox.write_config({"persistence": {
+        "/persistent": {"directories": ["/srv/site"]},
+        "/persist2": {"directories": ["/srv/site/inner"],
+                      "files": ["/srv/site/extra.conf", "/srv/site/link.conf"]}}})
+    apply_ok(sandbox)
+    site = sandbox.path("/persistent/srv/site")
+    made = sorted(os.listdir(site))
+    assert made == ["extra.conf", "inner", "link.conf"]
+    result = sandbox.run("unmount")
+    assert result.returncode == 0, result.stderr
+    assert [p for p, *_ in mounts_under(sandbox.root)] == \
+        [str(sandbox.root), str(sandbox.path("/persistent")), str(sandbox.path("/persist2"))]
+    assert sorted(os.listdir(site)) == made
+    assert os.readlink(site / "link.conf") == "/persist2/srv/site/link.conf"
+
+
+@pytest.mark.parametrize("method", ["auto", "symlink"])
+@pytest.mark.parametrize("source", ["missing", "empty", "full"])
+def test_a_file_inside_a_kept_directory_of_its_storage_is_already_in_place(sandbox, method, source):
+    # /var/lib is bound from /persistent, so /var/lib/foo.conf *is* the
+    # source: no link to itself, no source removed, nothing to undo.
+    tmpfs_storages(sandbox, "persistent")
+    src = sandbox.path("/persistent/var/lib/foo.conf")
+    src.parent.mkdir(parents=True)
+    if source != "missing":
+        src.write_text("" if source == "empty" else "kept\n")
+    sandbox.write_config({"persistence": {"/persistent": {
+        "directories": ["/var/lib"], "files": [{"file": "/var/lib/foo.conf", "method": method}]}}})
+    before = tree_digest(sandbox.path("/persistent"))
+    plan = sandbox.run("plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "foo.conf" not in plan.stdout
+    apply_ok(sandbox)
+    once = state(sandbox.root)
+    assert tree_digest(sandbox.path("/persistent")) == before
+    apply_ok(sandbox)
+    assert state(sandbox.root) == once
+    status = sandbox.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "inside a kept directory" in status.stdout
+    result = sandbox.run("unmount")
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(sandbox.path("/persistent")) == before
