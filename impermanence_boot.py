@@ -248,6 +248,15 @@ class EntryError(Exception):
         self.path, self.cause = path, cause
 
 
+# What a path (or a link's text, which a user chooses) may hold that would
+# end a line, move the cursor or recolour a terminal, or fail to encode
+# (bytes that are not UTF-8, decoded with surrogateescape): written escaped
+# in every message and every line of plan and status, so one stays one.
+UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0))}
+UNPRINTABLE.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029)})
+UNPRINTABLE.update({c: f"\\x{c - 0xdc00:02x}" for c in range(0xdc80, 0xdd00)})
+
+
 def internal_error(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
@@ -264,10 +273,6 @@ class Log:
     the rest; a new open starts a new burst."""
 
     KMSG_BURST = 8
-    # Whatever would end a line (a path may hold any of these) is written
-    # escaped, so one message stays one line.
-    LINE_BREAKS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-                   for c in (0x0a, 0x0b, 0x0c, 0x0d, 0x1c, 0x1d, 0x1e, 0x85, 0x2028, 0x2029)}
 
     def __init__(self, verbosity: int):
         self.verbosity = verbosity  # 0 quiet, 1 normal, 2 verbose
@@ -291,7 +296,7 @@ class Log:
         if self.held is not None:
             self.held.append((self.entry, level, text, to_kmsg))
             return
-        line = "impermanence: " + text.translate(self.LINE_BREAKS)
+        line = "impermanence: " + text.translate(UNPRINTABLE)
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
         if to_kmsg and self.kmsg >= 0:
@@ -582,7 +587,7 @@ def parse_owner(value, where: str, key: str | None = None) -> str:
     """A user or group name, or a number as a string. The error location is
     where[.key], made only for an error."""
     if isinstance(value, str) and value and not ("\0" in value or "/" in value or ":" in value
-                                                 or "\n" in value):
+                                                 or "\n" in value or value in (".", "..")):
         if not is_id(value) or parse_id(value) is not None:
             return value
     elif valid_id(value):
@@ -1317,6 +1322,8 @@ class Accounts:
                  nixos_map: str, database: str, table: str, key: str) -> int:
         if is_id(name):
             return int(name)  # in range: checked with the config
+        if name == "root" and configured is None:
+            return 0
         cache_key = (database, name, storage)
         found = self._cache.get(cache_key)
         if found is None:
@@ -1345,8 +1352,6 @@ class Accounts:
             return grp.getgrnam(name).gr_gid
         except (ImportError, KeyError):
             pass
-        if name == "root":
-            return 0
         raise EntryError(f"{what} {name}", f"unknown {what}: not in the config's {table} table, "
                          f"{as_path(storage)}/var/lib/nixos/{nixos_map}, the root's /etc/{database} "
                          f"or the running system; add \"{table}\": {{\"{name}\": {{\"{key}\": N}}}} "
@@ -1358,6 +1363,8 @@ class Accounts:
             return self.gid(account.group, storage)
         if is_id(user):
             return int(user)
+        if user == "root":
+            return 0
         fields = self._root_file("passwd").get(user)
         if fields and parse_id(fields[3]) is not None:
             return parse_id(fields[3])
@@ -1367,8 +1374,6 @@ class Accounts:
             return pwd.getpwnam(user).pw_gid
         except (ImportError, KeyError):
             pass
-        if user == "root":
-            return 0
         raise EntryError(f"user {user}", "primary group unknown: set "
                          f"\"users\": {{\"{user}\": {{\"group\": \"...\"}}}} in the config")
 
@@ -1540,13 +1545,19 @@ class Tree:
         self.pending_binds.clear()
 
     def read_file(self, comps: tuple) -> str | None:
-        """Contents of a small regular file, opened without following links."""
+        """Contents of a small regular file that only root can have written:
+        opened without following links, it and every directory on the way
+        below the root root's and writable by no one else (a directory
+        with the sticky bit may be: no one else can then rename root's
+        entries in it). None for any other."""
         try:
-            fd = open_beneath(self.root, comps, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = open_beneath(self.root, comps, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                              only_roots=True)
         except (OSError, EntryError):
             return None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
                 return None
             chunks = []
             while True:
@@ -1583,8 +1594,10 @@ def dir_open_error(exc: OSError, dir_fd: int, name: str, shown: str) -> Exceptio
     return OSError(exc.errno, exc.strerror, shown)
 
 
-def open_beneath(root: str, comps: tuple, flags: int) -> int:
-    """Open root/comps with every directory component opened O_NOFOLLOW."""
+def open_beneath(root: str, comps: tuple, flags: int, only_roots: bool = False) -> int:
+    """Open root/comps with every directory component opened O_NOFOLLOW;
+    only_roots: each of them root's and, unless sticky, writable by no one
+    else (EntryError otherwise)."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         prefix = "" if root == "/" else root
@@ -1592,6 +1605,10 @@ def open_beneath(root: str, comps: tuple, flags: int) -> int:
             next_fd = open_dir_at(fd, name, prefix + as_path(comps[:i + 1]))
             os.close(fd)
             fd = next_fd
+            if only_roots:
+                st = os.fstat(fd)
+                if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                    raise EntryError(prefix + as_path(comps[:i + 1]), "not root's alone")
         return os.open(comps[-1], flags, dir_fd=fd)
     finally:
         os.close(fd)
@@ -2600,7 +2617,7 @@ def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executo
         while (number := take_share(queue_r)) is not None:
             failed += run_entries(share_entries(shares[number], entries),
                                   tree, executor, accounts, log)
-        records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(Log.LINE_BREAKS)}\n"
+        records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(UNPRINTABLE)}\n"
                    for index, level, text, to_kmsg in log.held]
         records.append(f"end\t{failed}\n")
         data = memoryview("".join(records).encode("utf-8", "surrogatepass"))
@@ -2753,7 +2770,7 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
             lines.append(f"fail {tree.host(entry.target)}: {internal_error(exc)}")
     if not lines:
         lines.append("nothing to do: everything is in place")
-    out.write("\n".join(lines) + "\n")
+    out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
     return EXIT_OK
 
 
@@ -2850,9 +2867,9 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
                               "drift": drift}, indent=2) + "\n")
     else:
         for r in storage_rows:
-            out.write(f"{r['state']:<19} storage   {r['storage']}  ({r['detail']})\n")
+            out.write(f"{r['state']:<19} storage   {r['storage']}  ({r['detail']})".translate(UNPRINTABLE) + "\n")
         for r in rows:
-            out.write(f"{r['state']:<19} {r['kind']:<9} {r['target']}  ({r['detail']})\n")
+            out.write(f"{r['state']:<19} {r['kind']:<9} {r['target']}  ({r['detail']})".translate(UNPRINTABLE) + "\n")
         out.write(f"{len(rows) - sum(1 for r in rows if r['state'] != 'ok')} of {len(rows)} entries in place\n")
     return EXIT_FAILED if drift else EXIT_OK
 

@@ -413,6 +413,98 @@ def test_names_from_nixos_uid_map_and_root_passwd(sandbox, disk):
     assert owner_mode(S / "home/alice/Music")[:2] == (2001, 2002)
 
 
+def tmpfs_at(path: Path, mode: str = "0755") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"mode={mode}", "store", str(path)], check=True)
+    return path
+
+
+def test_names_resolve_only_from_files_root_alone_can_write(sandbox):
+    # A shared data disk (1777): any user can write var/lib/nixos/uid-map
+    # there. Read, it would give root's directories (and a service's
+    # without a fixed id) to that user. Only maps and /etc files that
+    # root alone can have written count, and root is always 0.
+    R = sandbox.root
+    trusted = tmpfs_at(R / "persistent")
+    shared = tmpfs_at(R / "data", "1777")
+    (trusted / "var/lib/nixos").mkdir(parents=True)
+    (trusted / "var/lib/nixos/uid-map").write_text('{"svc": 321}')
+    (trusted / "var/lib/nixos/gid-map").write_text('{"svc": 322}')
+    # What user 4242 can make there: its own directories and files.
+    forged = json.dumps({"root": 4242, "svc": 4242, "mallory": 4242})
+    for d in ("var", "var/lib", "var/lib/nixos"):
+        (shared / d).mkdir()
+        os.chown(shared / d, 4242, 4242)
+    for name in ("uid-map", "gid-map"):
+        (shared / "var/lib/nixos" / name).write_text(forged)
+        os.chown(shared / "var/lib/nixos" / name, 4242, 4242)
+    # in root's storage, but a file its owner could rewrite: not read either
+    (R / "persist3").mkdir()
+    tmpfs_at(R / "persist3")
+    (R / "persist3/var/lib/nixos").mkdir(parents=True)
+    (R / "persist3/var/lib/nixos/uid-map").write_text('{"mallory": 4242}')
+    (R / "persist3/var/lib/nixos/gid-map").write_text('{"mallory": 4242}')
+    os.chown(R / "persist3/var/lib/nixos/uid-map", 4242, 4242)
+    os.chmod(R / "persist3/var/lib/nixos/gid-map", 0o666)
+    cfg = {"users": {"alice": {"uid": BIRD, "group": "users"}}, "groups": {"users": {"gid": USERS_GID}},
+           "persistence": {
+               "/persistent": {"directories": ["/var/log", {"directory": "/var/lib/svc", "user": "svc",
+                                                            "group": "svc"}],
+                               "files": ["/etc/machine-id"]},
+               "/data": {"users": {"alice": {"directories": ["Videos"]}}},
+               "/persist3": {"directories": [{"directory": "/srv/m", "user": "mallory", "group": "mallory"}]}}}
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "user mallory: unknown user" in line and str(R / "srv/m") in line, line
+    for d in ("etc", "var", "var/log", "home", "persistent/etc", "persistent/var/log", "data/home"):
+        assert owner_mode(R / d)[:2] == (0, 0), d
+    assert owner_mode(R / "persistent/var/lib/svc")[:2] == (321, 322)
+    assert owner_mode(R / "data/home/alice/Videos")[:2] == (BIRD, USERS_GID)
+
+
+def test_a_name_dot_or_dot_dot_is_refused(sandbox):
+    for name in (".", ".."):
+        cfg = {"users": {name: {"uid": BIRD}},
+               "persistence": {"/persistent": {"users": {name: {"directories": ["persistent"]}}}}}
+        result = sandbox.run("check", config=cfg)
+        assert result.returncode == 2, result.stdout
+        assert f"is not a valid user or group name" in result.stderr, result.stderr
+
+
+def test_output_escapes_what_a_planted_link_says(sandbox):
+    # A user's link text reaches plan, status and apply's messages: line
+    # breaks, terminal escapes and bytes that are not UTF-8 come out
+    # escaped, one line per entry, even on a strict UTF-8 stdout.
+    R = sandbox.root
+    store = tmpfs_at(R / "persistent")
+    home = store / "home/alice"
+    home.mkdir(parents=True)
+    os.chown(home, BIRD, USERS_GID)
+    text = b"/x\nimpermanence: FORGED\nok directory /etc\x1b[2K\x9b1G\xff"
+    os.symlink(text, bytes(home / "Downloads"))
+    cfg = {"users": {"alice": {"uid": BIRD, "group": "users"}}, "groups": {"users": {"gid": USERS_GID}},
+           "persistence": {"/persistent": {"directories": ["/var/log"],
+                                          "users": {"alice": {"directories": ["Downloads"]}}}}}
+    strict = {"PYTHONIOENCODING": "utf-8:strict", "LC_ALL": "C.UTF-8"}
+    escaped = "/x\\x0aimpermanence: FORGED\\x0aok directory /etc\\x1b[2K\\x9b1G\\xff"
+    plan = sandbox.run("plan", config=cfg, env=strict)
+    assert plan.returncode == 0, plan.stderr
+    assert "FORGED" in plan.stdout and not any(l.startswith("impermanence: FORGED") for l in plan.stdout.splitlines())
+    assert escaped in plan.stdout, plan.stdout
+    assert "\x1b" not in plan.stdout and "\x9b" not in plan.stdout
+    result = sandbox.run("apply", env=strict)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert escaped in line, line
+    status = sandbox.run("status", env=strict)
+    assert status.returncode == 1, status.stderr
+    assert status.stderr == ""
+    lines = status.stdout.splitlines()
+    assert len(lines) == 1 + 2 + 1, status.stdout  # storage, two entries, the summary
+    assert escaped in status.stdout
+
+
 def test_mounting_loads_only_the_c_half_of_ctypes(sandbox, disk):
     # mount(2) for the fileSystems, open_tree/move_mount for the binds,
     # renameat2 for a user-owned directory: all bound through _ctypes. The
