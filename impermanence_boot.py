@@ -1422,6 +1422,7 @@ class Tree:
         self.dirs: dict = {}         # real directories seen: path -> Node
         self.created: dict = {}      # planned: path -> Node
         self.binds: dict = {}        # planned: target -> source
+        self.keep_binds = False      # enter() forgets none (see run_in_two)
         self.pending_binds: list = []
         self.pending_created: list = []
 
@@ -1525,10 +1526,11 @@ class Tree:
 
     def enter(self, target: tuple) -> None:
         """Planning moves on to target. Entries come in path order, so a
-        bind mount that is not above target is above no later entry
-        either: dropping it keeps every lookup's translation short."""
-        if self.binds:
-            self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t}
+        bind mount behind target and not above it is above no later entry
+        either: dropping it keeps every lookup's translation short. (One
+        still ahead, which a share's first entries can find, is kept.)"""
+        if self.binds and not self.keep_binds:
+            self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t or t > target}
 
     def settle(self, succeeded: bool) -> None:
         """After an entry ran. What it created stays recorded: a directory
@@ -2587,8 +2589,19 @@ def take_share(queue_fd: int) -> int | None:
     return int.from_bytes(record, "little") if record else None
 
 
+def run_share(share: list, entries: list, tree: Tree, executor: Executor, accounts: Accounts,
+              log: Log, first_binds: dict) -> int:
+    """run_entries for one share. Its entries come in path order, but the
+    shares do not, and Tree.enter forgets the binds behind the entry it
+    plans: each share starts again from the binds the first entries left
+    (a kept directory among them can hold entries of any share). A bind
+    made in another share lies above none of this one's entries."""
+    tree.binds = dict(first_binds)
+    return run_entries(share_entries(share, entries), tree, executor, accounts, log)
+
+
 def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executor,
-                      accounts: Accounts, log: Log) -> tuple:
+                      accounts: Accounts, log: Log, first_binds: dict) -> tuple:
     """Fork a process that takes shares from the queue and runs them;
     (its pid or None if fork failed, the queue, the pipe its report comes
     through or None). The report: one line a message (entry, level, to
@@ -2615,8 +2628,7 @@ def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executo
         log.held = []
         failed = 0
         while (number := take_share(queue_r)) is not None:
-            failed += run_entries(share_entries(shares[number], entries),
-                                  tree, executor, accounts, log)
+            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds)
         records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(UNPRINTABLE)}\n"
                    for index, level, text, to_kmsg in log.held]
         records.append(f"end\t{failed}\n")
@@ -2680,18 +2692,23 @@ def run_in_two(entries: list, first: list, shares: list, meets: list, tree: Tree
     a Tree, Executor and Accounts that have not seen the state it left."""
     held = log.held = []
     try:
+        # Every bind the first entries make is kept for the shares, also
+        # those behind a later first entry.
+        tree.keep_binds = True
         failed = run_entries([(k, entries[k]) for k in first], tree, executor, accounts, log)
+        tree.keep_binds = False
         first = set(first)
         if failed and not meeting_points_in_place(meets, tree):
             # Two shares would both make it: the rest here, in order.
             rest = [(k, entry) for k, entry in enumerate(entries) if k not in first]
             return failed + run_entries(rest, tree, executor, accounts, log)
-        pid, queue_fd, result_fd = start_share_taker(entries, shares, tree, executor, accounts, log)
+        first_binds = dict(tree.binds)
+        pid, queue_fd, result_fd = start_share_taker(entries, shares, tree, executor, accounts, log,
+                                                     first_binds)
         ran = set()
         while (number := take_share(queue_fd)) is not None:
             ran.add(number)
-            failed += run_entries(share_entries(shares[number], entries),
-                                  tree, executor, accounts, log)
+            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds)
         os.close(queue_fd)
         if pid is None:
             return failed

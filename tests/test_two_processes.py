@@ -381,3 +381,79 @@ def test_a_failing_first_entry_leaves_the_rest_to_one_process(worlds, tmp_path):
     assert mounts_below(two) == mounts_below(one)
     assert len([m for m in mounts_below(one) if m[0].startswith("var/")]) == 30
     assert tree_digest(two) == tree_digest(one)
+
+
+# --- kept directories whose entries run in another share ----------------------------------
+
+def nested_config(seed: int) -> dict:
+    """A random config of short paths under a few tops, so that kept
+    directories hold entries of the same and of another storage, and some
+    of them end up among the entries that run first while what lies below
+    them goes into shares: files and directories, sources present or not."""
+    import random
+    rng = random.Random(seed)
+    names = ["a", "b", "c", "lib", "x", "y"]
+    dirs: set = set()
+    files: set = set()
+    locations = {"/persistent": {"directories": [], "files": []},
+                 "/persist2": {"directories": [], "files": []}}
+    while len(dirs) + len(files) < 300:
+        comps = [rng.choice(["var", "srv", "opt"])] + \
+            [rng.choice(names) + str(rng.randrange(3)) for _ in range(rng.randint(1, 4))]
+        path = "/" + "/".join(comps)
+        above = {"/" + "/".join(comps[:d]) for d in range(1, len(comps))}
+        if path in dirs or path in files or above & files:
+            continue
+        where = locations["/persistent" if rng.random() < 0.75 else "/persist2"]
+        if rng.random() < 0.5:
+            where["directories"].append(path)
+            dirs.add(path)
+        elif not any(d.startswith(path + "/") for d in dirs | files):
+            where["files"].append(path if rng.random() < 0.7 else {"file": path, "method": "symlink"})
+            files.add(path)
+    return {"persistence": locations}
+
+
+def first_binds_behind_or_ahead(config: dict) -> bool:
+    """Whether the split puts a kept directory among the first entries and
+    something below it into a share."""
+    entries = entries_of(config)
+    split = ib.split_in_shares(entries, True, True)
+    if split is None:
+        return False
+    first, shares, _meets = split
+    in_share = {k for share in shares for lo, hi in share for k in range(lo, hi)}
+    kept = [entries[k].target for k in first if entries[k].kind == "directory"]
+    return any(entries[k].target[:len(t)] == t for t in kept for k in in_share)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5, 6, 9])
+def test_entries_below_a_first_kept_directory_in_two_processes(seed, tmp_path, namespace):
+    config = nested_config(seed)
+    assert first_binds_behind_or_ahead(config)
+    path = tmp_path / "nested.json"
+    path.write_text(json.dumps(config))
+    results = {}
+    for jobs in ("1", "2"):
+        root = tmp_path / f"root{jobs}"
+        root.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "fresh-root", str(root)], check=True)
+        try:
+            for storage in ("persistent", "persist2"):
+                (root / storage).mkdir()
+                subprocess.run(["mount", "-t", "tmpfs", storage, str(root / storage)], check=True)
+            for storage, location in config["persistence"].items():  # half the file sources present
+                for item in location["files"][::2]:
+                    if isinstance(item, str):
+                        source = root / storage.lstrip("/") / item.lstrip("/")
+                        source.parent.mkdir(parents=True, exist_ok=True)
+                        source.write_text("kept\n")
+            first = run_apply(root, path, jobs, "-v")
+            again = run_apply(root, path, jobs, "-v")
+            assert first.returncode == 0, first.stderr[-3000:]
+            assert again.returncode == 0 and again.stderr.splitlines()[:-1] == [], again.stderr[-3000:]
+            results[jobs] = (messages(first.stderr, root)[:-1], mounts_below(root), tree_digest(root))
+        finally:
+            umount_tree(root)
+    assert results["2"][0] == results["1"][0]
+    assert results["2"][1:] == results["1"][1:]
