@@ -1284,6 +1284,15 @@ class Accounts:
         self._maps: dict = {}
         self._files: dict = {}
         self._cache: dict = {}
+        self._kept_dirs: dict | None = None
+
+    def kept_dir_perms(self, source: tuple) -> Perms | None:
+        """The declared owner and mode of the kept directory whose source
+        is `source`, if one is: a storage parent that another entry makes
+        gets them, never root's in its place."""
+        if self._kept_dirs is None:
+            self._kept_dirs = {e.source: e.perms for e in self.config.entries if e.kind == "directory"}
+        return self._kept_dirs.get(source)
 
     def _nixos_map(self, storage: tuple, name: str) -> dict:
         key = (storage, name)
@@ -1755,12 +1764,14 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
         path = source[:depth]
         node = tree.look(path)
         if node is None:
-            uid, gid, mode = accounts.resolve(source_parent_perms(entry, path), storage)
+            perms = accounts.kept_dir_perms(path) or source_parent_perms(entry, path)
+            uid, gid, mode = accounts.resolve(perms, storage)
             make_dir(path, uid, gid, mode, "storage parent")
         elif node.kind != "dir":
             return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
         elif node.mode == 0:
-            finish_dir(path, node, *accounts.resolve(source_parent_perms(entry, path), storage))
+            perms = accounts.kept_dir_perms(path) or source_parent_perms(entry, path)
+            finish_dir(path, node, *accounts.resolve(perms, storage))
     node = tree.look(source)
     source_exists = node is not None
     if entry.kind == "directory":
@@ -2265,6 +2276,14 @@ def make_root_dirs(path: tuple, first: int, why: str, tree: Tree, executor: Exec
             raise EntryError(tree.host(path[:depth]), f"is {describe_kind(node)}, not a directory")
 
 
+def plan_storage_path(path: tuple, first: int, tree: Tree, plan_out: list) -> None:
+    """What make_root_dirs would make, as plan lines."""
+    for depth in range(first, len(path) + 1):
+        if tree.look(path[:depth]) is None:
+            plan_out.append(f"mkdir {tree.host(path[:depth])} (0:0 0755, storage path)")
+            tree.record(path[:depth], Node("dir", 0, 0, 0o755, 0, None, None, None))
+
+
 def mount_filesystem(fs: FileSystem, tree: Tree, executor: Executor, mounts: MountTable,
                      timeout: float, log: Log) -> None:
     host = tree.host(fs.mountpoint)
@@ -2332,6 +2351,8 @@ def prepare_storage(config: Config, tree: Tree, executor: Executor | None, mount
             if device is None:
                 shown += f" (not present now; apply waits up to {config.device_timeout:g} s)"
             opts = ",".join(fs.options)
+            if node is None:
+                plan_out.append(f"mkdir {host} (0:0 0755, mount point)")
             plan_out.append(f"mount {shown} on {host} (type {fs.fs_type}{', ' + opts if opts else ''}; "
                             "not mounted yet, so its contents are planned as if empty)")
             planned_mounts.add(fs.mountpoint)
@@ -2358,6 +2379,7 @@ def prepare_storage(config: Config, tree: Tree, executor: Executor | None, mount
             continue
         if fs is not None and fs.mountpoint in planned_mounts:
             # Not mounted yet: what is inside is unknown, shown as empty.
+            plan_storage_path(storage, len(fs.mountpoint) + 1, tree, plan_out)
             state[storage] = None
             continue
         try:
@@ -2368,8 +2390,7 @@ def prepare_storage(config: Config, tree: Tree, executor: Executor | None, mount
         if node is None and fs is not None and fs.mountpoint != storage:
             # Inside a mounted persistent filesystem: create it.
             if plan_out is not None:
-                plan_out.append(f"mkdir {host} (0:0 0755, storage path)")
-                tree.record(storage, Node("dir", 0, 0, 0o755, 0, None, None, None))
+                plan_storage_path(storage, len(fs.mountpoint) + 1, tree, plan_out)
                 state[storage] = None
                 continue
             try:
@@ -2776,15 +2797,21 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
     for storage, entries in skipped.items():
         lines.append(f"skip {len(entries)} entries of {tree.host(storage)}: {storage_state[storage]}")
     for entry in usable:
+        ok = False
         try:
             for action in plan_entry(entry, tree, accounts):
                 lines.append(action.describe(tree))
+            ok = True  # apply runs what comes before a Fail: it stays planned
         except EntryError as exc:
-            lines.append(f"fail {exc.path}: {exc.cause}")
+            suffix = "" if exc.path.startswith("/") else f" (for {tree.host(entry.target)})"
+            lines.append(f"fail {exc.path}: {exc.cause}{suffix}")
         except OSError as exc:
             lines.append(f"fail {exc.filename or tree.host(entry.target)}: {describe_oserror(exc)}")
         except Exception as exc:  # a bug: this entry's plan is lost, not the others'
             lines.append(f"fail {tree.host(entry.target)}: {internal_error(exc)}")
+        # An entry that could not be planned runs nothing in apply: what
+        # it planned is forgotten, and the next entry plans it again.
+        tree.settle(ok)
     if not lines:
         lines.append("nothing to do: everything is in place")
     out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
@@ -2919,7 +2946,10 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             except Exception as exc:  # a bug: this entry stays, the others are undone
                 failed += 1
                 log.error(f"{host}: {internal_error(exc)}")
-        for fs in sorted(config.filesystems, key=lambda f: f.mountpoint, reverse=True):
+        # On a running system (--root /) the persistent filesystems are the
+        # system's own, mounted by stage 1 or fstab: they stay.
+        for fs in sorted(config.filesystems if root != "/" else (), key=lambda f: f.mountpoint,
+                         reverse=True):
             host = tree.host(fs.mountpoint)
             if mounts.is_mountpoint(host):
                 chain.truncate(0)

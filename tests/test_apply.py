@@ -175,7 +175,8 @@ def test_plan_prints_actions_and_changes_nothing(sandbox, disk):
     result = sandbox.run("plan", config=cfg)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"mount LABEL={disk.label} (")
+    assert lines[0] == f"mkdir {sandbox.path('/persistent')} (0:0 0755, mount point)"
+    assert lines[1].startswith(f"mount LABEL={disk.label} (")
     assert f"bind {sandbox.path('/persistent/var/log')} on {sandbox.path('/var/log')}" in lines
     assert f"link {sandbox.path('/etc/nix/id_rsa')} -> /persistent/etc/nix/id_rsa" in lines
     assert any(l.startswith(f"mkdir {sandbox.path('/home/bird/.local')} (1000:100 0755") for l in lines)
@@ -187,6 +188,32 @@ def test_plan_prints_actions_and_changes_nothing(sandbox, disk):
     # after apply, the plan that was printed is what was done: plan is now empty
     assert sandbox.run("apply").returncode == 0
     assert sandbox.run("plan").stdout.strip() == "nothing to do: everything is in place"
+
+
+def apply_actions(result) -> list:
+    """apply -v's lines as plan writes them: without the prefix and the
+    closing summary, with 'mounted' as plan's 'mount' line is not."""
+    return [l.removeprefix("impermanence: ") for l in result.stderr.splitlines()
+            if not l.startswith(("impermanence: apply: ", "impermanence: mounted "))]
+
+
+@pytest.mark.parametrize("case", ["failed-entry", "storage-path-in-unmounted-fs"])
+def test_plan_lists_what_apply_does(sandbox, disk, case):
+    # A failed entry plans its storage parents, which apply never makes:
+    # the next entry makes them, and plan says so. A storage path inside a
+    # fileSystems entry not mounted yet is made once it is mounted.
+    if case == "failed-entry":
+        cfg = base_config(disk.label, {"directories": [{"directory": "/srv/a/x", "user": "ghost"},
+                                                       "/srv/a/y"]})
+    else:
+        cfg = base_config(disk.label, {})
+        cfg["persistence"] = {"/persistent/system/one": {"directories": ["/var/log"]}}
+    plan = sandbox.run("plan", config=cfg)
+    assert plan.returncode == 0, plan.stderr
+    planned = [l for l in plan.stdout.splitlines() if not l.startswith("mount ")]
+    result = sandbox.run("-v", "apply")
+    assert result.returncode == (1 if case == "failed-entry" else 0), result.stderr
+    assert planned == [re.sub(r"^(user ghost: .*)", r"fail \1", l) for l in apply_actions(result)]
 
 
 def test_second_boot_keeps_data_and_wipes_the_rest(sandbox, disk):
@@ -792,6 +819,25 @@ def test_unmount_round_trip_leaves_storage_identical(sandbox, disk):
     assert sandbox.run("apply").returncode == 0
     assert mountinfo_under(sandbox.root) == applied_mounts
     assert tree_digest(sandbox.root) == applied_tree
+
+
+def test_unmount_on_the_running_system_leaves_its_filesystems(sandbox, tmp_path):
+    # --root /: in this private mount namespace, a filesystem of the
+    # config mounted as stage 1 would have left it stays mounted.
+    point = tmp_path / "persist-here"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "persist-here", str(point)], check=True)
+    cfg = {"fileSystems": {str(point): {"device": "/dev/null", "fsType": "tmpfs"}}, "persistence": {}}
+    result = sandbox.run("unmount", config=cfg, root=Path("/"))
+    assert result.returncode == 0, result.stderr
+    assert str(point) in mountinfo_points()
+    # elsewhere (an initrd's /mnt-root, a recovery mount) it is unmounted
+    sandbox.path(str(point)).mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "persist-here", str(sandbox.path(str(point)))], check=True)
+    result = sandbox.run("unmount")
+    assert result.returncode == 0, result.stderr
+    assert str(sandbox.path(str(point))) not in mountinfo_points()
+    subprocess.run(["umount", str(point)], check=True)
 
 
 def test_unmount_keeps_directories_it_did_not_create(sandbox, disk):

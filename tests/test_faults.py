@@ -395,6 +395,32 @@ def in_process_runs(ib, args: list, sandbox, capfd) -> None:
     assert sum("internal error: RuntimeError: injected" in line for line in out.splitlines()) == 1
 
 
+def test_entries_inside_a_kept_directory_whose_owner_is_unknown_fail_with_it(sandbox):
+    # /srv/ghost's owner cannot be resolved. Its entries would make its
+    # source as a plain root-owned parent, and the next run would then
+    # bind that over them: they fail with it, run after run.
+    store = tmpfs_storage(sandbox)
+    before = snapshot(store)
+    cfg = config(None)
+    cfg["persistence"]["/persistent"]["directories"] += [
+        {"directory": "/srv/ghost", "user": "no-such-user"}, "/srv/ghost/inner/dir"]
+    cfg["persistence"]["/persistent"]["files"].append("/srv/ghost/notes.txt")
+    runs = []
+    for _ in range(2):
+        result = sandbox.run("apply", config=cfg)
+        assert result.returncode == 1, result.stderr
+        runs.append((messages(result), tree_digest(sandbox.root)))
+    lines = runs[0][0]
+    assert len(lines) == 3 and all("user no-such-user: unknown user" in l for l in lines), lines
+    for target in ("/srv/ghost", "/srv/ghost/inner/dir", "/srv/ghost/notes.txt"):
+        assert any(l.endswith(f"(for {sandbox.path(target)})") for l in lines), target
+    assert runs[1] == runs[0]
+    assert not sandbox.path("/persistent/srv/ghost").exists()
+    for target in ("/var/log", "/etc/kept.conf", "/home/alice/Documents", "/var/lib/new"):
+        assert in_place(sandbox, target), target
+    assert storage_damage(before, snapshot(store)) == []
+
+
 BAD_MODES = ["0999", "8", "12345", "", "u=rwz", "u", "rwx", "-1", "0o755", "u=rwx,,", "a=r x",
              " 0755", "0755\n", "٧٥٥", 755, None, True, ["0755"], {"mode": "0755"}]
 
