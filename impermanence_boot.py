@@ -1119,10 +1119,40 @@ def probe_partition(name: str) -> tuple | None:
         os.close(fd)
 
 
+# udev's links by identifier, and the tag each one stands for.
+UDEV_LINKS = {"by-label": "LABEL", "by-uuid": "UUID", "by-partuuid": "PARTUUID",
+              "by-partlabel": "PARTLABEL"}
+
+
+def udev_unescape(name: str) -> str:
+    """A link name as udev writes it ("my\\x20disk") back to the identifier."""
+    if "\\x" not in name:
+        return name
+    raw = name.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        code = raw[i + 2:i + 4]
+        if raw[i:i + 2] == b"\\x" and len(code) == 2 and all(c in b"0123456789abcdefABCDEF" for c in code):
+            out.append(int(code, 16))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")
+
+
 def lookup_device(spec: str) -> tuple:
-    """(device path or None, probed fs type or None) for a device spec."""
+    """(device path or None, probed fs type or None) for a device spec. A
+    /dev/disk/by-label/... path (NixOS's usual form) that does not exist,
+    as in an initramfs without udev, is looked up as LABEL=... would be."""
     if spec.startswith("/"):
-        return (spec, None) if os.path.exists(spec) else (None, None)
+        if os.path.exists(spec):
+            return spec, None
+        parts = spec.split("/")
+        if len(parts) == 5 and parts[1:3] == ["dev", "disk"] and parts[3] in UDEV_LINKS and parts[4]:
+            return lookup_device(f"{UDEV_LINKS[parts[3]]}={udev_unescape(parts[4])}")
+        return None, None
     tag, value = spec.split("=", 1)
     link = f"/dev/disk/by-{tag.lower()}/{value}"
     if os.path.exists(link):

@@ -93,6 +93,20 @@ def test_lookup_by_label_and_uuid_on_loop_devices(loop_image, tmp_path, fs):
     assert ib.lookup_device(f"UUID={uuid}")[0] == device
     assert ib.lookup_device(f"UUID={uuid.swapcase()}")[0] == device  # case-insensitive
     assert ib.lookup_device(f"LABEL={label}x") == (None, None)
+    # NixOS's usual form, with no udev to make the links: looked up as the tag
+    # (where udev made the links, the path itself is found: the same device)
+    assert os.path.realpath(ib.lookup_device(f"/dev/disk/by-label/{label}")[0]) == device
+    assert os.path.realpath(ib.lookup_device(f"/dev/disk/by-uuid/{uuid}")[0]) == device
+    assert ib.lookup_device(f"/dev/disk/by-label/{label}x") == (None, None)
+    assert ib.lookup_device(f"/dev/disk/by-id/{label}") == (None, None)
+
+
+def test_udev_link_name_with_escapes(loop_image, tmp_path):
+    # udev writes a label's space as \x20 in the link's name.
+    label = "p " + secrets.token_hex(3)
+    device = loop_image(make_image(tmp_path, "ext4", label))
+    found = ib.lookup_device("/dev/disk/by-label/" + label.replace(" ", "\\x20"))[0]
+    assert os.path.realpath(found) == device
 
 
 def partition_nodes(device: str, count: int) -> list:
@@ -123,6 +137,9 @@ def test_gpt_partuuid_and_partlabel(loop_image, tmp_path):
         reference = blkid(part)
         assert ib.lookup_device(f"PARTUUID={reference['PART_ENTRY_UUID']}")[0] == part
     assert ib.lookup_device(f"PARTLABEL={name}")[0] == first
+    assert os.path.realpath(ib.lookup_device(f"/dev/disk/by-partlabel/{name}")[0]) == first
+    uuid = blkid(second)["PART_ENTRY_UUID"]
+    assert os.path.realpath(ib.lookup_device(f"/dev/disk/by-partuuid/{uuid}")[0]) == second
 
 
 def test_mbr_partuuid(loop_image, tmp_path):
