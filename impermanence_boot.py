@@ -1713,10 +1713,12 @@ class CreateMountFile(Action):
 
 
 class RemoveEmptyFile(Action):
-    __slots__ = ("path",)
+    """marked_only: the file lies in storage (inside a kept directory of
+    another storage) and is removed only if apply made it."""
+    __slots__ = ("path", "marked_only")
 
-    def __init__(self, path: tuple):
-        self.path = path
+    def __init__(self, path: tuple, marked_only: bool = False):
+        self.path, self.marked_only = path, marked_only
 
     def describe(self, tree: Tree) -> str:
         return f"remove empty file {tree.host(self.path)} (replaced)"
@@ -1753,6 +1755,10 @@ class Fail(Action):
 
 
 # --- Planning ------------------------------------------------------------------------
+
+NOT_OURS_IN_STORAGE = ("is an empty file in a kept directory of another storage that apply did not "
+                       "make; not replaced by a link")
+
 
 def source_parent_perms(entry: Entry, path: tuple) -> Perms:
     """Owner and mode for a missing parent of a source (path includes storage)."""
@@ -1872,7 +1878,13 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
         elif node.kind == "link" and node.link == wanted_link:
             return actions
         elif node.kind == "file" and node.size == 0:
-            actions.append(RemoveEmptyFile(target))
+            # On the root, an empty file is replaced (a stale machine-id).
+            # Inside a kept directory of another storage it is that
+            # storage's: replaced only if apply made it (its mark).
+            in_storage = bool(tree.binds) and tree.translate(target[:-1]) != target[:-1]
+            if in_storage and os.lstat(tree.host(target)).st_mtime_ns != MARK_TIME_NS:
+                return actions + [Fail(target, NOT_OURS_IN_STORAGE)]
+            actions.append(RemoveEmptyFile(target, in_storage))
         else:
             return actions + [Fail(target, f"target is {describe_kind(node)}; not replaced by a link")]
         actions.append(Symlink(target, wanted_link))
@@ -2197,6 +2209,8 @@ class Executor:
             os.close(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
             raise EntryError(self.tree.host(a.path), "is no longer an empty file; not removed")
+        if a.marked_only and st.st_mtime_ns != MARK_TIME_NS:
+            raise EntryError(self.tree.host(a.path), NOT_OURS_IN_STORAGE)
         os.unlink(a.path[-1], dir_fd=parent)
 
     def do_Symlink(self, a: Symlink, storage: tuple) -> None:

@@ -216,3 +216,28 @@ def test_a_file_inside_a_kept_directory_of_its_storage_is_already_in_place(sandb
     result = sandbox.run("unmount")
     assert result.returncode == 0, result.stderr
     assert tree_digest(sandbox.path("/persistent")) == before
+
+
+def test_an_empty_file_in_another_storage_is_replaced_only_if_apply_made_it(sandbox):
+    # /srv/site is bound from /persistent, so its empty files are
+    # /persistent's. x.conf is someone's: left, with one line; y.conf is
+    # the mount point an earlier boot made (its mark), now that y.conf's
+    # source is gone: replaced by the link.
+    tmpfs_storages(sandbox, "persistent", "persist2")
+    site = sandbox.path("/persistent/srv/site")
+    site.mkdir(parents=True)
+    (site / "x.conf").write_bytes(b"")
+    (site / "y.conf").write_bytes(b"")
+    os.utime(site / "y.conf", ns=(314_159_265, 314_159_265))
+    sandbox.write_config({"persistence": {
+        "/persistent": {"directories": ["/srv/site"]},
+        "/persist2": {"files": [{"file": "/srv/site/x.conf", "method": "symlink"}, "/srv/site/y.conf"]}}})
+    plan = sandbox.run("plan")
+    assert f"fail {site / 'x.conf'}".replace(str(site), str(sandbox.path("/srv/site"))) in plan.stdout, plan.stdout
+    result = sandbox.run("apply")
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line == (f"impermanence: {sandbox.path('/srv/site/x.conf')}: is an empty file in a kept "
+                    "directory of another storage that apply did not make; not replaced by a link")
+    assert (site / "x.conf").is_file() and not (site / "x.conf").is_symlink()
+    assert os.readlink(site / "y.conf") == "/persist2/srv/site/y.conf"
