@@ -1580,6 +1580,13 @@ class Tree:
         if not succeeded:
             for key in self.pending_created:
                 self.created.pop(key, None)
+            # What the entry made before it failed is there all the same:
+            # a directory made earlier that holds such a path no longer
+            # holds only what is recorded, so lookups in it ask the kernel.
+            for key in self.pending_created:
+                parent = self.created.pop(key[:-1], None)
+                if parent is not None:
+                    self.dirs[key[:-1]] = parent
             for target in self.pending_binds:
                 self.binds.pop(target, None)
         self.pending_created.clear()

@@ -421,6 +421,28 @@ def test_entries_inside_a_kept_directory_whose_owner_is_unknown_fail_with_it(san
     assert storage_damage(before, snapshot(store)) == []
 
 
+def test_what_a_failed_entry_made_is_seen_by_the_next(sandbox):
+    # /opt/y/x1/lib0 fails on the root (a file there) after making its
+    # storage parent /persistent/opt/y/x1, inside /persistent/opt/y that an
+    # earlier entry made. The next entry, in that same parent, must find
+    # it there, not make it again: the run is the same as the one after.
+    store = tmpfs_storage(sandbox)
+    (sandbox.path("/opt/y/x1")).mkdir(parents=True)
+    sandbox.path("/opt/y/x1/lib0").write_text("in the way\n")
+    cfg = {"persistence": {"/persistent": {"directories": ["/opt/y/x1/lib0"],
+                                           "files": ["/opt/y/b0/a/b", "/opt/y/x1/x0"]}}}
+    runs = []
+    for _ in range(2):
+        result = sandbox.run("apply", config=cfg)
+        assert result.returncode == 1, result.stderr
+        runs.append((messages(result), tree_digest(sandbox.root)))
+    (line,) = runs[0][0]
+    assert line.endswith("target is a non-empty file, not a directory; left as it is"), line
+    assert runs[1] == runs[0]
+    assert os.readlink(sandbox.path("/opt/y/x1/x0")) == "/persistent/opt/y/x1/x0"
+    assert (store / "opt/y/x1/lib0").is_dir()
+
+
 BAD_MODES = ["0999", "8", "12345", "", "u=rwz", "u", "rwx", "-1", "0o755", "u=rwx,,", "a=r x",
              " 0755", "0755\n", "٧٥٥", 755, None, True, ["0755"], {"mode": "0755"}]
 
