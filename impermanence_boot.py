@@ -864,6 +864,12 @@ def parse_items(key: str, items: list, base: str, storage: tuple, home: tuple,
     not relative), an empty, "." or ".." component or a NUL; when there is
     none, each is just split. Otherwise, and for the objects, every item
     is parsed alone, for its message."""
+    if user is None and any(type(item) is dict and item.get("home") is not None for item in items):
+        # NixOS impermanence's evaluated option repeats each users.<name>
+        # item in its location's lists, with its home: read under users.
+        return [parse_item(key, item, f"{base}[{i}]", storage, home, user, default, home_mode)
+                for i, item in enumerate(items)
+                if not (type(item) is dict and item.get("home") is not None)]
     lead = "" if user is None else "/"
     paths = [item for item in items if type(item) is str]
     text = "\n" + lead + ("\n" + lead).join(paths) + "\n"
@@ -908,11 +914,18 @@ def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
         if method not in ("auto", "symlink"):
             expect(method, str, key_path(where, "method"), "a string")
             raise ConfigError(key_path(where, "method"), f"{method!r} is not 'auto' or 'symlink'")
-        if item.get("parentDirectory") is not None:
+        parent = item.get("parentDirectory")
+        if parent is not None:
             pwhere = key_path(where, "parentDirectory")
-            expect(item["parentDirectory"], dict, pwhere, "an object")
-            check_keys(item["parentDirectory"], pwhere, PERM_KEYS)
-            parent_perms = parse_perms(item["parentDirectory"], pwhere, default)
+            expect(parent, dict, pwhere, "an object")
+            # NixOS impermanence's evaluated option also names the
+            # directory, and always fills in its defaultPerms: the same as
+            # those is the same as none given.
+            check_keys(parent, pwhere, PERM_KEYS, NIXOS_INTERNAL | {"directory"})
+            defaults = parent.get("defaultPerms")
+            if not (isinstance(defaults, dict)
+                    and all(parent.get(key) == defaults.get(key) for key in PERM_KEYS)):
+                parent_perms = parse_perms(parent, pwhere, default)
     return Entry(kind, target, storage, perms, method, parent_perms, home_info, user, where)
 
 

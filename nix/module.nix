@@ -383,6 +383,15 @@ let
       map (d: d.dirPath) (location.directories
         ++ concatMap (user: user.directories) (attrValues location.users)))
     (attrValues enabledLocations);
+  persistedFilePaths = concatMap
+    (location:
+      map (f: f.filePath) (location.files
+        ++ concatMap (user: user.files) (attrValues location.users)))
+    (attrValues enabledLocations);
+  # A kept machine-id is bind-mounted from storage, not on a temporary
+  # filesystem: systemd-machine-id-commit.service would fail on every boot
+  # after the first (as NixOS impermanence, it then runs on the first only).
+  machineIdPersisted = elem "/etc/machine-id" persistedFilePaths;
   varLibNixosPersisted = any
     (path: elem path [ "/" "/var" "/var/lib" "/var/lib/nixos" ])
     persistedPaths;
@@ -551,6 +560,14 @@ in
             Groups without gid: ${concatStringsSep " " groupsWithoutGid}
           '';
     }
+
+    (mkIf machineIdPersisted {
+      systemd.services.systemd-machine-id-commit.unitConfig.ConditionFirstBoot = true;
+    })
+
+    (mkIf (machineIdPersisted && config.boot.initrd.systemd.enable) {
+      boot.initrd.systemd.suppressedUnits = [ "systemd-machine-id-commit.service" ];
+    })
 
     (mkIf (!config.boot.initrd.systemd.enable) {
       # extraFiles puts the interpreter, the script and the JSON (with

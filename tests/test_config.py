@@ -474,3 +474,52 @@ def test_key_paths_are_one_line(key):
     path = ib.key_path("persistence", key)
     assert "\n" not in path and "\r" not in path
     assert path.isprintable()
+
+
+def test_nixos_impermanence_evaluated_option_reads_as_the_plain_one():
+    # builtins.toJSON of the option as NixOS impermanence evaluates it:
+    # every item carries its internal keys, a file's parentDirectory names
+    # its directory and always holds the defaults, and each users.<name>
+    # item is repeated in its location's lists (relative, with its home).
+    def evaluated_dir(directory, user, group, mode, home=None):
+        return {"directory": directory, "user": user, "group": group, "mode": mode, "hideMount": False,
+                "defaultPerms": {"user": user, "group": group, "mode": "0755"},
+                "dirPath": (home + "/" if home else "") + directory, "persistentStoragePath": "/persistent",
+                "home": home, "enableDebugging": False, "assertions": []}
+
+    def evaluated_file(file, user, group, home=None, parent_mode="0755"):
+        path = (home + "/" if home else "") + file
+        return {"file": file, "method": "auto", "filePath": path, "persistentStoragePath": "/persistent",
+                "home": home, "enableDebugging": False, "assertions": [],
+                "parentDirectory": {"directory": file.rsplit("/", 1)[0] if "/" in file else "",
+                                    "dirPath": path.rsplit("/", 1)[0], "user": user, "group": group,
+                                    "mode": parent_mode, "home": home, "hideMount": False,
+                                    "persistentStoragePath": "/persistent", "enableDebugging": False,
+                                    "assertions": [],
+                                    "defaultPerms": {"user": user, "group": group, "mode": "0755"}}}
+
+    user_dirs = [evaluated_dir("Downloads", "bird", "users", "0755", "/home/bird"),
+                 evaluated_dir(".ssh", "bird", "users", "0700", "/home/bird")]
+    user_files = [evaluated_file(".bash_history", "bird", "users", "/home/bird")]
+    evaluated = {"users": {"bird": {"uid": 1000, "group": "users", "home": "/home/bird"}},
+                 "groups": {"users": {"gid": 100}},
+                 "persistence": {"/persistent": {
+                     "enable": True, "persistentStoragePath": "/persistent", "hideMounts": False,
+                     "enableDebugging": False, "enableWarnings": True, "assertions": [],
+                     "directories": [evaluated_dir("/var/log", "root", "root", "0755")] + user_dirs,
+                     "files": [evaluated_file("/etc/nix/id_rsa", "root", "root"),
+                               evaluated_file("/etc/ssh/key", "root", "root", parent_mode="0700")]
+                              + user_files,
+                     "users": {"bird": {"directories": user_dirs, "files": user_files}}}}}
+    plain = {"users": evaluated["users"], "groups": evaluated["groups"],
+             "persistence": {"/persistent": {
+                 "directories": ["/var/log"],
+                 "files": ["/etc/nix/id_rsa", {"file": "/etc/ssh/key", "parentDirectory": {"mode": "0700"}}],
+                 "users": {"bird": {"directories": ["Downloads", {"directory": ".ssh", "mode": "0700"}],
+                                    "files": [".bash_history"]}}}}}
+
+    def meaning(config):
+        return [(e.kind, e.target, e.storage, e.perms, e.method, e.parent_perms, e.home, e.home_owner)
+                for e in config.entries]
+
+    assert meaning(load(evaluated)) == meaning(load(plain))

@@ -617,6 +617,22 @@ def test_module_systemd_initrd_service(tmp_path):
     assert f"--config {etc_json}" in exec_start
 
 
+def test_module_kept_machine_id_commits_on_the_first_boot_only(tmp_path):
+    # A bind-mounted machine-id is not on a temporary filesystem: the
+    # commit service would fail on every later boot (as NixOS impermanence
+    # does, it runs on the first boot only, and not in a systemd initrd).
+    scripted = evaluate_module(tmp_path)["resolved"]
+    unit = scripted["systemd"]["services"]["systemd-machine-id-commit"]["unitConfig"]
+    assert unit["ConditionFirstBoot"] is True
+    systemd = evaluate_module(tmp_path, "systemdInitrd = true;")["resolved"]
+    assert systemd["boot"]["initrd"]["systemd"]["suppressedUnits"] == ["systemd-machine-id-commit.service"]
+    without = MODULE_PERSISTENCE.replace('file = "/etc/machine-id"', 'file = "/etc/adjtime"').replace(
+        'filePath = "/etc/machine-id"', 'filePath = "/etc/adjtime"')
+    plain = evaluate_module(tmp_path, "systemdInitrd = true;", persistence=without)["resolved"]
+    assert "systemd" not in plain
+    assert "suppressedUnits" not in plain["boot"]["initrd"]["systemd"]
+
+
 def test_module_emergency_on_error(tmp_path):
     scripted = evaluate_module(tmp_path, "impermanence.emergencyOnError = true;")
     assert "fail" in scripted["resolved"]["boot"]["initrd"]["postMountCommands"]
