@@ -864,14 +864,16 @@ def parse_items(key: str, items: list, base: str, storage: tuple, home: tuple,
     not relative), an empty, "." or ".." component or a NUL; when there is
     none, each is just split. Otherwise, and for the objects, every item
     is parsed alone, for its message."""
-    if user is None and any(type(item) is dict and item.get("home") is not None for item in items):
+    paths = [item for item in items if type(item) is str]
+    if user is None and len(paths) != len(items) and any(
+            type(item) is dict and item.get("home") is not None
+            for item in [item for item in items if type(item) is not str]):
         # NixOS impermanence's evaluated option repeats each users.<name>
         # item in its location's lists, with its home: read under users.
         return [parse_item(key, item, f"{base}[{i}]", storage, home, user, default, home_mode)
                 for i, item in enumerate(items)
                 if not (type(item) is dict and item.get("home") is not None)]
     lead = "" if user is None else "/"
-    paths = [item for item in items if type(item) is str]
     text = "\n" + lead + ("\n" + lead).join(paths) + "\n"
     if not paths or (text.count("\n") != len(paths) + 1  # a newline inside a path
                      or text.count("\n/") != len(paths)
@@ -1372,7 +1374,7 @@ class Accounts:
 
     def _resolve(self, what: str, name: str, storage: tuple, configured: int | None,
                  nixos_map: str, database: str, table: str, key: str) -> int:
-        if is_id(name):
+        if name.isdigit() and name.isascii():  # is_id, inline: once per lookup
             return int(name)  # in range: checked with the config
         if name == "root" and configured is None:
             return 0
@@ -1868,7 +1870,7 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
             if twin is not None and twin.kind == "dir":
                 finish_dir(path, node, twin.uid, twin.gid, twin.mode)
 
-    if entry.kind == "file" and tree.same(source[:-1], target[:-1]):
+    if entry.kind == "file" and tree.binds and tree.same(source[:-1], target[:-1]):
         # Inside a kept directory of the same storage, bound already: the
         # target is the source, in place as it is (and created in storage
         # by whoever writes it first). A link there would point to itself.
@@ -2675,18 +2677,25 @@ def take_share(queue_fd: int) -> int | None:
 
 
 def run_share(share: list, entries: list, tree: Tree, executor: Executor, accounts: Accounts,
-              log: Log, first_binds: dict) -> int:
+              log: Log, first_binds: dict, targets: list) -> int:
     """run_entries for one share. Its entries come in path order, but the
     shares do not, and Tree.enter forgets the binds behind the entry it
-    plans: each share starts again from the binds the first entries left
-    (a kept directory among them can hold entries of any share). A bind
-    made in another share lies above none of this one's entries."""
-    tree.binds = dict(first_binds)
+    plans: each share starts again from those binds of the first entries
+    that lie above some entry of its own (a kept directory among the first
+    entries can hold entries of any share; the others would only make
+    every lookup translate). A bind made in another share lies above none
+    of this one's entries."""
+    binds = {}
+    for path, source in first_binds.items():
+        start, end = below(targets, path)
+        if any(lo < end and start < hi for lo, hi in share):
+            binds[path] = source
+    tree.binds = binds
     return run_entries(share_entries(share, entries), tree, executor, accounts, log)
 
 
 def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executor,
-                      accounts: Accounts, log: Log, first_binds: dict) -> tuple:
+                      accounts: Accounts, log: Log, first_binds: dict, targets: list) -> tuple:
     """Fork a process that takes shares from the queue and runs them;
     (its pid or None if fork failed, the queue, the pipe its report comes
     through or None). The report: one line a message (entry, level, to
@@ -2713,7 +2722,8 @@ def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executo
         log.held = []
         failed = 0
         while (number := take_share(queue_r)) is not None:
-            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds)
+            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds,
+                                targets)
         records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(UNPRINTABLE)}\n"
                    for index, level, text, to_kmsg in log.held]
         records.append(f"end\t{failed}\n")
@@ -2788,12 +2798,14 @@ def run_in_two(entries: list, first: list, shares: list, meets: list, tree: Tree
             rest = [(k, entry) for k, entry in enumerate(entries) if k not in first]
             return failed + run_entries(rest, tree, executor, accounts, log)
         first_binds = dict(tree.binds)
+        targets = [entry.target for entry in entries]
         pid, queue_fd, result_fd = start_share_taker(entries, shares, tree, executor, accounts, log,
-                                                     first_binds)
+                                                     first_binds, targets)
         ran = set()
         while (number := take_share(queue_fd)) is not None:
             ran.add(number)
-            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds)
+            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds,
+                                targets)
         os.close(queue_fd)
         if pid is None:
             return failed
