@@ -261,6 +261,17 @@ def internal_error(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+def failure_text(exc: Exception, shown: str) -> str:
+    """One entry's failure as `<path>: <cause>`; shown is the entry's path,
+    named when the error does not name one (an account error names the
+    user or group: the entry is added)."""
+    if isinstance(exc, EntryError):
+        return f"{exc.path}: {exc.cause}" + ("" if exc.path.startswith("/") else f" (for {shown})")
+    if isinstance(exc, OSError):
+        return f"{exc.filename or shown}: {describe_oserror(exc)}"
+    return f"{shown}: {internal_error(exc)}"  # a bug: this entry only
+
+
 def describe_oserror(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -1394,8 +1405,8 @@ class Accounts:
             if found is not None:
                 return found
         fields = self._root_file(database).get(name)
-        if fields and parse_id(fields[2]) is not None:
-            return parse_id(fields[2])
+        if fields and (found := parse_id(fields[2])) is not None:
+            return found
         try:
             if database == "passwd":
                 import pwd
@@ -1420,8 +1431,8 @@ class Accounts:
         if user == "root":
             return 0
         fields = self._root_file("passwd").get(user)
-        if fields and parse_id(fields[3]) is not None:
-            return parse_id(fields[3])
+        if fields and (found := parse_id(fields[3])) is not None:
+            return found
         try:
             import pwd
 
@@ -1614,8 +1625,7 @@ class Tree:
         with the sticky bit may be: no one else can then rename root's
         entries in it). None for any other."""
         try:
-            fd = open_beneath(self.root, comps, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                              only_roots=True)
+            fd = open_beneath(self.root, comps, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except (OSError, EntryError):
             return None
         try:
@@ -1657,10 +1667,10 @@ def dir_open_error(exc: OSError, dir_fd: int, name: str, shown: str) -> Exceptio
     return OSError(exc.errno, exc.strerror, shown)
 
 
-def open_beneath(root: str, comps: tuple, flags: int, only_roots: bool = False) -> int:
-    """Open root/comps with every directory component opened O_NOFOLLOW;
-    only_roots: each of them root's and, unless sticky, writable by no one
-    else (EntryError otherwise)."""
+def open_beneath(root: str, comps: tuple, flags: int) -> int:
+    """Open root/comps with every directory component opened O_NOFOLLOW,
+    each of them root's and, unless sticky, writable by no one else
+    (EntryError otherwise)."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         prefix = "" if root == "/" else root
@@ -1668,10 +1678,9 @@ def open_beneath(root: str, comps: tuple, flags: int, only_roots: bool = False) 
             next_fd = open_dir_at(fd, name, prefix + as_path(comps[:i + 1]))
             os.close(fd)
             fd = next_fd
-            if only_roots:
-                st = os.fstat(fd)
-                if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
-                    raise EntryError(prefix + as_path(comps[:i + 1]), "not root's alone")
+            st = os.fstat(fd)
+            if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+                raise EntryError(prefix + as_path(comps[:i + 1]), "not root's alone")
         return os.open(comps[-1], flags, dir_fd=fd)
     finally:
         os.close(fd)
@@ -2504,14 +2513,8 @@ def run_entries(numbered: list, tree: Tree, executor: Executor, accounts: Accoun
             for action in plan_entry(entry, tree, accounts):
                 executor.run(action, entry.storage)
             ok = True
-        except EntryError as exc:
-            # An account error names the user or group; add the entry.
-            suffix = "" if exc.path.startswith("/") else f" (for {tree.host(entry.target)})"
-            log.error(f"{exc.path}: {exc.cause}{suffix}")
-        except OSError as exc:
-            log.error(f"{exc.filename or tree.host(entry.target)}: {describe_oserror(exc)}")
-        except Exception as exc:  # a bug: this entry fails, the others still run
-            log.error(f"{tree.host(entry.target)}: {internal_error(exc)}")
+        except Exception as exc:  # expected failures, and bugs: the others still run
+            log.error(failure_text(exc, tree.host(entry.target)))
         failed += not ok
         tree.settle(ok)
     return failed
@@ -2878,13 +2881,8 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
             for action in plan_entry(entry, tree, accounts):
                 lines.append(action.describe(tree))
             ok = True  # apply runs what comes before a Fail: it stays planned
-        except EntryError as exc:
-            suffix = "" if exc.path.startswith("/") else f" (for {tree.host(entry.target)})"
-            lines.append(f"fail {exc.path}: {exc.cause}{suffix}")
-        except OSError as exc:
-            lines.append(f"fail {exc.filename or tree.host(entry.target)}: {describe_oserror(exc)}")
-        except Exception as exc:  # a bug: this entry's plan is lost, not the others'
-            lines.append(f"fail {tree.host(entry.target)}: {internal_error(exc)}")
+        except Exception as exc:  # this entry's plan is lost, not the others'
+            lines.append("fail " + failure_text(exc, tree.host(entry.target)))
         # An entry that could not be planned runs nothing in apply: what
         # it planned is forgotten, and the next entry plans it again.
         tree.settle(ok)
@@ -3013,15 +3011,9 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             in_storage = any(entry.target[:depth] in kept_dirs for depth in range(1, len(entry.target)))
             try:
                 unmount_entry(entry, tree, mounts, chain, proc_fds, log, in_storage)
-            except EntryError as exc:
+            except Exception as exc:  # this entry stays, the others are undone
                 failed += 1
-                log.error(f"{exc.path}: {exc.cause}")
-            except OSError as exc:
-                failed += 1
-                log.error(f"{exc.filename or host}: {describe_oserror(exc)}")
-            except Exception as exc:  # a bug: this entry stays, the others are undone
-                failed += 1
-                log.error(f"{host}: {internal_error(exc)}")
+                log.error(failure_text(exc, host))
         # On a running system (--root /) the persistent filesystems are the
         # system's own, mounted by stage 1 or fstab: they stay.
         for fs in sorted(config.filesystems if root != "/" else (), key=lambda f: f.mountpoint,
