@@ -591,7 +591,8 @@ def parse_id(text: str) -> int | None:
     if not is_id(text):
         return None
     digits = text.lstrip("0")
-    return int(digits or "0") if len(digits) <= 10 and int(digits or "0") <= ID_MAX else None
+    value = int(digits or "0") if len(digits) <= 10 else -1  # int() of 5,000 digits raises
+    return value if valid_id(value) else None
 
 
 def parse_owner(value, where: str, key: str | None = None) -> str:
@@ -2680,25 +2681,22 @@ def take_share(queue_fd: int) -> int | None:
 
 
 def run_share(share: list, entries: list, tree: Tree, executor: Executor, accounts: Accounts,
-              log: Log, first_binds: dict, targets: list) -> int:
+              log: Log, first_binds: list) -> int:
     """run_entries for one share. Its entries come in path order, but the
     shares do not, and Tree.enter forgets the binds behind the entry it
     plans: each share starts again from those binds of the first entries
-    that lie above some entry of its own (a kept directory among the first
-    entries can hold entries of any share; the others would only make
-    every lookup translate). A bind made in another share lies above none
-    of this one's entries."""
-    binds = {}
-    for path, source in first_binds.items():
-        start, end = below(targets, path)
-        if any(lo < end and start < hi for lo, hi in share):
-            binds[path] = source
-    tree.binds = binds
+    (path, source, [start, end) of the entries below it) that lie above
+    some entry of its own (a kept directory among the first entries can
+    hold entries of any share; the others would only make every lookup
+    translate). A bind made in another share lies above none of this
+    one's entries."""
+    tree.binds = {path: source for path, source, start, end in first_binds
+                  if any(lo < end and start < hi for lo, hi in share)}
     return run_entries(share_entries(share, entries), tree, executor, accounts, log)
 
 
 def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executor,
-                      accounts: Accounts, log: Log, first_binds: dict, targets: list) -> tuple:
+                      accounts: Accounts, log: Log, first_binds: list) -> tuple:
     """Fork a process that takes shares from the queue and runs them;
     (its pid or None if fork failed, the queue, the pipe its report comes
     through or None). The report: one line a message (entry, level, to
@@ -2725,8 +2723,7 @@ def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executo
         log.held = []
         failed = 0
         while (number := take_share(queue_r)) is not None:
-            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds,
-                                targets)
+            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds)
         records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(UNPRINTABLE)}\n"
                    for index, level, text, to_kmsg in log.held]
         records.append(f"end\t{failed}\n")
@@ -2800,15 +2797,14 @@ def run_in_two(entries: list, first: list, shares: list, meets: list, tree: Tree
             # Two shares would both make it: the rest here, in order.
             rest = [(k, entry) for k, entry in enumerate(entries) if k not in first]
             return failed + run_entries(rest, tree, executor, accounts, log)
-        first_binds = dict(tree.binds)
         targets = [entry.target for entry in entries]
+        first_binds = [(path, source, *below(targets, path)) for path, source in tree.binds.items()]
         pid, queue_fd, result_fd = start_share_taker(entries, shares, tree, executor, accounts, log,
-                                                     first_binds, targets)
+                                                     first_binds)
         ran = set()
         while (number := take_share(queue_fd)) is not None:
             ran.add(number)
-            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds,
-                                targets)
+            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds)
         os.close(queue_fd)
         if pid is None:
             return failed
