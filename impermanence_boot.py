@@ -240,6 +240,11 @@ class ConfigError(Exception):
         self.where, self.cause = where, cause
 
 
+class ConfigFileError(ConfigError):
+    """A config file that cannot be read, decoded or written: `where` is
+    the file's path, shown as given."""
+
+
 class EntryError(Exception):
     """One entry (or storage location) cannot be applied: path and cause."""
 
@@ -634,16 +639,30 @@ def parse_options(value, where: str) -> tuple:
     return tuple(o for opt in value for o in opt.split(",") if o)
 
 
-def load_config_file(path: str) -> Config:
+def read_config_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except OSError as exc:
-        raise ConfigError(path, f"cannot read config: {describe_oserror(exc)}") from None
+        raise ConfigFileError(path, f"cannot read config: {describe_oserror(exc)}") from None
+
+
+def load_config_file(path: str, use_compiled: bool = True) -> Config:
+    """The config at path: JSON, or a compiled config (see `compile`),
+    whose records are taken as they are when this very script compiled
+    them and its JSON is read otherwise (or when use_compiled is False)."""
+    raw = read_config_file(path)
+    if raw.startswith(COMPILED_MAGIC):
+        json_bytes, payload = split_compiled(raw, path)
+        if use_compiled and payload is not None:
+            config = config_from_payload(payload)
+            if config is not None:
+                return config
+        raw = json_bytes
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(path, f"config is not valid UTF-8 (byte {exc.start})") from None
+        raise ConfigFileError(path, f"config is not valid UTF-8 (byte {exc.start})") from None
     return load_config(text, path)
 
 
@@ -687,9 +706,9 @@ def load_config(text: str, name: str = "config") -> Config:
         line, col = getattr(exc, "lineno", None), getattr(exc, "colno", None)
         at = f" at line {line} column {col}" if line else ""
         msg = getattr(exc, "msg", str(exc))
-        raise ConfigError(name, f"invalid JSON{at}: {msg}") from None
+        raise ConfigFileError(name, f"invalid JSON{at}: {msg}") from None
     except RecursionError:
-        raise ConfigError(name, "invalid JSON: nested too deeply") from None
+        raise ConfigFileError(name, "invalid JSON: nested too deeply") from None
     # Text decoded from UTF-8 holds no lone surrogate; only a \u escape
     # can make one.
     return parse_config(data, escapes="\\u" in text)
@@ -1064,6 +1083,134 @@ def check_overlaps(entries: list, targets: list, filesystems: list, storages: li
         if hit is not None:
             raise ConfigError(e.where, f"{as_path(e.target)} overlaps the {guarded[hit]} {as_path(hit)}; "
                                        "a bind mount there would hide storage")
+
+
+# --- Compiled config ---------------------------------------------------------
+#
+# At 10,000 entries, reading and checking the JSON takes ~25 ms of a boot
+# that the rest of apply shares across two CPUs. `compile`, run when the
+# initramfs is built (as the script itself is byte-compiled then), stores
+# the checked records next to the JSON they came from; apply then loads
+# them with marshal (built into the interpreter) in a third of the time.
+# The records are used only by the very script file that made them (its
+# bytes' CRC-32 is in the header): any other version of the script reads
+# the JSON part, as does a file whose JSON part no longer matches its CRC.
+#
+#   COMPILED_MAGIC
+#   b"<script crc32> <python major.minor> <json length> <json crc32>\n"
+#   the JSON, as given
+#   marshal of the records (compiled_payload)
+
+COMPILED_MAGIC = b"\0impermanence_boot compiled config\n"
+
+
+def script_fingerprint() -> int | None:
+    """CRC-32 of the running script file (the .py or the .pyc), or None
+    when it cannot be read."""
+    import zlib  # built into Debian's and NixOS's interpreters
+
+    try:
+        with open(__file__, "rb") as f:
+            return zlib.crc32(f.read())
+    except (OSError, NameError):
+        return None
+
+
+def compiled_header(json_bytes: bytes, fingerprint: int) -> bytes:
+    import zlib
+
+    version = "%d.%d" % sys.version_info[:2]
+    return COMPILED_MAGIC + (f"{fingerprint} {version} {len(json_bytes)} "
+                             f"{zlib.crc32(json_bytes)}\n").encode()
+
+
+def split_compiled(raw: bytes, path: str) -> tuple:
+    """(the JSON bytes, the marshalled records or None when this script
+    did not make them or they no longer match their JSON)."""
+    import zlib
+
+    start = len(COMPILED_MAGIC)
+    end = raw.find(b"\n", start)
+    fields = raw[start:end].split() if end > 0 else []
+    if not (len(fields) == 4 and fields[0].isdigit() and fields[2].isdigit()
+            and fields[3].isdigit()):
+        raise ConfigFileError(path, "compiled config has a damaged header; compile it again")
+    fingerprint, version, size, crc = fields
+    json_start = end + 1
+    json_bytes = raw[json_start:json_start + int(size)]
+    if len(json_bytes) != int(size):
+        raise ConfigFileError(path, "compiled config is truncated; compile it again")
+    current = (str(script_fingerprint()).encode() == fingerprint
+               and ("%d.%d" % sys.version_info[:2]).encode() == version
+               and str(zlib.crc32(json_bytes)).encode() == crc)
+    return json_bytes, raw[json_start + int(size):] if current else None
+
+
+def compiled_payload(config: Config) -> tuple:
+    """The config as the plain values marshal stores. Perms are few and
+    shared: stored once, referred to by index (0: none)."""
+    perms_index: dict = {None: 0}
+    for e in config.entries:
+        for p in (e.perms, e.parent_perms):
+            perms_index.setdefault(p, len(perms_index))
+    rows = tuple((e.kind, e.target, e.storage, perms_index[e.perms], e.method,
+                  perms_index[e.parent_perms], e.home, e.home_owner, e.where, e.source)
+                 for e in config.entries)
+    return (COMPILED_LAYOUT,
+            tuple(fs._values() for fs in config.filesystems), config.device_timeout,
+            {name: a._values() for name, a in config.accounts.items()}, config.group_ids,
+            config.storages, tuple(p._values() for p in perms_index if p is not None), rows)
+
+
+COMPILED_LAYOUT = 1  # of compiled_payload's tuple
+
+
+def config_from_payload(payload: bytes) -> Config | None:
+    """The Config compiled_payload stored, or None if it cannot be read
+    back (then the JSON is read)."""
+    import marshal
+
+    try:
+        layout, filesystems, timeout, accounts, group_ids, storages, perms, rows = \
+            marshal.loads(payload)
+        if layout != COMPILED_LAYOUT:
+            return None
+        perms_table = [None] + [Perms(*values) for values in perms]
+        new, entries = object.__new__, []
+        add = entries.append
+        for kind, target, storage, p, method, pp, home, home_owner, where, source in rows:
+            # Entry.__init__'s dict, without the call.
+            entry = new(Entry)
+            _set_field(entry, "__dict__", {
+                "kind": kind, "target": target, "storage": storage, "perms": perms_table[p],
+                "method": method, "parent_perms": perms_table[pp], "home": home,
+                "home_owner": home_owner, "where": where, "source": source})
+            add(entry)
+        return Config(tuple(FileSystem(*values) for values in filesystems), timeout,
+                      {name: Account(*values) for name, values in accounts.items()},
+                      group_ids, storages, tuple(entries))
+    except (ValueError, TypeError, EOFError, IndexError):
+        return None
+
+
+def write_compiled(config: Config, json_bytes: bytes, output: str) -> None:
+    """Write the compiled config to output, replacing it only once the new
+    one is complete (a temporary file in the same directory, renamed)."""
+    import marshal
+
+    fingerprint = script_fingerprint()
+    if fingerprint is None:
+        raise ConfigFileError(output, "cannot compile: this script cannot read its own file")
+    data = compiled_header(json_bytes, fingerprint) + json_bytes + marshal.dumps(compiled_payload(config))
+    temp = f"{output}.{os.getpid()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(temp, output)
+    except BaseException:
+        os.unlink(temp)
+        raise
 
 
 # --- Device lookup and superblock probing ------------------------------------
@@ -3078,17 +3225,48 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         log.info(f"removed mount point {host}")
 
 
-def command_check(config: Config, out) -> int:
+def command_check(config: Config, path: str, out) -> int:
     dirs = sum(1 for e in config.entries if e.kind == "directory")
     out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
               f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
+    raw = read_config_file(path)
+    if raw.startswith(COMPILED_MAGIC):
+        payload = split_compiled(raw, path)[1]
+        compiled = config_from_payload(payload) if payload is not None else None
+        if compiled is None:
+            out.write("compiled by another version of impermanence_boot.py (or damaged): "
+                      "its JSON is read instead; compile it again\n")
+        elif compiled != config:
+            out.write("compiled records differ from its JSON: its JSON is read instead; "
+                      "compile it again\n")
+            return EXIT_CONFIG
+        else:
+            out.write("compiled by this script: apply loads its records\n")
+    return EXIT_OK
+
+
+def command_compile(path: str, output: str, out) -> int:
+    """Check the config at path and write it compiled to output."""
+    raw = read_config_file(path)
+    if raw.startswith(COMPILED_MAGIC):
+        raw = split_compiled(raw, path)[0]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(path, f"config is not valid UTF-8 (byte {exc.start})") from None
+    config = load_config(text, path)
+    try:
+        write_compiled(config, raw, output)
+    except OSError as exc:
+        raise ConfigFileError(output, f"cannot write compiled config: {describe_oserror(exc)}") from None
+    out.write(f"compiled {len(config.entries)} entries to {output}\n")
     return EXIT_OK
 
 
 # --- Command line ------------------------------------------------------------------------
 
 USAGE = """\
-usage: impermanence_boot.py [--config PATH] [--root PATH] [-v|--verbose] [-q|--quiet] [COMMAND] [--json]
+usage: impermanence_boot.py [--config PATH] [--root PATH] [-v|--verbose] [-q|--quiet] [COMMAND] [--json|--output PATH]
 
 Reconnect persistent state to a freshly wiped root (NixOS impermanence's
 environment.persistence, as JSON), before switch_root or by hand.
@@ -3101,13 +3279,17 @@ commands (default: apply):
   unmount  undo what apply set up (bind mounts, links), in reverse order;
            never deletes or modifies anything in persistent storage
   check    validate the config only
+  compile  validate the config and write it, with its checked records, to
+           --output PATH, for apply to load fast at boot (see README)
 
 options:
-  --config PATH  config file (default: $IMPERMANENCE_CONFIG, else /etc/impermanence.json)
+  --config PATH  config file, JSON or compiled (default: $IMPERMANENCE_CONFIG,
+                 else /etc/impermanence.json)
   --root PATH    the root the config's paths are relative to (default: /)
   -v, --verbose  log every action
   -q, --quiet    only errors
   --json         with status: JSON output
+  --output PATH  with compile: where to write the compiled config
   -h, --help     show this help
 
 exit status: 0 all in place; 1 an entry failed (others applied) or status
@@ -3115,15 +3297,15 @@ found drift; 2 usage or config error, nothing changed; 3 a persistent
 storage location was unavailable, nothing bound from it.
 """
 
-COMMANDS = ("apply", "plan", "status", "unmount", "check")
+COMMANDS = ("apply", "plan", "status", "unmount", "check", "compile")
 
 
 class Options(Record):
-    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help")
+    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help", "output")
 
 
 def parse_args(argv: list) -> Options:
-    command, config, root, verbosity, as_json = None, None, "/", 1, False
+    command, config, root, verbosity, as_json, output = None, None, "/", 1, False, None
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -3131,8 +3313,8 @@ def parse_args(argv: list) -> Options:
         if arg.startswith("--") and "=" in arg:
             arg, value = arg.split("=", 1)
         if arg in ("-h", "--help"):
-            return Options(None, None, None, 1, False, True)
-        if arg in ("--config", "--root"):
+            return Options(None, None, None, 1, False, True, None)
+        if arg in ("--config", "--root", "--output"):
             if value is None:
                 if not args:
                     raise UsageError(f"{arg} needs a path")
@@ -3141,8 +3323,10 @@ def parse_args(argv: list) -> Options:
                 raise UsageError(f"{arg} needs a non-empty path")
             if arg == "--config":
                 config = value
-            else:
+            elif arg == "--root":
                 root = value
+            else:
+                output = value
         elif value is not None:
             raise UsageError(f"{arg} takes no value")
         elif arg in ("-v", "--verbose"):
@@ -3162,9 +3346,11 @@ def parse_args(argv: list) -> Options:
     command = command or "apply"
     if as_json and command != "status":
         raise UsageError("--json goes with status")
+    if (output is None) != (command != "compile"):
+        raise UsageError("compile needs --output PATH" if output is None else "--output goes with compile")
     if config is None:
         config = os.environ.get("IMPERMANENCE_CONFIG") or DEFAULT_CONFIG
-    return Options(command, config, root, verbosity, as_json, False)
+    return Options(command, config, root, verbosity, as_json, False, output)
 
 
 def main(argv: list | None = None) -> int:
@@ -3182,14 +3368,18 @@ def main(argv: list | None = None) -> int:
     # would only walk the config and plan again and again as they grow.
     gc.disable()
     try:
-        config = load_config_file(opts.config)
+        if opts.command == "compile":
+            return command_compile(opts.config, opts.output, sys.stdout)
+        # check reads the JSON of a compiled config, and compares
+        config = load_config_file(opts.config, use_compiled=opts.command != "check")
         KEPT_UNTIL_EXIT.append(config)
+        if opts.command == "check":
+            return command_check(config, opts.config, sys.stdout)
     except ConfigError as exc:
-        where = exc.where if exc.where.startswith("/") else f"{opts.config}: {exc.where}"
+        where = (exc.where if isinstance(exc, ConfigFileError) or exc.where.startswith("/")
+                 else f"{opts.config}: {exc.where}")
         log.error(f"{where}: {exc.cause}")
         return EXIT_CONFIG
-    if opts.command == "check":
-        return command_check(config, sys.stdout)
     root = os.path.realpath(opts.root)
     if not os.path.isdir(root):
         log.error(f"{opts.root}: --root is not a directory")

@@ -10,8 +10,11 @@ some not), puts the storage on an ext4 filesystem on a loop device, and then,
 in the same run and on the same fresh tmpfs root, measures wall time and peak
 memory of three contenders doing the same work:
 
-  1. apply   `python3.11 -I impermanence_boot.py --root R --config C apply`,
-             the whole process, interpreter start included;
+  1. apply   `python3.11 -I impermanence_boot.pyc --root R --config C apply`,
+             the whole process, interpreter start included, C being the
+             config compiled once beforehand (`compile`), as the initramfs
+             and the NixOS module build it; and (1j) the same reading the
+             JSON config itself;
   2. shell   the per-entry shell approach existing tools generate: a bash
              script that, per entry, walks the path (`[ -d ]`), creates what
              is missing with `mkdir`/`chown`/`chmod --reference`, then
@@ -67,6 +70,7 @@ ENV = {
     "IMPERMANENCE_NO_KMSG": "1",
 }
 CONTENDERS = ("apply", "shell", "floor")
+APPLY_JSON = "apply_json"  # apply reading the JSON config, not the compiled one
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
@@ -735,6 +739,8 @@ class Bench:
         os.makedirs(self.root, exist_ok=True)
         self.floor_cmd = self.build_floor()
         self.contenders = list(CONTENDERS)
+        if not args.json_config:
+            self.contenders.append(APPLY_JSON)
         if self.floor_cmd[0] != self.python and not args.no_python_floor:
             self.contenders.append("pyfloor")
         self.results = {"sizes": {}, "startup": {}, "ok": True, "problems": []}
@@ -759,9 +765,10 @@ class Bench:
         self.results["problems"].append(msg)
 
     def command(self, who: str, d: str):
-        if who == "apply":
+        if who in ("apply", APPLY_JSON):
+            config = "config.json" if who == APPLY_JSON or self.args.json_config else "config.bin"
             return [self.python, "-I", self.script, "--root", self.root,
-                    "--config", os.path.join(d, "config.json"), "apply"]
+                    "--config", os.path.join(d, config), "apply"]
         if who == "shell":
             return [self.args.shell, os.path.join(d, "shell.sh")]
         if who == "pyfloor":
@@ -790,6 +797,12 @@ class Bench:
         config, entries = generate(n)
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
+        if not self.args.json_config:
+            # As the initramfs is built: once, by the script that runs it.
+            t0 = time.perf_counter()
+            sh(self.python, "-I", self.script, "--config", os.path.join(d, "config.json"),
+               "compile", "--output", os.path.join(d, "config.bin"))
+            self.results.setdefault("compile_ms", {})[n] = (time.perf_counter() - t0) * 1e3
         write_shell(os.path.join(d, "shell.sh"), self.root, entries)
         write_floor_ops(os.path.join(d, "floor.ops"), self.root, entries)
         counts = {
@@ -989,18 +1002,32 @@ def report(results, args) -> str:
                  "apply imports>'`." % results["reps_note"])
     lines.append("")
     py3b = any("pyfloor" in r for r in results["sizes"].values())
-    lines.append("| N | (1) apply | (2) shell | (3) floor | %s1/2 | 1/3 | 1/(3 + start) | shell ÷ apply "
-                 "| peak RSS 1 / 2 / 3 | same tree |" % ("(3b) floor in Python | " if py3b else ""))
-    lines.append("|---:|---:|---:|---:|%s---:|---:|---:|---:|---:|:---:|" % ("---:|" if py3b else ""))
+    j = any(APPLY_JSON in r for r in results["sizes"].values())
+    if j:
+        lines.append("(1) reads the config compiled beforehand (`compile`, as the initramfs and the NixOS "
+                     "module do; it took %s), (1j) the JSON config itself."
+                     % ", ".join("%.0f ms at N=%s" % (ms_, format(int(n), ","))
+                                 for n, ms_ in sorted(results.get("compile_ms", {}).items(),
+                                                      key=lambda kv: int(kv[0]))))
+        lines.append("")
+    lines.append("| N | (1) apply | (2) shell | (3) floor | %s%s1/2 | 1/3 | %s1/(3 + start) | shell ÷ apply "
+                 "| peak RSS 1 / 2 / 3 | same tree |" % ("(3b) floor in Python | " if py3b else "",
+                                                          "(1j) apply, JSON config | " if j else "",
+                                                          "1j/3 | " if j else ""))
+    lines.append("|---:|---:|---:|---:|%s%s---:|---:|%s---:|---:|---:|:---:|"
+                 % ("---:|" if py3b else "", "---:|" if j else "", "---:|" if j else ""))
     for n, r in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
         if not all(c in r for c in CONTENDERS):
             continue
         a, s, f = (r[c]["wall"]["median"] for c in CONTENDERS)
         rss = " / ".join(mib(r[c]["maxrss_kib"]) for c in CONTENDERS)
-        lines.append("| %s | %s | %s | %s | %s%.4f | %.2f | %.2f | %.0f× | %s | %s |" % (
+        lines.append("| %s | %s | %s | %s | %s%s%.4f | %.2f | %s%.2f | %.0f× | %s | %s |" % (
             format(int(n), ","), fmt(r["apply"]["wall"]), fmt(r["shell"]["wall"]), fmt(r["floor"]["wall"]),
             (fmt(r["pyfloor"]["wall"]) + " | ") if py3b and "pyfloor" in r else ("– | " if py3b else ""),
-            a / s, a / f, a / (f + start_imports), s / a, rss, "yes" if r["verified"] else "NO"))
+            (fmt(r[APPLY_JSON]["wall"]) + " | ") if j and APPLY_JSON in r else ("– | " if j else ""),
+            a / s, a / f,
+            ("%.2f | " % (r[APPLY_JSON]["wall"]["median"] / f)) if j and APPLY_JSON in r else ("– | " if j else ""),
+            a / (f + start_imports), s / a, rss, "yes" if r["verified"] else "NO"))
     lines.append("")
     if "bare" in st:
         lines.append("Start-up (%d runs each after 3 warm-ups, median (min–max) ms):" % st["bare"]["wall"]["n"])
@@ -1079,6 +1106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--source", action="store_true",
                     help="run the .py itself (compiled at every run) instead of its byte-code, "
                          "which is how the initramfs and the NixOS module run it")
+    ap.add_argument("--json-config", action="store_true",
+                    help="apply reads the JSON config (default: the config compiled beforehand, "
+                         "with the JSON one measured as (1j))")
     ap.add_argument("--shell", default="/bin/bash", help="shell for the per-entry script (default bash)")
     ap.add_argument("--python-floor", action="store_true", help="use the Python floor even if cc exists")
     ap.add_argument("--no-python-floor", action="store_true",

@@ -46,8 +46,11 @@ def test_benchmark_smoke_n100(tmp_path):
     assert run["verified"] is True
     # one round of all three, then one more of all but the shell
     assert [r["rc"] for r in run["runs"]["shell"]] == [0]
-    for who in ("apply", "floor"):
+    # apply reads the config compiled beforehand; apply_json the JSON itself
+    for who in ("apply", "floor", "apply_json"):
         assert [r["rc"] for r in run["runs"][who]] == [0, 0], who
+    assert results["compile_ms"]["100"] > 0
+    assert "(1j) apply, JSON config" in proc.stdout
     tree = run["tree"]
     assert tree["mounts"] > 0 and tree["symlinks"] > 0
     assert tree["mounts"] + tree["symlinks"] <= 100
