@@ -647,7 +647,7 @@ def read_config_file(path: str) -> bytes:
         raise ConfigFileError(path, f"cannot read config: {describe_oserror(exc)}") from None
 
 
-def load_config_file(path: str, use_compiled: bool = True) -> Config:
+def load_config_file(path: str, use_compiled: bool = True, log: Log | None = None) -> Config:
     """The config at path: JSON, or a compiled config (see `compile`),
     whose records are taken as they are when this very script compiled
     them and its JSON is read otherwise (or when use_compiled is False)."""
@@ -658,6 +658,9 @@ def load_config_file(path: str, use_compiled: bool = True) -> Config:
             config = config_from_payload(payload)
             if config is not None:
                 return config
+        if use_compiled and log is not None:
+            log.warn(f"{path}: compiled by another version of impermanence_boot.py, or damaged: "
+                     "reading its JSON instead (slower); compile it again")
         raw = json_bytes
     try:
         text = raw.decode("utf-8")
@@ -3371,7 +3374,7 @@ def main(argv: list | None = None) -> int:
         if opts.command == "compile":
             return command_compile(opts.config, opts.output, sys.stdout)
         # check reads the JSON of a compiled config, and compares
-        config = load_config_file(opts.config, use_compiled=opts.command != "check")
+        config = load_config_file(opts.config, opts.command != "check", log)
         KEPT_UNTIL_EXIT.append(config)
         if opts.command == "check":
             return command_check(config, opts.config, sys.stdout)

@@ -121,6 +121,12 @@ def test_compiled_by_another_version_of_the_script_reads_the_json(tmp_path, monk
     result = cli("--config", str(output), "check")
     assert result.returncode == 0
     assert result.stdout.splitlines()[1].startswith("compiled by another version of impermanence_boot.py")
+    # apply, plan and status say so (once, one line), and go on from the JSON.
+    result = cli("--config", str(output), "--root", str(tmp_path), "plan")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f"impermanence: {output}: compiled by another version of impermanence_boot.py, "
+                             "or damaged: reading its JSON instead (slower); compile it again\n")
+    assert result.stdout == cli("--config", str(source), "--root", str(tmp_path), "plan").stdout
     # That other version itself takes its records.
     assert cli("--config", str(output), "check", script=other_script).stdout.splitlines()[1] == \
         "compiled by this script: apply loads its records"

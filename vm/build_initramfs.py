@@ -161,6 +161,15 @@ def add_python_modules(arc: Archive, mods: dict, names: set[str], component: str
     return added
 
 
+def compile_config(arc: Archive, script: Path, config: Path) -> None:
+    """The config compiled (`compile`) by the very file stage 1 runs, with
+    the interpreter it runs it with, as the NixOS module does at build time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "config.bin"
+        run([PYTHON, "-I", "-S", str(script), "--config", str(config), "compile", "--output", str(out)])
+        arc.file("/nix/impermanence/config.bin", out.read_bytes(), component="config")
+
+
 def compile_pycs(arc: Archive, python: str) -> None:
     """Byte-compile every .py under PYLIB with the target interpreter
     (unchecked-hash pycs: valid whatever the mtimes, never rewritten at boot)."""
@@ -275,6 +284,9 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
                  str(script), str(compiled), "/nix/impermanence/impermanence_boot.py"])
             arc.file("/nix/impermanence/impermanence_boot.pyc", compiled.read_bytes(),
                      component="script")
+            compile_config(arc, compiled, config)
+    else:
+        compile_config(arc, script, config)
     arc.copy("/nix/impermanence/config.json", str(config), mode=0o644, component="config")
     # the per-entry shell approach for the same config, for the comparison
     # (run only when a boot asks for it: vm/guest/init, vm/shell_approach.py)
