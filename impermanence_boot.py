@@ -1097,10 +1097,11 @@ def check_overlaps(entries: list, targets: list, filesystems: list, storages: li
 # them with marshal (built into the interpreter) in a third of the time.
 # The records are used only by the very script file that made them (its
 # bytes' CRC-32 is in the header): any other version of the script reads
-# the JSON part, as does a file whose JSON part no longer matches its CRC.
+# the JSON part, as does a file whose JSON or records no longer match their
+# CRC-32.
 #
 #   COMPILED_MAGIC
-#   b"<script crc32> <python major.minor> <json length> <json crc32>\n"
+#   b"<script crc32> <python major.minor> <json length> <json crc32> <records crc32>\n"
 #   the JSON, as given
 #   marshal of the records (compiled_payload)
 
@@ -1119,12 +1120,12 @@ def script_fingerprint() -> int | None:
         return None
 
 
-def compiled_header(json_bytes: bytes, fingerprint: int) -> bytes:
+def compiled_header(json_bytes: bytes, payload: bytes, fingerprint: int) -> bytes:
     import zlib
 
     version = "%d.%d" % sys.version_info[:2]
     return COMPILED_MAGIC + (f"{fingerprint} {version} {len(json_bytes)} "
-                             f"{zlib.crc32(json_bytes)}\n").encode()
+                             f"{zlib.crc32(json_bytes)} {zlib.crc32(payload)}\n").encode()
 
 
 def split_compiled(raw: bytes, path: str) -> tuple:
@@ -1135,18 +1136,19 @@ def split_compiled(raw: bytes, path: str) -> tuple:
     start = len(COMPILED_MAGIC)
     end = raw.find(b"\n", start)
     fields = raw[start:end].split() if end > 0 else []
-    if not (len(fields) == 4 and fields[0].isdigit() and fields[2].isdigit()
-            and fields[3].isdigit()):
+    if not (len(fields) == 5 and all(fields[k].isdigit() for k in (0, 2, 3, 4))):
         raise ConfigFileError(path, "compiled config has a damaged header; compile it again")
-    fingerprint, version, size, crc = fields
+    fingerprint, version, size, json_crc, payload_crc = fields
     json_start = end + 1
     json_bytes = raw[json_start:json_start + int(size)]
     if len(json_bytes) != int(size):
         raise ConfigFileError(path, "compiled config is truncated; compile it again")
+    payload = raw[json_start + int(size):]
     current = (str(script_fingerprint()).encode() == fingerprint
                and ("%d.%d" % sys.version_info[:2]).encode() == version
-               and str(zlib.crc32(json_bytes)).encode() == crc)
-    return json_bytes, raw[json_start + int(size):] if current else None
+               and str(zlib.crc32(json_bytes)).encode() == json_crc
+               and str(zlib.crc32(payload)).encode() == payload_crc)
+    return json_bytes, payload if current else None
 
 
 def compiled_payload(config: Config) -> tuple:
@@ -1204,7 +1206,8 @@ def write_compiled(config: Config, json_bytes: bytes, output: str) -> None:
     fingerprint = script_fingerprint()
     if fingerprint is None:
         raise ConfigFileError(output, "cannot compile: this script cannot read its own file")
-    data = compiled_header(json_bytes, fingerprint) + json_bytes + marshal.dumps(compiled_payload(config))
+    payload = marshal.dumps(compiled_payload(config))
+    data = compiled_header(json_bytes, payload, fingerprint) + json_bytes + payload
     temp = f"{output}.{os.getpid()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
@@ -3229,22 +3232,24 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
 
 
 def command_check(config: Config, path: str, out) -> int:
-    dirs = sum(1 for e in config.entries if e.kind == "directory")
-    out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
-              f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
+    """Say what the (JSON) config holds; of a compiled one, also whether
+    its records are used, after checking they are what its JSON gives."""
+    compiled_note = ""
     raw = read_config_file(path)
     if raw.startswith(COMPILED_MAGIC):
         payload = split_compiled(raw, path)[1]
         compiled = config_from_payload(payload) if payload is not None else None
         if compiled is None:
-            out.write("compiled by another version of impermanence_boot.py (or damaged): "
-                      "its JSON is read instead; compile it again\n")
+            compiled_note = ("compiled by another version of impermanence_boot.py (or damaged): "
+                             "its JSON is read instead; compile it again\n")
         elif compiled != config:
-            out.write("compiled records differ from its JSON: its JSON is read instead; "
-                      "compile it again\n")
-            return EXIT_CONFIG
+            raise ConfigFileError(path, "compiled records differ from its JSON; compile it again")
         else:
-            out.write("compiled by this script: apply loads its records\n")
+            compiled_note = "compiled by this script: apply loads its records\n"
+    dirs = sum(1 for e in config.entries if e.kind == "directory")
+    out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
+              f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
+    out.write(compiled_note)
     return EXIT_OK
 
 

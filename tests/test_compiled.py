@@ -99,15 +99,17 @@ def test_check_reads_the_json_and_compares(tmp_path):
 def test_records_of_another_config_under_this_json_are_refused_by_check(tmp_path):
     _, output = compiled(tmp_path, spec_example())
     _, other = compiled(tmp_path, valid_config(), "other")
-    header, json_bytes, _ = parts(output)
+    _, json_bytes, _ = parts(output)
+    other_records = parts(other)[2]
     forged = tmp_path / "forged.bin"
-    forged.write_bytes(ib.COMPILED_MAGIC + header + b"\n" + json_bytes + parts(other)[2])
+    forged.write_bytes(ib.compiled_header(json_bytes, other_records, ib.script_fingerprint())
+                       + json_bytes + other_records)
     # The header says current: apply would take the records as they are...
     assert ib.load_config_file(str(forged)) == ib.load_config(json.dumps(valid_config()))
     # ...and check, which reads the JSON too, says they are not its JSON's.
     result = cli("--config", str(forged), "check")
-    assert result.returncode == 2
-    assert result.stdout.splitlines()[1].startswith("compiled records differ from its JSON")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"impermanence: {forged}: compiled records differ from its JSON; compile it again\n"
 
 
 def test_compiled_by_another_version_of_the_script_reads_the_json(tmp_path, monkeypatch):
@@ -142,18 +144,36 @@ def test_a_json_part_edited_afterwards_is_what_counts(tmp_path, monkeypatch):
     assert "/var/loh" in targets and "/var/log" not in targets
 
 
-@pytest.mark.parametrize("damage", ["cut", "garbage", "empty"])
-def test_damaged_records_read_the_json(tmp_path, damage):
+def flip_a_path_byte(payload: bytes) -> bytes:
+    """The records with one letter of a path changed: still valid marshal."""
+    at = payload.index(b"colord")
+    return payload[:at] + b"Colord" + payload[at + 6:]
+
+
+@pytest.mark.parametrize("damage, header_says", [
+    *((damage, "as written") for damage in ("cut", "garbage", "empty", "flipped")),
+    # A header forged to match: what marshal and the layout check still catch
+    # (a valid other record, as "flipped", is check's business: test above).
+    *((damage, "current") for damage in ("cut", "garbage", "empty")),
+])
+def test_damaged_records_read_the_json(tmp_path, monkeypatch, damage, header_says):
     source, output = compiled(tmp_path, spec_example())
     header, json_bytes, payload = parts(output)
-    payload = {"cut": payload[:len(payload) // 2], "garbage": b"\xff\x00garbage" * 20, "empty": b""}[damage]
-    output.write_bytes(ib.COMPILED_MAGIC + header + b"\n" + json_bytes + payload)
+    payload = {"cut": payload[:len(payload) // 2], "garbage": b"\xff\x00garbage" * 20, "empty": b"",
+               "flipped": flip_a_path_byte(payload)}[damage]
+    if header_says == "current":
+        output.write_bytes(ib.compiled_header(json_bytes, payload, ib.script_fingerprint())
+                           + json_bytes + payload)
+    else:  # the header written with the records: their CRC-32 no longer matches
+        output.write_bytes(ib.COMPILED_MAGIC + header + b"\n" + json_bytes + payload)
+        monkeypatch.setattr(ib, "config_from_payload", lambda *a: pytest.fail("records used"))
     assert ib.load_config_file(str(output)) == ib.load_config_file(str(source))
 
 
 @pytest.mark.parametrize("damage, cause", [
     (lambda raw, n: raw[:n + 5], "compiled config has a damaged header; compile it again"),
     (lambda raw, n: raw[:n] + b"x y\n{}", "compiled config has a damaged header; compile it again"),
+    (lambda raw, n: raw[:n] + b"1 3.11 2 3\n{}", "compiled config has a damaged header; compile it again"),
     (lambda raw, n: raw[:raw.index(b"\n", n) + 20], "compiled config is truncated; compile it again"),
 ])
 def test_damaged_header_or_cut_json_is_one_line_error(tmp_path, damage, cause):

@@ -209,6 +209,8 @@ BAD_ARGS = [
     [b"\xff\xfe".decode("utf-8", "surrogateescape")],
     ["--config", b"/tmp/\xff\xfe-missing".decode("utf-8", "surrogateescape"), "check"],
     ["--root", b"/\xff".decode("utf-8", "surrogateescape"), "status"],
+    ["compile"], ["compile", "--output"], ["compile", "--output="], ["--output", "x", "apply"],
+    ["--output=x", "check"], ["compile", "--json", "--output", "x"],
 ]
 
 
@@ -292,7 +294,7 @@ def test_cli_random_config_bytes(tmp_path_factory, raw):
         one_clean_line(result)
 
 
-ARG_WORDS = st.sampled_from(["apply", "plan", "status", "unmount", "check", "--json", "-v", "-q",
+ARG_WORDS = st.sampled_from(["apply", "plan", "status", "unmount", "check", "compile", "--json", "-v", "-q",
                              "--config", "--root", "--help", "-h", "--config=", "--root=/",
                              "--", "-", "", "x"])
 
