@@ -651,34 +651,40 @@ def parse_options(value, where: str) -> tuple:
     return tuple(o for opt in value for o in opt.split(",") if o)
 
 
-def read_config_file(path: str) -> bytes:
+def read_config_file(path: str) -> tuple:
+    """(the JSON, and for a compiled config (see `compile`) its records when
+    this very script compiled them and they are intact, else None; whether
+    the file is a compiled config)."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            raw = f.read()
     except OSError as exc:
         raise ConfigFileError(path, f"cannot read config: {describe_oserror(exc)}") from None
-
-
-def load_config_file(path: str, use_compiled: bool = True, log: Log | None = None) -> Config:
-    """The config at path: JSON, or a compiled config (see `compile`),
-    whose records are taken as they are when this very script compiled
-    them and its JSON is read otherwise (or when use_compiled is False)."""
-    raw = read_config_file(path)
     if raw.startswith(COMPILED_MAGIC):
-        json_bytes, payload = split_compiled(raw, path)
-        if use_compiled and payload is not None:
-            config = config_from_payload(payload)
-            if config is not None:
-                return config
-        if use_compiled and log is not None:
-            log.warn(f"{path}: compiled by another version of impermanence_boot.py, or damaged: "
-                     "reading its JSON instead (slower); compile it again")
-        raw = json_bytes
+        return (*split_compiled(raw, path), True)
+    return raw, None, False
+
+
+def config_from_json(raw: bytes, path: str) -> Config:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigFileError(path, f"config is not valid UTF-8 (byte {exc.start})") from None
     return load_config(text, path)
+
+
+def load_config_file(path: str, log: Log | None = None) -> Config:
+    """The config at path: a compiled config's records when they can be
+    used, else the JSON (a compiled config's with a warning)."""
+    json_bytes, payload, compiled = read_config_file(path)
+    if payload is not None:
+        config = config_from_payload(payload)
+        if config is not None:
+            return config
+    if compiled and log is not None:
+        log.warn(f"{path}: compiled by another version of impermanence_boot.py, or damaged: "
+                 "reading its JSON instead (slower); compile it again")
+    return config_from_json(json_bytes, path)
 
 
 class _JsonContext:
@@ -3250,13 +3256,13 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         log.info(f"removed mount point {host}")
 
 
-def command_check(config: Config, path: str, out) -> int:
-    """Say what the (JSON) config holds; of a compiled one, also whether
-    its records are used, after checking they are what its JSON gives."""
+def command_check(path: str, out) -> int:
+    """Say what the JSON config holds; of a compiled one, also whether its
+    records are used, after checking they are what its JSON gives."""
+    json_bytes, payload, is_compiled = read_config_file(path)
+    config = config_from_json(json_bytes, path)
     compiled_note = ""
-    raw = read_config_file(path)
-    if raw.startswith(COMPILED_MAGIC):
-        payload = split_compiled(raw, path)[1]
+    if is_compiled:
         compiled = config_from_payload(payload) if payload is not None else None
         if compiled is None:
             compiled_note = ("compiled by another version of impermanence_boot.py (or damaged): "
@@ -3273,17 +3279,12 @@ def command_check(config: Config, path: str, out) -> int:
 
 
 def command_compile(path: str, output: str, out) -> int:
-    """Check the config at path and write it compiled to output."""
-    raw = read_config_file(path)
-    if raw.startswith(COMPILED_MAGIC):
-        raw = split_compiled(raw, path)[0]
+    """Check the config at path (a compiled one's JSON) and write it
+    compiled to output."""
+    json_bytes = read_config_file(path)[0]
+    config = config_from_json(json_bytes, path)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigFileError(path, f"config is not valid UTF-8 (byte {exc.start})") from None
-    config = load_config(text, path)
-    try:
-        write_compiled(config, raw, output)
+        write_compiled(config, json_bytes, output)
     except OSError as exc:
         raise ConfigFileError(output, f"cannot write compiled config: {describe_oserror(exc)}") from None
     out.write(f"compiled {len(config.entries)} entries to {output}\n")
@@ -3397,11 +3398,10 @@ def main(argv: list | None = None) -> int:
     try:
         if opts.command == "compile":
             return command_compile(opts.config, opts.output, sys.stdout)
-        # check reads the JSON of a compiled config, and compares
-        config = load_config_file(opts.config, opts.command != "check", log)
-        KEPT_UNTIL_EXIT.append(config)
         if opts.command == "check":
-            return command_check(config, opts.config, sys.stdout)
+            return command_check(opts.config, sys.stdout)
+        config = load_config_file(opts.config, log)
+        KEPT_UNTIL_EXIT.append(config)
     except ConfigError as exc:
         where = (exc.where if isinstance(exc, ConfigFileError) or exc.where.startswith("/")
                  else f"{opts.config}: {exc.where}")

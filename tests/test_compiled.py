@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SCRIPT
 from test_fuzz import valid_config
-from test_two_processes import big_config, make_world, messages, mounts_below, run_apply
+from test_two_processes import big_config, messages, mounts_below, run_apply, worlds  # noqa: F401 (a fixture)
 from reliability_support import assert_clean_messages, tree_digest
 
 sys.path.insert(0, str(SCRIPT.parent))
@@ -247,19 +247,3 @@ def test_apply_from_the_compiled_config_is_apply_from_its_json(worlds, tmp_path,
     assert messages(from_compiled.stderr, two) == messages(from_json.stderr, one)
     assert mounts_below(two) == mounts_below(one) and len(mounts_below(one)) > 100
     assert tree_digest(two) == tree_digest(one)
-
-
-@pytest.fixture
-def worlds(namespace, tmp_path):
-    from conftest import umount_tree
-
-    made = []
-
-    def make(name: str) -> Path:
-        root = make_world(tmp_path / name)
-        made.append(root)
-        return root
-
-    yield make
-    for root in made:
-        umount_tree(root)
