@@ -1148,7 +1148,8 @@ def compiled_header(json_bytes: bytes, payload: bytes, fingerprint: int) -> byte
 
 def split_compiled(raw: bytes, path: str) -> tuple:
     """(the JSON bytes, the marshalled records or None when this script
-    did not make them or they no longer match their JSON)."""
+    file, on this Python version, did not make them, or when they or the
+    JSON no longer match their CRC-32)."""
     import zlib
 
     start = len(COMPILED_MAGIC)
