@@ -1124,6 +1124,7 @@ def check_overlaps(entries: list, targets: list, filesystems: list, storages: li
 #   marshal of the records (compiled_payload)
 
 COMPILED_MAGIC = b"\0impermanence_boot compiled config\n"
+COMPILED_PYTHON = "%d.%d" % sys.version_info[:2]  # the header's Python version
 
 
 def script_fingerprint() -> int | None:
@@ -1141,8 +1142,7 @@ def script_fingerprint() -> int | None:
 def compiled_header(json_bytes: bytes, payload: bytes, fingerprint: int) -> bytes:
     import zlib
 
-    version = "%d.%d" % sys.version_info[:2]
-    return COMPILED_MAGIC + (f"{fingerprint} {version} {len(json_bytes)} "
+    return COMPILED_MAGIC + (f"{fingerprint} {COMPILED_PYTHON} {len(json_bytes)} "
                              f"{zlib.crc32(json_bytes)} {zlib.crc32(payload)}\n").encode()
 
 
@@ -1164,7 +1164,7 @@ def split_compiled(raw: bytes, path: str) -> tuple:
         raise ConfigFileError(path, "compiled config is truncated; compile it again")
     payload = raw[json_start + int(size):]
     current = (str(script_fingerprint()).encode() == fingerprint
-               and ("%d.%d" % sys.version_info[:2]).encode() == version
+               and COMPILED_PYTHON.encode() == version
                and str(zlib.crc32(json_bytes)).encode() == json_crc
                and str(zlib.crc32(payload)).encode() == payload_crc)
     return json_bytes, payload if current else None
