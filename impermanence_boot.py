@@ -1520,6 +1520,7 @@ class Accounts:
         self._maps: dict = {}
         self._files: dict = {}
         self._cache: dict = {}
+        self._resolved: dict = {}    # (user, group, storage) -> (uid, gid)
         self._kept_dirs: dict | None = None
 
     def kept_dir_perms(self, source: tuple) -> Perms | None:
@@ -1623,10 +1624,15 @@ class Accounts:
                          f"\"users\": {{\"{user}\": {{\"group\": \"...\"}}}} in the config")
 
     def resolve(self, perms: Perms, storage: tuple) -> tuple:
-        uid = self.uid(perms.user, storage)
-        gid = (self.primary_gid(perms.user, storage) if perms.group is None
-               else self.gid(perms.group, storage))
-        return uid, gid, perms.mode
+        """(uid, gid, mode) for perms in storage."""
+        key = (perms.user, perms.group, storage)
+        ids = self._resolved.get(key)
+        if ids is None:
+            uid = self.uid(perms.user, storage)
+            gid = (self.primary_gid(perms.user, storage) if perms.group is None
+                   else self.gid(perms.group, storage))
+            ids = self._resolved[key] = (uid, gid)
+        return ids[0], ids[1], perms.mode
 
 
 # --- Looking at the tree ------------------------------------------------------
@@ -1716,12 +1722,19 @@ class Tree:
                     what = "a symbolic link" if node.kind == "link" else "not a directory"
                     raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
                 dirs[prefix] = node
-        node = self._lstat(comps) if comps else node_from_stat(os.stat(self.root))
-        if node is not None and node.kind == "dir":
+        if not comps:
+            node = node_from_stat(os.stat(self.root))
+        else:
+            try:
+                st = os.lstat(self.prefix + "/" + "/".join(comps))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            node = node_from_stat(st)
+        if node.kind == "dir":
             # Directories are never changed by apply once they exist; what
             # a mount puts over one is found through `binds` or `forget`.
-            self.dirs[comps] = node
-        elif node is not None and node.kind == "link":
+            dirs[comps] = node
+        elif node.kind == "link":
             try:
                 link = os.readlink(self.host(comps))
             except OSError:
@@ -1761,6 +1774,12 @@ class Tree:
         self.created[key] = node
         self.pending_created.append(key)
 
+    def record_dir(self, comps: tuple, uid: int, gid: int, mode: int) -> None:
+        """A directory planned to be made."""
+        key = self.translate(comps) if self.binds else comps
+        self.created[key] = Node("dir", uid, gid, mode, 0, None, None, None)
+        self.pending_created.append(key)
+
     def record_bind(self, source: tuple, target: tuple) -> None:
         self.binds[target] = self.translate(source) if self.binds else source
         self.pending_binds.append(target)
@@ -1774,8 +1793,14 @@ class Tree:
         bind mount behind target and not above it is above no later entry
         either: dropping it keeps every lookup's translation short. (One
         still ahead, which a share's first entries can find, is kept.)"""
-        if self.binds and not self.keep_binds:
-            self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t or t > target}
+        binds = self.binds
+        if binds and not self.keep_binds:
+            if len(binds) == 1:  # the common case: the last entry's own
+                for t in binds:
+                    if not (target[:len(t)] == t or t > target):
+                        self.binds = {}
+            else:
+                self.binds = {t: s for t, s in binds.items() if target[:len(t)] == t or t > target}
 
     def settle(self, succeeded: bool) -> None:
         """After an entry ran. What it created stays recorded: a directory
@@ -1990,21 +2015,21 @@ def link_text(entry: Entry) -> str:
     return as_path(entry.source)
 
 
+def finish_dir(actions: list, tree: Tree, path: tuple, node: Node, uid: int, gid: int,
+               mode: int) -> None:
+    """Plan giving the directory at path, found with mode 0000 (maybe one
+    an interrupted run did not finish), its owner and mode."""
+    if (node.uid, node.gid, node.mode) != (uid, gid, mode):
+        actions.append(FinishDir(path, uid, gid, mode))
+        tree.record(path, Node("dir", uid, gid, mode, 0, node.dev, node.ino, None))
+
+
 def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is now."""
     actions: list = []
     source, target, storage = entry.source, entry.target, entry.storage
-    tree.enter(target)
-
-    def make_dir(path: tuple, uid: int, gid: int, mode: int, why: str, mark: bool = False):
-        actions.append(MakeDir(path, uid, gid, mode, why, mark))
-        tree.record(path, Node("dir", uid, gid, mode, 0, None, None, None))
-
-    def finish_dir(path: tuple, node: Node, uid: int, gid: int, mode: int):
-        # Mode 0000: maybe one that an interrupted run did not finish.
-        if (node.uid, node.gid, node.mode) != (uid, gid, mode):
-            actions.append(FinishDir(path, uid, gid, mode))
-            tree.record(path, Node("dir", uid, gid, mode, 0, node.dev, node.ino, None))
+    if tree.binds:
+        tree.enter(target)
 
     # Storage side: parents, then the source itself.
     for depth in range(len(storage) + 1, 0 if tree.is_dir(source[:-1]) else len(source)):
@@ -2013,22 +2038,24 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
         if node is None:
             perms = accounts.kept_dir_perms(path) or source_parent_perms(entry, path)
             uid, gid, mode = accounts.resolve(perms, storage)
-            make_dir(path, uid, gid, mode, "storage parent")
+            actions.append(MakeDir(path, uid, gid, mode, "storage parent"))
+            tree.record_dir(path, uid, gid, mode)
         elif node.kind != "dir":
             return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
         elif node.mode == 0:
             perms = accounts.kept_dir_perms(path) or source_parent_perms(entry, path)
-            finish_dir(path, node, *accounts.resolve(perms, storage))
+            finish_dir(actions, tree, path, node, *accounts.resolve(perms, storage))
     node = tree.look(source)
     source_exists = node is not None
     if entry.kind == "directory":
         if node is None:
             uid, gid, mode = accounts.resolve(entry.perms, storage)
-            make_dir(source, uid, gid, mode, "kept directory")
+            actions.append(MakeDir(source, uid, gid, mode, "kept directory"))
+            tree.record_dir(source, uid, gid, mode)
         elif node.kind != "dir":
             return actions + [Fail(source, f"source is {describe_kind(node)}, not a directory")]
         elif node.mode == 0:
-            finish_dir(source, node, *accounts.resolve(entry.perms, storage))
+            finish_dir(actions, tree, source, node, *accounts.resolve(entry.perms, storage))
     elif node is not None and node.kind != "file":
         return actions + [Fail(source, f"source is {describe_kind(node)}, not a regular file")]
     elif node is not None and node.nlink > 1 and entry.method == "auto":
@@ -2051,13 +2078,14 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
             twin = tree.look(storage + path)
             if twin is None or twin.kind != "dir":
                 return actions + [Fail(storage + path, "missing in storage; cannot mirror it")]
-            make_dir(path, twin.uid, twin.gid, twin.mode, "as in storage")
+            actions.append(MakeDir(path, twin.uid, twin.gid, twin.mode, "as in storage"))
+            tree.record_dir(path, twin.uid, twin.gid, twin.mode)
         elif node.kind != "dir":
             return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
         elif node.mode == 0:
             twin = tree.look(storage + path)
             if twin is not None and twin.kind == "dir":
-                finish_dir(path, node, twin.uid, twin.gid, twin.mode)
+                finish_dir(actions, tree, path, node, twin.uid, twin.gid, twin.mode)
 
     if entry.kind == "file" and tree.binds and tree.same(source[:-1], target[:-1]):
         # Inside a kept directory of the same storage, bound already: the
@@ -2069,7 +2097,8 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     if entry.kind == "directory":
         if node is None:
             twin = tree.look(source)
-            make_dir(target, twin.uid, twin.gid, twin.mode, "mount point", mark=True)
+            actions.append(MakeDir(target, twin.uid, twin.gid, twin.mode, "mount point", True))
+            tree.record_dir(target, twin.uid, twin.gid, twin.mode)
         elif node.kind != "dir":
             return actions + [Fail(target, f"target is {describe_kind(node)}, not a directory; left as it is")]
         elif tree.same(source, target):
@@ -2163,29 +2192,31 @@ class DirChain:
             while depth < limit and path[depth] == comps[depth]:
                 depth += 1
             self.truncate(depth)
-        fd = self.fds[-1] if depth else self.root_fd
-        for i in range(depth, len(comps)):
-            try:
-                fd = os.open(comps[i], O_DIR, dir_fd=fd)
-            except OSError as exc:
-                raise dir_open_error(exc, fd, comps[i], self.tree.host(comps[:i + 1])) from None
-            self.fds.append(fd)
-            self.path = comps[:i + 1]
+        fds = self.fds
+        fd = fds[-1] if depth else self.root_fd
+        try:
+            for name in comps[depth:]:
+                fd = os.open(name, O_DIR, dir_fd=fd)
+                fds.append(fd)
+        except OSError as exc:
+            depth = len(fds)
+            self.path = comps[:depth]
+            raise dir_open_error(exc, fd, comps[depth], self.tree.host(comps[:depth + 1])) from None
+        self.path = comps
         return fd
 
-    def stat(self, comps: tuple) -> tuple:
-        """(uid, mode) of the directory comps, opened along the walk."""
-        fd = self.open(comps)
-        depth = len(comps)
+    def stat_at(self, depth: int) -> tuple:
+        """(uid, mode) of the directory open at depth (0: the root)."""
         known = self.stats.get(depth)
         if known is None:
-            st = os.fstat(fd)
+            st = os.fstat(self.fds[depth - 1] if depth else self.root_fd)
             known = self.stats[depth] = (st.st_uid, st.st_mode)
         return known
 
     def owner(self, comps: tuple) -> int:
         """uid of the directory comps, opened along the walk."""
-        return self.stat(comps)[0]
+        self.open(comps)
+        return self.stat_at(len(comps))[0]
 
     def push(self, name: str, fd: int, uid: int, mode: int) -> None:
         """Take fd, the directory just made at path + (name,), with the
@@ -2230,11 +2261,14 @@ class Executor:
         self.targets.close()
         os.close(self.root_fd)
 
-    def run(self, action: Action, storage: tuple) -> None:
-        if self.log.verbosity >= 2:
-            self.log.info(action.describe(self.tree))
+    def run(self, actions: list, storage: tuple) -> None:
+        """Perform actions in order; the first that fails raises."""
+        steps, verbose, action = self.steps, self.log.verbosity >= 2, None
         try:
-            self.steps[type(action)](self, action, storage)
+            for action in actions:
+                if verbose:
+                    self.log.info(action.describe(self.tree))
+                steps[type(action)](self, action, storage)
         except OSError as exc:
             # fd-relative calls report only the last component (or, for
             # symlink, the link text): name the whole path instead.
@@ -2248,15 +2282,16 @@ class Executor:
         raise EntryError(self.tree.host(a.path), a.cause)
 
     def do_MakeDir(self, a: MakeDir, storage: tuple) -> None:
-        chain = self.chain_for(a.path, storage)
-        parent = chain.open(a.path[:-1])
-        name = a.path[-1]
-        if a.mark and self.by_name_in(chain, a.path[:-1]):
+        path = a.path
+        chain = self.sources if storage and path[:len(storage)] == storage else self.targets
+        parent = chain.open(path[:-1])
+        name = path[-1]
+        if a.mark and self.by_name_in(chain, len(path) - 1):
             # A mount point in a directory no one else can change and that
             # passes on no group: made, given its owner, mode and mark, and
             # (by do_Bind) mounted on, all by name, with no fd of its own:
             # nobody can swap the name in between.
-            self.make_dir_at(parent, name, a.mode & 0o1777, a.path)
+            self.make_dir_at(parent, name, a.mode & 0o1777, path)
             if a.uid != self.euid or a.gid != self.egid:
                 os.chown(name, a.uid, a.gid, dir_fd=parent, follow_symlinks=False)
             if a.mode & 0o6000:  # mkdir cannot set set-id bits
@@ -2265,7 +2300,7 @@ class Executor:
                 os.utime(name, ns=MARK_TIMES, dir_fd=parent, follow_symlinks=False)
             except OSError:
                 pass  # unmount will then leave this mount point in place
-            self.new_dir = (a.path, parent)
+            self.new_dir = (path, parent)
             return
         # A directory that mkdir alone cannot finish (another owner, set-id
         # bits, a set-gid parent) is made with mode 0000, then given owner
@@ -2274,15 +2309,18 @@ class Executor:
         # never a root-owned one that it would keep as it is. A mount point
         # needs none of this: the bind mount covers its owner and mode.
         self.make_dir_at(parent, name, a.mode & 0o1777 if a.mark or self.mkdir_is_final(a) else 0,
-                         a.path)
-        fd = self.open_made_dir(parent, name, a.path)
+                         path)
+        try:
+            fd = os.open(name, O_DIR, dir_fd=parent)
+        except OSError as exc:
+            raise dir_open_error(exc, parent, name, self.tree.host(path)) from None
         st = os.fstat(fd)
         # Ours if still root-owned: whoever could swap it in its parent
         # cannot make a root-owned directory. (No nlink test: btrfs
         # directories always have one link.)
         if st.st_uid != self.euid:
             os.close(fd)
-            raise EntryError(self.tree.host(a.path), "was replaced while applying; not changed")
+            raise EntryError(self.tree.host(path), "was replaced while applying; not changed")
         self.give_owner_and_mode(fd, st, a.uid, a.gid, a.mode)
         if a.mark:
             try:
@@ -2328,13 +2366,13 @@ class Executor:
         if mode & 0o6000 or stat.S_IMODE(st.st_mode) != mode:
             os.fchmod(fd, mode)
 
-    def by_name_in(self, chain: DirChain, comps: tuple) -> bool:
+    def by_name_in(self, chain: DirChain, depth: int) -> bool:
         """Whether a mount point can be made and mounted on by name in the
-        directory comps, opened along the walk: only we (or root) can add,
+        directory the chain has open at depth: only we (or root) can add,
         remove or rename entries there (ours, no write bit for group or
         others; with an ACL, the group bits are its mask), and it is not
         set-gid, so what mkdir makes in it gets our own group."""
-        uid, mode = chain.stat(comps)
+        uid, mode = chain.stat_at(depth)
         return uid == self.euid and not mode & 0o2022
 
     def mkdir_is_final(self, a: MakeDir) -> bool:
@@ -2526,7 +2564,7 @@ def make_root_dirs(path: tuple, first: int, why: str, tree: Tree, executor: Exec
     for depth in range(first, len(path) + 1):
         node = tree.look(path[:depth])
         if node is None:
-            executor.run(MakeDir(path[:depth], 0, 0, 0o755, why, False), ())
+            executor.run([MakeDir(path[:depth], 0, 0, 0o755, why, False)], ())
         elif node.kind != "dir":
             raise EntryError(tree.host(path[:depth]), f"is {describe_kind(node)}, not a directory")
 
@@ -2690,8 +2728,7 @@ def run_entries(numbered: list, tree: Tree, executor: Executor, accounts: Accoun
         log.entry = index
         ok = False
         try:
-            for action in plan_entry(entry, tree, accounts):
-                executor.run(action, entry.storage)
+            executor.run(plan_entry(entry, tree, accounts), entry.storage)
             ok = True
         except Exception as exc:  # expected failures, and bugs: the others still run
             log.error(failure_text(exc, tree.host(entry.target)))
