@@ -1722,14 +1722,9 @@ class Tree:
                     what = "a symbolic link" if node.kind == "link" else "not a directory"
                     raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
                 dirs[prefix] = node
-        if not comps:
-            node = node_from_stat(os.stat(self.root))
-        else:
-            try:
-                st = os.lstat(self.prefix + "/" + "/".join(comps))
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            node = node_from_stat(st)
+        node = self._lstat(comps) if comps else node_from_stat(os.stat(self.root))
+        if node is None:
+            return None
         if node.kind == "dir":
             # Directories are never changed by apply once they exist; what
             # a mount puts over one is found through `binds` or `forget`.
@@ -1776,9 +1771,7 @@ class Tree:
 
     def record_dir(self, comps: tuple, uid: int, gid: int, mode: int) -> None:
         """A directory planned to be made."""
-        key = self.translate(comps) if self.binds else comps
-        self.created[key] = Node("dir", uid, gid, mode, 0, None, None, None)
-        self.pending_created.append(key)
+        self.record(comps, Node("dir", uid, gid, mode, 0, None, None, None))
 
     def record_bind(self, source: tuple, target: tuple) -> None:
         self.binds[target] = self.translate(source) if self.binds else source
@@ -1793,14 +1786,8 @@ class Tree:
         bind mount behind target and not above it is above no later entry
         either: dropping it keeps every lookup's translation short. (One
         still ahead, which a share's first entries can find, is kept.)"""
-        binds = self.binds
-        if binds and not self.keep_binds:
-            if len(binds) == 1:  # the common case: the last entry's own
-                for t in binds:
-                    if not (target[:len(t)] == t or t > target):
-                        self.binds = {}
-            else:
-                self.binds = {t: s for t, s in binds.items() if target[:len(t)] == t or t > target}
+        if self.binds and not self.keep_binds:
+            self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t or t > target}
 
     def settle(self, succeeded: bool) -> None:
         """After an entry ran. What it created stays recorded: a directory
@@ -2028,8 +2015,7 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is now."""
     actions: list = []
     source, target, storage = entry.source, entry.target, entry.storage
-    if tree.binds:
-        tree.enter(target)
+    tree.enter(target)
 
     # Storage side: parents, then the source itself.
     for depth in range(len(storage) + 1, 0 if tree.is_dir(source[:-1]) else len(source)):
