@@ -1769,10 +1769,6 @@ class Tree:
         self.created[key] = node
         self.pending_created.append(key)
 
-    def record_dir(self, comps: tuple, uid: int, gid: int, mode: int) -> None:
-        """A directory planned to be made."""
-        self.record(comps, Node("dir", uid, gid, mode, 0, None, None, None))
-
     def record_bind(self, source: tuple, target: tuple) -> None:
         self.binds[target] = self.translate(source) if self.binds else source
         self.pending_binds.append(target)
@@ -2002,6 +1998,13 @@ def link_text(entry: Entry) -> str:
     return as_path(entry.source)
 
 
+def make_dir(actions: list, tree: Tree, path: tuple, uid: int, gid: int, mode: int, why: str,
+             mark: bool = False) -> None:
+    """Plan making the directory at path with this owner and mode."""
+    actions.append(MakeDir(path, uid, gid, mode, why, mark))
+    tree.record(path, Node("dir", uid, gid, mode, 0, None, None, None))
+
+
 def finish_dir(actions: list, tree: Tree, path: tuple, node: Node, uid: int, gid: int,
                mode: int) -> None:
     """Plan giving the directory at path, found with mode 0000 (maybe one
@@ -2024,8 +2027,7 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
         if node is None:
             perms = accounts.kept_dir_perms(path) or source_parent_perms(entry, path)
             uid, gid, mode = accounts.resolve(perms, storage)
-            actions.append(MakeDir(path, uid, gid, mode, "storage parent"))
-            tree.record_dir(path, uid, gid, mode)
+            make_dir(actions, tree, path, uid, gid, mode, "storage parent")
         elif node.kind != "dir":
             return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
         elif node.mode == 0:
@@ -2036,8 +2038,7 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     if entry.kind == "directory":
         if node is None:
             uid, gid, mode = accounts.resolve(entry.perms, storage)
-            actions.append(MakeDir(source, uid, gid, mode, "kept directory"))
-            tree.record_dir(source, uid, gid, mode)
+            make_dir(actions, tree, source, uid, gid, mode, "kept directory")
         elif node.kind != "dir":
             return actions + [Fail(source, f"source is {describe_kind(node)}, not a directory")]
         elif node.mode == 0:
@@ -2064,8 +2065,7 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
             twin = tree.look(storage + path)
             if twin is None or twin.kind != "dir":
                 return actions + [Fail(storage + path, "missing in storage; cannot mirror it")]
-            actions.append(MakeDir(path, twin.uid, twin.gid, twin.mode, "as in storage"))
-            tree.record_dir(path, twin.uid, twin.gid, twin.mode)
+            make_dir(actions, tree, path, twin.uid, twin.gid, twin.mode, "as in storage")
         elif node.kind != "dir":
             return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
         elif node.mode == 0:
@@ -2083,8 +2083,7 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     if entry.kind == "directory":
         if node is None:
             twin = tree.look(source)
-            actions.append(MakeDir(target, twin.uid, twin.gid, twin.mode, "mount point", True))
-            tree.record_dir(target, twin.uid, twin.gid, twin.mode)
+            make_dir(actions, tree, target, twin.uid, twin.gid, twin.mode, "mount point", mark=True)
         elif node.kind != "dir":
             return actions + [Fail(target, f"target is {describe_kind(node)}, not a directory; left as it is")]
         elif tree.same(source, target):
@@ -2269,7 +2268,7 @@ class Executor:
 
     def do_MakeDir(self, a: MakeDir, storage: tuple) -> None:
         path = a.path
-        chain = self.sources if storage and path[:len(storage)] == storage else self.targets
+        chain = self.chain_for(path, storage)
         parent = chain.open(path[:-1])
         name = path[-1]
         if a.mark and self.by_name_in(chain, len(path) - 1):
@@ -2296,10 +2295,7 @@ class Executor:
         # needs none of this: the bind mount covers its owner and mode.
         self.make_dir_at(parent, name, a.mode & 0o1777 if a.mark or self.mkdir_is_final(a) else 0,
                          path)
-        try:
-            fd = os.open(name, O_DIR, dir_fd=parent)
-        except OSError as exc:
-            raise dir_open_error(exc, parent, name, self.tree.host(path)) from None
+        fd = self.open_made_dir(parent, name, path)
         st = os.fstat(fd)
         # Ours if still root-owned: whoever could swap it in its parent
         # cannot make a root-owned directory. (No nlink test: btrfs
