@@ -1,41 +1,49 @@
 #!/usr/bin/env python3
-"""Boot-time benchmark of impermanence_boot.py (issue 6).
+"""Boot-time benchmark of impermanence_boot.py.
 
-Run as root:  python3 bench/bench_boot.py            (N = 100, 1000, 10000)
-              python3 bench/bench_boot.py --sizes 100 --reps 1   (smoke test)
+Run as root:  python3 bench/bench_boot.py                      (N = 25, 100, 300, 1000, 10000)
+              python3 bench/bench_boot.py --sizes 25 --reps 1   (smoke test)
 
 For every N it generates a configuration of N entries (half directories,
 half files; nested paths; system and user level; some present in storage,
 some not), puts the storage on an ext4 filesystem on a loop device, and then,
 in the same run and on the same fresh tmpfs root, measures wall time and peak
-memory of three contenders doing the same work:
+memory of these contenders doing the same work:
 
-  1. apply   `python3.11 -I impermanence_boot.pyc --root R --config C apply`,
-             the whole process, interpreter start included, C being the
-             config compiled once beforehand (`compile`), as the initramfs
-             and the NixOS module build it; and (1j) the same reading the
-             JSON config itself;
-  2. shell   the per-entry shell approach existing tools generate: a bash
-             script that, per entry, walks the path (`[ -d ]`), creates what
-             is missing with `mkdir`/`chown`/`chmod --reference`, then
-             `mount --bind` (util-linux) or `ln -s`;
-  3. floor   only the necessary system calls (mkdir, chown/chmod, open,
-             mount, symlink) from an operation list the benchmark planned in
-             advance; C (bench/floor.c) when `cc` exists, else Python.
+  apply         `python3.11 -I -S impermanence_boot.pyc --root R --config C.json apply`,
+                the whole process, interpreter start included, the script
+                byte-compiled beforehand, as the initramfs and the NixOS
+                module run it;
+  impermanence  the invocation sequence NixOS impermanence's module
+                generates: one bash process (bench/impermanence/
+                create-directories.sh) per storage dir, home, parent and
+                listed directory, one `mount --bind` per directory, one bash
+                process (bench/impermanence/mount-file.sh) per file;
+  shell         the same steps in one bash script: per entry it walks the
+                path (`[ -d ]`), creates what is missing with `mkdir`/`chown`/
+                `chmod --reference`, then `mount --bind` or `ln -s`;
+  floor         only the necessary system calls (mkdir, chown/chmod, open,
+                mount, symlink) from an operation list the benchmark planned
+                in advance; C (bench/floor.c) when `cc` exists, else Python;
+                with C, the same loop in Python is measured too (pyfloor);
+  start         the bare interpreter, `python3.11 -I -S -c pass`.
+
+apply is judged against floor + start, the least any program started as a
+new interpreter could take; the goals are in GOALS.
 
 Before each timed run the root is a fresh tmpfs with the storage mounted at
 R/persistent (as stage 1 does for a neededForBoot filesystem); afterwards the
 whole tree is detached and everything the run created in storage removed, so
 every run starts from the same state, and it starts once the previous run's
 cleanup (writeback, detached mounts) is done. Contenders run round-robin, one
-untimed warm-up each per N; then every contender but the shell gets more
-interleaved runs, up to --reps-fast (default 11): the ratio of apply to the
-floor is the one a busy host moves most, and those runs take well under a
-second. The warm-up runs are verified: the resulting
-tree (every path under R and in storage with type, owner, mode; every mount
-under R with the storage path it shows) must be identical for all three and
-must match what the configuration asks for. The benchmark exits 1 when a
-contender fails or the trees differ, never because of timing.
+untimed warm-up each per N; the slow ones (impermanence, shell) then get
+--reps timed runs (--reps-large from N = 10,000), the others, still
+interleaved, at least --reps-fast. The warm-up runs are verified: the
+resulting tree (every path under R and in storage with type, owner, mode;
+every mount under R with the storage path it shows) must be identical for
+all contenders and must match what the configuration asks for. The
+benchmark exits 1 when a contender fails or the trees differ, never because
+of timing.
 
 Standard library only. Everything happens in a private mount namespace; the
 storage image is attached with autoclear so the loop device goes away with
@@ -51,6 +59,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import stat
 import statistics
@@ -63,14 +72,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 DEFAULT_SCRIPT = os.path.join(PROJECT, "impermanence_boot.py")
 DEFAULT_PYTHON = "/usr/bin/python3.11"
+# As stage 1 runs the script (the NixOS module, vm/): -S skips `site`,
+# which the script does not need.
+DEFAULT_FLAGS = "-I -S"
+DEFAULT_SIZES = "25,100,300,1000,10000"
 STORAGE = "/persistent"
 ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LC_ALL": "C",
     "IMPERMANENCE_NO_KMSG": "1",
 }
-CONTENDERS = ("apply", "shell", "floor")
-APPLY_JSON = "apply_json"  # apply reading the JSON config, not the compiled one
+# Verified contenders, in the order they run; "pyfloor" joins when the floor
+# is in C. "start" is timed in the same rounds but leaves no tree.
+CONTENDERS = ("apply", "impermanence", "shell", "floor")
+SLOW = ("impermanence", "shell")  # seconds a run: fewer timed runs
+IMPERMANENCE_DIR = os.path.join(HERE, "impermanence")
+# apply ÷ (floor + start) at most this, per N; and from 1,000 to 10,000 the
+# cost per entry may grow at most GROWTH_GOAL times.
+GOALS = {25: 1.15, 100: 1.15, 300: 1.15, 1000: 2.0}
+GROWTH_GOAL = (1000, 10000, 1.5)
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
@@ -373,9 +393,10 @@ def write_floor_ops(path: str, root: str, entries) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-SHELL_PRELUDE = r"""# Per-entry shell approach, as the scripts existing tools generate
-# (create-directories.bash + mount-file.bash): every entry walks its own
-# path, creates what is missing, then binds or links.
+SHELL_PRELUDE = r"""# Per-entry shell approach: the steps of NixOS impermanence's
+# create-directories.bash and mount-file.bash in one script, with builtins
+# where they do: every entry walks its own path, creates what is missing,
+# then binds or links.
 R=%(root)s
 S=%(root)s%(storage)s
 rc=0
@@ -428,6 +449,88 @@ def write_shell(path: str, root: str, entries, busybox: bool = False) -> None:
         f.write(shell_text(root, entries, busybox))
 
 
+# --------------------------------------------------------------------------
+# NixOS impermanence's invocation sequence
+
+def impermanence_dirs(entries):
+    """[(P, uid, gid, mode)]: the directories NixOS impermanence's module
+    hands to create-directories.bash after the storage path itself, one
+    call each, in its order: the parents of the homes, the homes, the
+    parents of the listed directories and of the files' directories, then
+    those directories themselves.
+
+    Each path is called once (the module calls some twice, when two of its
+    lists name the same path with different attributes: a few calls fewer
+    here). Owner and mode are the ones apply gives the directory, where the
+    module would differ: a listed directory that is also the parent of
+    another listed one gets its own owner and mode (the module makes it
+    first as a parent, root:root 0755), and "/" itself is never called (the
+    module would copy the storage root's owner and mode onto the root)."""
+    spec = {}
+    for e in entries:
+        for q, uid, gid, mode in source_dirs(e):
+            spec.setdefault(q, (uid, gid, mode))
+
+    def home_of(e):
+        return (e.home or USERS[e.user][2]) if e.user else None
+
+    homes = list(dict.fromkeys(home_of(e) for e in entries if e.user))
+    listed = [e.path for e in entries if e.kind == "dir"]
+    file_dirs = list(dict.fromkeys(os.path.dirname(e.path) for e in entries if e.kind == "file"))
+    home_parents = [q for h in homes for q in prefixes(h)[:-1]]
+    parents = []
+    for e, p in [(e, e.path) for e in entries if e.kind == "dir"] + \
+                [(e, os.path.dirname(e.path)) for e in entries if e.kind == "file"]:
+        h = home_of(e)
+        # at user level the module walks the path below the home only
+        parents += [q for q in prefixes(p)[:-1] if h is None or q.startswith(h + "/")]
+    order = dict.fromkeys(home_parents + homes + parents + listed + file_dirs)
+    return [(q,) + spec[q] for q in order if q != "/"]
+
+
+def impermanence_text(root: str, entries, shell: str = "bash") -> str:
+    """The driver for the impermanence contender: a bash script that runs
+    every step of the sequence as its own process, as the module's
+    activation script and mount units do. Its own shell only sequences and
+    collects the status (the module's wrapper: `trap "_status=1" ERR`)."""
+    q = shlex.quote
+    cd = q(os.path.join(IMPERMANENCE_DIR, "create-directories.sh"))
+    mf = q(os.path.join(IMPERMANENCE_DIR, "mount-file.sh"))
+    sh_ = q(shell)
+    out = ["# NixOS impermanence's sequence for %d entries, each step its own process\n"
+           % len(entries), "status=0\n", "trap 'status=1' ERR\n"]
+    # the storage path itself: with no storage base the call only checks it
+    out.append("%s %s %s '' %s 0 0 755\n" % (sh_, cd, q(root), q(STORAGE)))
+    for p, uid, gid, mode in impermanence_dirs(entries):
+        out.append("%s %s %s %s %s %d %d %o\n" % (sh_, cd, q(root), q(STORAGE), q(p), uid, gid, mode))
+    # Every directory first (the module's activation script), then the
+    # binds and files in target order, parents before children, as apply
+    # does them. An entry inside another kept directory is left alone once that one is
+    # bound (the target then is the source; apply binds nothing more), where
+    # the module would bind it onto itself or, for a file, stop at "a file
+    # already exists".
+    for e in entries:
+        if e.covered:
+            continue
+        if e.kind == "dir":
+            out.append("mount --bind %s %s\n" % (q(root + STORAGE + e.path), q(root + e.path)))
+        else:
+            out.append("%s %s %s %s %s %s\n" % (sh_, mf, q(root), q(e.path), q(STORAGE + e.path), q(e.method)))
+    out.append("exit $status\n")
+    return "".join(out)
+
+
+def impermanence_calls(text: str) -> dict:
+    """How many processes of each step the driver starts."""
+    counts = {"create-directories": 0, "mount": 0, "mount-file": 0}
+    for line in text.splitlines():
+        if "create-directories.sh" in line:
+            counts["create-directories"] += 1
+        elif line.startswith("mount --bind "):
+            counts["mount"] += 1
+        elif "mount-file.sh" in line:
+            counts["mount-file"] += 1
+    return counts
 # --------------------------------------------------------------------------
 # Mount namespace, storage, fresh roots
 
@@ -713,9 +816,9 @@ def parse_importtime(text: str):
     return mods
 
 
-def importtime(python: str, argv, work: str):
+def importtime(python: str, flags, argv, work: str):
     out, err = os.path.join(work, "it.out"), os.path.join(work, "it.err")
-    run_measured([python, "-I", "-X", "importtime", *argv], out, err)
+    run_measured([python, *flags, "-X", "importtime", *argv], out, err)
     with open(err) as f:
         return parse_importtime(f.read())
 
@@ -726,6 +829,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.python = args.python
+        self.flags = shlex.split(args.python_flags)
         self.work = args.workdir
         self.source = args.script
         self.script = args.script
@@ -738,10 +842,8 @@ class Bench:
         self.root = os.path.join(self.work, "root")
         os.makedirs(self.root, exist_ok=True)
         self.floor_cmd = self.build_floor()
-        self.contenders = list(CONTENDERS)
-        if not args.json_config:
-            self.contenders.append(APPLY_JSON)
-        if self.floor_cmd[0] != self.python and not args.no_python_floor:
+        self.contenders = [c for c in CONTENDERS if c not in args.skip]
+        if self.floor_cmd[0] != self.python and "pyfloor" not in args.skip:
             self.contenders.append("pyfloor")
         self.results = {"sizes": {}, "startup": {}, "ok": True, "problems": []}
 
@@ -756,8 +858,8 @@ class Bench:
             sh(cc, "-O2", "-o", exe, os.path.join(HERE, "floor.c"))
             self.floor_kind = "C (%s -O2)" % cc
             return [exe]
-        self.floor_kind = "Python (%s -I -S bench/floor.py)" % self.python
-        return [self.python, "-I", "-S", os.path.join(HERE, "floor.py")]
+        self.floor_kind = "Python (%s %s bench/floor.py)" % (self.python, self.args.python_flags)
+        return [self.python, *self.flags, os.path.join(HERE, "floor.py")]
 
     def problem(self, msg: str) -> None:
         log("PROBLEM: " + msg)
@@ -765,26 +867,33 @@ class Bench:
         self.results["problems"].append(msg)
 
     def command(self, who: str, d: str):
-        if who in ("apply", APPLY_JSON):
-            config = "config.json" if who == APPLY_JSON or self.args.json_config else "config.bin"
-            return [self.python, "-I", self.script, "--root", self.root,
-                    "--config", os.path.join(d, config), "apply"]
-        if who == "shell":
-            return [self.args.shell, os.path.join(d, "shell.sh")]
+        py = [self.python, *self.flags]
+        if who == "apply":
+            return py + [self.script, "--root", self.root, "--config", os.path.join(d, "config.json"),
+                         "apply"]
+        if who == "start":
+            return py + ["-c", "pass"]
+        if who in SLOW:
+            return [self.args.shell, os.path.join(d, who + ".sh")]
         if who == "pyfloor":
-            return [self.python, "-I", os.path.join(HERE, "floor.py"), os.path.join(d, "floor.ops")]
+            return py + [os.path.join(HERE, "floor.py"), os.path.join(d, "floor.ops")]
         return self.floor_cmd + [os.path.join(d, "floor.ops")]
 
-    def one_run(self, who, d, storage, verify=False, argv=None):
-        fresh_root(self.root, storage)
-        quiesce()
-        try:
-            out, err = os.path.join(d, who + ".out"), os.path.join(d, who + ".err")
-            wall, rss, rc = run_measured(argv or self.command(who, d), out, err)
-            tree = result_tree(self.root, storage) if verify else None
-        finally:
-            drop_root(self.root)
-            storage.restore()
+    def one_run(self, who, d, storage, verify=False):
+        out, err = os.path.join(d, who + ".out"), os.path.join(d, who + ".err")
+        if who == "start":  # touches no tree
+            quiesce()
+            wall, rss, rc = run_measured(self.command(who, d), out, err)
+            tree = None
+        else:
+            fresh_root(self.root, storage)
+            quiesce()
+            try:
+                wall, rss, rc = run_measured(self.command(who, d), out, err)
+                tree = result_tree(self.root, storage) if verify else None
+            finally:
+                drop_root(self.root)
+                storage.restore()
         if rc != 0:
             with open(err) as f:
                 tail = f.read()[-2000:]
@@ -797,13 +906,10 @@ class Bench:
         config, entries = generate(n)
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
-        if not self.args.json_config:
-            # As the initramfs is built: once, by the script that runs it.
-            t0 = time.perf_counter()
-            sh(self.python, "-I", self.script, "--config", os.path.join(d, "config.json"),
-               "compile", "--output", os.path.join(d, "config.bin"))
-            self.results.setdefault("compile_ms", {})[n] = (time.perf_counter() - t0) * 1e3
         write_shell(os.path.join(d, "shell.sh"), self.root, entries)
+        imp = impermanence_text(self.root, entries, self.args.shell)
+        with open(os.path.join(d, "impermanence.sh"), "w") as f:
+            f.write(imp)
         write_floor_ops(os.path.join(d, "floor.ops"), self.root, entries)
         counts = {
             "directories": sum(e.kind == "dir" for e in entries),
@@ -814,7 +920,9 @@ class Bench:
         log("N=%d: %s" % (n, counts))
         storage = Storage(self.work, n)
         who_all = self.contenders
-        res = {"entries": counts, "runs": {c: [] for c in who_all}, "verified": False}
+        timed = who_all + ["start"]
+        res = {"entries": counts, "impermanence_calls": impermanence_calls(imp),
+               "runs": {c: [] for c in timed}, "verified": False}
         try:
             populate_storage(storage.mnt, entries)
             storage.snapshot()
@@ -823,7 +931,7 @@ class Bench:
                 t0 = time.perf_counter()
                 wall, rss, rc, tree = self.one_run(who, d, storage, verify=True)
                 trees[who] = tree
-                log("N=%d warm-up %-5s %8.1f ms (verify %.1f s)"
+                log("N=%d warm-up %-12s %9.1f ms (verify %.1f s)"
                     % (n, who, wall * 1e3, time.perf_counter() - t0 - wall))
             all_ok = True
             for who in who_all:
@@ -840,6 +948,7 @@ class Bench:
                                  % (n, who, "\n  ".join(diffs)))
             t = trees["apply"]
             res["verified"] = all_ok
+            res["verified_contenders"] = list(who_all)
             res["tree"] = {"root_paths": len(t["root"]), "storage_paths": len(t["storage"]),
                            "mounts": len(t["mounts"]),
                            "symlinks": sum(1 for a in t["root"].values() if a[0] == "l")}
@@ -853,25 +962,25 @@ class Bench:
                     log("N=%d %s %d/%d: %s" % (n, label, rep + 1, count, "  ".join(
                         "%s %.1f ms" % (w, res["runs"][w][-1]["wall"] * 1e3) for w in order)))
 
-            rounds(list(who_all), reps, "rep")
-            # The contenders other than the shell take well under a second:
-            # more of their runs, still interleaved, steady the ratio of
-            # apply to the floor, which a busy neighbour on a shared host
-            # moves by several per cent from one run to the next.
-            rounds([who for who in who_all if who != "shell"],
+            rounds(timed, reps, "rep")
+            # The fast contenders take well under a second a run: more of
+            # their runs, still interleaved, steady the ratio of apply to
+            # floor + start, which a busy neighbour on a shared host moves
+            # by several per cent from one run to the next.
+            rounds([who for who in timed if who not in SLOW],
                    max(0, self.args.reps_fast - reps), "extra rep")
             if n == self.args.sizes[0]:
                 # module list of the apply path (untimed extra run)
                 fresh_root(self.root, storage)
                 try:
                     self.results["startup"]["apply_importtime"] = importtime(
-                        self.python, self.command("apply", d)[2:], d)
+                        self.python, self.flags, self.command("apply", d)[1 + len(self.flags):], d)
                 finally:
                     drop_root(self.root)
                     storage.restore()
         finally:
             storage.close()
-        for who in who_all:
+        for who in timed:
             runs = res["runs"][who]
             if runs:
                 res[who] = {"wall": summary([r["wall"] for r in runs]),
@@ -879,21 +988,24 @@ class Bench:
         self.results["sizes"][n] = res
 
     def startup(self, reps: int):
-        py, d = self.python, self.work
-        bare = importtime(py, ["-c", "pass"], d)
+        py, d, fl = self.python, self.work, self.flags
+        bare = importtime(py, fl, ["-c", "pass"], d)
         bare_names = {m[0] for m in bare}
-        help_it = importtime(py, [self.script, "--help"], d)
+        help_it = importtime(py, fl, [self.script, "--help"], d)
         apply_it = self.results["startup"].get("apply_importtime") or help_it
         script_mods = [m for m in apply_it if m[0] not in bare_names]
-        help_mods = [m for m in help_it if m[0] not in bare_names]
-        imports = ", ".join(m[0] for m in script_mods) or "sys"
+        # only the ones apply imports itself: their own imports follow, in
+        # the order they need (without site, os is one of them)
+        imports = ", ".join(m[0] for m in script_mods if m[3] == 0) or "sys"
         cmds = {
-            "bare": [py, "-I", "-c", "pass"],
-            "bare_S": [py, "-I", "-S", "-c", "pass"],
-            "help": [py, "-I", self.script, "--help"],
-            "help_source": [py, "-I", self.source, "--help"],
-            "imports": [py, "-I", "-c", "import " + imports],
+            "bare": [py, *fl, "-c", "pass"],
+            "bare_I": [py, "-I", "-c", "pass"],
+            "imports": [py, *fl, "-c", "import " + imports],
+            "help": [py, *fl, self.script, "--help"],
+            "help_source": [py, *fl, self.source, "--help"],
         }
+        if fl == ["-I"]:
+            del cmds["bare_I"]
         times = {k: [] for k in cmds}
         rss = {k: [] for k in cmds}
         out, err = os.path.join(d, "start.out"), os.path.join(d, "start.err")
@@ -908,28 +1020,16 @@ class Bench:
                 wall, r, rc = run_measured(argv, out, err)
                 times[k].append(wall)
                 rss[k].append(r)
-        # compile cost of the script itself: __main__ is never cached as .pyc
-        code = ("import time; src = open(%r, 'rb').read(); t = time.perf_counter(); "
-                "compile(src, %r, 'exec'); print(time.perf_counter() - t)" % (self.source, self.source))
-        compile_s = statistics.median(float(sh(py, "-I", "-c", code)) for _ in range(5))
-        with open(self.source, "rb") as f:
-            src = f.read()
         s = self.results["startup"]
         s.update({k: {"wall": summary(v), "maxrss_kib": maxrss(rss[k])} for k, v in times.items()})
         s["modules_apply"] = [m[0] for m in script_mods]
-        s["modules_help"] = [m[0] for m in help_mods]
         s["import_us_apply"] = sum(m[1] for m in script_mods)
-        s["import_us_help"] = sum(m[1] for m in help_mods)
         s["top_imports"] = sorted(((m[0], m[1]) for m in script_mods), key=lambda x: -x[1])[:8]
-        s["bare_modules"] = len(bare)
-        s["compile_s"] = compile_s
-        s["script_lines"] = src.count(b"\n")
-        s["script_bytes"] = len(src)
         s.pop("apply_importtime", None)
 
 
 # --------------------------------------------------------------------------
-# Report
+# Pacing, and the report
 
 def settle() -> None:
     """Let writeback and deferred unmount work from the previous phase finish."""
@@ -940,10 +1040,9 @@ def settle() -> None:
 def quiesce() -> None:
     """Before each run: the previous run's cleanup (the journal commits and
     loop-device writeback of the storage it restored, the freeing of the
-    mounts it detached) done, not running beside this one. Left running, it
-    slows a contender that keeps both CPUs busy (apply from 250 entries)
-    far more than one that leaves a CPU free for it: at N = 10,000 a third
-    of apply's runs took ~50 ms more."""
+    mounts it detached) done, not running beside this one, where it would
+    take CPU time from the run and move its time by tens of ms at
+    N = 10,000."""
     os.sync()
     time.sleep(0.2)
 
@@ -985,9 +1084,33 @@ def fmt(s):
     return "%s (%s–%s)" % (ms(s["median"]), ms(s["min"]), ms(s["max"]))
 
 
+def med(r, who):
+    return r[who]["wall"]["median"] if who in r else None
+
+
+def n_fmt(n) -> str:
+    return format(int(n), ",")
+
+
+def per_entry(r, n, who, less=None):
+    """Wall time per entry in µs, the interpreter's start taken off for a
+    Python contender (less="start"): that is paid once, not per entry."""
+    a = med(r, who)
+    if a is None or (less and med(r, less) is None):
+        return None
+    return (a - (med(r, less) if less else 0.0)) / int(n) * 1e6
+
+
+def growth(sizes, who, less=None):
+    small, large, _ = GROWTH_GOAL
+    if small in sizes and large in sizes:
+        a, b = per_entry(sizes[small], small, who, less), per_entry(sizes[large], large, who, less)
+        if a and b:
+            return b / a
+    return None
+
+
 def report(results, args) -> str:
-    st = results["startup"]
-    start_imports = st["imports"]["wall"]["median"] if "imports" in st else 0.0
     lines = []
     m = results["machine"]
     lines.append("Machine: %s, %d CPUs, %.0f GiB RAM, Linux %s, %s; %s; %s; %s; floor in %s. "
@@ -996,92 +1119,95 @@ def report(results, args) -> str:
                     m["mount"].split(" (")[0], m["bash"], results["floor"], results["script"],
                     results["date"], results["command"]))
     lines.append("")
-    lines.append("Wall time in ms, median (min–max) of %s timed runs after one untimed, verified warm-up "
-                 "per contender, contenders interleaved; peak RSS in MiB (largest single process). "
-                 "1/2 and 1/3 are ratios of medians; start = `python3.11 -I -c 'import <the modules "
-                 "apply imports>'`." % results["reps_note"])
+    lines.append("Wall time in ms, median (min–max) of %s, each after one untimed, verified warm-up "
+                 "per contender, contenders interleaved. start = `%s %s -c pass`; ratios are of "
+                 "medians." % (results["reps_note"], os.path.basename(args.python), args.python_flags))
     lines.append("")
-    py3b = any("pyfloor" in r for r in results["sizes"].values())
-    j = any(APPLY_JSON in r for r in results["sizes"].values())
-    if j:
-        lines.append("(1) reads the config compiled beforehand (`compile`, as the initramfs and the NixOS "
-                     "module do; it took %s), (1j) the JSON config itself."
-                     % ", ".join("%.0f ms at N=%s" % (ms_, format(int(n), ","))
-                                 for n, ms_ in sorted(results.get("compile_ms", {}).items(),
-                                                      key=lambda kv: int(kv[0]))))
-        lines.append("")
-    lines.append("| N | (1) apply | (2) shell | (3) floor | %s%s1/2 | 1/3 | %s1/(3 + start) | shell ÷ apply "
-                 "| peak RSS 1 / 2 / 3 | same tree |" % ("(3b) floor in Python | " if py3b else "",
-                                                          "(1j) apply, JSON config | " if j else "",
-                                                          "1j/3 | " if j else ""))
-    lines.append("|---:|---:|---:|---:|%s%s---:|---:|%s---:|---:|---:|:---:|"
-                 % ("---:|" if py3b else "", "---:|" if j else "", "---:|" if j else ""))
-    for n, r in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
-        if not all(c in r for c in CONTENDERS):
+    sizes = {int(k): v for k, v in results["sizes"].items()}
+
+    lines.append("| N | apply | floor | start | apply ÷ (floor + start) | goal | met "
+                 "| per entry: apply − start, floor (µs) |")
+    lines.append("|---:|---:|---:|---:|---:|---:|:---:|---:|")
+    goals = []
+    for n, r in sorted(sizes.items()):
+        a, f, s = med(r, "apply"), med(r, "floor"), med(r, "start")
+        if None in (a, f, s):
             continue
-        a, s, f = (r[c]["wall"]["median"] for c in CONTENDERS)
-        rss = " / ".join(mib(r[c]["maxrss_kib"]) for c in CONTENDERS)
-        lines.append("| %s | %s | %s | %s | %s%s%.4f | %.2f | %s%.2f | %.0f× | %s | %s |" % (
-            format(int(n), ","), fmt(r["apply"]["wall"]), fmt(r["shell"]["wall"]), fmt(r["floor"]["wall"]),
-            (fmt(r["pyfloor"]["wall"]) + " | ") if py3b and "pyfloor" in r else ("– | " if py3b else ""),
-            (fmt(r[APPLY_JSON]["wall"]) + " | ") if j and APPLY_JSON in r else ("– | " if j else ""),
-            a / s, a / f,
-            ("%.2f | " % (r[APPLY_JSON]["wall"]["median"] / f)) if j and APPLY_JSON in r else ("– | " if j else ""),
-            a / (f + start_imports), s / a, rss, "yes" if r["verified"] else "NO"))
+        q = a / (f + s)
+        goal = GOALS.get(n)
+        met = "–" if goal is None else ("yes" if q <= goal else "**no**")
+        if goal is not None:
+            goals.append(("N = %s: apply ≤ %.2f × (floor + start)" % (n_fmt(n), goal), "%.2f×" % q,
+                          q <= goal))
+        lines.append("| %s | %s | %s | %s | %.2f | %s | %s | %.1f, %.1f |" % (
+            n_fmt(n), fmt(r["apply"]["wall"]), fmt(r["floor"]["wall"]), fmt(r["start"]["wall"]), q,
+            "≤ %.2f" % goal if goal else "–", met,
+            per_entry(r, n, "apply", "start"), per_entry(r, n, "floor")))
     lines.append("")
+    small, large, limit = GROWTH_GOAL
+    g, gf = growth(sizes, "apply", "start"), growth(sizes, "floor")
+    if g is not None:
+        lines.append("Cost per entry at N = %s ÷ at N = %s: apply (less start) %.2f, floor %.2f."
+                     % (n_fmt(large), n_fmt(small), g, gf if gf is not None else float("nan")))
+        lines.append("")
+        goals.append(("N = %s: cost per entry ≤ %.1f × that at N = %s" % (n_fmt(large), limit, n_fmt(small)),
+                      "%.2f×" % g, g <= limit))
+
+    py3b = any("pyfloor" in r for r in sizes.values())
+    lines.append("| N | apply | impermanence | impermanence ÷ apply | shell | shell ÷ apply | %s"
+                 "peak RSS MiB: apply / impermanence / shell / floor | same tree |"
+                 % ("floor in Python | " if py3b else ""))
+    lines.append("|---:|---:|---:|---:|---:|---:|%s---:|:---:|" % ("---:|" if py3b else ""))
+    for n, r in sorted(sizes.items()):
+        if "apply" not in r:
+            continue
+        a = med(r, "apply")
+        cells = ["%s" % n_fmt(n), fmt(r["apply"]["wall"])]
+        for who in SLOW:
+            cells += [fmt(r[who]["wall"]), "%.0f×" % (med(r, who) / a)] if who in r else ["–", "–"]
+        if py3b:
+            cells.append(fmt(r["pyfloor"]["wall"]) if "pyfloor" in r else "–")
+        cells.append(" / ".join(mib(r[c]["maxrss_kib"]) if c in r else "–"
+                                for c in ("apply", "impermanence", "shell", "floor")))
+        cells.append("yes" if r["verified"] else "NO")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    calls = [(n, r["impermanence_calls"]) for n, r in sorted(sizes.items()) if "impermanence" in r]
+    if calls:
+        lines.append("Processes the impermanence sequence starts (each create-directories.sh and "
+                     "mount-file.sh call starts more: realpath, mkdir, chown, chmod; findmnt, touch, "
+                     "mount or ln): %s." % "; ".join(
+                         "N = %s: %d create-directories.sh, %d mount, %d mount-file.sh"
+                         % (n_fmt(n), c["create-directories"], c["mount"], c["mount-file"]) for n, c in calls))
+        lines.append("")
+
+    st = results["startup"]
     if "bare" in st:
         lines.append("Start-up (%d runs each after 3 warm-ups, median (min–max) ms):" % st["bare"]["wall"]["n"])
         lines.append("")
         lines.append("| command | wall | peak RSS MiB |")
         lines.append("|---|---:|---:|")
-        labels = [("bare", "python3.11 -I -c pass"), ("bare_S", "python3.11 -I -S -c pass"),
-                  ("imports", "python3.11 -I -c 'import <the %d modules apply imports>' (start)"
-                   % len(st["modules_apply"])),
-                  ("help", "python3.11 -I %s --help" % os.path.basename(args.script_run)),
-                  ("help_source", "python3.11 -I impermanence_boot.py --help (the source, compiled at every run)")]
+        py, fl = os.path.basename(args.python), args.python_flags
+        labels = [("bare", "%s %s -c pass" % (py, fl)), ("bare_I", "%s -I -c pass" % py),
+                  ("imports", "%s %s -c 'import <the %d modules apply imports>'"
+                   % (py, fl, len(st["modules_apply"]))),
+                  ("help", "%s %s %s --help" % (py, fl, os.path.basename(args.script_run))),
+                  ("help_source", "%s %s impermanence_boot.py --help (the source, compiled at every run)"
+                   % (py, fl))]
         for k, label in labels:
             if k in st:
                 lines.append("| `%s` | %s | %s |" % (label, fmt(st[k]["wall"]), mib(st[k]["maxrss_kib"])))
         lines.append("")
-        lines.append("`--help` ÷ bare interpreter: %.2f. Modules imported beyond the bare interpreter: "
-                     "%d for apply (self import time %.1f ms: %s), %d for --help (%.1f ms). "
-                     "Compiling the script (%d lines; never cached as .pyc when run as a script): %.1f ms."
-                     % (st["help"]["wall"]["median"] / st["bare"]["wall"]["median"],
-                        len(st["modules_apply"]), st["import_us_apply"] / 1e3,
-                        ", ".join("%s %.1f" % (nme, us / 1e3) for nme, us in st["top_imports"]),
-                        len(st["modules_help"]), st["import_us_help"] / 1e3,
-                        st["script_lines"], st["compile_s"] * 1e3))
+        lines.append("Modules apply imports beyond the bare interpreter: %d (self import time %.1f ms: %s)."
+                     % (len(st["modules_apply"]), st["import_us_apply"] / 1e3,
+                        ", ".join("%s %.1f" % (nme, us / 1e3) for nme, us in st["top_imports"]) or "none"))
         lines.append("")
-    # goals
-    goals = []
-    sizes = {int(k): v for k, v in results["sizes"].items()}
-    if 1000 in sizes and all(c in sizes[1000] for c in CONTENDERS):
-        r = sizes[1000]
-        a, s, f = (r[c]["wall"]["median"] for c in CONTENDERS)
-        goals.append(("N=1,000: ≥ 60× faster than the shell approach", "%.0f×" % (s / a), s / a >= 60))
-        if start_imports:
-            goals.append(("N=1,000: ≤ 1.5 × (floor + start with the script's imports)",
-                          "%.2f×" % (a / (f + start_imports)), a / (f + start_imports) <= 1.5))
-    if 10000 in sizes and all(c in sizes[10000] for c in CONTENDERS):
-        r = sizes[10000]
-        a, f = r["apply"]["wall"]["median"], r["floor"]["wall"]["median"]
-        goals.append(("N=10,000: ≤ 1.15 × floor", "%.2f×" % (a / f), a / f <= 1.15))
-    if "help" in st:
-        q = st["help"]["wall"]["median"] / st["bare"]["wall"]["median"]
-        goals.append(("--help ≤ 1.3 × bare interpreter", "%.2f×" % q, q <= 1.3))
     if goals:
         lines.append("| goal | measured | met |")
         lines.append("|---|---:|:---:|")
-        for g, v, ok in goals:
-            lines.append("| %s | %s | %s |" % (g, v, "yes" if ok else "**no**"))
+        for g_, v, ok in goals:
+            lines.append("| %s | %s | %s |" % (g_, v, "yes" if ok else "**no**"))
         lines.append("")
-    for n in sorted(sizes):
-        r = sizes[n]
-        if "pyfloor" in r and "floor" in r:
-            lines.append("Floor in Python (3b) ÷ floor in C (3) at N=%s: %.2f — what a Python "
-                         "program with no planning and no checks costs over the bare system calls."
-                         % (format(n, ","), r["pyfloor"]["wall"]["median"] / r["floor"]["wall"]["median"]))
-    lines.append("")
     if results["problems"]:
         lines.append("Problems:")
         lines.extend("- " + p.replace("\n", "\n  ") for p in results["problems"])
@@ -1091,41 +1217,46 @@ def report(results, args) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="100,1000,10000",
-                    help="comma-separated N (default: 100,1000,10000)")
-    ap.add_argument("--reps", type=int, default=5, help="timed runs per contender and N (default 5)")
+    ap.add_argument("--sizes", default=DEFAULT_SIZES,
+                    help="comma-separated N (default: %s)" % DEFAULT_SIZES)
+    ap.add_argument("--reps", type=int, default=5,
+                    help="timed runs of the slow contenders (impermanence, shell) per N (default 5)")
     ap.add_argument("--reps-large", type=int, default=3,
-                    help="timed runs for N >= 10000 (default 3; the shell takes long there)")
+                    help="the same from N = 10,000 (default 3: minutes a run there)")
     ap.add_argument("--reps-fast", type=int, default=11,
-                    help="timed runs of every contender but the shell, at least (default 11)")
+                    help="timed runs of the other contenders, at least (default 11)")
     ap.add_argument("--startup-reps", type=int, default=30,
                     help="timed runs of each start-up command (default 30)")
     ap.add_argument("--python", default=DEFAULT_PYTHON if os.path.exists(DEFAULT_PYTHON) else sys.executable,
                     help="interpreter to run the script with (default %s)" % DEFAULT_PYTHON)
+    ap.add_argument("--python-flags", default=DEFAULT_FLAGS,
+                    help="its flags, for apply and start alike (default %r, as stage 1 runs it)"
+                         % DEFAULT_FLAGS)
     ap.add_argument("--script", default=DEFAULT_SCRIPT)
     ap.add_argument("--source", action="store_true",
                     help="run the .py itself (compiled at every run) instead of its byte-code, "
                          "which is how the initramfs and the NixOS module run it")
-    ap.add_argument("--json-config", action="store_true",
-                    help="apply reads the JSON config (default: the config compiled beforehand, "
-                         "with the JSON one measured as (1j))")
-    ap.add_argument("--shell", default="/bin/bash", help="shell for the per-entry script (default bash)")
+    ap.add_argument("--shell", default="/bin/bash",
+                    help="bash for the impermanence and shell contenders (default /bin/bash)")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated contenders not to run: impermanence, shell, pyfloor")
     ap.add_argument("--python-floor", action="store_true", help="use the Python floor even if cc exists")
-    ap.add_argument("--no-python-floor", action="store_true",
-                    help="with the C floor, do not also measure the Python floor (3b)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"),
                     help="directory for the JSON and Markdown results (default bench/results)")
     ap.add_argument("--json", help="also write the JSON results to this path")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
     args.sizes = [int(x) for x in args.sizes.split(",") if x]
+    args.skip = {x for x in args.skip.split(",") if x}
+    if args.skip - {"impermanence", "shell", "pyfloor"}:
+        ap.error("--skip: only impermanence, shell and pyfloor can be left out")
     args.script = os.path.abspath(args.script)
     args.script_run = args.script if args.source else "impermanence_boot.pyc"
 
     if os.geteuid() != 0:
         log("must run as root (loop devices, mounts, chown)")
         return 2
-    for tool in ("mount", "umount", "mkfs.ext4", "losetup", args.shell, args.python):
+    for tool in ("mount", "umount", "findmnt", "realpath", "mkfs.ext4", "losetup", args.shell, args.python):
         if not shutil.which(tool):
             log("%s is not available" % tool)
             return 2
@@ -1139,22 +1270,23 @@ def main(argv=None) -> int:
     results.update({
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
-        "python": "%s (%s)" % (args.python, subprocess.run(
+        "python": "%s %s (%s)" % (args.python, args.python_flags, subprocess.run(
             [args.python, "-c", "import sys; print(sys.version.split()[0])"],
             capture_output=True, text=True).stdout.strip()),
         "floor": bench.floor_kind,
         "script": "%s at %s" % (os.path.relpath(args.script, PROJECT), script_revision(args.script)),
+        "bench": script_revision(os.path.abspath(__file__)),
         "command": " ".join([os.path.relpath(sys.argv[0], PROJECT)] + (argv if argv is not None else sys.argv[1:])),
         "reps": {n: (args.reps_large if n >= 10000 else args.reps) for n in args.sizes},
     })
-    results["reps_note"] = ", ".join("%d (N=%s)" % (r, format(n, ",")) for n, r in results["reps"].items())
-    if any(args.reps_fast > r for r in results["reps"].values()):
-        results["reps_note"] += (" for the shell approach, and at least %d for the others"
-                                 % args.reps_fast)
+    slow = [c for c in SLOW if c in bench.contenders]
+    results["reps_note"] = "%s timed runs%s" % (
+        ", ".join("%d (N = %s)" % (r, n_fmt(n)) for n, r in results["reps"].items()),
+        (" of %s, at least %d of the others" % (" and ".join(slow), args.reps_fast)) if slow else "")
     try:
         for i, n in enumerate(args.sizes):
             settle()
-            bench.size(n, results["reps"][n])
+            bench.size(n, results["reps"][n] if slow else max(results["reps"][n], args.reps_fast))
             if i == 0:  # start-up on a quiet machine, before the large sizes
                 settle()
                 bench.startup(args.startup_reps)

@@ -6,11 +6,11 @@
 Same configuration, storage (ext4 on a loop device, sources partly present)
 and fresh tmpfs root as bench/bench_boot.py for that N, in a private mount
 namespace; runs apply once under the chosen tool and prints its report:
-  cprofile    cProfile of the script's main() under python3.11 -I, by
+  cprofile    cProfile of the script's main() under python3.11 -I -S, by
               tottime (top 40 functions)
   strace      strace -c -f (system call counts and times; STRACE_ARGS in
               the environment replaces -c, e.g. "-e trace=%file,mount")
-  importtime  python3.11 -I -X importtime (modules the apply path imports)
+  importtime  python3.11 -I -S -X importtime (modules the apply path imports)
   plain       just the wall time
 Standard library only (plus strace for that tool).
 """
@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--tool", choices=("cprofile", "strace", "importtime", "plain"), default="cprofile")
     ap.add_argument("--python", default=bb.DEFAULT_PYTHON if os.path.exists(bb.DEFAULT_PYTHON) else sys.executable)
+    ap.add_argument("--python-flags", default=bb.DEFAULT_FLAGS)
     ap.add_argument("--script", default=bb.DEFAULT_SCRIPT)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumtime, ...)")
@@ -73,18 +74,17 @@ def main() -> int:
         bb.fresh_root(root, storage)
         cmd = [os.path.abspath(args.script), "--root", root, "--config", cfg, "apply"]
         env = dict(bb.ENV)
-        if "IMPERMANENCE_JOBS" in os.environ:  # 1: profile one process alone
-            env["IMPERMANENCE_JOBS"] = os.environ["IMPERMANENCE_JOBS"]
+        py = [args.python, *bb.shlex.split(args.python_flags)]
         if args.tool == "cprofile":
-            # Not `-m cProfile`: the script leaves through os._exit, which
-            # would skip the report. Its main() is profiled instead.
-            argv = [args.python, "-I", "-c", PROFILE_MAIN, SORT, *cmd]
+            # Not `-m cProfile`: the script may leave through os._exit,
+            # which skips that report. Its main() is profiled instead.
+            argv = [*py, "-c", PROFILE_MAIN, SORT, *cmd]
         elif args.tool == "strace":
-            argv = ["strace", *(os.environ.get("STRACE_ARGS", "-c").split()), "-f", "-o", os.path.join(work, "strace.txt"), args.python, "-I", *cmd]
+            argv = ["strace", *(os.environ.get("STRACE_ARGS", "-c").split()), "-f", "-o", os.path.join(work, "strace.txt"), *py, *cmd]
         elif args.tool == "importtime":
-            argv = [args.python, "-I", "-X", "importtime", *cmd]
+            argv = [*py, "-X", "importtime", *cmd]
         else:
-            argv = [args.python, "-I", *cmd]
+            argv = [*py, *cmd]
         t0 = time.perf_counter()
         p = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         wall = time.perf_counter() - t0

@@ -1,11 +1,12 @@
-"""Smoke test of the boot-time benchmark (bench/bench_boot.py) at N = 100.
+"""Smoke test of the boot-time benchmark (bench/bench_boot.py) at N = 25.
 
-It checks that the benchmark runs to the end and that the three contenders —
-impermanence_boot.py apply, the per-entry shell script, and the syscall
-floor — left the same tree: the benchmark walks the root and the storage
-after each contender's verified run and compares every path (type, owner,
-mode, link text) and every mount under the root, and checks them against the
-configuration. Timing is printed, never asserted: CI machines vary.
+It checks that the benchmark runs to the end and that every contender —
+impermanence_boot.py apply, NixOS impermanence's sequence of processes, the
+per-entry shell script, and the syscall floor — left the same tree: the
+benchmark walks the root and the storage after each contender's verified run
+and compares every path (type, owner, mode, link text) and every mount under
+the root, and checks them against the configuration. Timing is printed,
+never asserted: CI machines vary.
 """
 from __future__ import annotations
 
@@ -19,17 +20,19 @@ import time
 from conftest import PROJECT, SCRIPT, require
 
 BENCH = PROJECT / "bench" / "bench_boot.py"
+sys.path.insert(0, str(PROJECT / "bench"))
+import bench_boot  # noqa: E402
 
 
-def test_benchmark_smoke_n100(tmp_path):
+def test_benchmark_smoke_n25(tmp_path):
     require(os.geteuid() == 0, "it needs root (loop devices, mounts)")
-    for tool in ("mkfs.ext4", "losetup", "mount", "bash"):
+    for tool in ("mkfs.ext4", "losetup", "mount", "findmnt", "bash"):
         require(shutil.which(tool) is not None, f"{tool} is not installed")
     require(SCRIPT.exists(), f"{SCRIPT} does not exist")
     out = tmp_path / "bench.json"
     python = "/usr/bin/python3.11" if os.path.exists("/usr/bin/python3.11") else sys.executable
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--sizes", "100", "--reps", "1", "--reps-fast", "2", "--startup-reps", "2",
+        [sys.executable, str(BENCH), "--sizes", "25", "--reps", "1", "--reps-fast", "2", "--startup-reps", "2",
          "--python", python, "--out", str(tmp_path / "results"), "--json", str(out)],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     print(proc.stdout)
@@ -39,22 +42,27 @@ def test_benchmark_smoke_n100(tmp_path):
     assert results["problems"] == [], "\n".join(results["problems"])
     assert proc.returncode == 0
 
-    run = results["sizes"]["100"]
-    assert run["entries"]["directories"] == 50 and run["entries"]["files"] == 50
-    # verified on the runs' results, not assumed: same tree for all three,
-    # and that tree is what the configuration asks for
+    run = results["sizes"]["25"]
+    assert run["entries"]["directories"] == 12 and run["entries"]["files"] == 13
+    # verified on the runs' results, not assumed: the same tree for all of
+    # them, and that tree is what the configuration asks for
     assert run["verified"] is True
-    # one round of all three, then one more of all but the shell
-    assert [r["rc"] for r in run["runs"]["shell"]] == [0]
-    # apply reads the config compiled beforehand; apply_json the JSON itself
-    for who in ("apply", "floor", "apply_json"):
+    assert {"apply", "impermanence", "shell", "floor"} <= set(run["verified_contenders"])
+    # one round of all, then one more of all but the slow ones
+    for who in ("impermanence", "shell"):
+        assert [r["rc"] for r in run["runs"][who]] == [0], who
+    for who in ("apply", "floor", "start"):
         assert [r["rc"] for r in run["runs"][who]] == [0, 0], who
-    assert results["compile_ms"]["100"] > 0
-    assert "(1j) apply, JSON config" in proc.stdout
+    # the impermanence sequence ran as separate processes: a create-directories
+    # call per directory, a mount per kept directory, a mount-file per file
+    calls = run["impermanence_calls"]
+    assert calls["mount"] == 12 and calls["mount-file"] == 13
+    assert calls["create-directories"] > 12
     tree = run["tree"]
     assert tree["mounts"] > 0 and tree["symlinks"] > 0
-    assert tree["mounts"] + tree["symlinks"] <= 100
-    assert "| 100 |" in proc.stdout
+    assert tree["mounts"] + tree["symlinks"] <= 25
+    assert "| 25 |" in proc.stdout
+    assert "apply ÷ (floor + start)" in proc.stdout and "impermanence ÷ apply" in proc.stdout
 
     # the private mount namespace took everything with it
     with open("/proc/self/mountinfo") as f:
@@ -67,10 +75,47 @@ def test_benchmark_smoke_n100(tmp_path):
     assert "impermanence-bench." not in loops
 
 
+def test_impermanence_sequence_does_what_apply_does():
+    """The impermanence contender's driver, for a config with the cases
+    where the module's own sequence would differ from apply: a kept
+    directory inside another (its parent listed with its own mode), a file
+    directly under /, a user's home."""
+    config = {
+        "users": {"bird": {"uid": 1000, "group": "users", "home": "/home/bird"}},
+        "groups": {"users": {"gid": 100}},
+        "persistence": {"/persistent": {
+            "directories": [{"directory": "/var/lib/app", "mode": "0700"}, "/var/lib/app/cache"],
+            "files": ["/top", {"file": "/etc/ssh/key", "method": "symlink"}],
+            "users": {"bird": {"directories": [".local/share/x"], "files": [".profile"]}},
+        }},
+    }
+    entries = bench_boot.entries_from_config(config)
+    dirs = bench_boot.impermanence_dirs(entries)
+    paths = [d[0] for d in dirs]
+    assert len(paths) == len(set(paths)), "each directory is made by one call"
+    assert "/" not in paths, "the root itself is never given storage's owner and mode"
+    for i, p in enumerate(paths):  # parents first
+        assert all(q in paths[:i] for q in bench_boot.prefixes(p)[:-1] if q != "/"), p
+    by_path = {d[0]: d[1:] for d in dirs}
+    assert by_path["/var/lib/app"] == (0, 0, 0o700)  # its own mode, not a parent's 0755
+    assert by_path["/home/bird"] == (1000, 100, 0o700)
+    assert by_path["/home/bird/.local"] == (1000, 100, 0o755)
+
+    text = bench_boot.impermanence_text("/R", entries)
+    calls = bench_boot.impermanence_calls(text)
+    # /var/lib/app/cache is bound with /var/lib/app: no mount of its own
+    assert calls == {"create-directories": len(dirs) + 1, "mount": 2, "mount-file": 3}
+    assert "mount --bind /R/persistent/var/lib/app /R/var/lib/app\n" in text
+    assert "/R/var/lib/app/cache\n" not in text
+    lines = text.splitlines()
+    last_dir = max(i for i, line in enumerate(lines) if "create-directories.sh" in line)
+    first_step = min(i for i, line in enumerate(lines) if line.startswith("mount ") or "mount-file" in line)
+    assert last_dir < first_step, "every directory is made before the first bind"
+
+
 def test_profile_apply_reports_the_profile_of_an_apply():
     """bench/profile_apply.py --tool cprofile prints the profile of a real
-    apply: the script leaves through os._exit, so profiling the process
-    from outside (`-m cProfile`) would print nothing."""
+    apply, the script's own functions among it."""
     require(os.geteuid() == 0, "it needs root (loop devices, mounts)")
     for tool in ("mkfs.ext4", "losetup", "mount"):
         require(shutil.which(tool) is not None, f"{tool} is not installed")
@@ -82,6 +127,7 @@ def test_profile_apply_reports_the_profile_of_an_apply():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exit 0," in proc.stdout, "apply itself failed under the profiler"
     assert "function calls" in proc.stdout
-    # apply's own code ran, once for each of the 100 entries
-    plan_rows = [line.split() for line in proc.stdout.splitlines() if "(plan_entry)" in line]
-    assert len(plan_rows) == 1 and plan_rows[0][0] == "100", plan_rows
+    # apply's own code ran, some of it at least once for each of the 100 entries
+    rows = [line.split() for line in proc.stdout.splitlines() if "impermanence_boot.py:" in line]
+    assert rows, "no function of the script in the profile"
+    assert max(int(r[0].split("/")[0]) for r in rows) >= 100, rows
