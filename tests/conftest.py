@@ -7,35 +7,22 @@ global, so they are detached at teardown.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
-SCRIPT = PROJECT / "impermanence_boot.py"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# PROJECT, SCRIPT and require are imported from here by some test files.
+from support import PROJECT, SCRIPT, Sandbox, require, unique_label  # noqa: F401
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 
 _namespace_entered = False
-
-
-def require(condition: bool, why: str) -> None:
-    """Skip locally when a prerequisite is missing; in CI that is a failure."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"CI must run this test, but {why}")
-    pytest.skip(why)
 
 
 def enter_private_mount_namespace() -> None:
@@ -104,44 +91,7 @@ def loop_disk(namespace, tmp_path):
         subprocess.run(["losetup", "-d", disk.device], stderr=subprocess.DEVNULL)
 
 
-class Sandbox:
-    """A tmpfs root plus helpers to run the script against it."""
-
-    def __init__(self, root: Path, work: Path):
-        self.root = root
-        self.work = work
-        self.config_path = work / "impermanence.json"
-
-    def path(self, p: str) -> Path:
-        return self.root / p.lstrip("/")
-
-    def write_config(self, config: dict | str) -> Path:
-        text = config if isinstance(config, str) else json.dumps(config, indent=1)
-        self.config_path.write_text(text)
-        return self.config_path
-
-    def run(self, *args: str, config: dict | str | None = None, root: Path | None = None,
-            env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        if config is not None:
-            self.write_config(config)
-        full_env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
-        full_env.update(env or {})
-        cmd = [sys.executable, str(SCRIPT), "--root", str(root or self.root),
-               "--config", str(self.config_path), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=full_env,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-@contextlib.contextmanager
-def mounted(device: str, where: Path, *options: str):
-    """device's filesystem mounted at where for the block, then unmounted;
-    where is made for it, and removed again, if it did not exist."""
-    made = not where.exists()
-    where.mkdir(exist_ok=True)
-    subprocess.run(["mount", *options, device, str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
-        if made:
-            where.rmdir()
+@pytest.fixture
+def disk(loop_disk):
+    """loop_disk under a label no other test's disk has."""
+    return loop_disk(unique_label())

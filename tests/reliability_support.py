@@ -13,6 +13,10 @@ import stat
 import struct
 from pathlib import Path
 
+# The mount table is read in support.py; test_nix.py imports
+# mountinfo_points from here.
+from support import mountinfo_points  # noqa: F401
+
 # inotify(7) events that mean "this inode or directory was changed".
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
@@ -138,30 +142,6 @@ def storage_damage(before: dict, after: dict) -> list[str]:
         elif b[path] != value:
             problems.append(f"{path}: was {value}, now {b[path]}")
     return problems
-
-
-def mounts_under(root) -> list[tuple]:
-    """(mount point, fs root, fs type, source) of every mount at or below
-    root, in mountinfo order."""
-    root = str(root)
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-", 6)
-            point = unescape(fields[4])
-            if point == root or point.startswith(root + "/"):
-                out.append((point, unescape(fields[3]), fields[sep + 1], fields[sep + 2]))
-    return out
-
-
-def mountinfo_points() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [unescape(line.split()[4]) for line in f]
-
-
-def unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 MESSAGE = re.compile(r"^impermanence: (?P<path>/[^:]*|[^:/]+ [^:]+): (?P<cause>.+)$")

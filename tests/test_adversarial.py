@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require  # noqa: F401
-from reliability_support import (ChangeWatch, mountinfo_points, assert_clean_messages,
-                                 host_snapshot, mounts_under, snapshot, storage_damage)
+from reliability_support import (ChangeWatch, assert_clean_messages, host_snapshot, snapshot,
+                                 storage_damage)
+from support import mountinfo_points, mounts_under
 
 MALLORY, ALICE, USERS_GID = 1000, 1001, 100
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPT, mounted, require
-from reliability_support import (mountinfo_points, assert_clean_messages, mounts_under,
-                                 snapshot, storage_damage, tree_digest)
+from reliability_support import assert_clean_messages, snapshot, storage_damage, tree_digest
+from support import (SCRIPT, mounted, mountinfo_points, mounts_under, require, run_on,
+                     strace_prefix)
 
 ALICE, USERS_GID = 1000, 100
 
@@ -575,13 +575,6 @@ def state_of(root: Path) -> tuple:
     return mounts, tree_digest(root)
 
 
-def run_script(root: Path, cfg_path: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
-    return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), "--config",
-                           str(cfg_path), *args], capture_output=True, text=True, env=env,
-                          stdin=subprocess.DEVNULL, timeout=120, **kw)
-
-
 @pytest.fixture
 def reference(namespace, tmp_path):
     """The state one uninterrupted apply produces on a fresh world."""
@@ -592,7 +585,7 @@ def reference(namespace, tmp_path):
     cfg_path = tmp_path / "big.json"
     import json
     cfg_path.write_text(json.dumps(big_config()))
-    result = run_script(root, cfg_path, "apply")
+    result = run_on(root, cfg_path, "apply")
     assert result.returncode == 0, result.stderr
     state = state_of(root)
     subprocess.run(["umount", "-R", "-l", str(root)])
@@ -609,13 +602,7 @@ _counts: dict = {}
 
 def strace_apply(root: Path, cfg_path: Path, out: Path, inject: str | None = None,
                  trace: list = KILL_SYSCALLS):
-    env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
-    cmd = ["strace", "-f", "-qq", "-o", str(out), "-e", "trace=" + ",".join(trace)]
-    if inject:
-        cmd += ["-e", inject]
-    cmd += [sys.executable, str(SCRIPT), "--root", str(root), "--config", str(cfg_path), "apply"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-                          timeout=120)
+    return run_on(root, cfg_path, "apply", prefix=strace_prefix(out, ",".join(trace), inject))
 
 
 def syscall_counts(tmp_path: Path, cfg_path: Path) -> dict:
@@ -658,7 +645,7 @@ def test_sigkill_then_apply_again(sandbox, reference, tmp_path, syscall, fractio
     before = snapshot(store)
     apply_killed_at(sandbox.root, cfg_path, tmp_path, syscall, fraction)
     assert storage_damage(before, snapshot(store)) == []
-    result = run_script(sandbox.root, cfg_path, "apply")
+    result = run_on(sandbox.root, cfg_path, "apply")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert state_of(sandbox.root) == want
@@ -696,7 +683,7 @@ def test_sigkill_then_unmount(sandbox, reference, tmp_path, syscall, fraction):
     before = snapshot(store)
     apply_killed_at(sandbox.root, cfg_path, tmp_path, syscall, fraction)
     partial_storage = snapshot(store)
-    result = run_script(sandbox.root, cfg_path, "unmount")
+    result = run_on(sandbox.root, cfg_path, "unmount")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     # Every bind mount and link is gone; storage is exactly as apply left it.
@@ -706,7 +693,7 @@ def test_sigkill_then_unmount(sandbox, reference, tmp_path, syscall, fraction):
     assert snapshot(store) == partial_storage
     assert storage_damage(before, partial_storage) == []
     # And the next apply completes the job.
-    result = run_script(sandbox.root, cfg_path, "apply")
+    result = run_on(sandbox.root, cfg_path, "apply")
     assert result.returncode == 0, result.stderr
     assert state_of(sandbox.root) == want
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import string
-import subprocess
 import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import PROJECT, SCRIPT
 from reliability_support import assert_clean_messages
+from support import PROJECT, run
 
 sys.path.insert(0, str(PROJECT))
 import impermanence_boot as ib  # noqa: E402
@@ -181,12 +180,10 @@ def test_arbitrary_bytes_through_the_file_loader(tmp_path_factory, raw):
 
 # --- the command line -------------------------------------------------------------
 
-def run_cli(*args, config_bytes: bytes | None = None, tmp_path=None, env=None):
-    full_env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
-    full_env.pop("IMPERMANENCE_CONFIG", None)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True,
-                          env=full_env, stdin=subprocess.DEVNULL, timeout=60)
+def run_cli(*args, env=None):
+    """Output as bytes, decoded by the tests: paths that are not UTF-8
+    reach it."""
+    return run(*args, env=env, text=False, timeout=60)
 
 
 def clean(err: str) -> None:

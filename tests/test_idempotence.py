@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mounted
-from reliability_support import mounts_under, snapshot, tree_digest
+from reliability_support import assert_clean_messages, snapshot, tree_digest
+from support import mounted, mounts_under
 
 BIRD, USERS_GID = 1000, 100
 
@@ -241,3 +241,128 @@ def test_an_empty_file_in_another_storage_is_replaced_only_if_apply_made_it(sand
                     "directory of another storage that apply did not make; not replaced by a link")
     assert (site / "x.conf").is_file() and not (site / "x.conf").is_symlink()
     assert os.readlink(site / "y.conf") == "/persist2/srv/site/y.conf"
+
+
+# --- Large worlds of two storages ---------------------------------------------------
+
+ALICE, BOB = 1000, 1001
+
+
+def big_config(n_dirs: int = 40, n_files: int = 40) -> dict:
+    """Entries under /etc, /var, /srv and two homes; nested entries of the
+    same and of another storage; sources present and missing; and one
+    failing entry under /etc and one under /var."""
+    system_dirs = [f"/var/lib/svc{i:02d}" for i in range(n_dirs)]
+    system_dirs += [f"/srv/site{i:02d}" for i in range(n_dirs // 2)]
+    system_dirs += ["/var/lib/svc00/nested", {"directory": "/var/cache/app", "user": "alice", "mode": "0750"},
+                    {"directory": "/var/lib/broken", "user": "nobody-such-user"}]
+    files = [f"/etc/conf{i:02d}.conf" for i in range(n_files)]
+    files += [{"file": f"/etc/link{i:02d}", "method": "symlink"} for i in range(n_files // 2)]
+    files += ["/etc/machine-id", "/etc/occupied.conf"]
+    user = {"directories": [f"work/p{i:02d}" for i in range(n_dirs // 2)] + [".local/share/app"],
+            "files": [f".config/f{i:02d}" for i in range(n_files // 2)]}
+    return {
+        "users": {"alice": {"uid": ALICE, "group": "users"}, "bob": {"uid": BOB, "group": "users"}},
+        "groups": {"users": {"gid": USERS_GID}},
+        "persistence": {
+            "/persistent": {"directories": system_dirs, "files": files,
+                            "users": {"alice": user, "bob": user}},
+            "/persist2": {"directories": ["/var/lib/svc01/other", "/srv/site00/inner"],
+                          "files": ["/var/lib/svc02/extra.conf"]},
+        },
+    }
+
+
+def seed_big_world(root: Path) -> None:
+    """Two tmpfs storages in root: half the sources present, a non-empty
+    file occupying one target."""
+    tmpfs_storages_at(root, "persistent", "persist2")
+    s = root / "persistent"
+    for i in range(0, 40, 2):
+        (s / f"var/lib/svc{i:02d}").mkdir(parents=True)
+        (s / f"var/lib/svc{i:02d}/state").write_text(f"svc {i}\n")
+        (s / f"etc/conf{i:02d}.conf").parent.mkdir(exist_ok=True)
+        (s / f"etc/conf{i:02d}.conf").write_text(f"conf {i}\n")
+    (s / "etc/occupied.conf").write_text("kept\n")
+    for who, uid in (("alice", ALICE), ("bob", BOB)):
+        home = s / "home" / who
+        (home / ".config").mkdir(parents=True)
+        (home / ".config/f00").write_text("x\n")
+        for p in (home, home / ".config", home / ".config/f00"):
+            os.chown(p, uid, USERS_GID)
+        os.chmod(home, 0o700)
+    (root / "persist2/var/lib/svc02").mkdir(parents=True)
+    (root / "persist2/var/lib/svc02/extra.conf").write_text("extra\n")
+    (root / "etc").mkdir()
+    (root / "etc/occupied.conf").write_text("not ours\n")
+
+
+def tmpfs_storages_at(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", name, str(root / name)], check=True)
+
+
+def test_a_big_world_with_failing_entries_is_applied_once(sandbox):
+    seed_big_world(sandbox.root)
+    first = sandbox.run("-v", "apply", config=big_config())
+    assert_clean_messages(first.stderr)
+    # One failing entry under /etc, one under /var: exit 1, each named once.
+    assert first.returncode == 1, first.stderr
+    errors = [line for line in first.stderr.splitlines()
+              if not line.startswith("impermanence: fail ")
+              and ("nobody-such-user" in line or "occupied.conf" in line)]
+    assert len(errors) == 2, first.stderr
+    once = state(sandbox.root)
+    assert len(once[0]) > 100
+    # A second apply changes nothing.
+    again = sandbox.run("apply")
+    assert again.returncode == 1 and state(sandbox.root) == once
+
+
+def nested_config(seed: int) -> dict:
+    """A random config of short paths under a few tops, so that kept
+    directories hold entries of the same and of another storage: files and
+    directories, sources present or not."""
+    import random
+    rng = random.Random(seed)
+    names = ["a", "b", "c", "lib", "x", "y"]
+    dirs: set = set()
+    files: set = set()
+    locations = {"/persistent": {"directories": [], "files": []},
+                 "/persist2": {"directories": [], "files": []}}
+    while len(dirs) + len(files) < 300:
+        comps = [rng.choice(["var", "srv", "opt"])] + \
+            [rng.choice(names) + str(rng.randrange(3)) for _ in range(rng.randint(1, 4))]
+        path = "/" + "/".join(comps)
+        above = {"/" + "/".join(comps[:d]) for d in range(1, len(comps))}
+        if path in dirs or path in files or above & files:
+            continue
+        where = locations["/persistent" if rng.random() < 0.75 else "/persist2"]
+        if rng.random() < 0.5:
+            where["directories"].append(path)
+            dirs.add(path)
+        elif not any(d.startswith(path + "/") for d in dirs | files):
+            where["files"].append(path if rng.random() < 0.7 else {"file": path, "method": "symlink"})
+            files.add(path)
+    return {"persistence": locations}
+
+
+@pytest.mark.parametrize("rng_seed", [0, 1, 2, 3, 4, 5, 6, 9])
+def test_random_nested_entries_of_two_storages_are_applied_once(rng_seed, sandbox):
+    config = nested_config(rng_seed)
+    sandbox.write_config(config)
+    root = sandbox.root
+    for storage in ("persistent", "persist2"):
+        (root / storage).mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", storage, str(root / storage)], check=True)
+    for storage, location in config["persistence"].items():  # half the file sources present
+        for item in location["files"][::2]:
+            if isinstance(item, str):
+                source = root / storage.lstrip("/") / item.lstrip("/")
+                source.parent.mkdir(parents=True, exist_ok=True)
+                source.write_text("kept\n")
+    first = sandbox.run("-v", "apply")
+    again = sandbox.run("-v", "apply")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert again.returncode == 0 and again.stderr.splitlines()[:-1] == [], again.stderr[-3000:]

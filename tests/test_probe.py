@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPT, require
+from support import SCRIPT, require, start_on
 
 sys.path.insert(0, str(SCRIPT.parent))
 import impermanence_boot as ib  # noqa: E402
@@ -173,10 +173,7 @@ def test_device_appearing_late_is_waited_for(sandbox, loop_disk, tmp_path):
     cfg = {"fileSystems": {"/persistent": {"device": f"LABEL={label}"}}, "deviceTimeout": 20,
            "persistence": {"/persistent": {"directories": ["/var/log"]}}}
     sandbox.write_config(cfg)
-    env = dict(os.environ, IMPERMANENCE_NO_KMSG="1")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--root", str(sandbox.root), "--config",
-                             str(sandbox.config_path), "apply"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_on(sandbox.root, sandbox.config_path, "apply")
     import time
     time.sleep(1.5)
     assert proc.poll() is None, "apply should still be waiting for the device"
