@@ -17,7 +17,7 @@ let
   inherit (lib)
     mkOption mkIf mkMerge mkAfter mkDefault types literalExpression
     mapAttrs mapAttrsToList filterAttrs attrNames attrValues any all
-    concatStringsSep concatMap filter optional optionals optionalString optionalAttrs
+    concatStringsSep concatMap filter optional optionals optionalString
     escapeShellArg escapeShellArgs hasPrefix unique;
 
   cfg = config.environment.persistence;
@@ -328,6 +328,9 @@ let
 
   uncheckedConfig = pkgs.writeText "impermanence-unchecked.json" (builtins.toJSON generated);
 
+  # A mistake fails the build, not the boot: `check` reads the file and
+  # touches nothing else.  The initrd reads this very file, the one
+  # /etc/impermanence.json holds.
   configFile =
     if icfg.checkConfig then
       pkgs.runCommandLocal "impermanence.json"
@@ -347,21 +350,9 @@ let
     ${python} -I -c 'import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)' ${script} $out
   '';
 
-  # The config as the initrd reads it: checked and compiled once, here, by
-  # the initrd's interpreter running the very file it runs at boot (the
-  # records are used only by that file; any other reads the JSON part).
-  # Loading the records takes a third of the time of reading the JSON:
-  # ~20 ms less per boot at 10,000 entries, ~0.1 ms at 100.
-  bootConfig =
-    if icfg.checkConfig then
-      pkgs.runCommandLocal "impermanence-config.bin" { } ''
-        ${python} -I -S -B ${compiledScript} --config ${configFile} compile --output $out
-      ''
-    else configFile;
-
   # -S: the script needs nothing `site` sets up (site-packages, .pth
   # files); skipping it saves about 1 ms a boot, ten times that on a slow CPU.
-  command = root: escapeShellArgs ([ python "-I" "-S" "-B" "${compiledScript}" "--root" root "--config" "${bootConfig}" ]
+  command = root: escapeShellArgs ([ python "-I" "-S" "-B" "${compiledScript}" "--root" root "--config" "${configFile}" ]
     ++ optional verbose "--verbose" ++ [ "apply" ]);
 
   defaultScriptPackage = pkgs.runCommandLocal "impermanence-boot" { } ''
@@ -495,11 +486,7 @@ in
       checkConfig = mkOption {
         type = types.bool;
         default = true;
-        description = ''
-          Validate the generated JSON with `impermanence_boot.py check` at
-          build time, and compile it for the initrd (`compile`), which loads
-          it faster. Without, the initrd reads the JSON as it is.
-        '';
+        description = "Validate the generated JSON with `impermanence_boot.py check` at build time.";
       };
 
       python = mkOption {
@@ -594,8 +581,6 @@ in
         "/etc/impermanence-boot/python".source = icfg.python;
         "/etc/impermanence-boot/script".source = icfg.package;
         "/etc/impermanence-boot/impermanence_boot.pyc".source = compiledScript;
-      } // optionalAttrs icfg.checkConfig {
-        "/etc/impermanence-boot/config.bin".source = bootConfig;
       };
       boot.initrd.postMountCommands = mkAfter ''
         impermanence_status=0
@@ -610,7 +595,7 @@ in
     })
 
     (mkIf config.boot.initrd.systemd.enable {
-      boot.initrd.systemd.storePaths = [ icfg.python icfg.package compiledScript configFile bootConfig ];
+      boot.initrd.systemd.storePaths = [ icfg.python icfg.package compiledScript configFile ];
       boot.initrd.systemd.contents."/etc/impermanence.json".source = configFile;
       boot.initrd.systemd.services.impermanence-boot = {
         description = "Persistent state for the wiped root (impermanence)";

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -599,29 +600,30 @@ def test_module_scripted_initrd_runs_apply_from_post_mount_commands(tmp_path):
     assert all(a["assertion"] for a in out["resolved"]["assertions"])
 
 
-def test_module_compiles_the_config_for_the_initrd(tmp_path):
+def test_module_checks_the_config_at_build_time(tmp_path):
     out = evaluate_module(tmp_path, "impermanence.checkConfig = true;")
     initrd = out["resolved"]["boot"]["initrd"]
     etc_json = out["resolved"]["environment"]["etc"]["impermanence.json"]["source"]
-    boot_config = initrd["extraFiles"]["/etc/impermanence-boot/config.bin"]["source"]
-    assert boot_config != etc_json and boot_config.endswith("-impermanence-config.bin")
-    commands = initrd["postMountCommands"]
-    assert f"--config {boot_config} apply" in commands
-    # Compiled by the initrd's interpreter running the very file the initrd
-    # runs, from the checked JSON /etc/impermanence.json holds.
-    pyc = initrd["extraFiles"]["/etc/impermanence-boot/impermanence_boot.pyc"]["source"]
-    python = commands.split(" -I -S -B ")[0].split()[-1]
-    assert python.endswith("/bin/python3")
-    assert f"{python} -I -S -B {pyc} --config {etc_json} compile --output $out" in out["compileScript"]
-    # Without checkConfig, the JSON as it is.
+    # The initrd reads the checked JSON itself, the file /etc/impermanence.json holds.
+    assert etc_json.endswith("-impermanence.json")
+    assert initrd["extraFiles"]["/etc/impermanence.json"]["source"] == etc_json
+    assert f"--config {etc_json} apply" in initrd["postMountCommands"]
+    assert len(initrd["extraFiles"]) == 4
+    # The build step runs `check` on the generated JSON and copies it unchanged.
+    step = out["checkScript"]
+    unchecked = re.search(r" -I -B \S+/bin/impermanence_boot\.py --config (\S+) check\n", step)
+    assert unchecked and unchecked.group(1).endswith("-impermanence-unchecked.json"), step
+    assert f"cp {unchecked.group(1)} $out" in step
+    # Without checkConfig, no build step: the JSON as generated.
     plain = evaluate_module(tmp_path)
-    assert plain["compileScript"] is None
-    assert "/etc/impermanence-boot/config.bin" not in plain["resolved"]["boot"]["initrd"]["extraFiles"]
+    assert plain["checkScript"] is None
+    assert json.loads(plain["configText"])["persistence"]
     systemd = evaluate_module(tmp_path, "impermanence.checkConfig = true; systemdInitrd = true;")
     unit = systemd["resolved"]["boot"]["initrd"]["systemd"]
     exec_start = unit["services"]["impermanence-boot"]["serviceConfig"]["ExecStart"]
     config = exec_start.split("--config ")[1].split()[0]
-    assert config.endswith("-impermanence-config.bin") and config in unit["storePaths"]
+    assert config == systemd["resolved"]["environment"]["etc"]["impermanence.json"]["source"]
+    assert config in unit["storePaths"]
 
 
 def test_module_systemd_initrd_service(tmp_path):
@@ -705,24 +707,30 @@ def shell_glue(tmp: Path, sandbox, extra: str = "") -> tuple[str, dict]:
     initrd = out["resolved"]["boot"]["initrd"]
     commands = initrd["postMountCommands"]
     etc_json = out["resolved"]["environment"]["etc"]["impermanence.json"]["source"]
-    # The JSON (with checkConfig, what the check step lets through unchanged).
-    text = out["configText"] or evaluate_module(
-        tmp, packages + extra.replace("impermanence.checkConfig = true;", ""))["configText"]
     generated = tmp / "impermanence.json"
-    generated.write_text(text)
+    if out["checkScript"] is None:
+        text = out["configText"]
+        generated.write_text(text)
+    else:
+        # The module's check step, run here on the JSON it generates: what
+        # it lets through is the file the initrd reads.
+        text = evaluate_module(
+            tmp, packages + extra.replace("impermanence.checkConfig = true;", ""))["configText"]
+        unchecked = tmp / "impermanence-unchecked.json"
+        unchecked.write_text(text)
+        store_path = re.search(r"--config (\S+) check", out["checkScript"]).group(1)
+        step = out["checkScript"].replace(store_path, str(unchecked))
+        subprocess.run(["sh", "-ec", step], check=True,
+                       env=dict(os.environ, out=str(generated),
+                                PATH=f"{python_prefix / 'bin'}:{os.environ['PATH']}"))
+        assert generated.read_text() == text
     commands = commands.replace(etc_json, str(generated)).replace("/mnt-root", str(sandbox.root))
-    # The module's build steps, done here: byte-compile the script...
+    # The module's other build step, done here: byte-compile the script.
     stand_in = initrd["extraFiles"]["/etc/impermanence-boot/impermanence_boot.pyc"]["source"]
     compiled = tmp / "impermanence_boot.pyc"
     subprocess.run([sys.executable, "-I", "-c", "import py_compile, sys; "
                     "py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
                     str(SCRIPT), str(compiled)], check=True)
-    # ...and, with checkConfig, compile the config: the module's own command.
-    if out["compileScript"] is not None:
-        boot_config = initrd["extraFiles"]["/etc/impermanence-boot/config.bin"]["source"]
-        step = out["compileScript"].replace(stand_in, str(compiled)).replace(etc_json, str(generated))
-        subprocess.run(["sh", "-ec", step], check=True, env=dict(os.environ, out=str(tmp / "config.bin")))
-        commands = commands.replace(boot_config, str(tmp / "config.bin"))
     commands = commands.replace(stand_in, str(compiled))
     return commands, json.loads(text)
 
@@ -731,10 +739,8 @@ def shell_glue(tmp: Path, sandbox, extra: str = "") -> tuple[str, dict]:
 def test_post_mount_commands_apply_for_real(sandbox, tmp_path, check_config):
     require(SCRIPT.exists(), "impermanence_boot.py is not there yet")
     commands, _ = shell_glue(tmp_path, sandbox, "impermanence.checkConfig = true;" if check_config else "")
-    # With checkConfig, the initrd reads the config compiled at build time.
-    assert (str(tmp_path / "config.bin") in commands) == check_config
-    if check_config:
-        assert (tmp_path / "config.bin").read_bytes().startswith(b"\0impermanence_boot compiled config\n")
+    # Either way the initrd reads the JSON.
+    assert f"--config {tmp_path / 'impermanence.json'} apply" in commands
     storage = sandbox.path("/persistent")
     storage.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "persist", str(storage)], check=True)
@@ -743,7 +749,7 @@ def test_post_mount_commands_apply_for_real(sandbox, tmp_path, check_config):
                           env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"))
     assert proc.returncode == 0 and proc.stdout.strip().endswith("END"), proc.stdout + proc.stderr
     assert "FAIL-CALLED" not in proc.stdout
-    # No "compiled by another version" warning: the records themselves were used.
+    # Without -v, a clean apply prints nothing.
     assert proc.stderr == "", proc.stderr
     points = mountinfo_points()
     assert str(sandbox.path("/var/log")) in points

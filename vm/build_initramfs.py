@@ -16,7 +16,7 @@ Contents (see docs/vm.md):
   /nix/python/bin/python3.11 Debian's /usr/bin/python3.11
   /nix/python/lib/python3.11 only the stdlib modules computed by
                              vm/find_modules.py from the scripts
-  /nix/impermanence/         impermanence_boot.py and config.json; the
+  /nix/impermanence/         impermanence_boot.py, its .pyc, config.json; the
                              per-entry shell approach for that config
                              (shell-approach.sh, shell-storage), generated
                              by bench/bench_boot.py's generator
@@ -161,13 +161,10 @@ def add_python_modules(arc: Archive, mods: dict, names: set[str], component: str
     return added
 
 
-def compile_config(arc: Archive, script: Path, config: Path) -> None:
-    """The config compiled (`compile`) by the very file stage 1 runs, with
-    the interpreter it runs it with, as the NixOS module does at build time."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "config.bin"
-        run([PYTHON, "-I", "-S", str(script), "--config", str(config), "compile", "--output", str(out)])
-        arc.file("/nix/impermanence/config.bin", out.read_bytes(), component="config")
+def check_config(script: Path, config: Path) -> None:
+    """`check` the config with the interpreter stage 1 runs, as the NixOS
+    module's checkConfig does: a mistake fails the build, not the boot."""
+    run([PYTHON, "-I", "-S", str(script), "--config", str(config), "check"])
 
 
 def compile_pycs(arc: Archive, python: str) -> None:
@@ -284,9 +281,7 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
                  str(script), str(compiled), "/nix/impermanence/impermanence_boot.py"])
             arc.file("/nix/impermanence/impermanence_boot.pyc", compiled.read_bytes(),
                      component="script")
-            compile_config(arc, compiled, config)
-    else:
-        compile_config(arc, script, config)
+    check_config(script, config)
     arc.copy("/nix/impermanence/config.json", str(config), mode=0o644, component="config")
     # the per-entry shell approach for the same config, for the comparison
     # (run only when a boot asks for it: vm/guest/init, vm/shell_approach.py)

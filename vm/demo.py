@@ -83,7 +83,6 @@ def main() -> int:
         s1 = r.report["stage1"]
         print(f"   {r.seconds:.1f} s in QEMU; impermanence_boot.py apply exited {s1['exit']} after "
               f"{ms(s1['t_script'])}")
-        print(f"   config: {s1.get('config')} (compiled when the initramfs was built, as the NixOS module does)")
         print(f"   for comparison, the bare 'python3.11 -I -S -c pass' just before: "
               f"{ms(s1['t_python_pass'])} the first time in this boot, {ms(s1['t_python_pass2'])} the second")
         for line in s1["stderr"].splitlines():

@@ -165,7 +165,6 @@ def overlay(config: dict | str | None = None, checks: dict | None = None,
     if config is not None:
         text = config if isinstance(config, str) else json.dumps(config, indent=1)
         arc.file("/nix/impermanence/config.json", text.encode())
-        arc.file("/nix/scenario/own-config", b"")  # not the base image's compiled one
     if shell_device:
         arc.file("/nix/scenario/shell-device", (shell_device + "\n").encode())
         if shell_first:

@@ -64,7 +64,6 @@ let
     optional = cond: x: if cond then [ x ] else [ ];
     optionals = cond: xs: if cond then xs else [ ];
     optionalString = cond: s: if cond then s else "";
-    optionalAttrs = cond: set: if cond then set else { };
     escapeShellArgs = args: concatStringsSep " " (map escapeShellArg args);
     hasPrefix = prefix: s: builtins.substring 0 (builtins.stringLength prefix) s == prefix;
     unique = foldl' (acc: x: if elem x acc then acc else acc ++ [ x ]) [ ];
@@ -153,8 +152,10 @@ in
   configText =
     if resolved ? environment then resolved.environment.etc."impermanence.json".source.text or null
     else null;
-  # With checkConfig: the build step that compiles the config for the initrd.
-  compileScript = (resolved.boot.initrd.extraFiles."/etc/impermanence-boot/config.bin".source or { }).script or null;
+  # With checkConfig: the build step that checks the JSON.
+  checkScript =
+    if resolved ? environment then resolved.environment.etc."impermanence.json".source.script or null
+    else null;
   options = {
     top = attrNames module.options.boot.initrd.impermanence;
     location = optionNames locationOptions;

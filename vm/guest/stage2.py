@@ -287,7 +287,6 @@ def main():
     if exit_text is not None and exit_text.strip():
         stage1["exit"] = int(exit_text)
     stage1["stderr"] = read(STAGE1 + "/stderr") or ""
-    stage1["config"] = (read(STAGE1 + "/config") or "").strip()
     for name in ("t_init", "t_switch"):
         t = read(STAGE1 + "/" + name)
         stage1[name] = int(t) if t and t.strip() else None
