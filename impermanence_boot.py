@@ -7,24 +7,25 @@ with the right owner and mode, and bind-mounts or links every kept
 directory and file into the new root. The configuration is the JSON form
 of NixOS impermanence's `environment.persistence`.
 
-Data flows top to bottom: command line -> config (validated records) ->
-per-entry plan (a list of actions, which `plan` prints) -> executor, which
-walks every path component by component with O_NOFOLLOW file descriptors.
+Data flows top to bottom: config (validated records) -> the system as
+found (devices, mounts, accounts, a read-only view of the tree) -> a plan
+per storage and per entry (a list of actions, which `plan` prints) -> the
+executor, which walks every path component by component with O_NOFOLLOW
+file descriptors.
 
 Only the standard library, and as little of it as possible: every module
 imported here is copied into every initramfs and loaded at every boot.
-`json` and `_ctypes` are imported only by the code paths that need them.
+`_json` and `_ctypes` are imported only by the code paths that need them.
 """
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import stat
 import sys
 import time
 
-# --- Kernel constants (linux/mount.h, linux/fs.h) -------------------------
+# --- Kernel constants (linux/mount.h, linux/fs.h, asm/unistd.h) ---------------
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -47,6 +48,11 @@ AT_SYMLINK_NOFOLLOW = 0x100
 OPEN_TREE_CLONE = 1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
+RENAME_NOREPLACE = 1
+# Numbers of the system calls added since Linux 5.1 are the same on every
+# architecture: used where the C library has no wrapper (glibc < 2.36).
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -54,27 +60,26 @@ O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Access and modification time given to the mount points apply creates on
 # the fresh root, so `unmount` removes those and nothing else: nanoseconds
 # since the epoch that no clock or archive gives a file. Hidden under the
-# bind mount while it is there; one utimensat(2), by name where the parent
-# only root can write, where an extended attribute took an open, a setxattr
-# and a close. (A filesystem with coarser timestamps keeps no mark:
-# `unmount` then leaves its mount points in place.)
+# bind mount while it is there. (A filesystem with coarser timestamps
+# keeps no mark: `unmount` then leaves its mount points in place.)
 MARK_TIME_NS = 314_159_265
 MARK_TIMES = (MARK_TIME_NS, MARK_TIME_NS)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
 
 DEFAULT_CONFIG = "/etc/impermanence.json"
-# The big objects of a run (config, tree, plan), left for the process's
-# exit to free at once: freed one by one on return, 10,000 entries and
-# their tree take milliseconds, for nothing.
-KEPT_UNTIL_EXIT: list = []
 MACHINE_ID = ("etc", "machine-id")
+
+
+# --- libc ------------------------------------------------------------------------
 
 class Libc:
     """The libc calls the os module lacks, bound through `_ctypes`, the C
     half of ctypes. The ctypes package itself would add five modules
     (ctypes, types, struct, _struct, ctypes._endian) to every initramfs and
-    their loading to every boot. A call missing from an old C library is None."""
+    their loading to every boot. open_tree and move_mount go through
+    syscall(2) where the C library has no wrapper; renameat2 is None where
+    it has none."""
 
     def __init__(self):
         import _ctypes
@@ -84,6 +89,9 @@ class Libc:
 
         class UInt(_ctypes._SimpleCData):
             _type_ = "I"
+
+        class Long(_ctypes._SimpleCData):
+            _type_ = "l"
 
         class ULong(_ctypes._SimpleCData):
             _type_ = "L"
@@ -112,24 +120,41 @@ class Libc:
         self.open_tree = bind("open_tree", Int, CharP, UInt)  # glibc >= 2.36
         self.move_mount = bind("move_mount", Int, CharP, Int, CharP, UInt)
         if self.open_tree is None or self.move_mount is None:
-            self.open_tree = self.move_mount = None
+            syscall = bind("syscall", Long, Int, CharP, UInt)
+            self.open_tree = lambda *args: syscall(SYS_OPEN_TREE, *args)
+            syscall5 = bind("syscall", Long, Int, CharP, Int, CharP, UInt)
+            self.move_mount = lambda *args: syscall5(SYS_MOVE_MOUNT, *args)
 
 
-_libc = None
+_libc: Libc | None = None
 
 
-def _load_libc() -> Libc:
+def libc() -> Libc:
     global _libc
     if _libc is None:
         _libc = Libc()
     return _libc
 
 
-def libc_error(shown: str | None = None) -> OSError:
-    """The error a libc call just reported through errno, as os functions
-    raise it."""
-    err = _libc.get_errno()
-    return OSError(err, os.strerror(err), shown)
+def oserror(op: str, shown: str, err: int | None = None) -> OSError:
+    """The error of a failed system call as os functions raise it,
+    OSError(errno, strerror, path) (so of the subclass its errno has), with
+    the operation it was: messages name it. err defaults to libc's errno."""
+    if err is None:
+        err = libc().get_errno()
+    exc = OSError(err, os.strerror(err), shown)
+    exc.op = op
+    return exc
+
+
+def call(op: str, shown: str, function, *args, **kwargs):
+    """function(*args, **kwargs), an os function working on the path shown
+    (often through a directory fd and a name): its OSError names op and
+    the whole path."""
+    try:
+        return function(*args, **kwargs)
+    except OSError as exc:
+        raise oserror(op, shown, exc.errno) from None
 
 
 def _bytes(value: str | None) -> bytes | None:
@@ -137,96 +162,70 @@ def _bytes(value: str | None) -> bytes | None:
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int,
-          data: str | None, shown: str | None = None) -> None:
-    """mount(2); raises OSError(errno, strerror, path) like os functions."""
-    lib = _load_libc()
-    if lib.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)) != 0:
-        raise libc_error(shown or target)
+          data: str | None, shown: str, op: str = "mount") -> None:
+    if libc().mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)) < 0:
+        raise oserror(op, shown)
 
 
-_new_mount_api = True  # until open_tree(2) is found missing
+def umount2(target: str, flags: int, shown: str) -> None:
+    if libc().umount2(_bytes(target), flags) < 0:
+        raise oserror("umount", shown)
 
 
-def clone_mount(dir_fd: int, name: str) -> int | None:
-    """A detached bind mount of `name` in dir_fd ("" for dir_fd itself),
-    never following a link at `name`: open_tree(2) with OPEN_TREE_CLONE
-    (Linux 5.2). With move_mount(2) it binds without the two /proc/self/fd
-    lookups mount(2) would need, which cost more than the mount itself;
-    looked up by name, the source costs no open and close of its own. The
-    caller fstat()s the fd it gets to check what it cloned. None where the
-    kernel or C library lacks it: bind_fds then falls back to mount(2)."""
-    global _new_mount_api
-    if not _new_mount_api:
+def open_tree(dir_fd: int, name: str, flags: int, shown: str) -> int | None:
+    """open_tree(2): with OPEN_TREE_CLONE a detached bind mount of `name`
+    in dir_fd. None where the kernel lacks it (Linux < 5.2, or a seccomp
+    filter): binds then go through mount(2) on /proc/self/fd."""
+    fd = libc().open_tree(dir_fd, os.fsencode(name), flags)
+    if fd >= 0:
+        return fd
+    err = libc().get_errno()
+    if err == errno.ENOSYS:
         return None
-    lib = _libc or _load_libc()
-    if lib.move_mount is not None:
-        flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_SYMLINK_NOFOLLOW if name else AT_EMPTY_PATH)
-        tree = lib.open_tree(dir_fd, os.fsencode(name), flags)
-        if tree >= 0:
-            return tree
-        exc = libc_error()
-        if exc.errno != errno.ENOSYS:
-            raise exc
-    _new_mount_api = False
-    return None
+    raise oserror("bind", shown, err)
 
 
-def attach_mount(tree: int, target_fd: int) -> None:
-    """move_mount(2) the detached mount `tree` onto target_fd."""
-    if _libc.move_mount(tree, b"", target_fd, b"",
-                        MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0:
-        raise libc_error()  # Executor.run names the target
-
-
-def attach_mount_at(tree: int, dir_fd: int, name: str) -> None:
-    """move_mount(2) the detached mount `tree` onto `name` in dir_fd,
-    never following a link there."""
-    if _libc.move_mount(tree, b"", dir_fd, os.fsencode(name), MOVE_MOUNT_F_EMPTY_PATH) != 0:
-        raise libc_error()  # Executor.run names the target
-
-
-def bind_fds(source_fd: int, target_fd: int, proc_fds: bool) -> bool:
-    """mount --bind from one open fd onto another where open_tree(2) is
-    missing (Linux < 5.2, or a C library without it): mount(2) on the two
-    /proc/self/fd magic links, exactly the inodes opened, no path looked up
-    again. False without /proc: the caller then has only paths."""
-    if not proc_fds:
-        return False
-    if _libc.mount(b"/proc/self/fd/%d" % source_fd, b"/proc/self/fd/%d" % target_fd,
-                   None, MS_BIND, None) != 0:
-        raise libc_error()
-    return True
-
-
-RENAME_NOREPLACE = 1
+def move_mount(tree: int, target_fd: int, shown: str) -> None:
+    """move_mount(2) the detached mount `tree` onto the open target_fd."""
+    if libc().move_mount(tree, b"", target_fd, b"",
+                         MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0:
+        raise oserror("bind", shown)
 
 
 def rename_noreplace(dir_fd: int, old: str, new: str, shown: str) -> None:
     """renameat2(RENAME_NOREPLACE) within one directory: never replaces what
-    appeared at `new` meanwhile. Where the kernel or filesystem lacks it,
-    a check then rename(2)."""
-    lib = _load_libc()
-    if lib.renameat2 is not None:
-        if lib.renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), RENAME_NOREPLACE) == 0:
+    appeared at `new` meanwhile. Where the kernel, filesystem or C library
+    lacks it, a check then rename(2)."""
+    function = libc().renameat2
+    if function is not None:
+        if function(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), RENAME_NOREPLACE) == 0:
             return
-        exc = libc_error(shown)
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-            raise exc
+        err = libc().get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise oserror("rename", shown, err)
     try:
         os.stat(new, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        os.rename(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        call("rename", shown, os.rename, old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
-    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), shown)
+    raise oserror("rename", shown, errno.EEXIST)
 
 
-def umount2(target: str, flags: int, shown: str | None = None) -> None:
-    lib = _load_libc()
-    if lib.umount2(_bytes(target), flags) != 0:
-        raise libc_error(shown or target)
+class opened:
+    """A file descriptor, closed when the with block ends."""
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc_info) -> None:
+        os.close(self.fd)
 
 
-# --- Errors and messages ---------------------------------------------------
+# --- Errors and messages ---------------------------------------------------------
 
 class UsageError(Exception):
     pass
@@ -241,8 +240,8 @@ class ConfigError(Exception):
 
 
 class ConfigFileError(ConfigError):
-    """A config file that cannot be read, decoded or written: `where` is
-    the file's path, shown as given."""
+    """A config file that cannot be read or decoded: `where` is the file's
+    path, shown as given."""
 
 
 class EntryError(Exception):
@@ -262,23 +261,36 @@ UNPRINTABLE.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029)})
 UNPRINTABLE.update({c: f"\\x{c - 0xdc00:02x}" for c in range(0xdc80, 0xdd00)})
 
 
+def describe_oserror(exc: OSError) -> str:
+    """`<operation>: <strerror>` for a system call that failed here (see
+    oserror), the strerror alone for any other."""
+    cause = exc.strerror or str(exc)
+    op = getattr(exc, "op", None)
+    return f"{op}: {cause}" if op else cause
+
+
 def internal_error(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+def failure_cause(exc: Exception) -> str:
+    """What went wrong, without the path."""
+    if isinstance(exc, EntryError):
+        return exc.cause
+    if isinstance(exc, OSError):
+        return describe_oserror(exc)
+    return internal_error(exc)  # a bug: reported for this entry only
+
+
 def failure_text(exc: Exception, shown: str) -> str:
-    """One entry's failure as `<path>: <cause>`; shown is the entry's path,
-    named when the error does not name one (an account error names the
-    user or group: the entry is added)."""
+    """One failure as `<path>: <cause>`; shown is the entry's path, named
+    when the error does not name one (an account error names the user or
+    group: the entry is added)."""
     if isinstance(exc, EntryError):
         return f"{exc.path}: {exc.cause}" + ("" if exc.path.startswith("/") else f" (for {shown})")
     if isinstance(exc, OSError):
         return f"{exc.filename or shown}: {describe_oserror(exc)}"
-    return f"{shown}: {internal_error(exc)}"  # a bug: this entry only
-
-
-def describe_oserror(exc: OSError) -> str:
-    return exc.strerror or str(exc)
+    return f"{shown}: {internal_error(exc)}"
 
 
 class Log:
@@ -296,10 +308,6 @@ class Log:
         self.kmsg_lines = 0
         if not os.environ.get("IMPERMANENCE_NO_KMSG"):
             self.kmsg = self._open_kmsg()
-        # While entries run in two processes: (entry, level, text, to kmsg)
-        # held back and written later in entry order (see run_in_two).
-        self.held: list | None = None
-        self.entry = 0
 
     @staticmethod
     def _open_kmsg() -> int:
@@ -308,14 +316,11 @@ class Log:
         except OSError:
             return -1
 
-    def _emit(self, level: int, text: str, to_kmsg: bool) -> None:
-        if self.held is not None:
-            self.held.append((self.entry, level, text, to_kmsg))
-            return
+    def _emit(self, level: int, text: str) -> None:
         line = "impermanence: " + text.translate(UNPRINTABLE)
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
-        if to_kmsg and self.kmsg >= 0:
+        if self.kmsg >= 0:
             if self.kmsg_lines == self.KMSG_BURST:
                 # The rate limit is per open file: a new one keeps every
                 # error (their number is bounded by the config's entries).
@@ -328,25 +333,17 @@ class Log:
                 pass
 
     def error(self, text: str) -> None:
-        self._emit(3, text, True)
+        self._emit(3, text)
 
     def warn(self, text: str) -> None:
         if self.verbosity >= 1:
-            self._emit(4, text, True)
+            self._emit(4, text)
 
     def info(self, text: str) -> None:
         if self.verbosity >= 2:
-            self._emit(6, text, True)
+            self._emit(6, text)
 
-    def release(self, held: list) -> None:
-        """Write held messages, in entry order (stable within an entry)."""
-        self.held = None
-        held.sort(key=lambda m: m[0])
-        for _, level, text, to_kmsg in held:
-            self._emit(level, text, to_kmsg)
-
-
-# --- Config model ------------------------------------------------------------
+# --- Config: the model ---------------------------------------------------------
 
 _set_field = object.__setattr__
 
@@ -396,29 +393,14 @@ class Perms(Record):
 
 class Entry(Record):
     """One kept directory or file. Paths are tuples of components relative
-    to the root: target ('var', 'log'), storage ('persistent',).
+    to the root: target ('var', 'log'), storage ('persistent',); `home` is
+    (home, user, home mode) for an entry inside a user's home."""
+    __slots__ = _fields = ("kind", "target", "storage", "perms", "method", "parent_perms",
+                           "home", "home_owner", "where")
 
-    Made for every item of the config, so unlike the other records not
-    guarded by a __setattr__ that raises: its fields are stored as the
-    interpreter stores any plain instance's, inline, in a fifth of the
-    memory of a dict of its own, and read faster (at 10,000 entries, 4 ms
-    less to make them at every boot). Nothing assigns to an entry once it
-    is made (tests/test_config.py checks the source for it)."""
-    __setattr__ = object.__setattr__
-    _fields = ("kind", "target", "storage", "perms", "method", "parent_perms",
-               "home", "home_owner", "where", "source")
-
-    def __init__(self, kind, target, storage, perms, method, parent_perms, home, home_owner, where):
-        self.kind = kind
-        self.target = target
-        self.storage = storage
-        self.perms = perms
-        self.method = method
-        self.parent_perms = parent_perms
-        self.home = home
-        self.home_owner = home_owner
-        self.where = where
-        self.source = storage + target
+    @property
+    def source(self) -> tuple:
+        return self.storage + self.target
 
 
 class Config(Record):
@@ -433,7 +415,7 @@ def as_path(comps: tuple) -> str:
     return "/" + "/".join(comps)
 
 
-# --- Modes -------------------------------------------------------------------
+# --- Config: modes ---------------------------------------------------------------
 
 _WHO_BITS = {"u": 0o4700, "g": 0o2070, "o": 0o1007}
 _PERM_BITS = {"r": 0o444, "w": 0o222, "x": 0o111, "X": 0o111, "s": 0o6000, "t": 0o1000}
@@ -492,7 +474,7 @@ def format_mode(mode: int) -> str:
     return format(mode & 0o7777, "04o")
 
 
-# --- Config loading ------------------------------------------------------------
+# --- Config: reading it --------------------------------------------------------------
 
 # Keys the NixOS option system adds to evaluated items; accepted and ignored
 # where they carry no meaning here.
@@ -651,40 +633,17 @@ def parse_options(value, where: str) -> tuple:
     return tuple(o for opt in value for o in opt.split(",") if o)
 
 
-def read_config_file(path: str) -> tuple:
-    """(the JSON, and for a compiled config (see `compile`) its records when
-    this very script compiled them and they are intact, else None; whether
-    the file is a compiled config)."""
+def load_config_file(path: str) -> Config:
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
         raise ConfigFileError(path, f"cannot read config: {describe_oserror(exc)}") from None
-    if raw.startswith(COMPILED_MAGIC):
-        return (*split_compiled(raw, path), True)
-    return raw, None, False
-
-
-def config_from_json(raw: bytes, path: str) -> Config:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigFileError(path, f"config is not valid UTF-8 (byte {exc.start})") from None
     return load_config(text, path)
-
-
-def load_config_file(path: str, log: Log | None = None) -> Config:
-    """The config at path: a compiled config's records when they can be
-    used, else the JSON (a compiled config's with a warning)."""
-    json_bytes, payload, compiled = read_config_file(path)
-    if payload is not None:
-        config = config_from_payload(payload)
-        if config is not None:
-            return config
-    if compiled and log is not None:
-        log.warn(f"{path}: compiled by another version of impermanence_boot.py, or damaged: "
-                 "reading its JSON instead (slower); compile it again")
-    return config_from_json(json_bytes, path)
 
 
 class _JsonContext:
@@ -777,19 +736,42 @@ def locate_bad_unicode(data) -> None:
 
 
 def parse_config(data, escapes: bool = True) -> Config:
+    """The checked config of a decoded JSON document; `escapes` whether its
+    text spelled any \\u escape (only those can make a lone surrogate)."""
     expect(data, dict, "(top level)", "a JSON object")
     if escapes:
         check_unicode(data)
     check_keys(data, "", TOP_KEYS)
-
     timeout = 30.0
     if "deviceTimeout" in data:
         timeout = expect(data["deviceTimeout"], float, "deviceTimeout", "a number of seconds")
         if not 0 <= timeout <= 86400:
             raise ConfigError("deviceTimeout", f"{timeout} is not between 0 and 86400 seconds")
+    accounts = parse_accounts(expect(data.get("users", {}), dict, "users", "an object"))
+    group_ids = parse_groups(expect(data.get("groups", {}), dict, "groups", "an object"))
+    filesystems = parse_filesystems(expect(data.get("fileSystems", {}), dict, "fileSystems",
+                                           "an object"))
+    entries, storages, homes = parse_locations(
+        expect(data.get("persistence", {}), dict, "persistence", "an object"), accounts)
+    for account in accounts.values():
+        if account.home:
+            homes.setdefault(account.home, account.name)
+    # Target order, parents first: a nested entry is never hidden by its
+    # parent's bind mount, and each path's neighbours are what it can clash with.
+    entries.sort(key=lambda e: e.target)
+    attach_homes(entries, homes)
+    used = []
+    for entry in entries:
+        if entry.storage not in used:
+            used.append(entry.storage)
+    check_overlaps(entries, filesystems, storages + [s for s in used if s not in storages])
+    storages += [s for s in used if s not in storages]
+    return Config(tuple(filesystems), float(timeout), accounts, group_ids,
+                  tuple(storages), tuple(entries))
 
+
+def parse_accounts(users: dict) -> dict:
     accounts = {}
-    users = expect(data.get("users", {}), dict, "users", "an object")
     for name, spec in users.items():
         where = key_path("users", name)
         parse_owner(name, where)
@@ -798,7 +780,9 @@ def parse_config(data, escapes: bool = True) -> Config:
         uid = spec.get("uid")
         if uid is not None and not valid_id(expect(uid, int, key_path(where, "uid"), "a number")):
             raise ConfigError(key_path(where, "uid"), f"{uid} is not a valid id (0 to {ID_MAX})")
-        group = parse_owner(spec["group"], key_path(where, "group")) if spec.get("group") not in (None, "") else None
+        group = None
+        if spec.get("group") not in (None, ""):
+            group = parse_owner(spec["group"], key_path(where, "group"))
         home = None
         if spec.get("home") is not None:
             home = parse_components(spec["home"], key_path(where, "home"), absolute=True)
@@ -809,9 +793,11 @@ def parse_config(data, escapes: bool = True) -> Config:
             except ValueError as exc:
                 raise ConfigError(key_path(where, "homeMode"), f"invalid mode: {exc}") from None
         accounts[name] = Account(name, uid, group, home, home_mode)
+    return accounts
 
+
+def parse_groups(groups: dict) -> dict:
     group_ids = {}
-    groups = expect(data.get("groups", {}), dict, "groups", "an object")
     for name, spec in groups.items():
         where = key_path("groups", name)
         parse_owner(name, where)
@@ -821,10 +807,15 @@ def parse_config(data, escapes: bool = True) -> Config:
         if gid is not None and not valid_id(expect(gid, int, key_path(where, "gid"), "a number")):
             raise ConfigError(key_path(where, "gid"), f"{gid} is not a valid id (0 to {ID_MAX})")
         group_ids[name] = gid
+    return group_ids
 
+
+DEVICE_TAGS = ("UUID", "LABEL", "PARTUUID", "PARTLABEL")
+
+
+def parse_filesystems(table: dict) -> list:
     filesystems = []
-    fs_table = expect(data.get("fileSystems", {}), dict, "fileSystems", "an object")
-    for mountpoint, spec in fs_table.items():
+    for mountpoint, spec in table.items():
         where = key_path("fileSystems", mountpoint)
         comps = parse_components(mountpoint, where, absolute=True)
         expect(spec, dict, where, "an object")
@@ -832,41 +823,42 @@ def parse_config(data, escapes: bool = True) -> Config:
         device = spec.get("device")
         if device is None and spec.get("label") is not None:
             device = "LABEL=" + expect(spec["label"], str, key_path(where, "label"), "a string")
+        at = key_path(where, "device")
         if device is None:
-            raise ConfigError(key_path(where, "device"), "is required (a path, UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
-        expect(device, str, key_path(where, "device"), "a string")
+            raise ConfigError(at, "is required (a path, UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
+        expect(device, str, at, "a string")
         if not device or "\0" in device:
-            raise ConfigError(key_path(where, "device"), f"{device!r} is not a device")
+            raise ConfigError(at, f"{device!r} is not a device")
         if "=" in device and not device.startswith("/"):
             tag = device.split("=", 1)[0]
-            if tag not in ("UUID", "LABEL", "PARTUUID", "PARTLABEL"):
-                raise ConfigError(key_path(where, "device"), f"unknown tag {tag}= (use UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
+            if tag not in DEVICE_TAGS:
+                raise ConfigError(at, f"unknown tag {tag}= (use UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
         elif not device.startswith("/"):
-            raise ConfigError(key_path(where, "device"), f"{device!r} must be an absolute path or UUID=, LABEL=, PARTUUID=, PARTLABEL=")
+            raise ConfigError(at, f"{device!r} must be an absolute path or UUID=, LABEL=, PARTUUID=, PARTLABEL=")
         fs_type = expect(spec.get("fsType", "auto"), str, key_path(where, "fsType"), "a string") or "auto"
         options = parse_options(spec.get("options", []), key_path(where, "options"))
         filesystems.append(FileSystem(comps, device, fs_type, options, where))
+    return filesystems
 
-    entries: list[Entry] = []
-    storages: list[tuple] = []
-    homes: dict[tuple, str] = {}
-    locations = expect(data.get("persistence", {}), dict, "persistence", "an object")
+
+def parse_locations(locations: dict, accounts: dict) -> tuple:
+    """(entries, storage paths, homes: path -> user) of persistence.*."""
+    entries: list = []
+    storages: list = []
+    homes: dict = {}
     for name, spec in locations.items():
         where = key_path("persistence", name)
         expect(spec, dict, where, "an object")
         check_keys(spec, where, LOCATION_KEYS)
         if not expect(spec.get("enable", True), bool, key_path(where, "enable"), "true or false"):
             continue
-        storage_text = spec.get("persistentStoragePath", name)
-        storage = parse_components(storage_text, key_path(where, "persistentStoragePath")
+        storage = parse_components(spec.get("persistentStoragePath", name),
+                                   key_path(where, "persistentStoragePath")
                                    if "persistentStoragePath" in spec else where, absolute=True)
         expect(spec.get("hideMounts", False), bool, key_path(where, "hideMounts"), "true or false")
-        for key in ("directories", "files"):
-            base = key_path(where, key)
-            items = expect(spec.get(key, []), list, base, "a list")
-            entries += parse_items(key, items, base, storage, (), None, ROOT_PERMS, None)
-        user_table = expect(spec.get("users", {}), dict, key_path(where, "users"), "an object")
-        for user, uspec in user_table.items():
+        entries += parse_lists(spec, where, storage, (), None, ROOT_PERMS, None)
+        users = expect(spec.get("users", {}), dict, key_path(where, "users"), "an object")
+        for user, uspec in users.items():
             uwhere = key_path(key_path(where, "users"), user)
             parse_owner(user, uwhere)
             expect(uspec, dict, uwhere, "an object")
@@ -881,65 +873,29 @@ def parse_config(data, escapes: bool = True) -> Config:
             homes.setdefault(home, user)
             home_mode = account.home_mode if account and account.home_mode is not None else 0o700
             default = Perms(user, account.group if account and account.group else None, 0o755)
-            for key in ("directories", "files"):
-                base = key_path(uwhere, key)
-                items = expect(uspec.get(key, []), list, base, "a list")
-                entries += parse_items(key, items, base, storage, home, user, default, home_mode)
+            entries += parse_lists(uspec, uwhere, storage, home, user, default, home_mode)
         if storage not in storages:
             storages.append(storage)
-    for account in accounts.values():
-        if account.home:
-            homes.setdefault(account.home, account.name)
-
-    entries.sort(key=lambda e: e.target)
-    targets = [e.target for e in entries]
-    attach_homes(entries, targets, homes)
-    used = entry_storages(entries)
-    check_overlaps(entries, targets, filesystems, storages, used)
-    for storage in used:
-        if storage not in storages:
-            storages.append(storage)
-    return Config(tuple(filesystems), float(timeout), accounts, group_ids,
-                  tuple(storages), tuple(entries))
+    return entries, storages, homes
 
 
-# In the bare paths of a list joined by newlines (a user's given a leading
-# "/" each), what marks an empty, "." or ".." component or a NUL.
-BAD_IN_PATHS = ("//", "/./", "/../", "/\n", "/.\n", "/..\n", "\0")
-
-
-def parse_items(key: str, items: list, base: str, storage: tuple, home: tuple,
-                user: str | None, default: Perms, home_mode: int | None) -> list:
-    """parse_item for every item of a list. The bare path strings, the
-    common form, are checked all at once: joined by newlines, a few scans
-    of that one text find a path that is not absolute (in a user's list,
-    not relative), an empty, "." or ".." component or a NUL; when there is
-    none, each is just split. Otherwise, and for the objects, every item
-    is parsed alone, for its message."""
-    paths = [item for item in items if type(item) is str]
-    if user is None and len(paths) != len(items) and any(
-            type(item) is dict and item.get("home") is not None
-            for item in [item for item in items if type(item) is not str]):
-        # NixOS impermanence's evaluated option repeats each users.<name>
-        # item in its location's lists, with its home: read under users.
-        return [parse_item(key, item, f"{base}[{i}]", storage, home, user, default, home_mode)
-                for i, item in enumerate(items)
-                if not (type(item) is dict and item.get("home") is not None)]
-    lead = "" if user is None else "/"
-    text = "\n" + lead + ("\n" + lead).join(paths) + "\n"
-    if not paths or (text.count("\n") != len(paths) + 1  # a newline inside a path
-                     or text.count("\n/") != len(paths)
-                     or any(bad in text for bad in BAD_IN_PATHS)):
-        return [parse_item(key, item, f"{base}[{i}]", storage, home, user, default, home_mode)
-                for i, item in enumerate(items)]
-    kind = "directory" if key == "directories" else "file"
-    perms = default if kind == "directory" else None
-    home_info = (home, user, home_mode) if user is not None else None
-    skip = 1 - len(lead)  # the leading "/" of a system-level path
-    return [Entry(kind, home + tuple(item[skip:].split("/")), storage, perms, "auto", None,
-                  home_info, user, f"{base}[{i}]") if type(item) is str
-            else parse_item(key, item, f"{base}[{i}]", storage, home, user, default, home_mode)
-            for i, item in enumerate(items)]
+def parse_lists(spec: dict, where: str, storage: tuple, home: tuple, user: str | None,
+                default: Perms, home_mode: int | None) -> list:
+    """The entries of the directories and files lists of a location (user
+    None) or of one of its users."""
+    entries = []
+    for key in ("directories", "files"):
+        base = key_path(where, key)
+        items = expect(spec.get(key, []), list, base, "a list")
+        for i, item in enumerate(items):
+            if user is None and type(item) is dict and item.get("home") is not None:
+                # NixOS impermanence's evaluated option repeats each
+                # users.<name> item in its location's lists, with its
+                # home: read under users.
+                continue
+            entries.append(parse_item(key, item, f"{base}[{i}]", storage, home, user, default,
+                                      home_mode))
+    return entries
 
 
 def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
@@ -957,145 +913,77 @@ def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
     if kind not in item:
         raise ConfigError(where, f"missing '{kind}'")
     target = home + parse_components(item[kind], where, not at_user, kind)
-    if "persistentStoragePath" in item and item["persistentStoragePath"] is not None:
+    if item.get("persistentStoragePath") is not None:
         storage = parse_components(item["persistentStoragePath"],
                                    key_path(where, "persistentStoragePath"), absolute=True)
-    perms, method, parent_perms = None, "auto", None
     if kind == "directory":
-        perms = parse_perms(item, where, default)
-    else:
-        method = item.get("method", "auto")
-        if method not in ("auto", "symlink"):
-            expect(method, str, key_path(where, "method"), "a string")
-            raise ConfigError(key_path(where, "method"), f"{method!r} is not 'auto' or 'symlink'")
-        parent = item.get("parentDirectory")
-        if parent is not None:
-            pwhere = key_path(where, "parentDirectory")
-            expect(parent, dict, pwhere, "an object")
-            # NixOS impermanence's evaluated option also names the
-            # directory, and always fills in its defaultPerms: the same as
-            # those is the same as none given.
-            check_keys(parent, pwhere, PERM_KEYS, NIXOS_INTERNAL | {"directory"})
-            defaults = parent.get("defaultPerms")
-            if not (isinstance(defaults, dict)
-                    and all(parent.get(key) == defaults.get(key) for key in PERM_KEYS)):
-                parent_perms = parse_perms(parent, pwhere, default)
-    return Entry(kind, target, storage, perms, method, parent_perms, home_info, user, where)
-
-
-def first_at_least(values: list, x, lo: int, hi: int) -> int:
-    """The first index in [lo, hi) whose value is >= x (values sorted), or hi."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if values[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def end_of_prefix(targets: list, prefix: tuple, lo: int, hi: int) -> int:
-    """The first index in [lo, hi) whose target does not start with prefix,
-    where those that do come first (sorted targets), or hi."""
-    depth = len(prefix)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if targets[mid][:depth] == prefix:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def below(targets: list, path: tuple) -> tuple:
-    """[start, end) of the sorted targets strictly below path. They are
-    consecutive, right after path itself: two binary searches."""
-    count = len(targets)
-    start = first_at_least(targets, path, 0, count)
-    if start < count and targets[start] == path:
-        start += 1
-    return start, end_of_prefix(targets, path, start, count)
-
-
-def entry_storages(entries: list) -> list:
-    """The entries' storage paths, each once, in order of first use."""
-    seen: list = []
-    last = None
-    for e in entries:
-        if e.storage is not last:  # one tuple object for a location's entries
-            last = e.storage
-            if last not in seen:
-                seen.append(last)
-    return seen
+        return Entry(kind, target, storage, parse_perms(item, where, default), "auto", None,
+                     home_info, user, where)
+    method = item.get("method", "auto")
+    if method not in ("auto", "symlink"):
+        expect(method, str, key_path(where, "method"), "a string")
+        raise ConfigError(key_path(where, "method"), f"{method!r} is not 'auto' or 'symlink'")
+    parent_perms = None
+    parent = item.get("parentDirectory")
+    if parent is not None:
+        pwhere = key_path(where, "parentDirectory")
+        expect(parent, dict, pwhere, "an object")
+        # NixOS impermanence's evaluated option also names the directory,
+        # and always fills in its defaultPerms: the same as those is the
+        # same as none given.
+        check_keys(parent, pwhere, PERM_KEYS, NIXOS_INTERNAL | {"directory"})
+        defaults = parent.get("defaultPerms")
+        if not (isinstance(defaults, dict)
+                and all(parent.get(key) == defaults.get(key) for key in PERM_KEYS)):
+            parent_perms = parse_perms(parent, pwhere, default)
+    return Entry(kind, target, storage, None, method, parent_perms, home_info, user, where)
 
 
 def is_under(path: tuple, parent: tuple) -> bool:
     return path[:len(parent)] == parent
 
 
-def attach_homes(entries: list, targets: list, homes: dict) -> None:
+def attach_homes(entries: list, homes: dict) -> None:
     """A system-level entry inside a known user's home gets that home's
-    parent rules too, so ~/.local is never created root-owned. Entries are
-    sorted, so those below a home are consecutive (`targets` are theirs,
-    in order); the deepest home is taken first, and an entry once given a
-    home keeps it."""
-    for home in sorted(homes, key=len, reverse=True):
-        user = homes[home]
-        start, end = below(targets, home)
-        for k in range(start, end):
-            e = entries[k]
-            if e.home is None:
+    parent rules too, so ~/.local is never created root-owned (the deepest
+    home holding it, if homes nest)."""
+    deepest_first = sorted(homes, key=len, reverse=True)
+    for k, e in enumerate(entries):
+        if e.home is not None:
+            continue
+        for home in deepest_first:
+            if len(e.target) > len(home) and is_under(e.target, home):
+                user = homes[home]
                 entries[k] = Entry(e.kind, e.target, e.storage, e.perms, e.method, e.parent_perms,
                                    (home, user, 0o700), user, e.where)
+                break
 
 
-def check_overlaps(entries: list, targets: list, filesystems: list, storages: list,
-                   used: list) -> None:
-    """Reject what would make one mount hide another or double-apply a
-    path. Entries are sorted by target, so a path and what lies below it
-    are neighbours: binary searches find the few entries that can fail
-    (the first below a kept file; those at, above or first below a
-    storage path or mount point), and only those are checked in full, in
-    target order. `targets` are the entries' targets, in order."""
-    count = len(targets)
-    for k in range(1, count):
-        if targets[k] == targets[k - 1]:
-            raise ConfigError(entries[k].where, f"{as_path(targets[k])} is listed twice: "
+def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
+    """Reject what would make one mount hide another or apply a path twice:
+    a target listed twice, one inside a kept file, and one at, above or
+    below a storage path or a fileSystems mount point. Entries are sorted
+    by target; the first one in that order that clashes is reported."""
+    for k in range(1, len(entries)):
+        if entries[k].target == entries[k - 1].target:
+            raise ConfigError(entries[k].where, f"{as_path(entries[k].target)} is listed twice: "
                                                 f"also at {entries[k - 1].where}")
     guarded: dict = {}
     for path in storages:
         guarded.setdefault(path, "persistent storage path")
     for fs in filesystems:
         guarded.setdefault(fs.mountpoint, "fileSystems mount point")
-    for path in used:  # the entries' own storage paths
-        guarded.setdefault(path, "persistent storage path")
-    # Every prefix of a guarded path: one lookup tells whether a guarded
-    # path lies at or below a target.
+    # Every prefix of a guarded path, and one guarded path at or below it.
     guarded_below: dict = {}
     for path in guarded:
         for depth in range(1, len(path) + 1):
             guarded_below.setdefault(path[:depth], path)
-    suspects = {k + 1 for k in range(count - 1)
-                if entries[k].kind == "file" and targets[k + 1][:len(targets[k])] == targets[k]}
-    for prefix in guarded_below:
-        k = first_at_least(targets, prefix, 0, count)
-        if k < count and targets[k] == prefix:
-            suspects.add(k)
-    for path in guarded:
-        start, end = below(targets, path)
-        if start < end:
-            suspects.add(start)
-
-    def kept_file(prefix: tuple):
-        k = first_at_least(targets, prefix, 0, count)
-        return entries[k] if k < count and targets[k] == prefix and entries[k].kind == "file" else None
-
-    for k in sorted(suspects):
-        e = entries[k]
+    kept_files = {e.target: e for e in entries if e.kind == "file"}
+    for e in entries:
         hit = guarded_below.get(e.target)
         for depth in range(1, len(e.target)):
             prefix = e.target[:depth]
-            holder = kept_file(prefix)
+            holder = kept_files.get(prefix)
             if holder is not None:
                 raise ConfigError(e.where, f"{as_path(e.target)} is inside the kept file "
                                            f"{as_path(holder.target)} ({holder.where})")
@@ -1105,147 +993,7 @@ def check_overlaps(entries: list, targets: list, filesystems: list, storages: li
             raise ConfigError(e.where, f"{as_path(e.target)} overlaps the {guarded[hit]} {as_path(hit)}; "
                                        "a bind mount there would hide storage")
 
-
-# --- Compiled config ---------------------------------------------------------
-#
-# At 10,000 entries, reading and checking the JSON takes ~25 ms of a boot
-# that the rest of apply shares across two CPUs. `compile`, run when the
-# initramfs is built (as the script itself is byte-compiled then), stores
-# the checked records next to the JSON they came from; apply then loads
-# them with marshal (built into the interpreter) in a third of the time.
-# The records are used only by the very script file that made them (its
-# bytes' CRC-32 is in the header): any other version of the script reads
-# the JSON part, as does a file whose JSON or records no longer match their
-# CRC-32.
-#
-#   COMPILED_MAGIC
-#   b"<script crc32> <python major.minor> <json length> <json crc32> <records crc32>\n"
-#   the JSON, as given
-#   marshal of the records (compiled_payload)
-
-COMPILED_MAGIC = b"\0impermanence_boot compiled config\n"
-COMPILED_PYTHON = "%d.%d" % sys.version_info[:2]  # the header's Python version
-
-
-def script_fingerprint() -> int | None:
-    """CRC-32 of the running script file (the .py or the .pyc), or None
-    when it cannot be read."""
-    import zlib  # built into Debian's and NixOS's interpreters
-
-    try:
-        with open(__file__, "rb") as f:
-            return zlib.crc32(f.read())
-    except (OSError, NameError):
-        return None
-
-
-def compiled_header(json_bytes: bytes, payload: bytes, fingerprint: int) -> bytes:
-    import zlib
-
-    return COMPILED_MAGIC + (f"{fingerprint} {COMPILED_PYTHON} {len(json_bytes)} "
-                             f"{zlib.crc32(json_bytes)} {zlib.crc32(payload)}\n").encode()
-
-
-def split_compiled(raw: bytes, path: str) -> tuple:
-    """(the JSON bytes, the marshalled records or None when this script
-    file, on this Python version, did not make them, or when they or the
-    JSON no longer match their CRC-32)."""
-    import zlib
-
-    start = len(COMPILED_MAGIC)
-    end = raw.find(b"\n", start)
-    fields = raw[start:end].split() if end > 0 else []
-    if not (len(fields) == 5 and all(fields[k].isdigit() for k in (0, 2, 3, 4))):
-        raise ConfigFileError(path, "compiled config has a damaged header; compile it again")
-    fingerprint, version, size, json_crc, payload_crc = fields
-    json_start = end + 1
-    json_bytes = raw[json_start:json_start + int(size)]
-    if len(json_bytes) != int(size):
-        raise ConfigFileError(path, "compiled config is truncated; compile it again")
-    payload = raw[json_start + int(size):]
-    current = (str(script_fingerprint()).encode() == fingerprint
-               and COMPILED_PYTHON.encode() == version
-               and str(zlib.crc32(json_bytes)).encode() == json_crc
-               and str(zlib.crc32(payload)).encode() == payload_crc)
-    return json_bytes, payload if current else None
-
-
-def compiled_payload(config: Config) -> tuple:
-    """The config as the plain values marshal stores. Perms are few and
-    shared: stored once, referred to by index (0: none)."""
-    perms_index: dict = {None: 0}
-    for e in config.entries:
-        for p in (e.perms, e.parent_perms):
-            perms_index.setdefault(p, len(perms_index))
-    rows = tuple((e.kind, e.target, e.storage, perms_index[e.perms], e.method,
-                  perms_index[e.parent_perms], e.home, e.home_owner, e.where, e.source)
-                 for e in config.entries)
-    return (COMPILED_LAYOUT,
-            tuple(fs._values() for fs in config.filesystems), config.device_timeout,
-            {name: a._values() for name, a in config.accounts.items()}, config.group_ids,
-            config.storages, tuple(p._values() for p in perms_index if p is not None), rows)
-
-
-COMPILED_LAYOUT = 1  # of compiled_payload's tuple
-
-
-def config_from_payload(payload: bytes) -> Config | None:
-    """The Config compiled_payload stored, or None if it cannot be read
-    back (then the JSON is read)."""
-    import marshal
-
-    try:
-        layout, filesystems, timeout, accounts, group_ids, storages, perms, rows = \
-            marshal.loads(payload)
-        if layout != COMPILED_LAYOUT:
-            return None
-        perms_table = [None] + [Perms(*values) for values in perms]
-        new, entries = object.__new__, []
-        add = entries.append
-        for kind, target, storage, p, method, pp, home, home_owner, where, source in rows:
-            # Entry.__init__, without the call (in the same order: the
-            # interpreter shares one key table among entries set alike).
-            entry = new(Entry)
-            entry.kind = kind
-            entry.target = target
-            entry.storage = storage
-            entry.perms = perms_table[p]
-            entry.method = method
-            entry.parent_perms = perms_table[pp]
-            entry.home = home
-            entry.home_owner = home_owner
-            entry.where = where
-            entry.source = source
-            add(entry)
-        return Config(tuple(FileSystem(*values) for values in filesystems), timeout,
-                      {name: Account(*values) for name, values in accounts.items()},
-                      group_ids, storages, tuple(entries))
-    except (ValueError, TypeError, EOFError, IndexError):
-        return None
-
-
-def write_compiled(config: Config, json_bytes: bytes, output: str) -> None:
-    """Write the compiled config to output, replacing it only once the new
-    one is complete (a temporary file in the same directory, renamed)."""
-    import marshal
-
-    fingerprint = script_fingerprint()
-    if fingerprint is None:
-        raise ConfigFileError(output, "cannot compile: this script cannot read its own file")
-    payload = marshal.dumps(compiled_payload(config))
-    data = compiled_header(json_bytes, payload, fingerprint) + json_bytes + payload
-    temp = f"{output}.{os.getpid()}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.rename(temp, output)
-    except BaseException:
-        os.unlink(temp)
-        raise
-
-
-# --- Device lookup and superblock probing ------------------------------------
+# --- The system as found: devices -------------------------------------------------
 
 def format_uuid(raw: bytes, mixed_endian: bool = False) -> str:
     if mixed_endian:  # GPT GUIDs store the first three fields little-endian
@@ -1451,7 +1199,7 @@ def kernel_filesystems() -> list:
         return []
 
 
-# --- Mount table ----------------------------------------------------------------
+# --- The system as found: the mount table -----------------------------------------
 
 def unescape_mountinfo(field: str) -> str:
     if "\\" not in field:
@@ -1497,7 +1245,7 @@ class MountTable:
         self.points.pop(host_path, None)
 
 
-# --- Accounts -----------------------------------------------------------------------
+# --- The system as found: accounts ---------------------------------------------------
 
 def parse_colon_file(text: str) -> dict:
     table = {}
@@ -1520,7 +1268,6 @@ class Accounts:
         self._maps: dict = {}
         self._files: dict = {}
         self._cache: dict = {}
-        self._resolved: dict = {}    # (user, group, storage) -> (uid, gid)
         self._kept_dirs: dict | None = None
 
     def kept_dir_perms(self, source: tuple) -> Perms | None:
@@ -1566,7 +1313,7 @@ class Accounts:
 
     def _resolve(self, what: str, name: str, storage: tuple, configured: int | None,
                  nixos_map: str, database: str, table: str, key: str) -> int:
-        if name.isdigit() and name.isascii():  # is_id, inline: once per lookup
+        if is_id(name):
             return int(name)  # in range: checked with the config
         if name == "root" and configured is None:
             return 0
@@ -1625,17 +1372,13 @@ class Accounts:
 
     def resolve(self, perms: Perms, storage: tuple) -> tuple:
         """(uid, gid, mode) for perms in storage."""
-        key = (perms.user, perms.group, storage)
-        ids = self._resolved.get(key)
-        if ids is None:
-            uid = self.uid(perms.user, storage)
-            gid = (self.primary_gid(perms.user, storage) if perms.group is None
-                   else self.gid(perms.group, storage))
-            ids = self._resolved[key] = (uid, gid)
-        return ids[0], ids[1], perms.mode
+        uid = self.uid(perms.user, storage)
+        gid = (self.primary_gid(perms.user, storage) if perms.group is None
+               else self.gid(perms.group, storage))
+        return uid, gid, perms.mode
 
 
-# --- Looking at the tree ------------------------------------------------------
+# --- The system as found: the tree --------------------------------------------------
 
 class Node:
     """What is at a path: kind is 'dir', 'file', 'link' or 'other'. Made for
@@ -1673,7 +1416,6 @@ class Tree:
         self.dirs: dict = {}         # real directories seen: path -> Node
         self.created: dict = {}      # planned: path -> Node
         self.binds: dict = {}        # planned: target -> source
-        self.keep_binds = False      # enter() forgets none (see run_in_two)
         self.pending_binds: list = []
         self.pending_created: list = []
 
@@ -1689,10 +1431,13 @@ class Tree:
         return comps
 
     def _lstat(self, comps: tuple) -> Node | None:
+        path = self.prefix + "/" + "/".join(comps)
         try:
-            return node_from_stat(os.lstat(self.prefix + "/" + "/".join(comps)))
+            return node_from_stat(os.lstat(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:
+            raise oserror("lstat", path, exc.errno) from None
 
     def look(self, comps: tuple) -> Node | None:
         """The node at comps, or None if missing. Raises EntryError if a
@@ -1774,15 +1519,16 @@ class Tree:
         self.pending_binds.append(target)
 
     def forget(self, comps: tuple) -> None:
-        """A mount was made on or removed from comps."""
+        """A mount was made on or removed from comps: what is there now is
+        the kernel's to say."""
         self.dirs.pop(comps, None)
+        self.created.pop(comps, None)
 
     def enter(self, target: tuple) -> None:
         """Planning moves on to target. Entries come in path order, so a
         bind mount behind target and not above it is above no later entry
-        either: dropping it keeps every lookup's translation short. (One
-        still ahead, which a share's first entries can find, is kept.)"""
-        if self.binds and not self.keep_binds:
+        either: dropping it keeps every lookup's translation short."""
+        if self.binds:
             self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t or t > target}
 
     def settle(self, succeeded: bool) -> None:
@@ -1852,7 +1598,7 @@ def dir_open_error(exc: OSError, dir_fd: int, name: str, shown: str) -> Exceptio
             is_link = False
         what = "a symbolic link" if is_link else "not a directory"
         return EntryError(shown, f"is {what}; refusing to follow it")
-    return OSError(exc.errno, exc.strerror, shown)
+    return oserror("open", shown, exc.errno)
 
 
 def open_beneath(root: str, comps: tuple, flags: int) -> int:
@@ -1874,12 +1620,150 @@ def open_beneath(root: str, comps: tuple, flags: int) -> int:
         os.close(fd)
 
 
-# --- Actions --------------------------------------------------------------------
+
+# --- Actions -------------------------------------------------------------------------
+#
+# Every change apply makes is one action: `describe` is the line plan
+# prints (and apply -v logs), `execute` makes the change through the
+# executor's directory walks. Planning (below) makes the lists; the
+# executor runs them, the printer only describes them.
+
+class DirChain:
+    """Open directory fds along the last path walked from the root, every
+    component opened O_DIRECTORY|O_NOFOLLOW below the one before. Entries
+    come sorted, so the next walk reuses the shared parents."""
+
+    def __init__(self, root_fd: int, tree: Tree):
+        self.root_fd = root_fd
+        self.tree = tree
+        self.path: tuple = ()        # fds[i] is the directory path[:i + 1]
+        self.fds: list = []
+
+    def truncate(self, depth: int) -> None:
+        while len(self.fds) > depth:
+            os.close(self.fds.pop())
+        self.path = self.path[:depth]
+
+    def open(self, comps: tuple) -> int:
+        """The fd of directory comps, the chain's to close."""
+        path = self.path
+        if comps == path:
+            return self.fds[-1] if path else self.root_fd
+        depth = 0
+        limit = min(len(path), len(comps))
+        while depth < limit and path[depth] == comps[depth]:
+            depth += 1
+        self.truncate(depth)
+        fds = self.fds
+        fd = fds[-1] if depth else self.root_fd
+        try:
+            for name in comps[depth:]:
+                fd = os.open(name, O_DIR, dir_fd=fd)
+                fds.append(fd)
+        except OSError as exc:
+            depth = len(fds)
+            self.path = comps[:depth]
+            raise dir_open_error(exc, fd, comps[depth], self.tree.host(comps[:depth + 1])) from None
+        self.path = comps
+        return fd
+
+    def owner(self, comps: tuple) -> int:
+        """uid of the directory comps, opened along the walk."""
+        return os.fstat(self.open(comps)).st_uid
+
+    def push(self, name: str, fd: int) -> None:
+        """Take fd, the directory just made at path + (name,)."""
+        self.fds.append(fd)
+        self.path += (name,)
+
+    def forget(self, comps: tuple) -> None:
+        """A mount landed on comps: fds at or below it see what it covers."""
+        if self.path[:len(comps)] == comps:
+            self.truncate(len(comps) - 1)
+
+
+class Executor:
+    """Runs actions (apply), each as it is planned; -v logs each with the
+    line plan prints for it."""
+
+    def __init__(self, tree: Tree, log: Log):
+        self.tree = tree
+        self.log = log
+        self.root_fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.sources = DirChain(self.root_fd, tree)  # walks in storage
+        self.targets = DirChain(self.root_fd, tree)  # walks on the root
+        self.euid = os.geteuid()
+        self.clone_binds = True  # until open_tree(2) is found missing
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.sources.truncate(0)
+        self.targets.truncate(0)
+        os.close(self.root_fd)
+
+    def run(self, actions: list) -> None:
+        """Perform actions in order; the first that fails raises."""
+        verbose = self.log.verbosity >= 2
+        for action in actions:
+            if verbose:
+                self.log.info(action.describe(self.tree))
+            action.execute(self)
+
+    def report(self, text: str) -> None:
+        self.log.error(text)
+
+    def skip(self, storage: tuple, reason: str, count: int) -> None:
+        self.log.error(f"{as_path(storage)}: {reason}; {count} entries not applied")
+
+
+class Printer:
+    """Runs nothing (plan): keeps the line each action describes."""
+
+    def __init__(self, tree: Tree):
+        self.tree = tree
+        self.lines: list = []
+
+    def run(self, actions: list) -> None:
+        self.lines += [action.describe(self.tree) for action in actions]
+
+    def report(self, text: str) -> None:
+        self.lines.append("fail " + text)
+
+    def skip(self, storage: tuple, reason: str, count: int) -> None:
+        self.lines.append(f"skip {count} entries of {self.tree.host(storage)}: {reason}")
+
+
+def mark(fd: int) -> None:
+    """Mark a mount point apply made (see MARK_TIME_NS)."""
+    try:
+        os.utime(fd, ns=MARK_TIMES)
+    except OSError:
+        pass  # unmount will then leave this mount point in place
+
+
+def give_owner_and_mode(fd: int, st, uid: int, gid: int, mode: int, shown: str) -> None:
+    """Owner first, mode last: until the mode is set, a directory keeps the
+    0000 a next run recognises."""
+    if st.st_uid != uid or st.st_gid != gid:
+        call("chown", shown, os.fchown, fd, uid, gid)
+    # mkdir cannot set set-id bits, and a set-gid parent passes its own.
+    if mode & 0o6000 or stat.S_IMODE(st.st_mode) != mode:
+        call("chmod", shown, os.fchmod, fd, mode)
+
+
+def checked_stat(fd: int, want_dir: bool, shown: str):
+    """fstat of fd, opened or cloned without following a link: a directory
+    or a regular file as wanted, else the entry fails."""
+    st = os.fstat(fd)
+    if not (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "of an unexpected type"
+        raise EntryError(shown, f"is {kind}; not mounted")
+    return st
+
 
 class Action:
-    """One change to the filesystem. `describe` is the line `plan` prints.
-    Made by the thousand at boot: plain slotted classes with their own
-    __init__ (a Record's generic one costs a loop per field)."""
     __slots__ = ()
 
     def __repr__(self):
@@ -1888,29 +1772,83 @@ class Action:
 
 
 class MakeDir(Action):
-    __slots__ = ("path", "uid", "gid", "mode", "why", "mark")
+    """A missing directory, in storage or on the root; `mark`: a mount
+    point for a kept directory."""
+    __slots__ = ("path", "uid", "gid", "mode", "why", "in_storage", "mark")
 
-    def __init__(self, path: tuple, uid: int, gid: int, mode: int, why: str, mark: bool = False):
-        self.path, self.uid, self.gid, self.mode, self.why, self.mark = path, uid, gid, mode, why, mark
+    def __init__(self, path: tuple, uid: int, gid: int, mode: int, why: str, in_storage: bool,
+                 mark: bool = False):
+        self.path, self.uid, self.gid, self.mode = path, uid, gid, mode
+        self.why, self.in_storage, self.mark = why, in_storage, mark
 
     def describe(self, tree: Tree) -> str:
         return f"mkdir {tree.host(self.path)} ({self.uid}:{self.gid} {format_mode(self.mode)}, {self.why})"
 
+    def execute(self, ex: Executor) -> None:
+        chain = ex.sources if self.in_storage else ex.targets
+        parent = chain.open(self.path[:-1])
+        name, shown = self.path[-1], ex.tree.host(self.path)
+        # Made with mode 0000, then given owner and mode through its fd:
+        # apply killed in between leaves an empty directory with mode 0000,
+        # which the next run finishes (FinishDir), never one with the wrong
+        # owner that it would keep as it is. A mount point needs none of
+        # this: the bind mount covers its owner and mode.
+        try:
+            os.mkdir(name, self.mode & 0o1777 if self.mark else 0, dir_fd=parent)  # umask is 0
+        except FileExistsError:
+            raise EntryError(shown, "appeared while applying; left as it is") from None
+        except OSError as exc:
+            raise oserror("mkdir", shown, exc.errno) from None
+        fd = open_dir_at(parent, name, shown)
+        try:
+            st = os.fstat(fd)
+            # Ours if still root-owned: whoever could swap it in its parent
+            # cannot make a root-owned directory. (No nlink test: btrfs
+            # directories always have one link.)
+            if st.st_uid != ex.euid:
+                raise EntryError(shown, "was replaced while applying; not changed")
+            give_owner_and_mode(fd, st, self.uid, self.gid, self.mode, shown)
+            if self.mark:
+                mark(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        chain.push(name, fd)
+
 
 class FinishDir(Action):
     """Give an empty directory with mode 0000 its owner and mode: apply was
-    killed while making it (see Executor.do_MakeDir)."""
-    __slots__ = ("path", "uid", "gid", "mode")
+    killed while making it (see MakeDir)."""
+    __slots__ = ("path", "uid", "gid", "mode", "in_storage")
 
-    def __init__(self, path: tuple, uid: int, gid: int, mode: int):
-        self.path, self.uid, self.gid, self.mode = path, uid, gid, mode
+    def __init__(self, path: tuple, uid: int, gid: int, mode: int, in_storage: bool):
+        self.path, self.uid, self.gid, self.mode, self.in_storage = path, uid, gid, mode, in_storage
 
     def describe(self, tree: Tree) -> str:
         return (f"finish {tree.host(self.path)} ({self.uid}:{self.gid} {format_mode(self.mode)}, "
                 "left with mode 0000 by an interrupted run)")
 
+    def execute(self, ex: Executor) -> None:
+        chain = ex.sources if self.in_storage else ex.targets
+        parent = chain.open(self.path[:-1])
+        name, shown = self.path[-1], ex.tree.host(self.path)
+        fd = open_dir_at(parent, name, shown)
+        try:
+            st = os.fstat(fd)
+            # As a killed MakeDir leaves it: empty, mode 0000, owned by us
+            # or already by its owner-to-be.
+            if stat.S_IMODE(st.st_mode) or st.st_uid not in (ex.euid, self.uid) or os.listdir(fd):
+                raise EntryError(shown, "has mode 0000 but is not a directory an interrupted run "
+                                        "left unfinished; left as it is")
+            give_owner_and_mode(fd, st, self.uid, self.gid, self.mode, shown)
+        except BaseException:
+            os.close(fd)
+            raise
+        chain.push(name, fd)
+
 
 class WriteFile(Action):
+    """A file with content, in storage (machine-id's placeholder)."""
     __slots__ = ("path", "content", "uid", "gid", "mode")
 
     def __init__(self, path: tuple, content: bytes, uid: int, gid: int, mode: int):
@@ -1920,8 +1858,42 @@ class WriteFile(Action):
         return (f"create {tree.host(self.path)} containing {self.content.decode().strip()!r} "
                 f"({self.uid}:{self.gid} {format_mode(self.mode)})")
 
+    def execute(self, ex: Executor) -> None:
+        parent = ex.sources.open(self.path[:-1])
+        name, shown = self.path[-1], ex.tree.host(self.path)
+        # Written under a temporary name and renamed into place complete:
+        # apply killed while writing leaves no empty machine-id for the
+        # next boot to take as real.
+        temp = f".{name}.impermanence-new" if len(name) < 200 else name
+        if temp != name:
+            try:
+                os.unlink(temp, dir_fd=parent)  # left by a killed run
+            except OSError:
+                pass
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with opened(call("create", shown, os.open, temp, flags, 0o600, dir_fd=parent)) as fd:
+            try:
+                if call("write", shown, os.write, fd, self.content) != len(self.content):
+                    raise oserror("write", shown, errno.ENOSPC)
+                call("chown", shown, os.fchown, fd, self.uid, self.gid)
+                call("chmod", shown, os.fchmod, fd, self.mode)
+                if temp != name:
+                    # One atomic step: killed before it, the temporary is
+                    # what the next run removes; after it, nothing is left.
+                    rename_noreplace(parent, temp, name, shown)
+            except OSError:
+                # No half-made file left behind, if the name is still ours.
+                try:
+                    st, mine = os.stat(temp, dir_fd=parent, follow_symlinks=False), os.fstat(fd)
+                    if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                        os.unlink(temp, dir_fd=parent)
+                except OSError:
+                    pass
+                raise
+
 
 class CreateMountFile(Action):
+    """An empty file on the root for a kept file's bind mount."""
     __slots__ = ("path",)
 
     def __init__(self, path: tuple):
@@ -1930,10 +1902,20 @@ class CreateMountFile(Action):
     def describe(self, tree: Tree) -> str:
         return f"create empty {tree.host(self.path)} (mount point)"
 
+    def execute(self, ex: Executor) -> None:
+        parent = ex.targets.open(self.path[:-1])
+        shown = ex.tree.host(self.path)
+        # Root-owned and 0644 as made (umask is 0); the bind mount that
+        # follows covers it, so no chown or chmod.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with opened(call("create", shown, os.open, self.path[-1], flags, 0o644, dir_fd=parent)) as fd:
+            mark(fd)
+
 
 class RemoveEmptyFile(Action):
-    """marked_only: the file lies in storage (inside a kept directory of
-    another storage) and is removed only if apply made it."""
+    """An empty file where a link goes (a stale machine-id). marked_only:
+    the file lies in storage (inside a kept directory of another storage)
+    and is removed only if apply made it."""
     __slots__ = ("path", "marked_only")
 
     def __init__(self, path: tuple, marked_only: bool = False):
@@ -1941,6 +1923,17 @@ class RemoveEmptyFile(Action):
 
     def describe(self, tree: Tree) -> str:
         return f"remove empty file {tree.host(self.path)} (replaced)"
+
+    def execute(self, ex: Executor) -> None:
+        parent = ex.targets.open(self.path[:-1])
+        name, shown = self.path[-1], ex.tree.host(self.path)
+        with opened(call("open", shown, os.open, name, O_PATH_NOFOLLOW, dir_fd=parent)) as fd:
+            st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
+            raise EntryError(shown, "is no longer an empty file; not removed")
+        if self.marked_only and st.st_mtime_ns != MARK_TIME_NS:
+            raise EntryError(shown, NOT_OURS_IN_STORAGE)
+        call("unlink", shown, os.unlink, name, dir_fd=parent)
 
 
 class Symlink(Action):
@@ -1952,8 +1945,14 @@ class Symlink(Action):
     def describe(self, tree: Tree) -> str:
         return f"link {tree.host(self.path)} -> {self.text}"
 
+    def execute(self, ex: Executor) -> None:
+        parent = ex.targets.open(self.path[:-1])
+        call("symlink", ex.tree.host(self.path), os.symlink, self.text, self.path[-1], dir_fd=parent)
+
 
 class Bind(Action):
+    """A bind mount of a kept directory or file (kind "dir" or "file")
+    from storage onto its target, both opened without following a link."""
     __slots__ = ("source", "target", "kind")
 
     def __init__(self, source: tuple, target: tuple, kind: str):
@@ -1962,8 +1961,109 @@ class Bind(Action):
     def describe(self, tree: Tree) -> str:
         return f"bind {tree.host(self.source)} on {tree.host(self.target)}"
 
+    def execute(self, ex: Executor) -> None:
+        want_dir = self.kind == "dir"
+        source_shown, target_shown = ex.tree.host(self.source), ex.tree.host(self.target)
+        parent = ex.sources.open(self.source[:-1])
+        name = self.source[-1]
+        clone = None
+        if ex.clone_binds:
+            clone = open_tree(parent, name, OPEN_TREE_CLONE | os.O_CLOEXEC | AT_SYMLINK_NOFOLLOW,
+                              source_shown)
+            ex.clone_binds = clone is not None
+        if clone is None:
+            source_fd = call("open", source_shown, os.open, name, O_PATH_NOFOLLOW, dir_fd=parent)
+        with opened(source_fd if clone is None else clone) as source_fd:
+            st = checked_stat(source_fd, want_dir, source_shown)
+            if not want_dir and st.st_nlink > 1:
+                # A hard link planted by whoever owns the directory (say,
+                # to a root-owned file elsewhere in storage) is not kept state.
+                owner = ex.sources.owner(self.source[:-1])
+                if st.st_uid != owner:
+                    raise EntryError(source_shown, hard_link_refusal(st.st_uid, owner))
+            if want_dir:
+                attach(source_fd, ex.targets.open(self.target), clone is not None, target_shown)
+            else:
+                target_parent = ex.targets.open(self.target[:-1])
+                with opened(call("open", target_shown, os.open, self.target[-1], O_PATH_NOFOLLOW,
+                                 dir_fd=target_parent)) as target_fd:
+                    checked_stat(target_fd, False, target_shown)
+                    attach(source_fd, target_fd, clone is not None, target_shown)
+        ex.targets.forget(self.target)
+
+
+def attach(source_fd: int, target_fd: int, cloned: bool, shown: str) -> None:
+    """Mount source_fd (a detached clone, or without open_tree(2) the
+    source itself) onto target_fd: exactly the inodes opened, no path
+    looked up again."""
+    if cloned:
+        move_mount(source_fd, target_fd, shown)
+    else:
+        mount(f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}", None, MS_BIND, None,
+              shown, "bind")
+
+
+class MountFilesystem(Action):
+    """A fileSystems entry mounted at its mount point; device and probed
+    are what planning found (None: not there yet, waited for)."""
+    __slots__ = ("fs", "device", "probed", "timeout")
+
+    def __init__(self, fs: FileSystem, device: str | None, probed: str | None, timeout: float):
+        self.fs, self.device, self.probed, self.timeout = fs, device, probed, timeout
+
+    def describe(self, tree: Tree) -> str:
+        fs = self.fs
+        shown = f"{fs.device} ({self.device})" if self.device and self.device != fs.device else fs.device
+        if self.device is None:
+            shown += f" (not present now; apply waits up to {self.timeout:g} s)"
+        options = ",".join(fs.options)
+        return (f"mount {shown} on {tree.host(fs.mountpoint)} (type {fs.fs_type}"
+                f"{', ' + options if options else ''}; not mounted yet, so its contents are "
+                "planned as if empty)")
+
+    def execute(self, ex: Executor) -> None:
+        fs, point = self.fs, self.fs.mountpoint
+        host = ex.tree.host(point)
+        device, probed = self.device, self.probed
+        if device is None:
+            device, probed = wait_for_device(fs.device, self.timeout)
+        flags, data = split_mount_options(fs.options)
+        if fs.fs_type != "auto":
+            candidates = [fs.fs_type]
+        elif probed == "ext4":
+            candidates = ["ext4", "ext3", "ext2"]
+        elif probed:
+            candidates = [probed]
+        else:
+            candidates = kernel_filesystems()
+        if len(candidates) > 1:
+            flags |= MS_SILENT
+        errors = []
+        parent = ex.targets.open(point[:-1])
+        with opened(call("open", host, os.open, point[-1], O_PATH_NOFOLLOW, dir_fd=parent)) as fd:
+            checked_stat(fd, True, host)
+            for fs_type in candidates:
+                try:
+                    mount(device, f"/proc/self/fd/{fd}", fs_type, flags, data, host)
+                except OSError as exc:
+                    errors.append((fs_type, exc))
+                    if exc.errno in (errno.EINVAL, errno.ENODEV, errno.ENOTBLK, errno.EIO):
+                        continue  # not this type: the next one
+                    break
+                ex.targets.forget(point)
+                ex.tree.forget(point)  # its contents are the kernel's to say now
+                ex.log.info(f"mounted {device} ({fs_type}) on {host}")
+                return
+        if not errors:
+            raise EntryError(host, f"cannot mount {fs.device}: no filesystem type to try")
+        fs_type, exc = errors[-1] if len(errors) == 1 else errors[0]
+        hint = " (wrong fsType, bad option or bad superblock)" if exc.errno == errno.EINVAL else ""
+        tried = ", ".join(t for t, _ in errors)
+        raise EntryError(host, f"cannot mount {fs.device} ({device}) as {tried}: {exc.strerror}{hint}")
+
 
 class Fail(Action):
+    """Planning found what this entry must not touch: it stops here."""
     __slots__ = ("path", "cause")
 
     def __init__(self, path: tuple, cause: str):
@@ -1972,11 +2072,73 @@ class Fail(Action):
     def describe(self, tree: Tree) -> str:
         return f"fail {tree.host(self.path)}: {self.cause}"
 
+    def execute(self, ex: Executor) -> None:
+        raise EntryError(ex.tree.host(self.path), self.cause)
+
 
 # --- Planning ------------------------------------------------------------------------
+#
+# The tree records every planned action, so each list is computed as if
+# the actions before it had run: `plan` prints them all, apply runs each
+# list as soon as it is made.
 
 NOT_OURS_IN_STORAGE = ("is an empty file in a kept directory of another storage that apply did not "
                        "make; not replaced by a link")
+
+
+class Refused(Exception):
+    """Planning found what an entry must not touch: apply runs what was
+    planned before, then the entry fails (a Fail action)."""
+
+    def __init__(self, path: tuple, cause: str):
+        super().__init__(cause)
+        self.path, self.cause = path, cause
+
+
+def make_dir(actions: list, tree: Tree, path: tuple, uid: int, gid: int, mode: int, why: str,
+             in_storage: bool, mark: bool = False) -> None:
+    """Plan making the directory at path with this owner and mode."""
+    actions.append(MakeDir(path, uid, gid, mode, why, in_storage, mark))
+    tree.record(path, Node("dir", uid, gid, mode, 0, None, None, None))
+
+
+def finish_dir(actions: list, tree: Tree, path: tuple, node: Node, uid: int, gid: int,
+               mode: int, in_storage: bool) -> None:
+    """Plan giving the directory at path, found with mode 0000 (maybe one
+    an interrupted run did not finish), its owner and mode."""
+    if (node.uid, node.gid, node.mode) != (uid, gid, mode):
+        actions.append(FinishDir(path, uid, gid, mode, in_storage))
+        tree.record(path, Node("dir", uid, gid, mode, 0, node.dev, node.ino, None))
+
+
+def plan_root_dirs(path: tuple, first: int, why: str, tree: Tree) -> list:
+    """Making every missing directory of path from depth `first` on,
+    root:root 0755: a mount point of fileSystems, a storage path."""
+    actions: list = []
+    for depth in range(first, len(path) + 1):
+        node = tree.look(path[:depth])
+        if node is None:
+            make_dir(actions, tree, path[:depth], 0, 0, 0o755, why, False)
+        elif node.kind != "dir":
+            raise EntryError(tree.host(path[:depth]), f"is {describe_kind(node)}, not a directory")
+    return actions
+
+
+def plan_filesystem(fs: FileSystem, tree: Tree, mounts: MountTable, timeout: float,
+                    log: Log) -> list:
+    """Mounting one fileSystems entry: its mount point, then the mount;
+    nothing if something is mounted there already (stage 1 did)."""
+    host = tree.host(fs.mountpoint)
+    node = tree.look(fs.mountpoint)
+    if node is not None and node.kind == "dir" and mounts.is_mountpoint(host):
+        log.info(f"{host}: already a mount point; used as it is")
+        return []
+    actions = plan_root_dirs(fs.mountpoint, 1, "mount point", tree)
+    device, probed = lookup_device(fs.device)
+    actions.append(MountFilesystem(fs, device, probed, timeout))
+    # Until it is mounted, what it holds is unknown: planned as if empty.
+    tree.record(fs.mountpoint, Node("dir", 0, 0, 0o755, 0, None, None, None))
+    return actions
 
 
 def source_parent_perms(entry: Entry, path: tuple) -> Perms:
@@ -1998,138 +2160,144 @@ def link_text(entry: Entry) -> str:
     return as_path(entry.source)
 
 
-def make_dir(actions: list, tree: Tree, path: tuple, uid: int, gid: int, mode: int, why: str,
-             mark: bool = False) -> None:
-    """Plan making the directory at path with this owner and mode."""
-    actions.append(MakeDir(path, uid, gid, mode, why, mark))
-    tree.record(path, Node("dir", uid, gid, mode, 0, None, None, None))
-
-
-def finish_dir(actions: list, tree: Tree, path: tuple, node: Node, uid: int, gid: int,
-               mode: int) -> None:
-    """Plan giving the directory at path, found with mode 0000 (maybe one
-    an interrupted run did not finish), its owner and mode."""
-    if (node.uid, node.gid, node.mode) != (uid, gid, mode):
-        actions.append(FinishDir(path, uid, gid, mode))
-        tree.record(path, Node("dir", uid, gid, mode, 0, node.dev, node.ino, None))
-
-
 def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
-    """The actions that put one entry in place, given the tree as it is now."""
+    """The actions that put one entry in place, given the tree as it is
+    now (and as the actions planned before it leave it)."""
     actions: list = []
-    source, target, storage = entry.source, entry.target, entry.storage
-    tree.enter(target)
+    tree.enter(entry.target)
+    try:
+        source_exists = plan_source(entry, tree, accounts, actions)
+        plan_target_parents(entry, tree, actions)
+        if entry.kind == "directory":
+            plan_directory_target(entry, tree, actions)
+        else:
+            plan_file_target(entry, tree, actions, source_exists)
+    except Refused as refused:
+        actions.append(Fail(refused.path, refused.cause))
+    return actions
 
-    # Storage side: parents, then the source itself.
+
+def plan_source(entry: Entry, tree: Tree, accounts: Accounts, actions: list) -> bool:
+    """Storage side: the source's parents, then the source itself; whether
+    the source exists once these have run."""
+    source, storage = entry.source, entry.storage
     for depth in range(len(storage) + 1, 0 if tree.is_dir(source[:-1]) else len(source)):
         path = source[:depth]
         node = tree.look(path)
-        if node is None:
+        if node is not None and node.kind != "dir":
+            raise Refused(path, f"is {describe_kind(node)}, not a directory")
+        if node is None or node.mode == 0:
             perms = accounts.kept_dir_perms(path) or source_parent_perms(entry, path)
             uid, gid, mode = accounts.resolve(perms, storage)
-            make_dir(actions, tree, path, uid, gid, mode, "storage parent")
-        elif node.kind != "dir":
-            return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
-        elif node.mode == 0:
-            perms = accounts.kept_dir_perms(path) or source_parent_perms(entry, path)
-            finish_dir(actions, tree, path, node, *accounts.resolve(perms, storage))
+            if node is None:
+                make_dir(actions, tree, path, uid, gid, mode, "storage parent", True)
+            else:
+                finish_dir(actions, tree, path, node, uid, gid, mode, True)
     node = tree.look(source)
-    source_exists = node is not None
     if entry.kind == "directory":
-        if node is None:
+        if node is not None and node.kind != "dir":
+            raise Refused(source, f"source is {describe_kind(node)}, not a directory")
+        if node is None or node.mode == 0:
             uid, gid, mode = accounts.resolve(entry.perms, storage)
-            make_dir(actions, tree, source, uid, gid, mode, "kept directory")
-        elif node.kind != "dir":
-            return actions + [Fail(source, f"source is {describe_kind(node)}, not a directory")]
-        elif node.mode == 0:
-            finish_dir(actions, tree, source, node, *accounts.resolve(entry.perms, storage))
-    elif node is not None and node.kind != "file":
-        return actions + [Fail(source, f"source is {describe_kind(node)}, not a regular file")]
-    elif node is not None and node.nlink > 1 and entry.method == "auto":
+            if node is None:
+                make_dir(actions, tree, source, uid, gid, mode, "kept directory", True)
+            else:
+                finish_dir(actions, tree, source, node, uid, gid, mode, True)
+        return True
+    if node is not None and node.kind != "file":
+        raise Refused(source, f"source is {describe_kind(node)}, not a regular file")
+    if node is not None and node.nlink > 1 and entry.method == "auto":
         # Checked again when binding; here too, so that nothing is made
         # on the root for a source that will be refused.
         folder = tree.look(source[:-1])
         if folder is not None and folder.uid != node.uid:
-            return actions + [Fail(source, hard_link_refusal(node.uid, folder.uid))]
-    elif node is None and target == MACHINE_ID and entry.method == "auto":
+            raise Refused(source, hard_link_refusal(node.uid, folder.uid))
+    if node is None and entry.target == MACHINE_ID and entry.method == "auto":
         # systemd commits a real id into storage on first boot.
         actions.append(WriteFile(source, b"uninitialized\n", 0, 0, 0o444))
         tree.record(source, Node("file", 0, 0, 0o444, 14, None, None, None))
-        source_exists = True
+        return True
+    return node is not None
 
-    # Root side: parents mirror their counterparts in storage.
+
+def plan_target_parents(entry: Entry, tree: Tree, actions: list) -> None:
+    """Root side: the target's parents mirror their counterparts in storage."""
+    target, storage = entry.target, entry.storage
     for depth in range(1, 0 if tree.is_dir(target[:-1]) else len(target)):
         path = target[:depth]
         node = tree.look(path)
-        if node is None:
+        if node is not None and node.kind != "dir":
+            raise Refused(path, f"is {describe_kind(node)}, not a directory")
+        if node is None or node.mode == 0:
             twin = tree.look(storage + path)
             if twin is None or twin.kind != "dir":
-                return actions + [Fail(storage + path, "missing in storage; cannot mirror it")]
-            make_dir(actions, tree, path, twin.uid, twin.gid, twin.mode, "as in storage")
-        elif node.kind != "dir":
-            return actions + [Fail(path, f"is {describe_kind(node)}, not a directory")]
-        elif node.mode == 0:
-            twin = tree.look(storage + path)
-            if twin is not None and twin.kind == "dir":
-                finish_dir(actions, tree, path, node, twin.uid, twin.gid, twin.mode)
+                if node is None:
+                    raise Refused(storage + path, "missing in storage; cannot mirror it")
+            elif node is None:
+                make_dir(actions, tree, path, twin.uid, twin.gid, twin.mode, "as in storage", False)
+            else:
+                finish_dir(actions, tree, path, node, twin.uid, twin.gid, twin.mode, False)
 
-    if entry.kind == "file" and tree.binds and tree.same(source[:-1], target[:-1]):
+
+def plan_directory_target(entry: Entry, tree: Tree, actions: list) -> None:
+    """A kept directory's mount point, then its bind mount."""
+    source, target = entry.source, entry.target
+    node = tree.look(target)
+    if node is None:
+        twin = tree.look(source)
+        make_dir(actions, tree, target, twin.uid, twin.gid, twin.mode, "mount point", False, mark=True)
+    elif node.kind != "dir":
+        raise Refused(target, f"target is {describe_kind(node)}, not a directory; left as it is")
+    elif tree.same(source, target):
+        # Mounted by an earlier run: what lies below is the source's, as
+        # for a bind made now (a kept directory nested in this one is then
+        # found already in place, not made twice).
+        tree.record_bind(source, target)
+        return
+    actions.append(Bind(source, target, "dir"))
+    tree.record_bind(source, target)
+
+
+def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: bool) -> None:
+    """A kept file: a link to its source, or an empty mount point and a
+    bind mount."""
+    source, target = entry.source, entry.target
+    if tree.binds and tree.same(source[:-1], target[:-1]):
         # Inside a kept directory of the same storage, bound already: the
         # target is the source, in place as it is (and created in storage
         # by whoever writes it first). A link there would point to itself.
-        return actions
-
+        return
     node = tree.look(target)
-    if entry.kind == "directory":
-        if node is None:
-            twin = tree.look(source)
-            make_dir(actions, tree, target, twin.uid, twin.gid, twin.mode, "mount point", mark=True)
-        elif node.kind != "dir":
-            return actions + [Fail(target, f"target is {describe_kind(node)}, not a directory; left as it is")]
-        elif tree.same(source, target):
-            # Mounted by an earlier run: what lies below is the source's,
-            # as for a bind made now (a kept directory nested in this one
-            # is then found already in place, not made twice).
-            tree.record_bind(source, target)
-            return actions
-        actions.append(Bind(source, target, "dir"))
-        tree.record_bind(source, target)
-        return actions
-
     wanted_link = link_text(entry)
+    if node is not None and node.kind == "link" and node.link == wanted_link:
+        return  # linked by an earlier run (for auto: while the source was missing)
     if entry.method == "symlink" or not source_exists:
         if node is None:
             pass
-        elif node.kind == "link" and node.link == wanted_link:
-            return actions
         elif node.kind == "file" and node.size == 0:
             # On the root, an empty file is replaced (a stale machine-id).
             # Inside a kept directory of another storage it is that
             # storage's: replaced only if apply made it (its mark).
             in_storage = bool(tree.binds) and tree.translate(target[:-1]) != target[:-1]
             if in_storage and os.lstat(tree.host(target)).st_mtime_ns != MARK_TIME_NS:
-                return actions + [Fail(target, NOT_OURS_IN_STORAGE)]
+                raise Refused(target, NOT_OURS_IN_STORAGE)
             actions.append(RemoveEmptyFile(target, in_storage))
         else:
-            return actions + [Fail(target, f"target is {describe_kind(node)}; not replaced by a link")]
+            raise Refused(target, f"target is {describe_kind(node)}; not replaced by a link")
         actions.append(Symlink(target, wanted_link))
         tree.record(target, Node("link", 0, 0, 0o777, 0, None, None, wanted_link))
-        return actions
-
+        return
     if node is None:
         actions.append(CreateMountFile(target))
         tree.record(target, Node("file", 0, 0, 0o644, 0, None, None, None))
-    elif node.kind == "link" and node.link == wanted_link:
-        return actions  # linked by an earlier run while the source was missing
     elif node.kind != "file":
-        return actions + [Fail(target, f"target is {describe_kind(node)}; left as it is")]
+        raise Refused(target, f"target is {describe_kind(node)}; left as it is")
     elif tree.same(source, target):
-        return actions
+        return
     elif node.size != 0:
-        return actions + [Fail(target, "target exists and is not empty; not overwritten")]
+        raise Refused(target, "target exists and is not empty; not overwritten")
     actions.append(Bind(source, target, "file"))
     tree.record_bind(source, target)
-    return actions
 
 
 def hard_link_refusal(file_uid: int, folder_uid: int) -> str:
@@ -2146,394 +2314,9 @@ def describe_kind(node: Node) -> str:
     return {"dir": "a directory", "other": "a special file (device, FIFO or socket)"}[node.kind]
 
 
-# --- Executing -----------------------------------------------------------------------
+# --- Commands ---------------------------------------------------------------------------
 
-class DirChain:
-    """Open directory fds along the last path walked from the root. Entries
-    come sorted, so the next walk reuses the shared parents."""
-
-    def __init__(self, root_fd: int, tree: Tree):
-        self.root_fd = root_fd
-        self.tree = tree
-        self.path: tuple = ()        # fds[i] is the directory path[:i + 1]
-        self.fds: list = []
-        self.stats: dict = {}        # depth -> (uid, mode), from fstat of that fd
-
-    def truncate(self, depth: int) -> None:
-        fds = self.fds
-        while len(fds) > depth:
-            os.close(fds.pop())
-            self.stats.pop(len(fds) + 1, None)
-        self.path = self.path[:depth]
-
-    def open(self, comps: tuple) -> int:
-        path = self.path
-        if comps == path:
-            return self.fds[-1] if path else self.root_fd
-        depth = len(path)
-        if comps[:depth] != path:
-            depth = 0
-            limit = min(len(path), len(comps))
-            while depth < limit and path[depth] == comps[depth]:
-                depth += 1
-            self.truncate(depth)
-        fds = self.fds
-        fd = fds[-1] if depth else self.root_fd
-        try:
-            for name in comps[depth:]:
-                fd = os.open(name, O_DIR, dir_fd=fd)
-                fds.append(fd)
-        except OSError as exc:
-            depth = len(fds)
-            self.path = comps[:depth]
-            raise dir_open_error(exc, fd, comps[depth], self.tree.host(comps[:depth + 1])) from None
-        self.path = comps
-        return fd
-
-    def stat_at(self, depth: int) -> tuple:
-        """(uid, mode) of the directory open at depth (0: the root)."""
-        known = self.stats.get(depth)
-        if known is None:
-            st = os.fstat(self.fds[depth - 1] if depth else self.root_fd)
-            known = self.stats[depth] = (st.st_uid, st.st_mode)
-        return known
-
-    def owner(self, comps: tuple) -> int:
-        """uid of the directory comps, opened along the walk."""
-        self.open(comps)
-        return self.stat_at(len(comps))[0]
-
-    def push(self, name: str, fd: int, uid: int, mode: int) -> None:
-        """Take fd, the directory just made at path + (name,), with the
-        owner and mode it was given."""
-        self.fds.append(fd)
-        self.path += (name,)
-        self.stats[len(self.fds)] = (uid, stat.S_IFDIR | mode)
-
-    def forget(self, comps: tuple) -> None:
-        """A mount landed on comps: fds at or below it see what it covers."""
-        if self.path[:len(comps)] == comps:
-            self.truncate(len(comps) - 1)
-
-    def close(self) -> None:
-        self.truncate(0)
-
-
-class Executor:
-    """Performs actions with fd-relative calls that never follow a link."""
-
-    def __init__(self, tree: Tree, log: Log):
-        self.tree = tree
-        self.log = log
-        self.root_fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.sources = DirChain(self.root_fd, tree)
-        self.targets = DirChain(self.root_fd, tree)
-        self.proc_fds = os.path.isdir("/proc/self/fd")
-        self.new_file = None         # (path, fd): the mount point file just made
-        self.new_dir = None          # (path, parent fd): the mount point directory just made
-        self.euid, self.egid = os.geteuid(), os.getegid()
-        cls = type(self)
-        self.steps = {kind: getattr(cls, "do_" + kind.__name__)
-                      for kind in (MakeDir, FinishDir, WriteFile, CreateMountFile, RemoveEmptyFile,
-                                   Symlink, Bind, Fail)}
-
-    def chain_for(self, comps: tuple, storage: tuple) -> DirChain:
-        return self.sources if storage and is_under(comps, storage) else self.targets
-
-    def close(self) -> None:
-        self.drop_new_file()
-        self.sources.close()
-        self.targets.close()
-        os.close(self.root_fd)
-
-    def run(self, actions: list, storage: tuple) -> None:
-        """Perform actions in order; the first that fails raises."""
-        steps, verbose, action = self.steps, self.log.verbosity >= 2, None
-        try:
-            for action in actions:
-                if verbose:
-                    self.log.info(action.describe(self.tree))
-                steps[type(action)](self, action, storage)
-        except OSError as exc:
-            # fd-relative calls report only the last component (or, for
-            # symlink, the link text): name the whole path instead.
-            shown = exc.filename if isinstance(exc.filename, str) else ""
-            if not shown.startswith(self.tree.prefix + "/"):
-                path = getattr(action, "path", None) or action.target
-                raise OSError(exc.errno, exc.strerror, self.tree.host(path)) from None
-            raise
-
-    def do_Fail(self, a: Fail, storage: tuple) -> None:
-        raise EntryError(self.tree.host(a.path), a.cause)
-
-    def do_MakeDir(self, a: MakeDir, storage: tuple) -> None:
-        path = a.path
-        chain = self.chain_for(path, storage)
-        parent = chain.open(path[:-1])
-        name = path[-1]
-        if a.mark and self.by_name_in(chain, len(path) - 1):
-            # A mount point in a directory no one else can change and that
-            # passes on no group: made, given its owner, mode and mark, and
-            # (by do_Bind) mounted on, all by name, with no fd of its own:
-            # nobody can swap the name in between.
-            self.make_dir_at(parent, name, a.mode & 0o1777, path)
-            if a.uid != self.euid or a.gid != self.egid:
-                os.chown(name, a.uid, a.gid, dir_fd=parent, follow_symlinks=False)
-            if a.mode & 0o6000:  # mkdir cannot set set-id bits
-                os.chmod(name, a.mode, dir_fd=parent)
-            try:
-                os.utime(name, ns=MARK_TIMES, dir_fd=parent, follow_symlinks=False)
-            except OSError:
-                pass  # unmount will then leave this mount point in place
-            self.new_dir = (path, parent)
-            return
-        # A directory that mkdir alone cannot finish (another owner, set-id
-        # bits, a set-gid parent) is made with mode 0000, then given owner
-        # and mode through its fd: apply killed in between leaves an empty
-        # directory with mode 0000, which the next run finishes (FinishDir),
-        # never a root-owned one that it would keep as it is. A mount point
-        # needs none of this: the bind mount covers its owner and mode.
-        self.make_dir_at(parent, name, a.mode & 0o1777 if a.mark or self.mkdir_is_final(a) else 0,
-                         path)
-        fd = self.open_made_dir(parent, name, path)
-        st = os.fstat(fd)
-        # Ours if still root-owned: whoever could swap it in its parent
-        # cannot make a root-owned directory. (No nlink test: btrfs
-        # directories always have one link.)
-        if st.st_uid != self.euid:
-            os.close(fd)
-            raise EntryError(self.tree.host(path), "was replaced while applying; not changed")
-        self.give_owner_and_mode(fd, st, a.uid, a.gid, a.mode)
-        if a.mark:
-            try:
-                os.utime(fd, ns=MARK_TIMES)
-            except OSError:
-                pass  # unmount will then leave this mount point in place
-        chain.push(name, fd, a.uid, a.mode)
-
-    def do_FinishDir(self, a: FinishDir, storage: tuple) -> None:
-        chain = self.chain_for(a.path, storage)
-        parent = chain.open(a.path[:-1])
-        name = a.path[-1]
-        fd = self.open_made_dir(parent, name, a.path)
-        st = os.fstat(fd)
-        # As a killed do_MakeDir leaves it: empty, mode 0000, owned by us
-        # or already by its owner-to-be.
-        if stat.S_IMODE(st.st_mode) or st.st_uid not in (self.euid, a.uid) or os.listdir(fd):
-            os.close(fd)
-            raise EntryError(self.tree.host(a.path), "has mode 0000 but is not a directory an "
-                                                     "interrupted run left unfinished; left as it is")
-        self.give_owner_and_mode(fd, st, a.uid, a.gid, a.mode)
-        chain.push(name, fd, a.uid, a.mode)
-
-    def make_dir_at(self, parent: int, name: str, mode: int, path: tuple) -> None:
-        try:
-            os.mkdir(name, mode, dir_fd=parent)  # umask is 0
-        except FileExistsError:
-            raise EntryError(self.tree.host(path), "appeared while applying; left as it is") from None
-
-    def open_made_dir(self, parent: int, name: str, path: tuple) -> int:
-        try:
-            return os.open(name, O_DIR, dir_fd=parent)
-        except OSError as exc:
-            raise dir_open_error(exc, parent, name, self.tree.host(path)) from None
-
-    @staticmethod
-    def give_owner_and_mode(fd: int, st, uid: int, gid: int, mode: int) -> None:
-        """Owner first, mode last: until the mode is set, the directory
-        keeps the 0000 a next run recognises."""
-        if st.st_uid != uid or st.st_gid != gid:
-            os.fchown(fd, uid, gid)
-        # mkdir cannot set set-id bits, and a set-gid parent passes its own.
-        if mode & 0o6000 or stat.S_IMODE(st.st_mode) != mode:
-            os.fchmod(fd, mode)
-
-    def by_name_in(self, chain: DirChain, depth: int) -> bool:
-        """Whether a mount point can be made and mounted on by name in the
-        directory the chain has open at depth: only we (or root) can add,
-        remove or rename entries there (ours, no write bit for group or
-        others; with an ACL, the group bits are its mask), and it is not
-        set-gid, so what mkdir makes in it gets our own group."""
-        uid, mode = chain.stat_at(depth)
-        return uid == self.euid and not mode & 0o2022
-
-    def mkdir_is_final(self, a: MakeDir) -> bool:
-        """Whether mkdir(2) alone gives a.path its owner and mode: ours,
-        without set-id bits, in a parent that passes on no group. (The
-        parent as planning saw it; if it changed since, the fstat after
-        mkdir still finds out and fixes owner and mode.)"""
-        if a.uid != self.euid or a.gid != self.egid or a.mode & 0o6000:
-            return False
-        try:
-            parent = self.tree.look(a.path[:-1])  # known to planning: no system call
-        except EntryError:
-            return False
-        return parent is not None and not parent.mode & stat.S_ISGID
-
-    def _create_file(self, path: tuple, storage: tuple, content: bytes, uid: int, gid: int,
-                     mode: int) -> None:
-        parent = self.chain_for(path, storage).open(path[:-1])
-        name = path[-1]
-        # A file with content is written under a temporary name and linked
-        # into place complete: apply killed while writing leaves no empty
-        # machine-id for the next boot to take as real.
-        temp = f".{name}.impermanence-new" if content and len(name) < 200 else name
-        if temp != name:
-            try:
-                os.unlink(temp, dir_fd=parent)  # left by a killed run
-            except OSError:
-                pass
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=parent)
-        try:
-            if content:
-                if os.write(fd, content) != len(content):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)
-            if temp != name:
-                # One atomic step: killed before it, the temporary is what
-                # the next run removes; after it, nothing is left over.
-                rename_noreplace(parent, temp, name, self.tree.host(path))
-        except OSError:
-            # Leave no half-made file behind: remove it if the name is
-            # still ours.
-            try:
-                st = os.stat(temp, dir_fd=parent, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
-                    os.unlink(temp, dir_fd=parent)
-            except OSError:
-                pass
-            raise
-        finally:
-            os.close(fd)
-
-    def do_WriteFile(self, a: WriteFile, storage: tuple) -> None:
-        self._create_file(a.path, storage, a.content, a.uid, a.gid, a.mode)
-
-    def do_CreateMountFile(self, a: CreateMountFile, storage: tuple) -> None:
-        parent = self.targets.open(a.path[:-1])
-        # Root-owned and 0644 as made (umask is 0); the bind mount that
-        # follows covers it, so no chown or chmod.
-        fd = os.open(a.path[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644, dir_fd=parent)
-        try:
-            os.utime(fd, ns=MARK_TIMES)
-        except OSError:
-            pass  # unmount will then leave this file in place
-        # Kept open for the Bind that follows: the file just made is the
-        # one mounted on, without looking its name up again.
-        self.drop_new_file()
-        self.new_file = (a.path, fd)
-
-    def drop_new_file(self) -> None:
-        if self.new_file is not None:
-            os.close(self.new_file[1])
-            self.new_file = None
-
-    def do_RemoveEmptyFile(self, a: RemoveEmptyFile, storage: tuple) -> None:
-        parent = self.targets.open(a.path[:-1])
-        fd = os.open(a.path[-1], O_PATH_NOFOLLOW, dir_fd=parent)
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
-            raise EntryError(self.tree.host(a.path), "is no longer an empty file; not removed")
-        if a.marked_only and st.st_mtime_ns != MARK_TIME_NS:
-            raise EntryError(self.tree.host(a.path), NOT_OURS_IN_STORAGE)
-        os.unlink(a.path[-1], dir_fd=parent)
-
-    def do_Symlink(self, a: Symlink, storage: tuple) -> None:
-        parent = self.targets.open(a.path[:-1])
-        os.symlink(a.text, a.path[-1], dir_fd=parent)
-
-    def open_leaf(self, chain: DirChain, comps: tuple, want_dir: bool) -> tuple:
-        """(fd, stat) of the directory or regular file comps, never a link."""
-        parent = chain.open(comps[:-1])
-        try:
-            fd = os.open(comps[-1], O_PATH_NOFOLLOW, dir_fd=parent)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, self.tree.host(comps)) from None
-        return fd, self.checked_stat(fd, comps, want_dir)
-
-    def checked_stat(self, fd: int, comps: tuple, want_dir: bool):
-        """fstat of fd, opened or cloned at comps without following a link:
-        a directory or regular file as wanted, else fd is closed and the
-        entry fails."""
-        st = os.fstat(fd)
-        mode = st.st_mode
-        if not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
-            os.close(fd)
-            kind = "a symbolic link" if stat.S_ISLNK(mode) else "of an unexpected type"
-            raise EntryError(self.tree.host(comps), f"is {kind}; not mounted")
-        return st
-
-    def bind_source(self, a: Bind) -> tuple:
-        """(fd, stat or None, cloned) for a's source, checked to be what
-        was planned and never a link; the fd is the caller's to close. With
-        open_tree(2) it is a detached clone of the source (a directory just
-        made or walked into is cloned through its open fd: no check
-        needed); without, the source itself, opened."""
-        chain, comps, want_dir = self.sources, a.source, a.kind == "dir"
-        if want_dir and chain.path == comps:
-            tree = clone_mount(chain.fds[-1], "")
-            return (tree, None, True) if tree is not None else (os.dup(chain.fds[-1]), None, False)
-        parent = chain.open(comps[:-1])
-        try:
-            tree = clone_mount(parent, comps[-1])
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, self.tree.host(comps)) from None
-        if tree is None:
-            fd, st = self.open_leaf(chain, comps, want_dir)
-            return fd, st, False
-        return tree, self.checked_stat(tree, comps, want_dir), True
-
-    def do_Bind(self, a: Bind, storage: tuple) -> None:
-        new_file, self.new_file = self.new_file, None
-        new_dir, self.new_dir = self.new_dir, None
-        try:
-            src, st, cloned = self.bind_source(a)
-            try:
-                tgt = None
-                if a.kind == "dir" and cloned and new_dir is not None and new_dir[0] == a.target:
-                    pass  # made just now, in a directory only we can change: by name
-                elif a.kind == "dir":
-                    tgt = self.targets.open(a.target)  # O_DIRECTORY|O_NOFOLLOW along the walk
-                else:
-                    # A hard link planted by whoever owns the directory (say,
-                    # to a root-owned file elsewhere in storage) is not kept
-                    # state.
-                    if st.st_nlink > 1:
-                        owner = self.sources.owner(a.source[:-1])
-                        if st.st_uid != owner:
-                            raise EntryError(self.tree.host(a.source), hard_link_refusal(st.st_uid, owner))
-                    if new_file is None or new_file[0] != a.target:
-                        tgt = self.open_leaf(self.targets, a.target, False)[0]
-                        if new_file is not None:
-                            os.close(new_file[1])
-                        new_file = (a.target, tgt)
-                    tgt = new_file[1]
-                # (The mount table is not updated: apply reads it only
-                # before the entries, for the fileSystems.)
-                if tgt is None:
-                    attach_mount_at(src, new_dir[1], a.target[-1])
-                elif cloned:
-                    attach_mount(src, tgt)
-                elif not bind_fds(src, tgt, self.proc_fds):
-                    shown = self.tree.host(a.target)
-                    mount(self.tree.host(a.source), shown, None, MS_BIND, None, shown)
-                self.targets.forget(a.target)
-            finally:
-                os.close(src)  # a clone left detached goes away with it
-        finally:
-            if new_file is not None:
-                os.close(new_file[1])
-
-
-# --- Storage ------------------------------------------------------------------------
-
-def covering_filesystem(config: Config, storage: tuple):
+def covering_filesystem(config: Config, storage: tuple) -> FileSystem | None:
     best = None
     for fs in config.filesystems:
         if is_under(storage, fs.mountpoint) and (best is None or len(fs.mountpoint) > len(best.mountpoint)):
@@ -2541,519 +2324,94 @@ def covering_filesystem(config: Config, storage: tuple):
     return best
 
 
-def make_root_dirs(path: tuple, first: int, why: str, tree: Tree, executor: Executor) -> None:
-    """Every missing directory of path from depth `first` on, root:root 0755."""
-    for depth in range(first, len(path) + 1):
-        node = tree.look(path[:depth])
-        if node is None:
-            executor.run([MakeDir(path[:depth], 0, 0, 0o755, why, False)], ())
-        elif node.kind != "dir":
-            raise EntryError(tree.host(path[:depth]), f"is {describe_kind(node)}, not a directory")
-
-
-def plan_storage_path(path: tuple, first: int, tree: Tree, plan_out: list) -> None:
-    """What make_root_dirs would make, as plan lines."""
-    for depth in range(first, len(path) + 1):
-        if tree.look(path[:depth]) is None:
-            plan_out.append(f"mkdir {tree.host(path[:depth])} (0:0 0755, storage path)")
-            tree.record(path[:depth], Node("dir", 0, 0, 0o755, 0, None, None, None))
-
-
-def mount_filesystem(fs: FileSystem, tree: Tree, executor: Executor, mounts: MountTable,
-                     timeout: float, log: Log) -> None:
-    host = tree.host(fs.mountpoint)
-    node = tree.look(fs.mountpoint)
-    if node is not None and node.kind == "dir" and mounts.is_mountpoint(host):
-        log.info(f"{host}: already a mount point; used as it is")
-        return
-    device, probed = wait_for_device(fs.device, timeout)
-    # The mount point on the fresh root: plain root-owned directories.
-    make_root_dirs(fs.mountpoint, 1, "mount point", tree, executor)
-    flags, data = split_mount_options(fs.options)
-    if fs.fs_type != "auto":
-        candidates = [fs.fs_type]
-    elif probed == "ext4":
-        candidates = ["ext4", "ext3", "ext2"]
-    elif probed:
-        candidates = [probed]
-    else:
-        candidates = kernel_filesystems()
-    target_fd = executor.open_leaf(executor.targets, fs.mountpoint, True)[0]
-    target = f"/proc/self/fd/{target_fd}" if executor.proc_fds else host
-    errors = []
-    try:
-        for fs_type in candidates:
-            try:
-                mount(device, target, fs_type, flags | (MS_SILENT if len(candidates) > 1 else 0),
-                      data, host)
-            except OSError as exc:
-                errors.append((fs_type, exc))
-                if exc.errno not in (errno.EINVAL, errno.ENODEV, errno.ENOTBLK, errno.EIO) or len(candidates) == 1:
-                    break
-                continue
-            executor.targets.forget(fs.mountpoint)
-            tree.forget(fs.mountpoint)
-            mounts.add(host, device, "/", fs_type)
-            log.info(f"mounted {device} ({fs_type}) on {host}")
-            return
-    finally:
-        os.close(target_fd)
-    if not errors:
-        raise EntryError(host, f"cannot mount {fs.device}: no filesystem type to try")
-    fs_type, exc = errors[-1] if len(errors) == 1 else errors[0]
-    hint = ""
-    if exc.errno == errno.EINVAL:
-        hint = " (wrong fsType, bad option or bad superblock)"
-    tried = ", ".join(t for t, _ in errors)
-    raise EntryError(host, f"cannot mount {fs.device} ({device}) as {tried}: {exc.strerror}{hint}")
-
-
-def prepare_storage(config: Config, tree: Tree, executor: Executor | None, mounts: MountTable,
-                    log: Log, plan_out: list | None = None) -> dict:
-    """Mount fileSystems and check every storage path. Returns storage -> None
-    if usable, else the reason it is not."""
-    fs_state: dict = {}
-    planned_mounts: set = set()
+def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
+    """Mount the fileSystems and make every storage path usable, through
+    runner (apply's Executor, plan's Printer). Returns storage -> None if
+    usable, else the reason it is not."""
+    mounts = MountTable()
+    unavailable: dict = {}  # fileSystems mount point -> why it is not mounted
     for fs in sorted(config.filesystems, key=lambda f: f.mountpoint):
-        host = tree.host(fs.mountpoint)
-        if plan_out is not None:
-            node = tree.look(fs.mountpoint)
-            if node is not None and mounts.is_mountpoint(host):
-                fs_state[fs.mountpoint] = None
-                continue
-            device, _ = lookup_device(fs.device)
-            shown = f"{fs.device} ({device})" if device and device != fs.device else fs.device
-            if device is None:
-                shown += f" (not present now; apply waits up to {config.device_timeout:g} s)"
-            opts = ",".join(fs.options)
-            if node is None:
-                plan_out.append(f"mkdir {host} (0:0 0755, mount point)")
-            plan_out.append(f"mount {shown} on {host} (type {fs.fs_type}{', ' + opts if opts else ''}; "
-                            "not mounted yet, so its contents are planned as if empty)")
-            planned_mounts.add(fs.mountpoint)
-            tree.record(fs.mountpoint, Node("dir", 0, 0, 0o755, 0, None, None, None))
-            fs_state[fs.mountpoint] = None
-            continue
+        ok = False
         try:
-            mount_filesystem(fs, tree, executor, mounts, config.device_timeout, log)
-            fs_state[fs.mountpoint] = None
-        except EntryError as exc:
-            fs_state[fs.mountpoint] = exc.cause
-            log.error(f"{exc.path}: {exc.cause}")
-        except OSError as exc:
-            fs_state[fs.mountpoint] = describe_oserror(exc)
-            log.error(f"{exc.filename or host}: {describe_oserror(exc)}")
-
+            runner.run(plan_filesystem(fs, tree, mounts, config.device_timeout, log))
+            ok = True
+        except Exception as exc:  # the other locations still apply
+            unavailable[fs.mountpoint] = failure_cause(exc)
+            runner.report(failure_text(exc, tree.host(fs.mountpoint)))
+        tree.settle(ok)
     state: dict = {}
     root_dev = os.stat(tree.root).st_dev
     for storage in config.storages:
-        host = tree.host(storage)
         fs = covering_filesystem(config, storage)
-        if fs is not None and fs_state.get(fs.mountpoint) is not None:
-            state[storage] = f"storage unavailable: {fs_state[fs.mountpoint]}"
+        if fs is not None and fs.mountpoint in unavailable:
+            state[storage] = f"storage unavailable: {unavailable[fs.mountpoint]}"
             continue
-        if fs is not None and fs.mountpoint in planned_mounts:
-            # Not mounted yet: what is inside is unknown, shown as empty.
-            plan_storage_path(storage, len(fs.mountpoint) + 1, tree, plan_out)
-            state[storage] = None
-            continue
+        ok = False
         try:
             node = tree.look(storage)
-        except EntryError as exc:
-            state[storage] = exc.cause
-            continue
-        if node is None and fs is not None and fs.mountpoint != storage:
-            # Inside a mounted persistent filesystem: create it.
-            if plan_out is not None:
-                plan_storage_path(storage, len(fs.mountpoint) + 1, tree, plan_out)
-                state[storage] = None
-                continue
-            try:
-                make_root_dirs(storage, len(fs.mountpoint) + 1, "storage path", tree, executor)
+            if node is None and fs is not None and fs.mountpoint != storage:
+                # Inside a persistent filesystem: made once it is mounted.
+                runner.run(plan_root_dirs(storage, len(fs.mountpoint) + 1, "storage path", tree))
                 node = tree.look(storage)
-            except (EntryError, OSError) as exc:
-                state[storage] = getattr(exc, "cause", None) or describe_oserror(exc)
-                continue
+            ok = True
+        except Exception as exc:
+            state[storage] = failure_cause(exc)
+            continue
+        finally:
+            tree.settle(ok)
         if node is None:
             state[storage] = "storage path does not exist (and no fileSystems entry mounts it)"
         elif node.kind != "dir":
             state[storage] = f"storage path is {describe_kind(node)}"
         else:
             state[storage] = None
-            if fs is None and plan_out is None and node.dev == root_dev:
-                log.warn(f"{host}: not a mount point; kept data would live on the root filesystem")
+            if fs is None and node.dev == root_dev:
+                log.warn(f"{tree.host(storage)}: not a mount point; kept data would live on the "
+                         "root filesystem")
     return state
 
 
-# --- Commands --------------------------------------------------------------------------
-
-def group_by_storage_state(config: Config, storage_state: dict, log: Log | None):
-    usable, skipped = [], {}
-    for entry in config.entries:
-        reason = storage_state.get(entry.storage)
-        if reason is None:
-            usable.append(entry)
-        else:
-            skipped.setdefault(entry.storage, []).append(entry)
-    for storage, entries in skipped.items():
-        if log is not None:
-            log.error(f"{as_path(storage)}: {storage_state[storage]}; "
-                      f"{len(entries)} entries not applied")
-    return usable, skipped
-
-
-def run_entries(numbered: list, tree: Tree, executor: Executor, accounts: Accounts,
-                log: Log) -> int:
-    """Plan and run each (index, entry) in turn; the number that failed."""
+def run_entries(entries: list, tree: Tree, accounts: Accounts, runner) -> int:
+    """Plan and run each entry in turn; the number that failed."""
     failed = 0
-    for index, entry in numbered:
-        log.entry = index
+    for entry in entries:
         ok = False
         try:
-            executor.run(plan_entry(entry, tree, accounts), entry.storage)
+            runner.run(plan_entry(entry, tree, accounts))
             ok = True
         except Exception as exc:  # expected failures, and bugs: the others still run
-            log.error(failure_text(exc, tree.host(entry.target)))
+            runner.report(failure_text(exc, tree.host(entry.target)))
         failed += not ok
+        # An entry that failed while planned or run: what it planned is
+        # forgotten, and the real tree is the truth for the next one.
         tree.settle(ok)
     return failed
 
 
-# --- Two processes ----------------------------------------------------------------------
-#
-# Half of apply's time is the kernel's (mkdir, open, mount), and the other
-# half Python's; a second process on a second CPU shares the entries. They
-# are cut into shares that meet in no directory apply creates or mounts on
-# once a few entries have run; the two processes take the shares in turn
-# from a pipe, so the one with the slower shares takes fewer, and the
-# messages are written in entry order, as one process writes them.
-
-TWO_PROCESSES_MIN_ENTRIES = 250  # below, a fork costs about what it saves
-TWO_PROCESSES_MIN_SHARE = 64     # weight (2 a directory, 1 a file) beside the heaviest share
-SHARES = 48                      # each share about 1/SHARES of the work: both end together
-SPLIT_DEPTH_MAX = 8              # entries with a longer common prefix stay in one share
-ENTRY_WEIGHT = {"directory": 2, "file": 1}  # a directory's entry makes about twice the calls
-ACCOUNT_PATHS = {("etc",), ("etc", "passwd"), ("etc", "group")}
-
-
-def two_processes_wanted(count: int) -> bool | None:
-    """None: one process. False: two where the entries split well (enough
-    entries, two CPUs). True: two whenever they split at all
-    (IMPERMANENCE_JOBS=2)."""
-    jobs = os.environ.get("IMPERMANENCE_JOBS", "")
-    if jobs == "1":
-        return None
-    if jobs == "2":
-        return True
-    if count < TWO_PROCESSES_MIN_ENTRIES:
-        return None
-    try:
-        return False if len(os.sched_getaffinity(0)) >= 2 else None
-    except (AttributeError, OSError):
-        return None
-
-
-def split_in_shares(entries: list, several_storages: bool, forced: bool):
-    """(first, shares, meets), or None for one process: `first` the
-    indexes of the entries to run before the second process starts,
-    `shares` lists of (start, end) index ranges that can run at the same
-    time as each other, heaviest first, and `meets` the directories P
-    where shares meet, each with the storages used below it.
-
-    Entries are sorted by target, so those below a directory P are
-    consecutive. A run heavier than 1/SHARES of the whole is cut between
-    entries that differ in the next component of their target, unless its
-    first target is P itself (the others are all nested in it); a piece
-    with one name that is still too heavy is cut one component deeper.
-    Pieces of a cut run meet only in P and its parents, on the root and in
-    each storage: the entries below P up to the first one of each storage
-    go into `first`. They run before the others below P in one process
-    too, in the same order, and they leave P in place everywhere (no entry
-    lies above P: the run would not have been cut). The pieces then share
-    nothing that an entry creates, changes or mounts on (check_overlaps
-    keeps every target clear of the storage paths, and a source lies under
-    <storage><target>). Found by binary search, the cuts cost a few steps
-    a share, not a step an entry."""
-    from itertools import accumulate
-
-    targets = [entry.target for entry in entries]
-    count = len(targets)
-    # Names resolve through <root>/etc/passwd and /etc/group as the earlier
-    # entries left them: then one process, in order.
-    for path in ACCOUNT_PATHS:
-        k = first_at_least(targets, path, 0, count)
-        if k < count and targets[k][:2] == path:
-            return None
-    weights = list(accumulate(map(ENTRY_WEIGHT.__getitem__, [e.kind for e in entries]), initial=0))
-    total = weights[-1]
-    limit = max(1, total // SHARES)
-    first: set = set()
-    meets: list = []
-    spans: list = []
-    runs = [(0, count, 0)]
-    while runs:
-        lo, hi, depth = runs.pop()
-        if (weights[hi] - weights[lo] <= limit or depth == SPLIT_DEPTH_MAX
-                or len(targets[lo]) == depth):
-            spans.append((lo, hi))
-            continue
-        pieces = 0
-        i = lo
-        while i < hi:
-            # Up to where [i, p) reaches the limit, then back or on to a
-            # change of name at `depth`.
-            p = first_at_least(weights, weights[i] + limit, i + 1, hi)
-            named = targets[p - 1][:depth + 1]
-            start = first_at_least(targets, named, i, p - 1)
-            pieces += 1
-            if start > i:  # whole names, lighter than the limit together
-                spans.append((i, start))
-                i = start
-                continue
-            end = end_of_prefix(targets, named, p, hi)
-            if weights[end] - weights[i] > limit:
-                runs.append((i, end, depth + 1))
-            else:
-                spans.append((i, end))
-            i = end
-        if depth and pieces > 1:
-            # The pieces meet in P, on the root and in each storage: what
-            # runs first below P in one process, up to the first entry of
-            # each storage, runs first here too, and leaves P in place.
-            last = lo
-            seen = {entries[lo].storage}
-            if several_storages:
-                for k in range(lo + 1, hi):
-                    if entries[k].storage not in seen:
-                        seen.add(entries[k].storage)
-                        last = k
-            first.update(range(lo, last + 1))
-            meets.append((targets[lo][:depth], tuple(seen)))
-    # Spans without the entries that run first, merged in order up to the
-    # limit: a share is a list of spans.
-    spans.sort()
-    first_sorted = sorted(first)
-    shares: list = []
-    share_weights: list = []
-    share: list = []
-    weight = 0
-    f = 0
-    for lo, hi in spans:
-        while f < len(first_sorted) and first_sorted[f] < hi:
-            k = first_sorted[f]
-            if lo < k:
-                share.append((lo, k))
-                weight += weights[k] - weights[lo]
-            lo = k + 1
-            f += 1
-        if lo < hi:
-            share.append((lo, hi))
-            weight += weights[hi] - weights[lo]
-        if weight >= limit:
-            shares.append(share)
-            share_weights.append(weight)
-            share, weight = [], 0
-    if share:
-        shares.append(share)
-        share_weights.append(weight)
-    if len(shares) < 2 or (not forced and total - max(share_weights) < TWO_PROCESSES_MIN_SHARE):
-        return None
-    order = sorted(range(len(shares)), key=share_weights.__getitem__, reverse=True)
-    return first_sorted, [shares[i] for i in order], meets
-
-
-def share_entries(share: list, entries: list) -> list:
-    """The (index, entry) pairs of a share."""
-    pairs: list = []
-    for lo, hi in share:
-        pairs.extend(zip(range(lo, hi), entries[lo:hi]))
-    return pairs
-
-
-def take_share(queue_fd: int) -> int | None:
-    """The next share's number from the queue pipe, None once it is empty.
-    Every record is two bytes and every read asks for two, so a read takes
-    one whole record, whichever process makes it."""
-    record = os.read(queue_fd, 2)
-    return int.from_bytes(record, "little") if record else None
-
-
-def run_share(share: list, entries: list, tree: Tree, executor: Executor, accounts: Accounts,
-              log: Log, first_binds: list) -> int:
-    """run_entries for one share. Its entries come in path order, but the
-    shares do not, and Tree.enter forgets the binds behind the entry it
-    plans: each share starts again from those binds of the first entries
-    (path, source, [start, end) of the entries below it) that lie above
-    some entry of its own (a kept directory among the first entries can
-    hold entries of any share; the others would only make every lookup
-    translate). A bind made in another share lies above none of this
-    one's entries."""
-    tree.binds = {path: source for path, source, start, end in first_binds
-                  if any(lo < end and start < hi for lo, hi in share)}
-    return run_entries(share_entries(share, entries), tree, executor, accounts, log)
-
-
-def start_share_taker(entries: list, shares: list, tree: Tree, executor: Executor,
-                      accounts: Accounts, log: Log, first_binds: list) -> tuple:
-    """Fork a process that takes shares from the queue and runs them;
-    (its pid or None if fork failed, the queue, the pipe its report comes
-    through or None). The report: one line a message (entry, level, to
-    kmsg, text), then `end <number of entries that failed>`."""
-    queue_r, queue_w = os.pipe()
-    # A few hundred bytes: the pipe holds them all before anyone reads.
-    os.write(queue_w, b"".join(i.to_bytes(2, "little") for i in range(len(shares))))
-    os.close(queue_w)
-    result_r, result_w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(result_r)
-        os.close(result_w)
-        return None, queue_r, None
-    if pid:
-        os.close(result_w)
-        return pid, queue_r, result_r
-    status = 70
-    try:
-        os.close(result_r)
-        log.held = []
-        failed = 0
-        while (number := take_share(queue_r)) is not None:
-            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds)
-        records = [f"{index}\t{level}\t{int(to_kmsg)}\t{text.translate(UNPRINTABLE)}\n"
-                   for index, level, text, to_kmsg in log.held]
-        records.append(f"end\t{failed}\n")
-        data = memoryview("".join(records).encode("utf-8", "surrogatepass"))
-        while data:
-            data = data[os.write(result_w, data):]
-        status = 0
-    finally:
-        os._exit(status)
-
-
-def share_taker_report(pid: int, result_fd: int):
-    """(messages, number failed) from the second process; or, if it ended
-    without reporting, how it ended. A complete report is enough: the
-    process is not waited for while its memory is given back, only reaped
-    if it is already gone (an orphan is reaped by init)."""
-    chunks = []
-    while chunk := os.read(result_fd, 1 << 16):
-        chunks.append(chunk)
-        if chunk.endswith(b"\n") and b"".join(chunks[-2:]).rsplit(b"\n", 2)[-2].startswith(b"end\t"):
-            break
-    os.close(result_fd)
-    messages, failed = [], None
-    for record in b"".join(chunks).decode("utf-8", "surrogatepass").split("\n"):
-        if record.startswith("end\t"):
-            failed = int(record[4:])
-        elif record:
-            index, level, to_kmsg, text = record.split("\t", 3)
-            messages.append((int(index), int(level), text, to_kmsg == "1"))
-    if failed is not None:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        return messages, failed
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-
-
-def meeting_points_in_place(meets: list, tree: Tree) -> bool:
-    """Whether every directory where shares meet is a directory, on the
-    root and in each storage used below it."""
-    try:
-        for path, storages in meets:
-            for where in (path, *(storage + path for storage in storages)):
-                node = tree.look(where)
-                if node is None or node.kind != "dir":
-                    return False
-    except EntryError:
-        return False
-    return True
-
-
-def run_in_two(entries: list, first: list, shares: list, meets: list, tree: Tree,
-               executor: Executor, accounts: Accounts, log: Log, start_over) -> int:
-    """Run the entries `first` names here, then the shares in two
-    processes, each taking the next share from the queue until none is
-    left; the number of entries that failed. If the second process ends
-    without reporting (killed, out of memory), the shares this process did
-    not run are run again here: apply is idempotent, and start_over() gives
-    a Tree, Executor and Accounts that have not seen the state it left."""
-    held = log.held = []
-    try:
-        # Every bind the first entries make is kept for the shares, also
-        # those behind a later first entry.
-        tree.keep_binds = True
-        failed = run_entries([(k, entries[k]) for k in first], tree, executor, accounts, log)
-        tree.keep_binds = False
-        first = set(first)
-        if failed and not meeting_points_in_place(meets, tree):
-            # Two shares would both make it: the rest here, in order.
-            rest = [(k, entry) for k, entry in enumerate(entries) if k not in first]
-            return failed + run_entries(rest, tree, executor, accounts, log)
-        targets = [entry.target for entry in entries]
-        first_binds = [(path, source, *below(targets, path)) for path, source in tree.binds.items()]
-        pid, queue_fd, result_fd = start_share_taker(entries, shares, tree, executor, accounts, log,
-                                                     first_binds)
-        ran = set()
-        while (number := take_share(queue_fd)) is not None:
-            ran.add(number)
-            failed += run_share(shares[number], entries, tree, executor, accounts, log, first_binds)
-        os.close(queue_fd)
-        if pid is None:
-            return failed
-        report = share_taker_report(pid, result_fd)
-        if not isinstance(report, str):
-            held.extend(report[0])
-            return failed + report[1]
-    finally:
-        log.release(held)
-    left = sorted((pair for number, share in enumerate(shares) if number not in ran
-                   for pair in share_entries(share, entries)), key=lambda n: n[0])
-    log.error(f"apply: the second process {report} before it was done; "
-              f"running its {len(left)} entries here")
-    tree, executor, accounts = start_over()
-    try:
-        return failed + run_entries(left, tree, executor, accounts, log)
-    finally:
-        executor.close()
+def apply_config(config: Config, tree: Tree, runner, log: Log) -> tuple:
+    """Storage first, then every entry whose storage is usable, through
+    runner: (entries that failed, entries skipped for their storage)."""
+    state = prepare_storage(config, tree, runner, log)
+    accounts = Accounts(config, tree, [s for s, why in state.items() if why is None])
+    usable, skipped = [], {}
+    for entry in config.entries:
+        if state[entry.storage] is None:
+            usable.append(entry)
+        else:
+            skipped[entry.storage] = skipped.get(entry.storage, 0) + 1
+    for storage, count in skipped.items():
+        runner.skip(storage, state[storage], count)
+    return run_entries(usable, tree, accounts, runner), sum(skipped.values())
 
 
 def command_apply(config: Config, root: str, log: Log) -> int:
     started = time.monotonic()
     tree = Tree(root)
-    mounts = MountTable()
-    executor = Executor(tree, log)
-    processes, failed = 1, 0
-    KEPT_UNTIL_EXIT.append(tree)
-    try:
-        storage_state = prepare_storage(config, tree, executor, mounts, log)
-        available = [s for s, reason in storage_state.items() if reason is None]
-        accounts = Accounts(config, tree, available)
-        usable, skipped = group_by_storage_state(config, storage_state, log)
-        KEPT_UNTIL_EXIT.append(usable)
-        wanted = two_processes_wanted(len(usable))
-        split = (None if wanted is None
-                 else split_in_shares(usable, len(config.storages) > 1, wanted))
-        if split is None:
-            failed = run_entries(list(enumerate(usable)), tree, executor, accounts, log)
-        else:
-            def start_over():
-                fresh = Tree(root)
-                return fresh, Executor(fresh, log), Accounts(config, fresh, available)
-
-            processes = 2
-            failed = run_in_two(usable, *split, tree, executor, accounts, log, start_over)
-    finally:
-        executor.close()
+    with Executor(tree, log) as executor:
+        failed, skipped = apply_config(config, tree, executor, log)
     elapsed = (time.monotonic() - started) * 1000
-    log.info(f"apply: {len(config.entries)} entries, {failed} failed, "
-             f"{sum(len(v) for v in skipped.values())} skipped, {elapsed:.1f} ms"
-             + (", in two processes" if processes == 2 else ""))
+    log.info(f"apply: {len(config.entries)} entries, {failed} failed, {skipped} skipped, "
+             f"{elapsed:.1f} ms")
     if skipped:
         return EXIT_STORAGE
     return EXIT_FAILED if failed else EXIT_OK
@@ -3061,27 +2419,9 @@ def command_apply(config: Config, root: str, log: Log) -> int:
 
 def command_plan(config: Config, root: str, log: Log, out) -> int:
     tree = Tree(root)
-    mounts = MountTable()
-    lines: list = []
-    storage_state = prepare_storage(config, tree, None, mounts, log, plan_out=lines)
-    available = [s for s, reason in storage_state.items() if reason is None]
-    accounts = Accounts(config, tree, available)
-    usable, skipped = group_by_storage_state(config, storage_state, None)
-    for storage, entries in skipped.items():
-        lines.append(f"skip {len(entries)} entries of {tree.host(storage)}: {storage_state[storage]}")
-    for entry in usable:
-        ok = False
-        try:
-            for action in plan_entry(entry, tree, accounts):
-                lines.append(action.describe(tree))
-            ok = True  # apply runs what comes before a Fail: it stays planned
-        except Exception as exc:  # this entry's plan is lost, not the others'
-            lines.append("fail " + failure_text(exc, tree.host(entry.target)))
-        # An entry that could not be planned runs nothing in apply: what
-        # it planned is forgotten, and the next entry plans it again.
-        tree.settle(ok)
-    if not lines:
-        lines.append("nothing to do: everything is in place")
+    printer = Printer(tree)
+    apply_config(config, tree, printer, log)
+    lines = printer.lines or ["nothing to do: everything is in place"]
     out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
     return EXIT_OK
 
@@ -3194,7 +2534,6 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
     failed = 0
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     chain = DirChain(root_fd, tree)
-    proc_fds = os.path.isdir("/proc/self/fd")
     kept_dirs = {entry.target for entry in config.entries if entry.kind == "directory"}
     try:
         for entry in reversed(config.entries):
@@ -3204,7 +2543,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             # itself): left there.
             in_storage = any(entry.target[:depth] in kept_dirs for depth in range(1, len(entry.target)))
             try:
-                unmount_entry(entry, tree, mounts, chain, proc_fds, log, in_storage)
+                unmount_entry(entry, tree, mounts, chain, log, in_storage)
             except Exception as exc:  # this entry stays, the others are undone
                 failed += 1
                 log.error(failure_text(exc, host))
@@ -3220,15 +2559,15 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
                     log.info(f"unmounted {host}")
                 except OSError as exc:
                     failed += 1
-                    log.error(f"{host}: cannot unmount: {describe_oserror(exc)}")
+                    log.error(failure_text(exc, host))
     finally:
-        chain.close()
+        chain.truncate(0)
         os.close(root_fd)
     return EXIT_FAILED if failed else EXIT_OK
 
 
 def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
-                  proc_fds: bool, log: Log, in_storage: bool) -> None:
+                  log: Log, in_storage: bool) -> None:
     """Unmount one entry's bind mount; remove the link or the empty mount
     point apply made for it, unless it lies in storage (in_storage)."""
     target = entry.target
@@ -3240,7 +2579,7 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         if in_storage or node.link != link_text(entry):
             return
         parent = chain.open(target[:-1])
-        os.unlink(target[-1], dir_fd=parent)
+        call("unlink", host, os.unlink, target[-1], dir_fd=parent)
         log.info(f"removed link {host}")
         return
     src = tree.look(entry.source)
@@ -3248,8 +2587,7 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         parent = chain.open(target[:-1])
         # Through the pinned parent, never following a link at the leaf; an
         # fd on the mount itself would keep it busy.
-        path = f"/proc/self/fd/{parent}/{target[-1]}" if proc_fds else host
-        umount2(path, UMOUNT_NOFOLLOW, host)
+        umount2(f"/proc/self/fd/{parent}/{target[-1]}", UMOUNT_NOFOLLOW, host)
         log.info(f"unmounted {host}")
         mounts.remove(host)
         tree.forget(target)
@@ -3261,60 +2599,31 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         return
     parent = chain.open(target[:-1])
     flags = (O_DIR if node.kind == "dir" else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    fd = os.open(target[-1], flags, dir_fd=parent)
-    try:
+    with opened(call("open", host, os.open, target[-1], flags, dir_fd=parent)) as fd:
         st = os.fstat(fd)
         marked = st.st_mtime_ns == MARK_TIME_NS
         empty = (not os.listdir(fd)) if node.kind == "dir" else st.st_size == 0
-    finally:
-        os.close(fd)
     if marked and empty:
         if node.kind == "dir":
-            os.rmdir(target[-1], dir_fd=parent)
+            call("rmdir", host, os.rmdir, target[-1], dir_fd=parent)
         else:
-            os.unlink(target[-1], dir_fd=parent)
+            call("unlink", host, os.unlink, target[-1], dir_fd=parent)
         log.info(f"removed mount point {host}")
 
 
+
 def command_check(path: str, out) -> int:
-    """Say what the JSON config holds; of a compiled one, also whether its
-    records are used, after checking they are what its JSON gives."""
-    json_bytes, payload, is_compiled = read_config_file(path)
-    config = config_from_json(json_bytes, path)
-    compiled_note = ""
-    if is_compiled:
-        compiled = config_from_payload(payload) if payload is not None else None
-        if compiled is None:
-            compiled_note = ("compiled by another version of impermanence_boot.py (or damaged): "
-                             "its JSON is read instead; compile it again\n")
-        elif compiled != config:
-            raise ConfigFileError(path, "compiled records differ from its JSON; compile it again")
-        else:
-            compiled_note = "compiled by this script: apply loads its records\n"
+    config = load_config_file(path)
     dirs = sum(1 for e in config.entries if e.kind == "directory")
     out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
               f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
-    out.write(compiled_note)
-    return EXIT_OK
-
-
-def command_compile(path: str, output: str, out) -> int:
-    """Check the config at path (a compiled one's JSON) and write it
-    compiled to output."""
-    json_bytes = read_config_file(path)[0]
-    config = config_from_json(json_bytes, path)
-    try:
-        write_compiled(config, json_bytes, output)
-    except OSError as exc:
-        raise ConfigFileError(output, f"cannot write compiled config: {describe_oserror(exc)}") from None
-    out.write(f"compiled {len(config.entries)} entries to {output}\n")
     return EXIT_OK
 
 
 # --- Command line ------------------------------------------------------------------------
 
 USAGE = """\
-usage: impermanence_boot.py [--config PATH] [--root PATH] [-v|--verbose] [-q|--quiet] [COMMAND] [--json|--output PATH]
+usage: impermanence_boot.py [--config PATH] [--root PATH] [-v|--verbose] [-q|--quiet] [COMMAND] [--json]
 
 Reconnect persistent state to a freshly wiped root (NixOS impermanence's
 environment.persistence, as JSON), before switch_root or by hand.
@@ -3327,17 +2636,14 @@ commands (default: apply):
   unmount  undo what apply set up (bind mounts, links), in reverse order;
            never deletes or modifies anything in persistent storage
   check    validate the config only
-  compile  validate the config and write it, with its checked records, to
-           --output PATH, for apply to load fast at boot (see README)
 
 options:
-  --config PATH  config file, JSON or compiled (default: $IMPERMANENCE_CONFIG,
-                 else /etc/impermanence.json)
+  --config PATH  config file (default: $IMPERMANENCE_CONFIG, else
+                 /etc/impermanence.json)
   --root PATH    the root the config's paths are relative to (default: /)
   -v, --verbose  log every action
   -q, --quiet    only errors
   --json         with status: JSON output
-  --output PATH  with compile: where to write the compiled config
   -h, --help     show this help
 
 exit status: 0 all in place; 1 an entry failed (others applied) or status
@@ -3345,15 +2651,15 @@ found drift; 2 usage or config error, nothing changed; 3 a persistent
 storage location was unavailable, nothing bound from it.
 """
 
-COMMANDS = ("apply", "plan", "status", "unmount", "check", "compile")
+COMMANDS = ("apply", "plan", "status", "unmount", "check")
 
 
 class Options(Record):
-    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help", "output")
+    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help")
 
 
 def parse_args(argv: list) -> Options:
-    command, config, root, verbosity, as_json, output = None, None, "/", 1, False, None
+    command, config, root, verbosity, as_json = None, None, "/", 1, False
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -3361,8 +2667,8 @@ def parse_args(argv: list) -> Options:
         if arg.startswith("--") and "=" in arg:
             arg, value = arg.split("=", 1)
         if arg in ("-h", "--help"):
-            return Options(None, None, None, 1, False, True, None)
-        if arg in ("--config", "--root", "--output"):
+            return Options(None, None, None, 1, False, True)
+        if arg in ("--config", "--root"):
             if value is None:
                 if not args:
                     raise UsageError(f"{arg} needs a path")
@@ -3371,10 +2677,8 @@ def parse_args(argv: list) -> Options:
                 raise UsageError(f"{arg} needs a non-empty path")
             if arg == "--config":
                 config = value
-            elif arg == "--root":
-                root = value
             else:
-                output = value
+                root = value
         elif value is not None:
             raise UsageError(f"{arg} takes no value")
         elif arg in ("-v", "--verbose"):
@@ -3394,11 +2698,9 @@ def parse_args(argv: list) -> Options:
     command = command or "apply"
     if as_json and command != "status":
         raise UsageError("--json goes with status")
-    if (output is None) != (command != "compile"):
-        raise UsageError("compile needs --output PATH" if output is None else "--output goes with compile")
     if config is None:
         config = os.environ.get("IMPERMANENCE_CONFIG") or DEFAULT_CONFIG
-    return Options(command, config, root, verbosity, as_json, False, output)
+    return Options(command, config, root, verbosity, as_json, False)
 
 
 def main(argv: list | None = None) -> int:
@@ -3411,17 +2713,10 @@ def main(argv: list | None = None) -> int:
         sys.stdout.write(USAGE)
         return EXIT_OK
     log = Log(opts.verbosity)
-    KEPT_UNTIL_EXIT.clear()
-    # One short run that makes no reference cycles: the cyclic collector
-    # would only walk the config and plan again and again as they grow.
-    gc.disable()
     try:
-        if opts.command == "compile":
-            return command_compile(opts.config, opts.output, sys.stdout)
         if opts.command == "check":
             return command_check(opts.config, sys.stdout)
-        config = load_config_file(opts.config, log)
-        KEPT_UNTIL_EXIT.append(config)
+        config = load_config_file(opts.config)
     except ConfigError as exc:
         where = (exc.where if isinstance(exc, ConfigFileError) or exc.where.startswith("/")
                  else f"{opts.config}: {exc.where}")
@@ -3446,7 +2741,7 @@ def main(argv: list | None = None) -> int:
         log.error("interrupted")
         return EXIT_FAILED
     except Exception as exc:  # a bug: still one line, details with -v
-        log.error(f"{opts.command}: internal error: {type(exc).__name__}: {exc}")
+        log.error(f"{opts.command}: {internal_error(exc)}")
         if opts.verbosity >= 2:
             import traceback
 
@@ -3455,12 +2750,4 @@ def main(argv: list | None = None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    # Tearing the interpreter down would free every object of the run one
-    # by one, for nothing: flush what is buffered and leave.
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-    os._exit(status)
+    sys.exit(main())

@@ -229,38 +229,17 @@ def test_key_paths_are_one_line(key):
     assert path.isprintable()
 
 
-def test_nothing_assigns_to_an_entry_once_it_is_made():
-    """Entry is not guarded by a raising __setattr__ (see its docstring):
-    its fields are assigned only where an entry is made. Other classes'
-    methods setting their own fields of the same names (self.kind) are
-    theirs."""
-    import ast
-
-    fields = set(ib.Entry._fields)
-    found = []
-
-    def visit(node, cls, function):
-        for child in ast.iter_child_nodes(node):
-            c, f = cls, function
-            if isinstance(child, ast.ClassDef):
-                c, f = child.name, None
-            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                f = child.name
-            if isinstance(child, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-                targets = child.targets if isinstance(child, ast.Assign) else [child.target]
-                for target in targets:
-                    for sub in ast.walk(target):
-                        if isinstance(sub, ast.Attribute) and sub.attr in fields:
-                            own = isinstance(sub.value, ast.Name) and sub.value.id == "self"
-                            if not (own and c not in (None, "Entry")):
-                                found.append((c, f, sub.attr))
-            elif (isinstance(child, ast.Call) and getattr(child.func, "id", None) == "_set_field"
-                  and len(child.args) > 1 and getattr(child.args[1], "value", None) in fields):
-                found.append((c, f, child.args[1].value))
-            visit(child, c, f)
-
-    visit(ast.parse(SCRIPT.read_text()), None, None)
-    # Entry.__init__ and the compiled-config loader set all ten, once each;
-    # nothing else sets any.
-    assert sorted(found, key=repr) == sorted([("Entry", "__init__", a) for a in ib.Entry._fields]
-                                   + [(None, "config_from_payload", a) for a in ib.Entry._fields], key=repr)
+def test_records_of_the_config_are_frozen():
+    """An entry, once made, is what the config said: nothing can assign to
+    its fields (or add any), nor to the config's."""
+    config = load({"persistence": {"/persistent": {"directories": ["/var/log"],
+                                                   "files": ["/etc/machine-id"]}}})
+    entry = config.entries[0]
+    for name in (*ib.Entry._fields, "source", "other"):
+        with pytest.raises(AttributeError):
+            setattr(entry, name, None)
+    with pytest.raises(AttributeError):
+        config.entries = ()
+    assert entry.source == ("persistent",) + entry.target
+    assert config == load({"persistence": {"/persistent": {"directories": ["/var/log"],
+                                                           "files": ["/etc/machine-id"]}}})

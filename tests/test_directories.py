@@ -83,12 +83,12 @@ def test_nested_entry_added_under_a_directory_an_earlier_run_mounted(sandbox, di
     assert sandbox.run("status", config=both).returncode == 0
 
 
-def test_directories_mkdir_cannot_finish_are_made_with_mode_0000_first(sandbox, disk):
-    # A kill between mkdir and chown must not leave a root-owned directory
-    # the next run keeps: a directory that needs a chown or chmod after
-    # mkdir is made with mode 0000, which the next run recognises. One that
-    # mkdir alone makes complete (root-owned, no set-id bits, parent passes
-    # on no group) is made with its mode, and there is nothing in between.
+def test_directories_are_made_with_mode_0000_first(sandbox, disk):
+    # A kill between mkdir and chown or chmod must not leave a directory
+    # with the wrong owner or mode that the next run keeps: every directory
+    # apply makes, in storage or on the root, is made with mode 0000, which
+    # the next run recognises, then given owner and mode through its fd.
+    # Only a mount point, which its bind mount covers, is made with its mode.
     first = base_config(disk.label, {"directories": ["/srv/shared"]})
     assert sandbox.run("apply", config=first).returncode == 0
     shared = sandbox.path("/persistent/srv/shared")
@@ -104,14 +104,18 @@ def test_directories_mkdir_cannot_finish_are_made_with_mode_0000_first(sandbox, 
     assert result.returncode == 0, result.stderr
     S = sandbox.path("/persistent")
     made = re.findall(r'mkdirat\(\d+, "([^"]+)", (0[0-7]*)\)', calls)
-    assert {name for name, mode in made if mode == "000"} == {"owned", "setgid", "inner"}, made
-    assert ("plain", "0755") in made and ("sticky", "01777") in made, made
+    in_storage = ["var", "lib", "plain", "state", "owned", "sticky", "setgid", "inner"]
+    on_root = ["var", "lib", "plain"]  # inner is made once, in the bound /srv/shared
+    mount_points = [("state", "0755"), ("owned", "0700"), ("sticky", "01777"), ("setgid", "0755")]
+    assert sorted(made) == sorted([(n, "000") for n in in_storage + on_root] + mount_points), made
     assert "renameat2" not in calls
     assert owner_mode(S / "var/lib/plain/state") == (0, 0, 0o755)
+    assert owner_mode(S / "var/lib/plain") == (0, 0, 0o755)
     assert owner_mode(S / "var/lib/sticky") == (0, 0, 0o1777)
     assert owner_mode(S / "var/lib/owned") == (BIRD, 0, 0o700)  # group defaults to root
     assert owner_mode(S / "var/lib/setgid") == (0, 0, 0o2755)
     assert owner_mode(S / "srv/shared/inner") == (0, 0, 0o755)
+    assert owner_mode(sandbox.path("/var/lib/plain")) == (0, 0, 0o755)
 
 
 @pytest.mark.parametrize("left_owner", [0, BIRD])
@@ -149,24 +153,30 @@ def test_a_directory_an_interrupted_run_left_with_mode_0000_is_finished(sandbox,
     assert owner_mode(S / "var/lib/locked") == (left_owner, 0, 0)
 
 
-def test_mount_points_are_mounted_on_by_name_only_where_no_one_else_can_swap_them(sandbox, disk):
-    # In a directory only root can write, nothing can replace a name
-    # between mkdir and move_mount: the mount point gets its mark and its
-    # mount by name, with no fd of its own. In one its user can write (the
-    # home on the fresh root), even a root-owned mount point is opened,
-    # checked and mounted on through that fd.
+def test_mount_points_are_opened_marked_and_mounted_on_through_their_fd(sandbox, disk):
+    # Between mkdir and the mount, a name could be swapped by whoever can
+    # write its parent (the home on the fresh root): every mount point is
+    # opened O_NOFOLLOW, checked, marked and mounted on through its own fd,
+    # never by name.
     cfg = main_config(disk.label)
     cfg["persistence"]["/persistent"]["directories"] += ["/var/lib/plain", "/home/bird/rootdir"]
     sandbox.write_config(cfg)
+    planned = sandbox.run("plan").stdout.splitlines()
+    binds = [line for line in planned if line.startswith("bind ")]
+    storage_point = f"mkdir {sandbox.path('/persistent')} "  # fileSystems': not bound on, not marked
+    made = [line for line in planned if line.startswith("create empty ") or (
+        line.startswith("mkdir ") and line.endswith(", mount point)")
+        and not line.startswith(storage_point))]
     result, calls = sandbox.traced("openat,utimensat,move_mount", "apply")
     assert result.returncode == 0, result.stderr
-    by_name = set(re.findall(r'move_mount\(\d+, "", \d+, "([^"]+)", MOVE_MOUNT_F_EMPTY_PATH\)', calls))
-    marked_by_name = set(re.findall(r'utimensat\(\d+, "([^"]+)", \[\{tv_sec=0, tv_nsec=314159265\}', calls))
-    assert by_name == marked_by_name == {"log", "plain", "nixos", "colord"}, calls
-    assert re.search(r'openat\(\d+, "rootdir", O_RDONLY\|O_NOFOLLOW\|O_CLOEXEC\|O_DIRECTORY\)', calls)
+    assert not re.search(r'move_mount\(\d+, "", \d+, "[^"]', calls), calls
+    assert not re.search(r'utimensat\(\d+, "', calls), calls
+    for name in ("log", "plain", "nixos", "colord", "rootdir"):
+        assert re.search(rf'openat\(\d+, "{name}", O_RDONLY\|O_NOFOLLOW\|O_CLOEXEC\|O_DIRECTORY\)', calls), name
     marked_by_fd = re.findall(r'utimensat\(\d+, NULL, \[\{tv_sec=0, tv_nsec=314159265\}', calls)
     by_fd = re.findall(r'move_mount\(\d+, "", \d+, "", MOVE_MOUNT_F_EMPTY_PATH\|MOVE_MOUNT_T_EMPTY_PATH\)', calls)
-    assert len(marked_by_fd) == len(by_fd) >= 5
+    assert len(by_fd) == len(binds) >= 5, (binds, calls)
+    assert len(marked_by_fd) == len(made) >= 5, (made, calls)
     R, S = sandbox.root, sandbox.path("/persistent")
     for d in ("var/log", "var/lib/plain", "home/bird/rootdir", "etc/nixos", "var/lib/colord"):
         assert same_inode(R / d, S / d), d

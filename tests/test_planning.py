@@ -121,8 +121,8 @@ def test_plan_prints_actions_and_changes_nothing(sandbox, disk):
 
 
 def apply_actions(result) -> list:
-    """apply -v's lines as plan writes them: without the prefix and the
-    closing summary, with 'mounted' as plan's 'mount' line is not."""
+    """apply -v's lines as plan writes them: without the prefix, the
+    closing summary and the 'mounted' report that follows the 'mount' action."""
     return [l.removeprefix("impermanence: ") for l in result.stderr.splitlines()
             if not l.startswith(("impermanence: apply: ", "impermanence: mounted "))]
 
@@ -131,7 +131,8 @@ def apply_actions(result) -> list:
 def test_plan_lists_what_apply_does(sandbox, disk, case):
     # A failed entry plans its storage parents, which apply never makes:
     # the next entry makes them, and plan says so. A storage path inside a
-    # fileSystems entry not mounted yet is made once it is mounted.
+    # fileSystems entry not mounted yet is made once it is mounted. Mounting
+    # the storage is planned and logged like any other action.
     if case == "failed-entry":
         cfg = base_config(disk.label, {"directories": [{"directory": "/srv/a/x", "user": "ghost"},
                                                        "/srv/a/y"]})
@@ -140,7 +141,8 @@ def test_plan_lists_what_apply_does(sandbox, disk, case):
         cfg["persistence"] = {"/persistent/system/one": {"directories": ["/var/log"]}}
     plan = sandbox.run("plan", config=cfg)
     assert plan.returncode == 0, plan.stderr
-    planned = [l for l in plan.stdout.splitlines() if not l.startswith("mount ")]
+    planned = plan.stdout.splitlines()
+    assert planned[1].startswith(f"mount LABEL={disk.label} ("), planned
     result = sandbox.run("-v", "apply")
     assert result.returncode == (1 if case == "failed-entry" else 0), result.stderr
     assert planned == [re.sub(r"^(user ghost: .*)", r"fail \1", l) for l in apply_actions(result)]
