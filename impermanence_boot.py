@@ -349,7 +349,8 @@ _set_field = object.__setattr__
 
 
 class Record:
-    """A small frozen record (dataclasses costs ~12 ms of imports at boot)."""
+    """A small frozen record: dataclasses would bring inspect, re and more
+    into every boot."""
 
     __slots__ = ()
     _fields: tuple = ()
@@ -1285,7 +1286,7 @@ class Accounts:
             text = self.fs.read_file(storage + ("var", "lib", "nixos", name))
             if text is not None:
                 try:
-                    loaded = parse_json(text)  # not json: ~9 ms of imports at boot
+                    loaded = parse_json(text)  # not json: see parse_json
                     if isinstance(loaded, dict):
                         table = {k: v for k, v in loaded.items() if valid_id(v)}
                 except (ValueError, RecursionError):
