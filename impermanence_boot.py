@@ -697,20 +697,19 @@ def load_config(text: str, name: str = "config") -> Config:
 
 def check_unicode(data) -> None:
     """JSON may spell lone surrogates ("\\ud800"), which no path, name or
-    option can be encoded from: reject them where they are. The walk
-    builds key paths only once it has found one."""
-    stack = [data]
+    option can be encoded from: reject them where they are."""
+    stack = [("", data)]
     while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not key.isascii() and not valid_unicode(key):
-                    return locate_bad_unicode(data)
-                stack.append(item)
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str) and not value.isascii() and not valid_unicode(value):
-            return locate_bad_unicode(data)
+        where, value = stack.pop()
+        items = (value.items() if isinstance(value, dict)
+                 else enumerate(value) if isinstance(value, list) else ())
+        for key, item in items:
+            at = key_path(where, key if isinstance(key, int) else key.encode("utf-8", "replace").decode())
+            if isinstance(key, str) and not key.isascii() and not valid_unicode(key):
+                raise ConfigError(at, "key is not valid Unicode (lone surrogate)")
+            if isinstance(item, str) and not item.isascii() and not valid_unicode(item):
+                raise ConfigError(at or "(top level)", "is not valid Unicode (lone surrogate)")
+            stack.append((at, item))
 
 
 def valid_unicode(text: str) -> bool:
@@ -719,21 +718,6 @@ def valid_unicode(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
-
-
-def locate_bad_unicode(data) -> None:
-    stack = [("", data)]
-    while stack:
-        where, value = stack.pop()
-        items = (value.items() if isinstance(value, dict)
-                 else enumerate(value) if isinstance(value, list) else ())
-        for key, item in items:
-            at = key_path(where, key if isinstance(key, int) else key.encode("utf-8", "replace").decode())
-            if isinstance(key, str) and not valid_unicode(key):
-                raise ConfigError(at, "key is not valid Unicode (lone surrogate)")
-            if isinstance(item, str) and not valid_unicode(item):
-                raise ConfigError(at or "(top level)", "is not valid Unicode (lone surrogate)")
-            stack.append((at, item))
 
 
 def parse_config(data, escapes: bool = True) -> Config:
