@@ -27,9 +27,17 @@
 #     fields that were left out filled with the level's defaults (so that a
 #     file directly in a home directory leaves the home's own 0700 alone);
 #   - users.<name>.home defaults to users.users.<name>.home, else
-#     /home/<name>, and must agree with users.users.<name>.home.
-# An item's own `persistentStoragePath` is kept only where it differs from
-# its location's; `hideMount` and other internal options are dropped.
+#     /home/<name>, and must agree with users.users.<name>.home;
+#   - paths are tidied as NixOS impermanence's lib.nix does: empty
+#     components dropped ("/var/lib/foo/", "a//b"), a system-level path
+#     made absolute, a user-level one relative to the home ("/Downloads"
+#     is "Downloads"; "/" is the whole home, written "/").
+# An item's own `persistentStoragePath`, `hideMount` and `allowTrash` are
+# kept only where they differ from its location's; other internal options
+# are dropped.  The options NixOS impermanence removed (`allowOther`,
+# `removePrefixDirectory`, `defaultDirectoryMethod`, a directory's
+# `method`, users.<name>.home) throw when its evaluated option is read:
+# such throwing values count as not set.
 # Errors (unknown options, wrong types, the same path listed twice) abort
 # the evaluation with a message naming the option.
 { persistence ? { }
@@ -52,12 +60,24 @@ let
   optionalAttrs = cond: set: if cond then set else { };
   nonEmptyStr = x: isString x && x != "";
 
+  # The value of an attribute, null when it is missing or throws (an
+  # option NixOS impermanence removed, read from its evaluated config).
+  given = set: key:
+    if !(set ? ${key}) then null
+    else let r = builtins.tryEval set.${key}; in if r.success then r.value else null;
+
+  # ---- paths, as NixOS impermanence's lib.nix concatPaths ------------------
+
+  components = path: filter (s: isString s && s != "") (builtins.split "/" path);
+  systemPath = path: "/" + concatStringsSep "/" (components path);
+  userPath = path: let c = components path; in if c == [ ] then "/" else concatStringsSep "/" c;
+
   # Keys the NixOS module system fills in on its own (internal options of
   # NixOS impermanence and of this project's module, and `_module`, which
   # every evaluated submodule carries).  Accepted, not used.
   internalItemKeys = [ "dirPath" "filePath" "home" "defaultPerms" "enableDebugging" "assertions" "_module" ];
   internalParentKeys = internalItemKeys
-    ++ [ "directory" "persistentStoragePath" "hideMount" "method" "user" "group" "mode" ];
+    ++ [ "directory" "persistentStoragePath" "hideMount" "allowTrash" "method" "user" "group" "mode" ];
 
   removedLocationKeys = {
     allowOther = "real bind mounts are used, `allowOther' is not needed";
@@ -133,24 +153,35 @@ let
       persistentStoragePath = str "${where}.persistentStoragePath" (toString p);
     };
 
+  # hideMount, allowTrash: kept where they differ from the location's.
+  mountFlags = ctx: where: item:
+    let
+      flag = key: default:
+        let v = item.${key} or null; in
+        optionalAttrs (v != null && bool "${where}.${key}" v != default) { ${key} = v; };
+    in
+    flag "hideMount" ctx.hide // flag "allowTrash" ctx.trash;
+
   normDir = ctx: i: raw:
     let
       where = "${ctx.where}.directories.${toString i}";
       item = if isString raw then { directory = raw; }
         else
           checkKeys where
-            ([ "directory" "user" "group" "mode" "persistentStoragePath" "hideMount" ] ++ internalItemKeys)
-            (if isAttrs raw && raw ? method
+            ([ "directory" "user" "group" "mode" "persistentStoragePath" "hideMount" "allowTrash" "method" ] ++ internalItemKeys)
+            (if isAttrs raw && given raw "method" != null
              then fail "${where}.method" "directories are always bind mounted; `method' exists for files only"
              else attrs where raw);
-      directory =
+      written =
         if item ? directory then str "${where}.directory" item.directory
         else fail where "`directory' is missing";
+      directory = ctx.norm written;
     in
     {
       kind = "directories";
       path = directory;
-      value = { inherit directory; } // fillPerms ctx where item // storageOf ctx where item;
+      value = { inherit directory; } // fillPerms ctx where item // storageOf ctx where item
+        // mountFlags ctx where item;
     };
 
   methods = [ "auto" "symlink" ];
@@ -163,9 +194,9 @@ let
           checkKeys where
             ([ "file" "method" "parentDirectory" "persistentStoragePath" ] ++ internalItemKeys)
             (attrs where raw);
-      file =
+      file = ctx.norm (
         if item ? file then str "${where}.file" item.file
-        else fail where "`file' is missing";
+        else fail where "`file' is missing");
       method =
         let m = item.method or null; in
         if m == null then "auto"
@@ -176,8 +207,14 @@ let
         let p = item.parentDirectory or null; in
         if p == null then { }
         else checkKeys pwhere internalParentKeys (attrs pwhere p);
-      # Only what was set (the module leaves unset fields null).
-      parentSet = filter (k: (parent.${k} or null) != null) [ "user" "group" "mode" ];
+      # Only what was set (the module leaves unset fields null; NixOS
+      # impermanence fills in its defaultPerms: the same as those is the
+      # same as none given).
+      defaults = parent.defaultPerms or null;
+      sameAsDefaults = isAttrs defaults
+        && builtins.all (k: (parent.${k} or null) == (defaults.${k} or null)) [ "user" "group" "mode" ];
+      parentSet = if sameAsDefaults then [ ]
+        else filter (k: (parent.${k} or null) != null) [ "user" "group" "mode" ];
     in
     {
       kind = "files";
@@ -195,9 +232,10 @@ let
 
   # ---- locations ------------------------------------------------------------
 
-  locationKeys = [ "enable" "persistentStoragePath" "hideMounts" "directories" "files" "users" ]
-    ++ [ "enableDebugging" "enableWarnings" "assertions" "_module" ];
-  userLocationKeys = [ "directories" "files" "home" "enableDebugging" "_module" ];
+  locationKeys = [ "enable" "persistentStoragePath" "hideMounts" "allowTrash" "directories" "files" "users" ]
+    ++ [ "enableDebugging" "enableWarnings" "assertions" "_module" ]
+    ++ attrNames removedLocationKeys;
+  userLocationKeys = [ "directories" "files" "home" "enableDebugging" "assertions" "_module" ];
 
   systemDefaults = { user = "root"; group = "root"; mode = "0755"; };
 
@@ -206,7 +244,7 @@ let
       where = "environment.persistence.${q name}";
       loc0 = attrs where persistence.${name};
       loc =
-        let removed = filter (k: hasAttr k removedLocationKeys) (attrNames loc0);
+        let removed = filter (k: hasAttr k removedLocationKeys && given loc0 k != null) (attrNames loc0);
         in
         if removed != [ ] then
           fail "${where}.${head removed}" "this option was removed from NixOS impermanence: ${removedLocationKeys.${head removed}}"
@@ -215,8 +253,9 @@ let
       storage = let p = loc.persistentStoragePath or null; in
         if p == null then name else toString p;
       hide = let h = loc.hideMounts or null; in if h == null then false else bool "${where}.hideMounts" h;
+      trash = let t = loc.allowTrash or null; in if t == null then false else bool "${where}.allowTrash" t;
 
-      sysCtx = { inherit where storage hide; defaults = systemDefaults; };
+      sysCtx = { inherit where storage hide trash; norm = systemPath; defaults = systemDefaults; };
 
       sysEntries =
         imap (normDir sysCtx) (list "${where}.directories" (loc.directories or [ ]))
@@ -227,15 +266,14 @@ let
       userHome = u:
         let
           uwhere = "${where}.users.${q u}";
-          set = locUsers.${u};
-          given = set.home or null;
+          home = given locUsers.${u} "home";
           account = accountHome u;
         in
-        if given == null then (if account != null then account else "/home/${u}")
-        else if account != null && toString given != account then
+        if home == null then (if account != null then account else "/home/${u}")
+        else if account != null && toString home != account then
           fail "${uwhere}.home"
-            "${toJSON (toString given)} differs from users.users.${q u}.home = ${toJSON account}; set both to the same directory"
-        else str "${uwhere}.home" (toString given);
+            "${toJSON (toString home)} differs from users.users.${q u}.home = ${toJSON account}; set both to the same directory"
+        else str "${uwhere}.home" (toString home);
 
       userEntries = concatMap
         (u:
@@ -244,7 +282,8 @@ let
             set = checkKeys uwhere userLocationKeys (attrs uwhere locUsers.${u});
             ctx = {
               where = uwhere;
-              inherit storage hide;
+              inherit storage hide trash;
+              norm = userPath;
               defaults = { user = u; group = primaryGroup u; mode = "0755"; };
             };
             tag = e: e // { user = u; home = userHome u; };
@@ -264,6 +303,7 @@ let
         enable = true;
         persistentStoragePath = storage;
         hideMounts = hide;
+        allowTrash = trash;
         directories = pick "directories" null;
         files = pick "files" null;
         users = mapAttrs
@@ -288,7 +328,9 @@ let
   # ---- the same target listed twice -----------------------------------------
 
   targetOf = e:
-    if e.user == null then e.path else "${e.home}/${e.path}";
+    if e.user == null then e.path
+    else if e.path == "/" then e.home
+    else "${e.home}/${e.path}";
   described = l: e:
     "environment.persistence.${q l.name}"
     + (if e.user == null then "" else ".users.${q e.user}")

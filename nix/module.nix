@@ -2,281 +2,104 @@
 # applied before switch_root by impermanence_boot.py.
 #
 # The options under `environment.persistence` have the names, types and
-# defaults of NixOS impermanence's, so an existing configuration keeps
-# working when this module replaces that one (do not import both: they
-# declare the same options).  Instead of fileSystems bind mounts, systemd
-# services and activation scripts in stage 2, the whole tree is written as
-# JSON (nix/config.nix) and applied in the initrd:
+# defaults of NixOS impermanence's (nix/persistence-options.nix), so an
+# existing configuration keeps working when this module replaces that one
+# (do not import both: they declare the same options).  With home-manager's
+# NixOS module imported, each user's `home.persistence` (nix/home-manager.nix,
+# injected through home-manager.sharedModules as NixOS impermanence does)
+# is merged in under users.<name>.  Instead of fileSystems bind mounts and
+# systemd services in stage 2, the whole tree is written as JSON
+# (nix/config.nix) and applied in the initrd:
 #   - scripted initrd: boot.initrd.postMountCommands, --root /mnt-root;
 #   - systemd initrd (boot.initrd.systemd.enable): a oneshot service
-#     ordered before initrd-nixos-activation.service, --root /sysroot.
+#     ordered before initrd-nixos-activation.service, --root /sysroot;
+# and again by an activation script (after users and groups), so that
+# `nixos-rebuild switch` applies new entries at once.
 # Extra options live under `boot.initrd.impermanence`.
-{ config, lib, pkgs, utils, ... }:
+{ config, options, lib, pkgs, utils, ... }:
 
 let
   inherit (lib)
-    mkOption mkIf mkMerge mkAfter mkDefault types literalExpression
+    mkOption mkIf mkMerge mkAfter types literalExpression
     mapAttrs mapAttrsToList filterAttrs attrNames attrValues any all
-    concatStringsSep concatMap filter optional optionals optionalString
-    escapeShellArg escapeShellArgs hasPrefix unique;
+    concatStringsSep concatMap filter optional optionalString
+    escapeShellArgs foldl' unique;
 
   cfg = config.environment.persistence;
   icfg = config.boot.initrd.impermanence;
   accounts = config.users.users;
 
-  enabledLocations = filterAttrs (_: location: location.enable) cfg;
-  active = enabledLocations != { };
+  persistenceOptions = import ./persistence-options.nix { inherit lib; };
+  inherit (persistenceOptions) paths;
 
-  # ---- option types ---------------------------------------------------------
+  # ---- home-manager: each user's home.persistence -----------------------------
 
-  # Options of a directory, or of a file's parent directory, that decide how
-  # it is created in persistent storage when it does not exist yet.
-  permOptions = { user, group, mode, nullable ? false }: {
-    user = mkOption {
-      type = if nullable then types.nullOr types.str else types.str;
-      default = user;
-      description = ''
-        If the directory doesn't exist in persistent storage it will be
-        created and owned by the user specified by this option.
-      '';
-    };
-    group = mkOption {
-      type = types.nullOr types.str;
-      default = group;
-      description = ''
-        If the directory doesn't exist in persistent storage it will be
-        created and owned by the group specified by this option.
-      '';
-    };
-    mode = mkOption {
-      type = if nullable then types.nullOr types.str else types.str;
-      default = mode;
-      example = "0700";
-      description = ''
-        If the directory doesn't exist in persistent storage it will be
-        created with the mode specified by this option: octal ("0700") or
-        symbolic chmod clauses ("u=rwx,g=rx,o=").
-      '';
-    };
-  };
+  hmUsers = config.home-manager.users or { };
+  hmLocations = concatMap
+    (user:
+      mapAttrsToList (name: location: { inherit user name location; })
+        (filterAttrs (_: location: location.enable) (hmUsers.${user}.home.persistence or { })))
+    (attrNames hmUsers);
 
-  # Options every item has: where it is stored, which home it lives in.
-  commonItemOptions = { location, home }: {
-    persistentStoragePath = mkOption {
-      type = types.path;
-      default = location.persistentStoragePath;
-      defaultText = "environment.persistence.‹name›.persistentStoragePath";
-      description = ''
-        The path to persistent storage where the real file or directory
-        should be stored.
-      '';
-    };
-    home = mkOption {
-      type = types.nullOr types.path;
-      default = home;
-      internal = true;
-      description = "The home directory the item is placed within (null: system level).";
-    };
-    enableDebugging = mkOption {
-      type = types.bool;
-      default = location.enableDebugging;
-      defaultText = "environment.persistence.‹name›.enableDebugging";
-      internal = true;
-      description = "Run the script with --verbose.";
-    };
-  };
+  # home-manager does not know groups: as NixOS impermanence, a directory
+  # without one gets its user's primary group.
+  withGroup = item:
+    if item.group != null then item
+    else item // { group = let g = accounts.${item.user}.group or ""; in if g == "" then null else g; };
 
-  inHome = home: path: if home == null then path else "${home}/${path}";
+  locationKeys = [ "enable" "persistentStoragePath" "hideMounts" "allowTrash" "directories" "files" "users" ];
 
-  # `level` = { user, group } defaults of the level (system or a user).
-  directoryType = { location, home, level }:
-    types.coercedTo types.str (directory: { inherit directory; }) (types.submodule ({ config, ... }: {
-      options = commonItemOptions { inherit location home; }
-        // permOptions { inherit (level) user group; mode = "0755"; }
-        // {
-        directory = mkOption {
-          type = types.str;
-          description = "The path to the directory.";
+  # environment.persistence with every home-manager location merged in:
+  # a location of the same name (enabled) gets the items under
+  # users.<name>; otherwise a location of that name is made from the
+  # home-manager one.  Items keep their own persistentStoragePath,
+  # hideMount and allowTrash, so it does not matter which.
+  persistence = foldl'
+    (acc: hm:
+      let
+        existing = acc.${hm.name} or null;
+        base =
+          if existing != null && existing.enable then existing
+          else {
+            enable = true;
+            inherit (hm.location) persistentStoragePath hideMounts allowTrash;
+            directories = [ ];
+            files = [ ];
+            users = { };
+          };
+        user = base.users.${hm.user} or { directories = [ ]; files = [ ]; };
+      in
+      acc // {
+        ${hm.name} = base // {
+          users = base.users // {
+            ${hm.user} = user // {
+              home = hmUsers.${hm.user}.home.homeDirectory;
+              directories = user.directories ++ map withGroup hm.location.directories;
+              files = user.files ++ hm.location.files;
+            };
+          };
         };
-        hideMount = mkOption {
-          type = types.bool;
-          default = location.hideMounts;
-          defaultText = "environment.persistence.‹name›.hideMounts";
-          example = true;
-          description = "Whether to hide the bind mount from showing up as a mounted drive.";
-        };
-        dirPath = mkOption {
-          type = types.str;
-          default = inHome home config.directory;
-          readOnly = true;
-          internal = true;
-          description = "The absolute path of the directory on the booted system.";
-        };
-      };
-    }));
+      })
+    (mapAttrs (_: location: lib.getAttrs locationKeys location) cfg)
+    hmLocations;
 
-  fileType = { location, home, level }:
-    types.coercedTo types.str (file: { inherit file; }) (types.submodule ({ config, ... }: {
-      options = commonItemOptions { inherit location home; } // {
-        file = mkOption {
-          type = types.str;
-          description = "The path to the file.";
-        };
-        method = mkOption {
-          type = types.enum [ "auto" "symlink" ];
-          default = "auto";
-          description = ''
-            How the file is put in place. `auto` bind mounts the file when
-            it exists in persistent storage and otherwise creates a
-            symlink to it, so that the program creating the file creates
-            it in storage; `symlink` always creates a symlink.
-          '';
-        };
-        # Unset fields are filled with the level's defaults
-        # (${level.user}, its group, 0755) when any field is set; when
-        # none is, the parent is created like any other missing parent
-        # (a home directory itself: 0700).
-        parentDirectory = permOptions { user = null; group = null; mode = null; nullable = true; };
-        filePath = mkOption {
-          type = types.str;
-          default = inHome home config.file;
-          readOnly = true;
-          internal = true;
-          description = "The absolute path of the file on the booted system.";
-        };
-      };
-    }));
+  enabledLocations = attrValues (filterAttrs (_: location: location.enable) persistence);
+  active = enabledLocations != [ ];
 
-  primaryGroupOf = name:
-    let group = accounts.${name}.group or ""; in
-    if group == "" then null else group;
+  itemsOf = location: location.directories ++ location.files
+    ++ concatMap (user: user.directories ++ user.files) (attrValues location.users);
+  allItems = concatMap itemsOf enabledLocations;
+  allDirectories = concatMap
+    (location: location.directories ++ concatMap (user: user.directories) (attrValues location.users))
+    enabledLocations;
+  allFiles = concatMap
+    (location: location.files ++ concatMap (user: user.files) (attrValues location.users))
+    enabledLocations;
 
-  locationType = types.submodule ({ name, config, ... }:
-    let
-      location = config;
-      system = { level = { user = "root"; group = "root"; }; home = null; inherit location; };
-    in
-    {
-      options = {
-        enable = mkOption {
-          type = types.bool;
-          default = true;
-          description = "Whether to enable this persistent storage location.";
-        };
-
-        persistentStoragePath = mkOption {
-          type = types.path;
-          default = name;
-          defaultText = "‹name›";
-          description = ''
-            The path to persistent storage where the real files and
-            directories should be stored.
-          '';
-        };
-
-        hideMounts = mkOption {
-          type = types.bool;
-          default = false;
-          example = true;
-          description = "Whether to hide bind mounts from showing up as mounted drives.";
-        };
-
-        directories = mkOption {
-          type = types.listOf (directoryType system);
-          default = [ ];
-          example = [
-            "/var/log"
-            "/var/lib/bluetooth"
-            "/var/lib/nixos"
-            "/var/lib/systemd/coredump"
-            "/etc/NetworkManager/system-connections"
-            { directory = "/var/lib/colord"; user = "colord"; group = "colord"; mode = "u=rwx,g=rx,o="; }
-          ];
-          description = "Directories to bind mount to persistent storage.";
-        };
-
-        files = mkOption {
-          type = types.listOf (fileType system);
-          default = [ ];
-          example = [
-            "/etc/machine-id"
-            { file = "/etc/nix/id_rsa"; parentDirectory = { mode = "u=rwx,g=,o="; }; }
-          ];
-          description = "Files that should be stored in persistent storage.";
-        };
-
-        users = mkOption {
-          default = { };
-          description = ''
-            Files and directories kept per user, relative to the user's home
-            directory.  Each attribute name is a user name.
-          '';
-          example = literalExpression ''
-            {
-              alice = {
-                directories = [
-                  "Downloads"
-                  { directory = ".ssh"; mode = "0700"; }
-                ];
-                files = [ ".bash_history" ];
-              };
-            }
-          '';
-          type = types.attrsOf (types.submodule ({ name, config, ... }:
-            let
-              level = {
-                user = name;
-                group = primaryGroupOf name;
-              };
-              userLevel = { inherit level location; inherit (config) home; };
-            in
-            {
-              options = {
-                home = mkOption {
-                  type = types.path;
-                  default = accounts.${name}.home or "/home/${name}";
-                  defaultText = literalExpression "config.users.users.‹name›.home";
-                  description = ''
-                    The user's home directory; must match
-                    users.users.‹name›.home.
-                  '';
-                };
-                directories = mkOption {
-                  type = types.listOf (directoryType userLevel);
-                  default = [ ];
-                  example = [ "Downloads" "Music" { directory = ".gnupg"; mode = "0700"; } ];
-                  description = "Directories to bind mount to persistent storage.";
-                };
-                files = mkOption {
-                  type = types.listOf (fileType userLevel);
-                  default = [ ];
-                  example = [ ".screenrc" ];
-                  description = "Files that should be stored in persistent storage.";
-                };
-              };
-            }));
-        };
-
-        enableDebugging = mkOption {
-          type = types.bool;
-          default = false;
-          internal = true;
-          description = "Run impermanence_boot.py with --verbose (every action is logged).";
-        };
-
-        enableWarnings = mkOption {
-          type = types.bool;
-          default = true;
-          description = "Enable non-critical warnings.";
-        };
-
-        # Removed from NixOS impermanence; accepted so an old configuration
-        # gets a warning instead of an evaluation error.
-        allowOther = mkOption { type = types.nullOr types.bool; default = null; visible = false; };
-        removePrefixDirectory = mkOption { type = types.nullOr types.bool; default = null; visible = false; };
-        defaultDirectoryMethod = mkOption { type = types.nullOr types.str; default = null; visible = false; };
-      };
-    });
+  debugging = any (location: location.enableDebugging) (attrValues cfg)
+    || any (hm: hm.location.enableDebugging) hmLocations;
+  warningsEnabled = any (location: location.enableWarnings) (attrValues cfg)
+    || any (hm: hm.location.enableWarnings) hmLocations;
 
   fileSystemType = types.submodule ({ name, ... }: {
     options = {
@@ -313,10 +136,8 @@ let
 
   # ---- the JSON configuration and the script ----------------------------------
 
-  locationKeys = [ "enable" "persistentStoragePath" "hideMounts" "directories" "files" "users" ];
-
   generated = import ./config.nix {
-    persistence = mapAttrs (_: location: lib.getAttrs locationKeys location) cfg;
+    inherit persistence;
     users = accounts;
     groups = config.users.groups;
     fileSystems = mapAttrs (_: fs: { inherit (fs) device label fsType options; }) icfg.fileSystems;
@@ -341,7 +162,7 @@ let
         ''
     else uncheckedConfig;
 
-  verbose = icfg.verbose || any (location: location.enableDebugging) (attrValues enabledLocations);
+  verbose = icfg.verbose || debugging;
 
   # Byte-compiled once, at build time, by the initrd's own interpreter:
   # run as a script, the .py would be compiled again at every boot (~18 ms,
@@ -359,60 +180,59 @@ let
     install -Dm0755 ${../impermanence_boot.py} $out/bin/impermanence_boot.py
   '';
 
-  # The running system: `impermanence-boot status`, `plan`, `unmount`.
+  # The running system: `impermanence-boot status`, `plan`, `apply`, `unmount`.
   tool = pkgs.writeShellScriptBin "impermanence-boot" ''
     exec ${python} -I -B ${script} "$@"
   '';
 
+  # At activation (every boot, and `nixos-rebuild switch`), after users
+  # and groups exist: new entries take effect at once, and entries whose
+  # owner got its id only now (no fixed uid) are finished.  Everything
+  # the initrd set up is left as it is.  In a dry activation: `plan`.
+  activationScript = ''
+    if [ "''${NIXOS_ACTION-}" = dry-activate ]; then
+      ${tool}/bin/impermanence-boot --root / --config ${configFile} plan
+    else
+      ${tool}/bin/impermanence-boot --root / --config ${configFile} apply
+    fi
+  '';
+
   # ---- checks ----------------------------------------------------------------
 
-  storagePaths = unique (concatMap
-    (location:
-      [ (toString location.persistentStoragePath) ]
-      ++ map (item: toString item.persistentStoragePath)
-        (location.directories ++ location.files
-          ++ concatMap (user: user.directories ++ user.files) (attrValues location.users)))
-    (attrValues enabledLocations));
+  elem = builtins.elem;
+  storagePaths = unique (map (location: toString location.persistentStoragePath) enabledLocations
+    ++ map (item: toString item.persistentStoragePath) allItems);
+  targetPaths = unique (map (d: d.dirPath) allDirectories ++ map (f: f.filePath) allFiles);
 
-  declaredByNixOS = path: config.fileSystems ? ${path};
-  storageNotNeededForBoot = filter
-    (path: declaredByNixOS path && !(icfg.fileSystems ? ${path})
-      && !(utils.fsNeededForBoot config.fileSystems.${path}))
-    storagePaths;
-  mountedTwice = filter declaredByNixOS (attrNames icfg.fileSystems);
+  # The NixOS filesystem a path is on, at that path or above it ("/"
+  # aside: stage 1 always mounts it).
+  fileSystemsAt = path: filter (fs: fs.mountPoint == path) (attrValues config.fileSystems);
+  notNeededForBoot = path: any (fs: !(utils.fsNeededForBoot fs)) (fileSystemsAt path);
+  ownMount = path: icfg.fileSystems ? ${path};
+  selfAndParents = path: paths.parents path ++ [ (paths.concat [ path ]) ];
 
-  persistedPaths = concatMap
-    (location:
-      map (d: d.dirPath) (location.directories
-        ++ concatMap (user: user.directories) (attrValues location.users)))
-    (attrValues enabledLocations);
-  persistedFilePaths = concatMap
-    (location:
-      map (f: f.filePath) (location.files
-        ++ concatMap (user: user.files) (attrValues location.users)))
-    (attrValues enabledLocations);
+  # Storage that stage 1 does not mount is not there when the script runs.
+  storageNotNeededForBoot = unique (filter (path: notNeededForBoot path && !(ownMount path))
+    (concatMap selfAndParents storagePaths));
+  # A filesystem holding targets that stage 1 does not mount is mounted by
+  # stage 2 over the kept paths the initrd set up.
+  ephemeralNotNeededForBoot = unique (filter notNeededForBoot (concatMap selfAndParents targetPaths));
+  mountedTwice = filter (path: fileSystemsAt path != [ ]) (attrNames icfg.fileSystems);
+
   # A kept machine-id is bind-mounted from storage, not on a temporary
   # filesystem: systemd-machine-id-commit.service would fail on every boot
   # after the first (as NixOS impermanence, it then runs on the first only).
-  machineIdPersisted = elem "/etc/machine-id" persistedFilePaths;
+  machineIdPersisted = elem "/etc/machine-id" (map (f: f.filePath) allFiles);
   varLibNixosPersisted = any
     (path: elem path [ "/" "/var" "/var/lib" "/var/lib/nixos" ])
-    persistedPaths;
-  elem = builtins.elem;
+    (map (d: d.dirPath) allDirectories ++ map (fs: fs.mountPoint) (attrValues config.fileSystems));
   usersWithoutUid = attrNames (filterAttrs (_: user: user.uid == null) accounts);
   groupsWithoutGid = attrNames (filterAttrs (_: group: group.gid == null) config.users.groups);
-  warningsEnabled = any (location: location.enableWarnings) (attrValues enabledLocations);
-  removedOptionsUsed = concatMap
-    (name:
-      map (option: ''environment.persistence."${name}".${option}'')
-        (filter (option: cfg.${name}.${option} != null)
-          [ "allowOther" "removePrefixDirectory" "defaultDirectoryMethod" ]))
-    (attrNames cfg);
 in
 {
   options = {
     environment.persistence = mkOption {
-      type = types.attrsOf locationType;
+      type = types.attrsOf (persistenceOptions.location { inherit accounts; });
       default = { };
       description = ''
         Persistent storage locations, each listing the files and
@@ -503,6 +323,34 @@ in
         description = "A package providing bin/impermanence_boot.py.";
       };
 
+      applyOnActivation = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Run `impermanence-boot apply --root /` from an activation script
+          (after the users and groups scripts), so that `nixos-rebuild
+          switch` applies new entries at once, as NixOS impermanence does,
+          instead of at the next boot.  What is already in place is left
+          alone; a new target that already holds data is moved into
+          storage when storage has nothing there yet (if both hold data,
+          that entry fails and names both).  At boot it finishes entries
+          whose owner has no fixed uid (created by the users script).
+        '';
+      };
+
+      settings = mkOption {
+        type = types.attrsOf types.anything;
+        readOnly = true;
+        default = generated;
+        defaultText = "the generated configuration";
+        description = ''
+          The configuration impermanence_boot.py reads, as a Nix value
+          (nix/config.nix of environment.persistence, the home-manager
+          users' home.persistence, users.users, users.groups and the
+          options here); configFile is its JSON.
+        '';
+      };
+
       configFile = mkOption {
         type = types.path;
         readOnly = true;
@@ -517,7 +365,17 @@ in
     };
   };
 
-  config = mkIf active (mkMerge [
+  config = mkMerge [
+    # As NixOS impermanence: its home-manager module reaches every user
+    # through home-manager.sharedModules, when home-manager is imported.
+    (lib.optionalAttrs (options ? home-manager.sharedModules) {
+      home-manager.sharedModules = [
+        ./home-manager.nix
+        { home.impermanence-boot.nixosModuleImported = true; }
+      ];
+    })
+
+    (mkIf active (mkMerge [
     {
       boot.initrd.supportedFilesystems =
         unique (filter (t: t != "auto") (map (fs: fs.fsType) (attrValues icfg.fileSystems)));
@@ -529,11 +387,22 @@ in
         {
           assertion = storageNotNeededForBoot == [ ];
           message = ''
-            environment.persistence: these persistent storage paths are in
-            `fileSystems` but not mounted by stage 1, so they are not there
-            when impermanence_boot.py runs; set neededForBoot = true (or move
-            them to boot.initrd.impermanence.fileSystems):
-              ${concatStringsSep "\n  " storageNotNeededForBoot}
+            environment.persistence:
+                All filesystems used for persistent storage must have the option "neededForBoot" set to true
+                (or be mounted by impermanence_boot.py: boot.initrd.impermanence.fileSystems).
+                Stage 1 does not mount them otherwise, so they are not there when the initrd applies the kept paths.
+                Please fix the following filesystems:
+                  ${concatStringsSep "\n      " storageNotNeededForBoot}
+          '';
+        }
+        {
+          assertion = ephemeralNotNeededForBoot == [ ];
+          message = ''
+            environment.persistence:
+                All filesystems used for ephemeral storage must have the option "neededForBoot" set to true.
+                They hold kept paths, and stage 2 would mount them over what impermanence_boot.py set up in the initrd.
+                Please fix the following filesystems:
+                  ${concatStringsSep "\n      " ephemeralNotNeededForBoot}
           '';
         }
         {
@@ -551,9 +420,7 @@ in
       ];
 
       warnings =
-        map (option: "${option} has no effect (removed from NixOS impermanence, not used here).")
-          removedOptionsUsed
-        ++ optional
+        optional
           (warningsEnabled && !varLibNixosPersisted && (usersWithoutUid != [ ] || groupsWithoutGid != [ ]))
           ''
             environment.persistence: /var/lib/nixos is not persisted, so users
@@ -563,6 +430,14 @@ in
             Groups without gid: ${concatStringsSep " " groupsWithoutGid}
           '';
     }
+
+    (mkIf icfg.applyOnActivation {
+      system.activationScripts.impermanence-boot = {
+        deps = [ "users" "groups" ];
+        supportsDryActivation = true;
+        text = activationScript;
+      };
+    })
 
     (mkIf machineIdPersisted {
       systemd.services.systemd-machine-id-commit.unitConfig.ConditionFirstBoot = true;
@@ -619,5 +494,6 @@ in
         };
       };
     })
-  ]);
+  ]))
+  ];
 }
