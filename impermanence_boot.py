@@ -49,6 +49,7 @@ OPEN_TREE_CLONE = 1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 RENAME_NOREPLACE = 1
+LOCK_EX = 2
 # Numbers of the system calls added since Linux 5.1 are the same on every
 # architecture: used where the C library has no wrapper (glibc < 2.36).
 SYS_OPEN_TREE = 428
@@ -117,6 +118,7 @@ class Libc:
         self.mount = bind("mount", CharP, CharP, CharP, ULong, CharP)
         self.umount2 = bind("umount2", CharP, Int)
         self.renameat2 = bind("renameat2", Int, CharP, Int, CharP, UInt)  # glibc >= 2.28
+        self.flock = bind("flock", Int, Int)
         self.open_tree = bind("open_tree", Int, CharP, UInt)  # glibc >= 2.36
         self.move_mount = bind("move_mount", Int, CharP, Int, CharP, UInt)
         if self.open_tree is None or self.move_mount is None:
@@ -192,21 +194,21 @@ def move_mount(tree: int, target_fd: int, shown: str) -> None:
         raise oserror("bind", shown)
 
 
-def rename_noreplace(dir_fd: int, old: str, new: str, shown: str) -> None:
-    """renameat2(RENAME_NOREPLACE) within one directory: never replaces what
-    appeared at `new` meanwhile. Where the kernel, filesystem or C library
-    lacks it, a check then rename(2)."""
+def rename_noreplace(old_dir: int, old: str, new_dir: int, new: str, shown: str) -> None:
+    """renameat2(RENAME_NOREPLACE): never replaces what appeared at `new`
+    meanwhile. Where the kernel, filesystem or C library lacks it, a check
+    then rename(2)."""
     function = libc().renameat2
     if function is not None:
-        if function(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), RENAME_NOREPLACE) == 0:
+        if function(old_dir, os.fsencode(old), new_dir, os.fsencode(new), RENAME_NOREPLACE) == 0:
             return
         err = libc().get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS):
             raise oserror("rename", shown, err)
     try:
-        os.stat(new, dir_fd=dir_fd, follow_symlinks=False)
+        os.stat(new, dir_fd=new_dir, follow_symlinks=False)
     except FileNotFoundError:
-        call("rename", shown, os.rename, old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        call("rename", shown, os.rename, old, new, src_dir_fd=old_dir, dst_dir_fd=new_dir)
         return
     raise oserror("rename", shown, errno.EEXIST)
 
@@ -395,9 +397,10 @@ class Perms(Record):
 class Entry(Record):
     """One kept directory or file. Paths are tuples of components relative
     to the root: target ('var', 'log'), storage ('persistent',); `home` is
-    (home, user, home mode) for an entry inside a user's home."""
+    (home, user, home mode) for an entry inside a user's home; `options`
+    the userspace mount options of a directory's bind mount."""
     __slots__ = _fields = ("kind", "target", "storage", "perms", "method", "parent_perms",
-                           "home", "home_owner", "where")
+                           "home", "home_owner", "where", "options")
 
     @property
     def source(self) -> tuple:
@@ -418,13 +421,24 @@ def as_path(comps: tuple) -> str:
 
 # --- Config: modes ---------------------------------------------------------------
 
-_WHO_BITS = {"u": 0o4700, "g": 0o2070, "o": 0o1007}
-_PERM_BITS = {"r": 0o444, "w": 0o222, "x": 0o111, "X": 0o111, "s": 0o6000, "t": 0o1000}
+_WHO_BITS = {"u": 0o4700, "g": 0o2070, "o": 0o1007, "a": 0o7777}
+_PERM_BITS = {"r": 0o444, "w": 0o222, "x": 0o111, "s": 0o6000, "t": 0o1000}
+_CLASS_BITS = {"u": 0o700, "g": 0o070, "o": 0o007}
+# NixOS impermanence makes a directory with `mkdir --mode MODE`, so a
+# symbolic mode means what it means there, under the umask activation runs
+# with: applied to a=rwx, a clause that names no class (`+t`, `=rwx`)
+# limited by the umask; and where a clause names a set-id or sticky bit,
+# mkdir(2) runs without group and other write, which only a clause naming
+# them gives back (coreutils' mode_adjust, gnulib's make_dir_parents and
+# dirchownmod): `+t` is 1755, `o+t,go+w` 1777.
+MKDIR_BASE = 0o777
+MKDIR_UMASK = 0o022
 
 
 def parse_mode(text: str) -> int:
-    """Octal ("0700", "755") or symbolic chmod clauses applied to a 0 base
-    ("u=rwx,g=rx,o=", "u=rwx,go=u-w"). Raises ValueError with a reason."""
+    """Octal ("0700", "755") or symbolic clauses as `mkdir --mode` reads
+    them for a directory ("u=rwx,g=rx,o=", "go-rwx" is 0700, "+t" 1777).
+    Raises ValueError with a reason."""
     if not isinstance(text, str):
         raise ValueError(f"must be a string such as \"0755\", not {type_name(text)}")
     if text and not text.strip("01234567"):
@@ -433,15 +447,14 @@ def parse_mode(text: str) -> int:
         return int(text, 8)
     if not text:
         raise ValueError("is empty")
-    mode = 0
+    mode = MKDIR_BASE
+    named = 0  # the bits some clause set or cleared
     for clause in text.split(","):
         i = 0
         who = 0
-        while i < len(clause) and clause[i] in "ugoa":
-            who |= 0o7777 if clause[i] == "a" else _WHO_BITS[clause[i]]
+        while i < len(clause) and clause[i] in _WHO_BITS:
+            who |= _WHO_BITS[clause[i]]
             i += 1
-        if who == 0:
-            who = 0o7777
         if i == len(clause):
             raise ValueError(f"clause {clause!r} has no operator (=, + or -)")
         while i < len(clause):
@@ -449,26 +462,43 @@ def parse_mode(text: str) -> int:
             if op not in "=+-":
                 raise ValueError(f"{clause!r}: expected =, + or - at {clause[i:]!r}")
             i += 1
-            bits = 0
-            if i < len(clause) and clause[i] in "ugo":
-                # A copy ("g=u"): that class's rwx as the mode stands now.
-                shift = {"u": 6, "g": 3, "o": 0}[clause[i]]
-                bits = ((mode >> shift) & 7) * 0o111
+            value, copy, x_if_any = 0, False, False
+            if i < len(clause) and clause[i] in _CLASS_BITS:
+                value, copy = _CLASS_BITS[clause[i]], True  # "g=u": that class as it stands now
                 i += 1
             else:
-                while i < len(clause) and clause[i] in _PERM_BITS:
-                    bits |= _PERM_BITS[clause[i]]
+                while i < len(clause) and (clause[i] in _PERM_BITS or clause[i] == "X"):
+                    if clause[i] == "X":
+                        x_if_any = True
+                    else:
+                        value |= _PERM_BITS[clause[i]]
                     i += 1
             if i < len(clause) and clause[i] not in "=+-":
                 raise ValueError(f"{clause!r}: unknown permission {clause[i]!r}")
-            bits &= who
+            # A directory's set-id bits change only where named (coreutils'
+            # mode_adjust).
+            omitted = 0o6000 & ~(who & value if who else value)
+            if copy:
+                value &= mode
+                value = ((0o444 if value & 0o444 else 0) | (0o222 if value & 0o222 else 0)
+                         | (0o111 if value & 0o111 else 0))
+            elif x_if_any:
+                value |= 0o111  # X: a directory is searchable
+            value &= (who if who else ~MKDIR_UMASK) & ~omitted
             if op == "=":
-                mode = (mode & ~who) | bits
+                kept = (~who if who else 0) | omitted
+                named |= 0o7777 & ~kept
+                mode = (mode & kept) | value
             elif op == "+":
-                mode |= bits
+                named |= value
+                mode |= value
             else:
-                mode &= ~bits
-    return mode & 0o7777
+                named |= value
+                mode &= ~value
+    mode &= 0o7777
+    special = named & 0o6000 or mode & 0o1000
+    made = (mode & ~0o022 if special else mode) & 0o1777  # mkdir(2) sets no set-id bit
+    return mode | (made & ~named) if (mode ^ made) & named else made
 
 
 def format_mode(mode: int) -> str:
@@ -483,16 +513,19 @@ NIXOS_INTERNAL = frozenset({"dirPath", "filePath", "home", "defaultPerms",
                             "persistentStoragePath", "enableDebugging",
                             "enableWarnings", "assertions", "hideMount",
                             "allowTrash", "_module"})
+# Userspace mount options of a kept directory's bind mount, recorded in
+# libmount's utab: file managers hide the mount, GIO lets one trash in it.
+HIDE_OPTION, TRASH_OPTION = "x-gvfs-hide", "x-gvfs-trash"
 
 TOP_KEYS = ("fileSystems", "deviceTimeout", "users", "groups", "persistence")
 FS_KEYS = ("device", "fsType", "options", "label", "mountPoint", "neededForBoot", "noCheck")
 ACCOUNT_KEYS = ("uid", "group", "home", "homeMode", "name", "isNormalUser",
                 "isSystemUser", "description")
 GROUP_KEYS = ("gid", "name", "members")
-LOCATION_KEYS = ("enable", "persistentStoragePath", "hideMounts", "directories",
+LOCATION_KEYS = ("enable", "persistentStoragePath", "hideMounts", "allowTrash", "directories",
                  "files", "users")
 USER_KEYS = ("directories", "files", "home")
-DIR_KEYS = ("directory", "user", "group", "mode")
+DIR_KEYS = ("directory", "user", "group", "mode", "hideMount", "allowTrash")
 FILE_KEYS = ("file", "method", "parentDirectory")
 PERM_KEYS = ("user", "group", "mode")
 
@@ -556,11 +589,14 @@ def expect(value, kind, where: str, what: str):
 
 
 def parse_components(text, where: str, absolute: bool, key: str | None = None) -> tuple:
-    """A path's components. The error location is where[.key], made only
-    for an error: this runs for every item of the config."""
-    if isinstance(text, str) and "\0" not in text and text.startswith("/") == absolute:
-        comps = tuple((text[1:] if absolute else text).split("/"))
-        if "" not in comps and "." not in comps and ".." not in comps:
+    """A path's components, read as NixOS impermanence reads it: empty
+    components dropped (a trailing or doubled "/"), and in a path relative
+    to a home a leading "/" too ("/" is the home itself). The error
+    location is where[.key], made only for an error: this runs for every
+    item of the config."""
+    if isinstance(text, str) and "\0" not in text and (not absolute or text.startswith("/")):
+        comps = tuple(c for c in text.split("/") if c)
+        if "." not in comps and ".." not in comps and (comps or not absolute):
             return comps
     where = key_path(where, key) if key is not None else where
     expect(text, str, where, "a path string")
@@ -568,9 +604,9 @@ def parse_components(text, where: str, absolute: bool, key: str | None = None) -
         raise ConfigError(where, "path contains a NUL byte")
     if absolute and not text.startswith("/"):
         raise ConfigError(where, f"path {text!r} must be absolute (start with /)")
-    if not absolute and text.startswith("/"):
-        raise ConfigError(where, f"path {text!r} must be relative to the user's home")
-    raise ConfigError(where, f"path {text!r} must not be empty or contain empty, '.' or '..' components")
+    if absolute and not text.strip("/"):
+        raise ConfigError(where, f"path {text!r} is the root itself, which is not kept or mounted on")
+    raise ConfigError(where, f"path {text!r} must not contain '.' or '..' components")
 
 
 # Largest user or group id: chown(2) takes (uid_t) -1 as "leave unchanged".
@@ -612,14 +648,18 @@ def parse_owner(value, where: str, key: str | None = None) -> str:
 
 
 def parse_perms(obj: dict, where: str, default: Perms) -> Perms:
-    if "user" not in obj and "group" not in obj and "mode" not in obj:
+    """The owner and mode an item gives, its defaults where it gives none
+    (or null, as the evaluated NixOS option may)."""
+    user, group, mode = obj.get("user"), obj.get("group"), obj.get("mode")
+    if user is None and group is None and mode is None:
         return default
-    user = parse_owner(obj["user"], where, "user") if "user" in obj else default.user
-    group = parse_owner(obj["group"], where, "group") if "group" in obj else default.group
-    mode = default.mode
-    if "mode" in obj:
+    user = default.user if user is None else parse_owner(user, where, "user")
+    group = default.group if group is None else parse_owner(group, where, "group")
+    if mode is None:
+        mode = default.mode
+    else:
         try:
-            mode = parse_mode(obj["mode"])
+            mode = parse_mode(mode)
         except ValueError as exc:
             raise ConfigError(key_path(where, "mode"), f"invalid mode: {exc}") from None
     return Perms(user, group, mode)
@@ -840,8 +880,8 @@ def parse_locations(locations: dict, accounts: dict) -> tuple:
         storage = parse_components(spec.get("persistentStoragePath", name),
                                    key_path(where, "persistentStoragePath")
                                    if "persistentStoragePath" in spec else where, absolute=True)
-        expect(spec.get("hideMounts", False), bool, key_path(where, "hideMounts"), "true or false")
-        entries += parse_lists(spec, where, storage, (), None, ROOT_PERMS, None)
+        options = mount_options(spec, where, "hideMounts", ())
+        entries += parse_lists(spec, where, storage, (), None, ROOT_PERMS, None, options)
         users = expect(spec.get("users", {}), dict, key_path(where, "users"), "an object")
         for user, uspec in users.items():
             uwhere = key_path(key_path(where, "users"), user)
@@ -858,14 +898,29 @@ def parse_locations(locations: dict, accounts: dict) -> tuple:
             homes.setdefault(home, user)
             home_mode = account.home_mode if account and account.home_mode is not None else 0o700
             default = Perms(user, account.group if account and account.group else None, 0o755)
-            entries += parse_lists(uspec, uwhere, storage, home, user, default, home_mode)
+            entries += parse_lists(uspec, uwhere, storage, home, user, default, home_mode, options)
         if storage not in storages:
             storages.append(storage)
     return entries, storages, homes
 
 
+def mount_options(spec: dict, where: str, hide_key: str, default: tuple) -> tuple:
+    """The userspace mount options hideMounts (an item's hideMount) and
+    allowTrash give, those of `default` where unset or null."""
+    options = []
+    for key, option in ((hide_key, HIDE_OPTION), ("allowTrash", TRASH_OPTION)):
+        value = spec.get(key)
+        if value is None:
+            value = option in default
+        elif not isinstance(value, bool):
+            raise ConfigError(key_path(where, key), f"must be true or false, not {type_name(value)}")
+        if value:
+            options.append(option)
+    return tuple(options)
+
+
 def parse_lists(spec: dict, where: str, storage: tuple, home: tuple, user: str | None,
-                default: Perms, home_mode: int | None) -> list:
+                default: Perms, home_mode: int | None, options: tuple) -> list:
     """The entries of the directories and files lists of a location (user
     None) or of one of its users."""
     entries = []
@@ -879,31 +934,36 @@ def parse_lists(spec: dict, where: str, storage: tuple, home: tuple, user: str |
                 # home: read under users.
                 continue
             entries.append(parse_item(key, item, f"{base}[{i}]", storage, home, user, default,
-                                      home_mode))
+                                      home_mode, options))
     return entries
 
 
 def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
-               user: str | None, default: Perms, home_mode: int | None) -> Entry:
+               user: str | None, default: Perms, home_mode: int | None, options: tuple) -> Entry:
     kind = "directory" if key == "directories" else "file"
     at_user = user is not None
     home_info = (home, user, home_mode) if at_user else None
     if isinstance(item, str):
         # The common form, a bare path: every other setting is its default.
         target = home + parse_components(item, where, absolute=not at_user)
-        return Entry(kind, target, storage, default if kind == "directory" else None, "auto", None,
-                     home_info, user, where)
+        if kind == "file" and target == home:
+            raise ConfigError(where, f"path {item!r} names no file")
+        if kind == "directory":
+            return Entry(kind, target, storage, default, "auto", None, home_info, user, where, options)
+        return Entry(kind, target, storage, None, "auto", None, home_info, user, where, ())
     expect(item, dict, where, f"a path string or an object with '{kind}'")
     check_keys(item, where, DIR_KEYS if kind == "directory" else FILE_KEYS)
     if kind not in item:
         raise ConfigError(where, f"missing '{kind}'")
     target = home + parse_components(item[kind], where, not at_user, kind)
+    if kind == "file" and target == home:
+        raise ConfigError(key_path(where, kind), f"path {item[kind]!r} names no file")
     if item.get("persistentStoragePath") is not None:
         storage = parse_components(item["persistentStoragePath"],
                                    key_path(where, "persistentStoragePath"), absolute=True)
     if kind == "directory":
         return Entry(kind, target, storage, parse_perms(item, where, default), "auto", None,
-                     home_info, user, where)
+                     home_info, user, where, mount_options(item, where, "hideMount", options))
     method = item.get("method", "auto")
     if method not in ("auto", "symlink"):
         expect(method, str, key_path(where, "method"), "a string")
@@ -918,10 +978,11 @@ def parse_item(key: str, item, where: str, storage: tuple, home: tuple,
         # same as none given.
         check_keys(parent, pwhere, PERM_KEYS, NIXOS_INTERNAL | {"directory"})
         defaults = parent.get("defaultPerms")
-        if not (isinstance(defaults, dict)
+        if any(parent.get(key) is not None for key in PERM_KEYS) and not (
+                isinstance(defaults, dict)
                 and all(parent.get(key) == defaults.get(key) for key in PERM_KEYS)):
             parent_perms = parse_perms(parent, pwhere, default)
-    return Entry(kind, target, storage, None, method, parent_perms, home_info, user, where)
+    return Entry(kind, target, storage, None, method, parent_perms, home_info, user, where, ())
 
 
 def is_under(path: tuple, parent: tuple) -> bool:
@@ -940,7 +1001,7 @@ def attach_homes(entries: list, homes: dict) -> None:
             if len(e.target) > len(home) and is_under(e.target, home):
                 user = homes[home]
                 entries[k] = Entry(e.kind, e.target, e.storage, e.perms, e.method, e.parent_perms,
-                                   (home, user, 0o700), user, e.where)
+                                   (home, user, 0o700), user, e.where, e.options)
                 break
 
 
@@ -1201,7 +1262,8 @@ def unescape_mountinfo(field: str) -> str:
 
 
 class MountTable:
-    """/proc/self/mountinfo, read once per run: mount point -> (source, fs root, type)."""
+    """/proc/self/mountinfo, read once per run: mount point -> (source, fs
+    root, type, mount id) of the mount on top there."""
 
     def __init__(self):
         self.points: dict[str, tuple] = {}
@@ -1218,13 +1280,10 @@ class MountTable:
                 continue
             point = unescape_mountinfo(fields[4])
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
-                                  unescape_mountinfo(fields[3]), fields[sep + 1])
+                                  unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
 
     def is_mountpoint(self, host_path: str) -> bool:
         return host_path in self.points
-
-    def add(self, host_path: str, source: str, fs_root: str, fs_type: str) -> None:
-        self.points[host_path] = (source, fs_root, fs_type)
 
     def remove(self, host_path: str) -> None:
         self.points.pop(host_path, None)
@@ -1361,6 +1420,77 @@ class Accounts:
         gid = (self.primary_gid(perms.user, storage) if perms.group is None
                else self.gid(perms.group, storage))
         return uid, gid, perms.mode
+
+
+# --- The system as found: libmount's utab ----------------------------------------------
+#
+# Userspace mount options (x-gvfs-hide, x-gvfs-trash) are not the kernel's:
+# util-linux keeps them in /run/mount/utab, one line a mount, and findmnt,
+# GIO and udisks read them merged with mountinfo. Written as libmount
+# writes it: under an flock of utab.lock, to a temporary file renamed over
+# utab, then utab.event touched for those watching. In an initrd, /run is
+# carried into the booted system, so TARGET is the path it will see.
+
+def utab_path() -> str:
+    return os.environ.get("LIBMOUNT_UTAB") or "/run/mount/utab"
+
+
+def mangle(text: str) -> str:
+    """A field as libmount writes it: space, tab, newline and backslash as
+    octal escapes."""
+    for c in "\\ \t\n":
+        text = text.replace(c, f"\\{ord(c):03o}")
+    return text
+
+
+def utab_target(line: str) -> str | None:
+    for field in line.split(" "):
+        if field.startswith("TARGET="):
+            return unescape_mountinfo(field[7:])
+    return None
+
+
+def update_utab(added: list, removed: set) -> None:
+    """Replace the lines of the targets in `removed`, and of those `added`
+    names (lines of utab, without their newline), by the added lines."""
+    path = utab_path()
+    directory = os.path.dirname(path)
+    try:
+        os.mkdir(directory, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise oserror("mkdir", directory, exc.errno) from None
+    replaced = removed | {utab_target(line) for line in added}
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    with opened(call("open", path + ".lock", os.open, path + ".lock", flags, 0o644)) as lock:
+        if libc().flock(lock, LOCK_EX) < 0:
+            raise oserror("flock", path + ".lock")
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                kept = [line.rstrip("\n") for line in f if utab_target(line.rstrip("\n")) not in replaced]
+        except FileNotFoundError:
+            kept = []
+        except OSError as exc:
+            raise oserror("read", path, exc.errno) from None
+        temp = f"{path}.{os.getpid()}"
+        data = "".join(line + "\n" for line in kept + added).encode("utf-8", "surrogateescape")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            with opened(call("create", temp, os.open, temp, flags, 0o644)) as fd:
+                if call("write", temp, os.write, fd, data) != len(data):
+                    raise oserror("write", temp, errno.ENOSPC)
+            call("rename", path, os.rename, temp, path)
+        except OSError:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise
+    try:
+        os.close(os.open(path + ".event", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644))
+    except OSError:
+        pass  # no one watching is told; the file itself is complete
 
 
 # --- The system as found: the tree --------------------------------------------------
@@ -1679,6 +1809,7 @@ class Executor:
         self.targets = DirChain(self.root_fd, tree)  # walks on the root
         self.euid = os.geteuid()
         self.clone_binds = True  # until open_tree(2) is found missing
+        self.utab_records: list = []  # (target, userspace options) of the binds made
 
     def __enter__(self) -> "Executor":
         return self
@@ -1701,6 +1832,26 @@ class Executor:
 
     def skip(self, storage: tuple, reason: str, count: int) -> None:
         self.log.error(f"{as_path(storage)}: {reason}; {count} entries not applied")
+
+    def finish(self) -> bool:
+        """Record the userspace options of the binds made in utab, with the
+        source, fs root and mount id mountinfo gives them; whether that worked."""
+        if not self.utab_records:
+            return True
+        mounts = MountTable()
+        lines = []
+        for target, options in self.utab_records:
+            found = mounts.points.get(self.tree.host(target))
+            if found is not None:
+                source, fs_root, _, mount_id = found
+                lines.append(f"ID={mount_id} SRC={mangle(source)} TARGET={mangle(as_path(target))} "
+                             f"ROOT={mangle(fs_root)} OPTS={mangle(','.join(options))}")
+        try:
+            update_utab(lines, set())
+        except OSError as exc:
+            self.log.error(f"{exc.filename}: cannot record mount options: {describe_oserror(exc)}")
+            return False
+        return True
 
 
 class Printer:
@@ -1865,7 +2016,7 @@ class WriteFile(Action):
                 if temp != name:
                     # One atomic step: killed before it, the temporary is
                     # what the next run removes; after it, nothing is left.
-                    rename_noreplace(parent, temp, name, shown)
+                    rename_noreplace(parent, temp, parent, name, shown)
             except OSError:
                 # No half-made file left behind, if the name is still ours.
                 try:
@@ -2047,6 +2198,130 @@ class MountFilesystem(Action):
         raise EntryError(host, f"cannot mount {fs.device} ({device}) as {tried}: {exc.strerror}{hint}")
 
 
+class MoveIntoStorage(Action):
+    """On the running system, what a target holds, which its bind mount or
+    link would hide, moved into storage, which holds nothing there: for
+    kind "dir" the directory's contents, for "file" the file itself. Owner,
+    mode, times and extended attributes go with it."""
+    __slots__ = ("target", "source", "kind")
+
+    def __init__(self, target: tuple, source: tuple, kind: str):
+        self.target, self.source, self.kind = target, source, kind
+
+    def describe(self, tree: Tree) -> str:
+        what = "the contents of " if self.kind == "dir" else ""
+        return f"move {what}{tree.host(self.target)} into {tree.host(self.source)}"
+
+    def execute(self, ex: Executor) -> None:
+        shown = ex.tree.host(self.target)
+        if self.kind == "dir":
+            held, into = ex.targets.open(self.target), ex.sources.open(self.source)
+            for name in sorted(os.listdir(held)):
+                move_node(held, name, into, name, f"{shown}/{name}")
+        else:
+            move_node(ex.targets.open(self.target[:-1]), self.target[-1],
+                      ex.sources.open(self.source[:-1]), self.source[-1], shown)
+
+
+def move_node(old_dir: int, name: str, new_dir: int, new: str, shown: str) -> None:
+    """Move name in old_dir to new in new_dir, which must not exist: a
+    rename on one filesystem; across two, a copy made under a temporary
+    name, renamed into place complete, and only then the original removed."""
+    try:
+        rename_noreplace(old_dir, name, new_dir, new, shown)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    temp = f".{new}.impermanence-move" if len(new) < 200 else new
+    if temp != new:
+        try:
+            remove_node(new_dir, temp, shown)  # a copy a killed run left unfinished
+        except FileNotFoundError:
+            pass
+    copy_node(old_dir, name, new_dir, temp, shown)
+    if temp != new:
+        rename_noreplace(new_dir, temp, new_dir, new, shown)
+    remove_node(old_dir, name, shown)
+
+
+def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str) -> None:
+    """Copy what is at name (never following a link) to new, with its
+    owner, mode, times and extended attributes; a directory with all it holds."""
+    st = call("lstat", shown, os.stat, name, dir_fd=old_dir, follow_symlinks=False)
+    kind = stat.S_IFMT(st.st_mode)
+    if kind == stat.S_IFLNK:
+        call("symlink", shown, os.symlink, os.readlink(name, dir_fd=old_dir), new, dir_fd=new_dir)
+        os.chown(new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
+        os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=new_dir, follow_symlinks=False)
+        return
+    if kind == stat.S_IFDIR:
+        call("mkdir", shown, os.mkdir, new, 0, dir_fd=new_dir)
+        with opened(open_dir_at(old_dir, name, shown)) as source, \
+                opened(open_dir_at(new_dir, new, shown)) as copy:
+            for child in sorted(os.listdir(source)):
+                copy_node(source, child, copy, child, f"{shown}/{child}")
+            give_attributes(source, copy, st, shown)
+        return
+    if kind != stat.S_IFREG:
+        # A FIFO, device or socket: made anew, owner and mode by name
+        # without following a link (the directory may be its user's).
+        call("mknod", shown, os.mknod, new, st.st_mode, st.st_rdev, dir_fd=new_dir)
+        os.chown(new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
+        call("chmod", shown, os.chmod, new, stat.S_IMODE(st.st_mode), dir_fd=new_dir,
+             follow_symlinks=False)
+        os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=new_dir, follow_symlinks=False)
+        return
+    read_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    write_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with opened(call("open", shown, os.open, name, read_flags, dir_fd=old_dir)) as source, \
+            opened(call("create", shown, os.open, new, write_flags, 0o600, dir_fd=new_dir)) as copy:
+        if not stat.S_ISREG(os.fstat(source).st_mode):
+            raise EntryError(shown, "was replaced while moving it; left as it is")
+        while chunk := call("read", shown, os.read, source, 1 << 20):
+            view = memoryview(chunk)
+            while view:
+                view = view[call("write", shown, os.write, copy, view):]
+        give_attributes(source, copy, st, shown)
+
+
+def give_attributes(source: int, copy: int, st, shown: str) -> None:
+    """Extended attributes, owner, mode and times of source to copy (fds)."""
+    for attribute in call("listxattr", shown, os.listxattr, source):
+        call("setxattr", shown, os.setxattr, copy, attribute, os.getxattr(source, attribute))
+    call("chown", shown, os.fchown, copy, st.st_uid, st.st_gid)
+    call("chmod", shown, os.fchmod, copy, stat.S_IMODE(st.st_mode))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def remove_node(dir_fd: int, name: str, shown: str) -> None:
+    """Remove name from dir_fd, a directory with all it holds; never
+    following a link."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        with opened(open_dir_at(dir_fd, name, shown)) as inner:
+            for child in os.listdir(inner):
+                remove_node(inner, child, f"{shown}/{child}")
+        call("rmdir", shown, os.rmdir, name, dir_fd=dir_fd)
+    else:
+        call("unlink", shown, os.unlink, name, dir_fd=dir_fd)
+
+
+class RecordMountOptions(Action):
+    """A bind mount's userspace options, for libmount's utab; written for
+    all such mounts at once, when apply ends (see Executor.finish)."""
+    __slots__ = ("target", "options")
+
+    def __init__(self, target: tuple, options: tuple):
+        self.target, self.options = target, options
+
+    def describe(self, tree: Tree) -> str:
+        return f"record {','.join(self.options)} for {tree.host(self.target)} in {utab_path()}"
+
+    def execute(self, ex: Executor) -> None:
+        ex.utab_records.append((self.target, self.options))
+
+
 class Fail(Action):
     """Planning found what this entry must not touch: it stops here."""
     __slots__ = ("path", "cause")
@@ -2126,10 +2401,18 @@ def plan_filesystem(fs: FileSystem, tree: Tree, mounts: MountTable, timeout: flo
     return actions
 
 
+# What systemd's DynamicUser= and StateDirectory= require to be root's and
+# 0700: made so when an entry inside one makes it.
+PRIVATE_DIRS = {("var", "lib", "private"), ("var", "cache", "private"), ("var", "log", "private")}
+PRIVATE_PERMS = Perms("root", "root", 0o700)
+
+
 def source_parent_perms(entry: Entry, path: tuple) -> Perms:
     """Owner and mode for a missing parent of a source (path includes storage)."""
     if entry.kind == "file" and entry.parent_perms is not None and path == entry.source[:-1]:
         return entry.parent_perms
+    if path[len(entry.storage):] in PRIVATE_DIRS:
+        return PRIVATE_PERMS
     if entry.home is not None:
         home, user, home_mode = entry.home
         rel = path[len(entry.storage):]
@@ -2239,7 +2522,18 @@ def plan_directory_target(entry: Entry, tree: Tree, actions: list) -> None:
         # found already in place, not made twice).
         tree.record_bind(source, target)
         return
+    elif tree.root == "/" and held_names(tree, target):
+        # The running system's data, which the mount would hide: into
+        # storage if it has nothing there. (A freshly wiped root at boot
+        # holds nothing worth keeping.)
+        if source in tree.created or not held_names(tree, source):
+            actions.append(MoveIntoStorage(target, source, "dir"))
+        else:
+            raise Refused(target, f"holds data, and so does {tree.host(source)} in storage; "
+                                  "left as they are (move one away, then apply again)")
     actions.append(Bind(source, target, "dir"))
+    if entry.options:
+        actions.append(RecordMountOptions(target, entry.options))
     tree.record_bind(source, target)
 
 
@@ -2256,6 +2550,20 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
     wanted_link = link_text(entry)
     if node is not None and node.kind == "link" and node.link == wanted_link:
         return  # linked by an earlier run (for auto: while the source was missing)
+    if (tree.root == "/" and not source_exists and node is not None and node.kind == "file"
+            and node.size != 0):
+        # The running system's file, which the link or mount would hide:
+        # into storage, which has none, and kept from there.
+        actions.append(MoveIntoStorage(target, source, "file"))
+        tree.record(source, Node("file", node.uid, node.gid, node.mode, node.size, None, None, None))
+        if entry.method == "symlink":
+            actions.append(Symlink(target, wanted_link))
+            tree.record(target, Node("link", 0, 0, 0o777, 0, None, None, wanted_link))
+        else:
+            actions += [CreateMountFile(target), Bind(source, target, "file")]
+            tree.record(target, Node("file", 0, 0, 0o644, 0, None, None, None))
+            tree.record_bind(source, target)
+        return
     if entry.method == "symlink" or not source_exists:
         if node is None:
             pass
@@ -2280,9 +2588,16 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
     elif tree.same(source, target):
         return
     elif node.size != 0:
-        raise Refused(target, "target exists and is not empty; not overwritten")
+        raise Refused(target, "target exists and is not empty; not overwritten"
+                      + (f" (and {tree.host(source)} in storage is not either)" if tree.root == "/" else ""))
     actions.append(Bind(source, target, "file"))
     tree.record_bind(source, target)
+
+
+def held_names(tree: Tree, comps: tuple) -> list:
+    """What the real directory at comps holds (read-only: only asked where
+    the walk to it found real directories)."""
+    return os.listdir(tree.host(comps))
 
 
 def hard_link_refusal(file_uid: int, folder_uid: int) -> str:
@@ -2394,12 +2709,13 @@ def command_apply(config: Config, root: str, log: Log) -> int:
     tree = Tree(root)
     with Executor(tree, log) as executor:
         failed, skipped = apply_config(config, tree, executor, log)
+        recorded = executor.finish()
     elapsed = (time.monotonic() - started) * 1000
     log.info(f"apply: {len(config.entries)} entries, {failed} failed, {skipped} skipped, "
              f"{elapsed:.1f} ms")
     if skipped:
         return EXIT_STORAGE
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if failed or not recorded else EXIT_OK
 
 
 def command_plan(config: Config, root: str, log: Log, out) -> int:
@@ -2520,6 +2836,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     chain = DirChain(root_fd, tree)
     kept_dirs = {entry.target for entry in config.entries if entry.kind == "directory"}
+    unmounted: set = set()  # the targets, as utab names them
     try:
         for entry in reversed(config.entries):
             host = tree.host(entry.target)
@@ -2528,7 +2845,8 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             # itself): left there.
             in_storage = any(entry.target[:depth] in kept_dirs for depth in range(1, len(entry.target)))
             try:
-                unmount_entry(entry, tree, mounts, chain, log, in_storage)
+                if unmount_entry(entry, tree, mounts, chain, log, in_storage):
+                    unmounted.add(as_path(entry.target))
             except Exception as exc:  # this entry stays, the others are undone
                 failed += 1
                 log.error(failure_text(exc, host))
@@ -2545,6 +2863,12 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
                 except OSError as exc:
                     failed += 1
                     log.error(failure_text(exc, host))
+        if unmounted and os.path.exists(utab_path()):
+            try:
+                update_utab([], unmounted)
+            except OSError as exc:
+                failed += 1
+                log.error(f"{exc.filename}: cannot remove mount options: {describe_oserror(exc)}")
     finally:
         chain.truncate(0)
         os.close(root_fd)
@@ -2552,22 +2876,23 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
 
 
 def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
-                  log: Log, in_storage: bool) -> None:
+                  log: Log, in_storage: bool) -> bool:
     """Unmount one entry's bind mount; remove the link or the empty mount
-    point apply made for it, unless it lies in storage (in_storage)."""
+    point apply made for it, unless it lies in storage (in_storage).
+    Whether it unmounted one."""
     target = entry.target
     host = tree.host(target)
     node = tree.look(target)
     if node is None:
-        return
+        return False
     if node.kind == "link":
-        if in_storage or node.link != link_text(entry):
-            return
-        parent = chain.open(target[:-1])
-        call("unlink", host, os.unlink, target[-1], dir_fd=parent)
-        log.info(f"removed link {host}")
-        return
+        if not in_storage and node.link == link_text(entry):
+            parent = chain.open(target[:-1])
+            call("unlink", host, os.unlink, target[-1], dir_fd=parent)
+            log.info(f"removed link {host}")
+        return False
     src = tree.look(entry.source)
+    unmounted = False
     if mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
         parent = chain.open(target[:-1])
         # Through the pinned parent, never following a link at the leaf; an
@@ -2577,11 +2902,10 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         mounts.remove(host)
         tree.forget(target)
         node = tree.look(target)
-    if node is None or in_storage or mounts.is_mountpoint(host):
-        return
+        unmounted = True
     # Remove the mount point only if apply created it and it is empty.
-    if node.kind not in ("dir", "file"):
-        return
+    if node is None or in_storage or mounts.is_mountpoint(host) or node.kind not in ("dir", "file"):
+        return unmounted
     parent = chain.open(target[:-1])
     flags = (O_DIR if node.kind == "dir" else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     with opened(call("open", host, os.open, target[-1], flags, dir_fd=parent)) as fd:
@@ -2594,7 +2918,7 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         else:
             call("unlink", host, os.unlink, target[-1], dir_fd=parent)
         log.info(f"removed mount point {host}")
-
+    return unmounted
 
 
 def command_check(path: str, out) -> int:

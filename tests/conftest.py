@@ -11,12 +11,20 @@ import ctypes
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # PROJECT, SCRIPT and require are imported from here by some test files.
 from support import PROJECT, SCRIPT, Sandbox, require, unique_label  # noqa: F401
+
+# The script records userspace mount options in libmount's utab, which
+# libmount (and the script) find through LIBMOUNT_UTAB: every run of the
+# suite, the script's and the tools' alike, gets one of its own, never the
+# host's /run/mount/utab.
+os.environ.setdefault("LIBMOUNT_UTAB", os.path.join(tempfile.mkdtemp(prefix="impermanence-utab."),
+                                                    "utab"))
 
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000

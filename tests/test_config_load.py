@@ -143,12 +143,12 @@ def test_unknown_keys_name_the_path_and_a_hint(data, where, hint):
 @pytest.mark.parametrize("data,where,cause", [
     (config(directories=["var/log"]), 'persistence["/persistent"].directories[0]', "must be absolute"),
     (config(directories=["/var/../etc"]), 'persistence["/persistent"].directories[0]', "'..'"),
-    (config(directories=["/var//log"]), 'persistence["/persistent"].directories[0]', "empty"),
     (config(directories=["/var/./log"]), 'persistence["/persistent"].directories[0]', "'.'"),
-    (config(directories=["/"]), 'persistence["/persistent"].directories[0]', "empty"),
+    (config(directories=["/"]), 'persistence["/persistent"].directories[0]', "the root itself"),
+    (config(directories=["//"]), 'persistence["/persistent"].directories[0]', "the root itself"),
+    (config(users={"bird": {"files": ["a/../b"]}}),
+     'persistence["/persistent"].users.bird.files[0]', "'..'"),
     (config(directories=["/a\0b"]), 'persistence["/persistent"].directories[0]', "NUL"),
-    (config(users={"bird": {"files": ["/etc/x"]}}),
-     'persistence["/persistent"].users.bird.files[0]', "relative"),
     (config(directories=[{"directory": "/a", "mode": "0999"}]),
      'persistence["/persistent"].directories[0].mode', "invalid mode"),
     (config(directories=[{"directory": "/a", "mode": 755}]),
@@ -243,3 +243,37 @@ def test_records_of_the_config_are_frozen():
     assert entry.source == ("persistent",) + entry.target
     assert config == load({"persistence": {"/persistent": {"directories": ["/var/log"],
                                                            "files": ["/etc/machine-id"]}}})
+
+
+def test_paths_are_read_as_nixos_impermanence_reads_them():
+    # Its lib.nix concatPaths: empty components dropped; under users.<u> a
+    # leading "/" too, and "/" is the whole home.
+    cfg = load(config(directories=["/var//log/", {"directory": "/srv/x//"}],
+                      users={"bird": {"directories": ["/", "/Documents/", ".local//share"],
+                                      "files": ["/.bashrc"]}}))
+    targets = sorted(e.target for e in cfg.entries)
+    assert targets == [("home", "bird"), ("home", "bird", ".bashrc"), ("home", "bird", ".local", "share"),
+                       ("home", "bird", "Documents"), ("srv", "x"), ("var", "log")]
+    home = next(e for e in cfg.entries if e.target == ("home", "bird"))
+    assert home.kind == "directory" and home.home == (("home", "bird"), "bird", 0o700)
+
+
+def test_null_fields_of_the_evaluated_option_are_their_defaults():
+    cfg = load(config(directories=[{"directory": "/a", "user": None, "group": None, "mode": None,
+                                    "hideMount": None, "allowTrash": None,
+                                    "persistentStoragePath": None}],
+                      files=[{"file": "/etc/f", "parentDirectory": {"user": None, "group": None,
+                                                                    "mode": None}}]))
+    d, f = cfg.entries
+    assert (d.perms, d.storage, d.options) == (ib.ROOT_PERMS, ("persistent",), ())
+    assert f.parent_perms is None
+
+
+def test_mount_options_come_from_the_location_unless_the_item_says():
+    cfg = load(config(hideMounts=True, allowTrash=True, directories=[
+        "/a", {"directory": "/b", "hideMount": False}, {"directory": "/c", "allowTrash": False}],
+        files=["/f"], users={"bird": {"directories": ["d"]}}))
+    options = {e.target: e.options for e in cfg.entries}
+    assert options == {("a",): ("x-gvfs-hide", "x-gvfs-trash"), ("b",): ("x-gvfs-trash",),
+                       ("c",): ("x-gvfs-hide",), ("f",): (),
+                       ("home", "bird", "d"): ("x-gvfs-hide", "x-gvfs-trash")}

@@ -235,3 +235,18 @@ def test_symlink_planted_in_storage_is_not_followed(sandbox, disk):
     assert owner_mode(Path("/etc")) == etc_before
     assert not Path("/etc/evil").exists()
     assert same_inode(sandbox.path("/home/bird/Music"), sandbox.path("/persistent/home/bird/Music"))
+
+
+def test_systemd_private_directories_are_made_root_only(sandbox, disk):
+    # systemd refuses DynamicUser= state under a /var/lib/private that
+    # others can enter: made as a parent, it is root's and 0700, in storage
+    # and on the root; a parent beside it is 0755 as usual.
+    cfg = base_config(disk.label, {"directories": [
+        "/var/lib/private/grafana", "/var/cache/private/x", "/var/log/private/y", "/var/lib/other/z"]})
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 0, result.stderr
+    for side in ("/persistent", ""):
+        for d in ("var/lib/private", "var/cache/private", "var/log/private"):
+            assert owner_mode(sandbox.path(f"{side}/{d}")) == (0, 0, 0o700), (side, d)
+        assert owner_mode(sandbox.path(f"{side}/var/lib/other")) == (0, 0, 0o755)
+        assert owner_mode(sandbox.path(f"{side}/var/lib/private/grafana")) == (0, 0, 0o755)

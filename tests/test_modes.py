@@ -17,11 +17,16 @@ import impermanence_boot as ib  # noqa: E402
 
 @pytest.mark.parametrize("text,mode", [
     ("0700", 0o700), ("755", 0o755), ("1777", 0o1777), ("0", 0),
+    # Symbolic modes as `mkdir --mode` (NixOS impermanence) reads them, under
+    # umask 022: on a=rwx, a clause without a class limited by the umask,
+    # a permission no clause names as mkdir(2) leaves it (`+t` is 1755).
     ("u=rwx,g=rx,o=", 0o750), ("u=rwx,g=,o=", 0o700), ("a=rx", 0o555),
     ("u=rwx,go=rx", 0o755), ("=r", 0o444), ("u=rw,g=r,o=r", 0o644),
-    ("a=rwx,o-w", 0o775), ("u+rwx", 0o700), ("u=rwx,g=rxs", 0o2750),
-    ("a=rwxt", 0o1777), ("ug=rwX", 0o770), ("u=rwx,u-x", 0o600),
-    ("u=rwx,g=u,o=g", 0o777), ("u=rwx,go=u-w", 0o755), ("u=rwxs,g=u", 0o4770),
+    ("a=rwx,o-w", 0o775), ("u+rwx", 0o777), ("u=rwx,g=rxs", 0o2757),
+    ("a=rwxt", 0o1777), ("ug=rwX", 0o777), ("u=rwx,u-x", 0o677),
+    ("u=rwx,g=u,o=g", 0o777), ("u=rwx,go=u-w", 0o755), ("u=rwxs,g=u", 0o4777),
+    ("go-rwx", 0o700), ("+t", 0o1755), ("=rwx", 0o755), ("-w", 0o577), ("o=", 0o770),
+    ("u=rwx", 0o777), ("o+t", 0o1755), ("o+t,go+w", 0o1777), ("g+s", 0o2777),
 ])
 def test_parse_mode(text, mode):
     assert ib.parse_mode(text) == mode
@@ -40,31 +45,42 @@ def test_octal_round_trip(mode):
     assert ib.parse_mode(ib.format_mode(mode)) == mode
 
 
-def chmod_reference(clauses: list) -> int:
-    """Apply symbolic clauses with the real chmod(1) to a file of mode 0."""
-    path = f"/tmp/impermanence-mode-{os.getpid()}"
-    with open(path, "w"):
-        pass
-    try:
-        os.chmod(path, 0)
-        subprocess.run(["chmod", ",".join(clauses), path], check=True)
-        return os.stat(path).st_mode & 0o7777
-    finally:
-        os.unlink(path)
+def mkdir_reference(modes: list, tmp_path) -> list:
+    """The mode coreutils' `mkdir -m MODE` gives a directory under umask
+    022 (None where it refuses MODE), for every mode, in one shell."""
+    script = ('umask 022; i=0; for m in "$@"; do i=$((i+1)); '
+              'mkdir -m "$m" "d$i" 2>/dev/null && stat -c %a "d$i" || echo none; done')
+    out = subprocess.run(["sh", "-c", script, "sh", *modes], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert len(out) == len(modes)
+    return [None if o == "none" else int(o, 8) for o in out]
 
 
-# who, then one or two operations; each gives letters or copies a class
-# ("g=u", "go=u-w").
-ACTION = st.builds(lambda op, perms: op + perms,
-                   st.sampled_from(["=", "+", "-"]),
-                   st.one_of(st.text(alphabet="rwx", max_size=3), st.sampled_from(["u", "g", "o"])))
-CLAUSE = st.builds(lambda who, actions: who + "".join(actions),
-                   st.sampled_from(["u", "g", "o", "a", "ug", "go", "uo", "ugo"]),
-                   st.lists(ACTION, min_size=1, max_size=2))
+def random_modes(count: int, seed: int) -> list:
+    """Symbolic modes of every shape mkdir reads: classes or none, one to
+    three operations each, letters (X, s, t too) or a copied class."""
+    import random
+
+    rng = random.Random(seed)
+
+    def action():
+        perms = rng.choice(["", "r", "w", "x", "X", "s", "t", "rw", "rx", "wx", "rwx", "rwxst",
+                            "Xs", "u", "g", "o"])
+        return rng.choice("=+-") + perms
+
+    def clause():
+        who = rng.choice(["", "", "u", "g", "o", "a", "ug", "go", "uo", "ugo", "au"])
+        return who + "".join(action() for _ in range(rng.randint(1, 3)))
+
+    return [",".join(clause() for _ in range(rng.randint(1, 3))) for _ in range(count)]
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(CLAUSE, min_size=1, max_size=4))
-def test_symbolic_modes_match_chmod(clauses):
-    # chmod(1) is the reference for the symbolic syntax on a 0 base.
-    assert ib.parse_mode(",".join(clauses)) == chmod_reference(clauses)
+def test_symbolic_modes_match_mkdir(tmp_path):
+    # coreutils' mkdir -m is the reference, as NixOS impermanence runs it.
+    modes = random_modes(400, seed=19)
+    for text, want in zip(modes, mkdir_reference(modes, tmp_path)):
+        if want is None:
+            with pytest.raises(ValueError):
+                ib.parse_mode(text)
+        else:
+            assert ib.parse_mode(text) == want, text
