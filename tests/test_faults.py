@@ -443,8 +443,9 @@ def test_what_a_failed_entry_made_is_seen_by_the_next(sandbox):
     assert (store / "opt/y/x1/lib0").is_dir()
 
 
+# (null is the default mode: the evaluated NixOS option holds it so.)
 BAD_MODES = ["0999", "8", "12345", "", "u=rwz", "u", "rwx", "-1", "0o755", "u=rwx,,", "a=r x",
-             " 0755", "0755\n", "٧٥٥", 755, None, True, ["0755"], {"mode": "0755"}]
+             " 0755", "0755\n", "٧٥٥", 755, True, ["0755"], {"mode": "0755"}]
 
 
 def unchanged_config_error(sandbox, cfg, where: str) -> str:
