@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -294,6 +295,110 @@ def test_main_shell_approach_targets_are_its_sources(main_boots):
         assert script_bound and all(e["mount"]["source"] == "/dev/vda" for e in script_bound)
         for target in sc.MAIN_DIRS:
             assert root[target]["dev"] != trees["script_root"][target]["dev"], target
+
+
+# --- hideMounts and allowTrash: utab survives switch_root --------------------
+
+UTAB_TARGETS_MOUNTED_WITHOUT_OPTIONS = ("/persistent", "/etc/machine-id", "/var/lib/shown")
+
+
+@pytest.fixture(scope="module")
+def utab_boot(vm_build, tmp_path_factory):
+    """One boot of sc.UTAB_CONFIG (hideMounts, an item with allowTrash and
+    hideMount = false, ...) with findmnt in stage 2, which then runs
+    unmount for one entry and for the whole config."""
+    for tool in build_initramfs.TOOLS.values():
+        require(Path(tool).is_file(), f"{tool} (util-linux) is not installed")
+    work = tmp_path_factory.mktemp("vm-utab")
+    disk = machine.make_disk(work / "persist.img", "persist")
+    r = boot(vm_build, work, "utab", [disk], config=sc.UTAB_CONFIG, checks=sc.UTAB_CHECKS,
+             args=["-v"], tools=("findmnt",), files=sc.UTAB_FILES)
+    print(f"utab boot: {r.seconds:.1f} s, impermanence_boot.py {r.script_ms:.0f} ms")
+    assert r.script_exit == 0, r.script_stderr + r.describe()
+    return r
+
+
+def findmnt_options(probe: dict) -> dict:
+    """target -> its x-* options (userspace, from utab), for every mount
+    findmnt --mtab -r -o TARGET,OPTIONS lists (-r writes a space as \\x20)."""
+    result = probe["findmnt"]
+    assert result["exit"] == 0 and result["stderr"] == "", result
+    out = {}
+    for line in result["stdout"].splitlines():
+        target, options = line.split(" ")
+        target = re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), target)
+        assert target not in out, ("listed twice", target, result["stdout"])
+        out[target] = tuple(o for o in options.split(",") if o.startswith("x-"))
+    return out
+
+
+def utab_lines(probe: dict) -> dict:
+    """target -> the fields of its utab line."""
+    out = {}
+    for line in (probe["utab"] or "").splitlines():
+        fields = dict(f.split("=", 1) for f in line.split(" "))
+        assert fields["TARGET"] not in out, probe["utab"]
+        out[fields["TARGET"]] = fields
+    return out
+
+
+def test_utab_options_shown_by_findmnt_after_switch_root(utab_boot):
+    """The script recorded the options in stage 1's /run/mount/utab (not a
+    path from the host's environment); stage 1 moved /run into the new
+    root; the booted system's findmnt --mtab shows them on exactly the
+    kept directories that have them."""
+    r = utab_boot
+    env = r.report["environ"]
+    assert "LIBMOUNT_UTAB" not in env, env
+    recorded = sorted(line for line in r.script_stderr.splitlines() if " record " in line)
+    assert recorded == sorted(f"impermanence: record {','.join(opts)} for /mnt-root{target} "
+                              "in /run/mount/utab" for target, opts in sc.UTAB_EXPECTED.items()), \
+        r.script_stderr
+    probe = r.report["mtab"]
+    assert {"utab", "utab.lock", "utab.event"} <= set(probe["utab_dir"] or ()), probe
+    shown = findmnt_options(probe)
+    assert {t: o for t, o in shown.items() if o} == sc.UTAB_EXPECTED, probe["findmnt"]["stdout"]
+    # mounted, but without options: the storage itself, a file, hideMount = false
+    for target in UTAB_TARGETS_MOUNTED_WITHOUT_OPTIONS:
+        assert shown.get(target) == (), (target, probe["findmnt"]["stdout"])
+
+
+def test_utab_lines_name_the_booted_mounts(utab_boot):
+    """One line a kept directory with options: the mount id, source and fs
+    root the booted system's mountinfo gives (switch_root keeps mount ids),
+    the target as it sees it."""
+    r = utab_boot
+    lines = utab_lines(r.report["mtab"])
+    assert set(lines) == set(sc.UTAB_EXPECTED), r.report["mtab"]["utab"]
+    mounts = {m["point"]: m for m in r.report["mounts"]}
+    for target, opts in sc.UTAB_EXPECTED.items():
+        f, m = lines[target], mounts[target]
+        assert list(f) == ["ID", "SRC", "TARGET", "ROOT", "OPTS"], f
+        assert (int(f["ID"]), f["SRC"], f["ROOT"]) == (m["id"], m["source"], m["root"]), (f, m)
+        assert (f["SRC"], f["ROOT"], f["OPTS"]) == ("/dev/vda", target, ",".join(opts)), f
+
+
+def test_utab_unmount_removes_its_lines(utab_boot):
+    """unmount on the booted system for one entry's config removes that
+    entry's line only; for the whole config, every line: findmnt shows the
+    options no more."""
+    r = utab_boot
+    one, whole = r.report["commands"]
+    assert one["exit"] == 0 and one["stderr"] == "", one
+    before = utab_lines(r.report["mtab"])
+    gone = sc.UTAB_UNMOUNTED_FIRST
+    after_one = utab_lines(one["mtab"])
+    assert after_one == {t: f for t, f in before.items() if t != gone}, one["mtab"]["utab"]
+    shown = findmnt_options(one["mtab"])
+    assert gone not in shown, one["mtab"]["findmnt"]["stdout"]
+    assert {t: o for t, o in shown.items() if o} == \
+        {t: o for t, o in sc.UTAB_EXPECTED.items() if t != gone}, one["mtab"]["findmnt"]["stdout"]
+    assert whole["exit"] == 0 and whole["stderr"] == "", whole
+    assert utab_lines(whole["mtab"]) == {}, whole["mtab"]["utab"]
+    shown = findmnt_options(whole["mtab"])
+    assert not any(shown.values()), whole["mtab"]["findmnt"]["stdout"]
+    # the targets are unmounted; the storage, mounted by stage 1, stays
+    assert not set(sc.UTAB_EXPECTED) & set(shown) and "/persistent" in shown, shown
 
 
 # --- LABEL= without udev ------------------------------------------------------

@@ -22,6 +22,9 @@ Contents (see docs/vm.md):
                              by bench/bench_boot.py's generator
   /nix/stage2/               stage-2 init and stage2.py (the inspector)
 
+Not in the base image: util-linux tools (TOOLS, e.g. findmnt) go in the
+per-boot archive of a boot that asks for them (machine.overlay(tools=...)).
+
 Writes OUT/initramfs.cpio (uncompressed: nothing to decompress under TCG),
 OUT/vmlinuz (a copy of the kernel) and OUT/manifest.json (sizes per
 component, module lists).
@@ -122,6 +125,35 @@ def ldd(path: str) -> list[str]:
         elif line.startswith("/"):
             libs.append(line.split()[0])  # the dynamic loader
     return libs
+
+
+# util-linux tools a boot can ask for in stage 2 (machine.overlay(tools=...)):
+# findmnt shows the mount table as libmount merges it with /run/mount/utab.
+TOOLS = {"findmnt": "/usr/bin/findmnt"}
+
+
+def add_tools(arc: Archive, names, component: str = "harness-tools") -> None:
+    """Each tool as /nix/tools/NAME, started by /nix/bin/NAME through the
+    dynamic loader with /nix/lib, like python3.11: the booted root has no
+    /lib64. Of the libraries ldd names, those the interpreter's already put
+    in /nix/lib are not added again."""
+    have = {os.path.basename(lib) for lib in ldd(PYTHON)}
+    for name in names:
+        if name not in TOOLS:
+            raise BuildError(f"no such tool {name!r} (one of {', '.join(sorted(TOOLS))})")
+        path = TOOLS[name]
+        if not Path(path).is_file():
+            raise BuildError(f"{path} is not installed (util-linux)")
+        libs = ldd(path)
+        loader = next(os.path.basename(lib) for lib in libs if "/ld-linux" in lib)
+        for lib in libs:
+            base = os.path.basename(lib)
+            if base not in have and f"/nix/lib/{base}" not in arc.entries:
+                arc.copy(f"/nix/lib/{base}", os.path.realpath(lib), mode=0o755, component=component)
+        arc.copy(f"/nix/tools/{name}", path, mode=0o755, component=component)
+        wrapper = (f"#!/nix/bin/sh\nexec /nix/lib/{loader} --library-path /nix/lib "
+                   f"/nix/tools/{name} \"$@\"\n")
+        arc.file(f"/nix/bin/{name}", wrapper.encode(), mode=0o755, component=component)
 
 
 def find_modules(scripts: list[Path], exercise_script: Path | None) -> dict:

@@ -148,7 +148,8 @@ def overlay(config: dict | str | None = None, checks: dict | None = None,
             preroot: dict[str, Node] | None = None,
             measure: bool = False, shell_device: str | None = None,
             shell_first: bool = False, initrd: dict[str, Node] | None = None,
-            snapshot: list[str] | None = None) -> bytes:
+            snapshot: list[str] | None = None, tools: tuple[str, ...] = (),
+            files: dict[str, str] | None = None) -> bytes:
     """The per-boot cpio appended to the initramfs (see vm/guest/init).
     preroot maps a path on the fresh root to file content (None: a
     directory; (content or None, mode) for another mode than 0644/0755),
@@ -160,7 +161,10 @@ def overlay(config: dict | str | None = None, checks: dict | None = None,
     parse with parse_snapshot). shell_device: also run the per-entry shell
     approach for the same config in stage 1, with its storage on that
     device (a copy of the script's: copy_disk), after the script, or before
-    it with shell_first."""
+    it with shell_first. tools: util-linux programs for stage 2
+    (build_initramfs.TOOLS, e.g. findmnt), with the libraries they need.
+    files: {name: content} put in /nix/scenario (e.g. a second config for
+    a stage-2 command)."""
     arc = Archive()
     if config is not None:
         text = config if isinstance(config, str) else json.dumps(config, indent=1)
@@ -182,6 +186,12 @@ def overlay(config: dict | str | None = None, checks: dict | None = None,
         arc.file("/nix/scenario/measure", b"")
     if snapshot:
         arc.file("/nix/scenario/snapshot", ("\n".join(snapshot) + "\n").encode())
+    if tools:
+        import build_initramfs
+        build_initramfs.add_tools(arc, tools)
+    for name, content in sorted((files or {}).items()):
+        assert "/" not in name, name
+        arc.file("/nix/scenario/" + name, content.encode())
     for path, node in sorted((preroot or {}).items()):
         _add_node(arc, "/nix/scenario/preroot" + path, node)
     for path, node in sorted((initrd or {}).items()):

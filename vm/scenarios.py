@@ -316,3 +316,45 @@ def seed_hostile_storage(seed: Path) -> None:
     dev = seed / "home/bird/disk.img"
     os.mknod(dev, stat.S_IFBLK | 0o600, os.makedev(*HOSTILE_DEVICE))
     os.chown(dev, BIRD, USERS_GID)
+
+# --- hideMounts and allowTrash: utab carried through switch_root -----------
+# Stage 1's /run is a tmpfs the script records the binds' userspace options
+# in (/run/mount/utab); stage 1 moves it into the new root, so the booted
+# system's findmnt --mtab (brought by the boot: tools=["findmnt"]) shows
+# them. Stage 2 then runs unmount, first for one entry, then for the whole
+# config, and looks again after each.
+
+UTAB_CONFIG = {
+    "fileSystems": {"/persistent": {"device": "LABEL=persist", "fsType": "ext4"}},
+    "deviceTimeout": 20,
+    "users": {"bird": {"uid": BIRD, "group": "users", "home": "/home/bird"}},
+    "groups": {"users": {"gid": USERS_GID}},
+    "persistence": {"/persistent": {
+        "hideMounts": True,
+        "directories": [
+            "/var/log",
+            {"directory": "/srv/shared", "hideMount": False, "allowTrash": True},
+            {"directory": "/srv/media", "allowTrash": True},
+            {"directory": "/var/lib/shown", "hideMount": False},
+        ],
+        "files": ["/etc/machine-id"],  # a file's bind gets no options
+        "users": {"bird": {"directories": ["Documents"]}},
+    }},
+}
+# target -> the userspace options findmnt must show there, and nowhere else
+UTAB_EXPECTED = {
+    "/var/log": ("x-gvfs-hide",),
+    "/srv/shared": ("x-gvfs-trash",),
+    "/srv/media": ("x-gvfs-hide", "x-gvfs-trash"),
+    "/home/bird/Documents": ("x-gvfs-hide",),
+}
+UTAB_UNMOUNTED_FIRST = "/var/log"
+UTAB_ONE_CONFIG = copy.deepcopy(UTAB_CONFIG)
+UTAB_ONE_CONFIG["persistence"]["/persistent"] = {"hideMounts": True,
+                                                 "directories": [UTAB_UNMOUNTED_FIRST]}
+UTAB_FILES = {"unmount-one.json": json.dumps(UTAB_ONE_CONFIG, indent=1)}
+UTAB_CHECKS = {
+    "mtab": True,
+    "inspect": ["/persistent", "/etc/machine-id", "/var/lib/shown", *UTAB_EXPECTED],
+    "commands": [["--config", "/nix/scenario/unmount-one.json", "unmount"], ["unmount"]],
+}

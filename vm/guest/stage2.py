@@ -11,13 +11,18 @@ CHECKS.json (all keys optional):
                  and links the script made), as root or as that user
   commands       [[args...]]: run "impermanence_boot.py --root / --config
                  CONFIG args..." on the booted system after the writes
-                 (e.g. ["apply"] to see that a second apply changes nothing)
+                 (e.g. ["apply"] to see that a second apply changes nothing;
+                 a --config in args names another config: the later wins)
   inspect_after  paths to describe after the writes and commands
   status         true: also run "impermanence_boot.py status --json" on the
                  booted system (--root /) and record its output
   trees          {name: directory}: walk each (before the writes) without
                  descending into mount points, e.g. the root the script made
                  and the one the shell approach made (/run/shell-root)
+  mtab           true: record "findmnt --mtab" (the mount table as
+                 libmount merges it with /run/mount/utab; the boot brings
+                 findmnt with tools=["findmnt"]) and utab itself, before
+                 the writes and after each command
 
 The report is one line, "IMPVM-REPORT <json>", on /dev/ttyS1 (the host's
 report file); a short human summary goes to the console.
@@ -33,6 +38,8 @@ SCRIPT = "/nix/impermanence/impermanence_boot.py"
 CONFIG = "/nix/impermanence/config.json"
 PYTHON = "/nix/bin/python3.11"
 STAGE1 = "/run/stage1"
+FINDMNT = "/nix/bin/findmnt"
+UTAB = "/run/mount/utab"
 # mount points stage 1 creates itself on the new root (as NixOS stage 1 does)
 STAGE1_MOUNTS = ("/nix", "/proc", "/sys", "/dev", "/run")
 
@@ -275,6 +282,18 @@ def run(argv):
             b"".join(chunks[err_r]).decode("utf-8", "replace"))
 
 
+def mtab():
+    """The userspace mount options as the booted system's tools see them:
+    findmnt --mtab (mountinfo merged with utab by libmount) and utab."""
+    rc, out, err = run([FINDMNT, "--mtab", "-n", "-r", "-o", "TARGET,OPTIONS"])
+    try:
+        names = sorted(os.listdir(os.path.dirname(UTAB)))
+    except OSError:
+        names = None
+    return {"findmnt": {"exit": rc, "stdout": out, "stderr": err},
+            "utab": read(UTAB), "utab_dir": names}
+
+
 def main():
     spec = {}
     if len(sys.argv) > 1 and os.path.exists(sys.argv[1]):
@@ -308,6 +327,11 @@ def main():
     report["trees"] = {name: walk_tree(base, mounts)
                        for name, base in sorted(spec.get("trees", {}).items())}
     report["inspect"] = {p: describe(p, mounts) for p in spec.get("inspect", [])}
+    report["environ"] = dict(os.environ)
+    if spec.get("mtab"):
+        t0 = now_ns()
+        report["mtab"] = mtab()
+        report["mtab"]["ns"] = [t0, now_ns()]
     writes = []
     for w in spec.get("writes", []):
         result = {"path": w["path"]}
@@ -317,8 +341,12 @@ def main():
     os.sync()
     commands = []
     for args in spec.get("commands", []):
+        t0 = now_ns()
         rc, out, err = run([PYTHON, "-I", SCRIPT, "--root", "/", "--config", CONFIG, *args])
-        commands.append({"args": args, "exit": rc, "stdout": out, "stderr": err})
+        commands.append({"args": args, "exit": rc, "stdout": out, "stderr": err,
+                         "ns": [t0, now_ns()]})
+        if spec.get("mtab"):
+            commands[-1]["mtab"] = mtab()
     report["commands"] = commands
     mounts = mountinfo()
     report["mounts_after"] = mounts
