@@ -136,3 +136,23 @@ def test_where_both_hold_data_the_entry_fails_naming_both(sandbox, running):
     assert (R / "etc/motd").read_text() == "live\n" and (S / "etc/motd").read_text() == "stored\n"
     assert not os.path.ismount(R / "var/lib/app")
     assert os.path.ismount(R / "srv/other")  # the others are applied
+
+
+def test_an_account_made_at_activation_gets_its_entry_then(sandbox, disk, running):
+    # A service account without a fixed uid (services.colord's) exists only
+    # once activation made it: at boot its entry fails with a fix; apply at
+    # activation, after users and groups, makes it with the real owner.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    entry = {"directory": "/var/lib/colord", "user": "colord", "group": "colord", "mode": "u=rwx,g=rx,o="}
+    boot = sandbox.run("apply", config=base_config(disk.label, {"directories": ["/var/log", entry]}))
+    assert boot.returncode == 1
+    assert "impermanence: user colord: unknown user" in boot.stderr
+    assert not (S / "var/lib/colord").exists()
+    (R / "etc").mkdir(exist_ok=True)
+    (R / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\ncolord:x:987:986::/var/lib/colord:/bin/false\n")
+    (R / "etc/group").write_text("root:x:0:\ncolord:x:986:\n")
+    result = running({"directories": ["/var/log", entry]})
+    assert result.returncode == 0, result.stderr
+    st = os.stat(S / "var/lib/colord")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (987, 986, 0o750)
+    assert same_inode(R / "var/lib/colord", S / "var/lib/colord")
