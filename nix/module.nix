@@ -164,6 +164,35 @@ let
 
   verbose = icfg.verbose || debugging;
 
+  # The interpreter the initrd gets: its binary, its own libraries
+  # (libpython) and only the standard-library modules the script imports,
+  # computed here from the script by vm/find_modules.py (as vm/ builds its
+  # initramfs), byte-compiled; not the whole python closure.  Its run
+  # paths point into itself, and the references to the full interpreter
+  # that its files still spell (compiled-in prefixes) are erased:
+  # disallowedReferences makes sure nothing of it is left.  Other
+  # libraries (glibc, libffi for _ctypes) stay what they are.
+  initrdPython = pkgs.runCommand "impermanence-boot-python"
+    {
+      nativeBuildInputs = [ pkgs.buildPackages.patchelf pkgs.buildPackages.removeReferencesTo ];
+      disallowedReferences = [ icfg.python ];
+    }
+    ''
+      ${python} -I ${../vm/find_modules.py} ${script} \
+        --exercise '["--help"]' --exercise '["check", "--help"]' \
+        --exercise '["--config", "${uncheckedConfig}", "check"]' > modules.json
+      ${python} -I ${./initrd-python.py} modules.json $out > elf-files
+      # ELF: the interpreter's own libraries, and run paths into $out.
+      for lib in $(patchelf --print-needed $out/bin/python3); do
+        case $lib in libpython*) install -m 0755 ${icfg.python}/lib/$lib $out/lib/$lib; echo $out/lib/$lib >> elf-files ;; esac
+      done
+      while read -r file; do
+        rpath=$(patchelf --print-rpath "$file")
+        patchelf --set-rpath "$(printf '%s' "$rpath" | sed "s|${icfg.python}/lib|$out/lib|g")" "$file"
+      done < elf-files
+      find $out -type f -exec remove-references-to -t ${icfg.python} {} +
+    '';
+
   # Byte-compiled once, at build time, by the initrd's own interpreter:
   # run as a script, the .py would be compiled again at every boot (~18 ms,
   # more than the interpreter's own start-up).
@@ -173,7 +202,7 @@ let
 
   # -S: the script needs nothing `site` sets up (site-packages, .pth
   # files); skipping it saves about 1 ms a boot, ten times that on a slow CPU.
-  command = root: escapeShellArgs ([ python "-I" "-S" "-B" "${compiledScript}" "--root" root "--config" "${configFile}" ]
+  command = root: escapeShellArgs ([ "${initrdPython}/bin/python3" "-I" "-S" "-B" "${compiledScript}" "--root" root "--config" "${configFile}" ]
     ++ optional verbose "--verbose" ++ [ "apply" ]);
 
   defaultScriptPackage = pkgs.runCommandLocal "impermanence-boot" { } ''
@@ -313,7 +342,12 @@ in
         type = types.package;
         default = pkgs.python3Minimal;
         defaultText = literalExpression "pkgs.python3Minimal";
-        description = "The Python interpreter put into the initrd (3.9 or newer).";
+        description = ''
+          The Python interpreter (3.9 or newer) whose binary, own libraries
+          and the standard-library modules the script imports are put into
+          the initrd (not its whole closure); on the running system it runs
+          impermanence-boot.
+        '';
       };
 
       package = mkOption {
@@ -335,6 +369,18 @@ in
           storage when storage has nothing there yet (if both hold data,
           that entry fails and names both).  At boot it finishes entries
           whose owner has no fixed uid (created by the users script).
+        '';
+      };
+
+      initrdPython = mkOption {
+        type = types.package;
+        readOnly = true;
+        default = initrdPython;
+        defaultText = "the interpreter, its libraries and the modules the script imports";
+        description = ''
+          What the initrd gets of `python`: the interpreter binary, its own
+          libraries and only the standard-library modules the script
+          imports (computed at build time from the script), byte-compiled.
         '';
       };
 
@@ -453,7 +499,7 @@ in
       # the default config for a manual run from the emergency shell.
       boot.initrd.extraFiles = {
         "/etc/impermanence.json".source = configFile;
-        "/etc/impermanence-boot/python".source = icfg.python;
+        "/etc/impermanence-boot/python".source = initrdPython;
         "/etc/impermanence-boot/script".source = icfg.package;
         "/etc/impermanence-boot/impermanence_boot.pyc".source = compiledScript;
       };
@@ -470,7 +516,7 @@ in
     })
 
     (mkIf config.boot.initrd.systemd.enable {
-      boot.initrd.systemd.storePaths = [ icfg.python icfg.package compiledScript configFile ];
+      boot.initrd.systemd.storePaths = [ initrdPython icfg.package compiledScript configFile ];
       boot.initrd.systemd.contents."/etc/impermanence.json".source = configFile;
       boot.initrd.systemd.services.impermanence-boot = {
         description = "Persistent state for the wiped root (impermanence)";

@@ -63,8 +63,19 @@ REPORT = r'''
   activationScripts = lib.mapAttrs (_: s: { inherit (s) deps text supportsDryActivation; })
     config.system.activationScripts;
   systemPackages = map toString config.environment.systemPackages;
+  initrdPython = {
+    path = "${config.boot.initrd.impermanence.initrdPython}";
+    inherit (config.boot.initrd.impermanence.initrdPython) buildCommand;
+    disallowedReferences = map toString config.boot.initrd.impermanence.initrdPython.disallowedReferences;
+    nativeBuildInputs = map toString config.boot.initrd.impermanence.initrdPython.nativeBuildInputs;
+  };
+  python = "${config.boot.initrd.impermanence.python}";
+  findModules = "${FIND_MODULES}";
+  initrdPythonHelper = "${INITRD_PYTHON}";
 }
-'''
+'''.replace("FIND_MODULES", str(PROJECT / "vm" / "find_modules.py")).replace(
+    "INITRD_PYTHON", str(harness.NIX_DIR / "initrd-python.py"))
+DEBIAN_PYTHON = "/usr/bin/python3.11"
 
 
 def evaluate(lib, configuration: str, select: str = REPORT, *more: str, **kw):
@@ -548,8 +559,9 @@ def test_activation_script_runs_apply_on_the_running_root(lib, sandbox, tmp_path
 
 # --- the scripted initrd's commands, run for real ------------------------------------------------
 
-def shell_glue(lib, tmp_path, sandbox, extra: str = "") -> str:
-    """postMountCommands with the real interpreter, script and JSON."""
+def local_packages(tmp_path, python: str) -> str:
+    """boot.initrd.impermanence.python and .package as local directories:
+    the interpreter `python`, this checkout's script."""
     pkg = tmp_path / "pkg"
     (pkg / "bin").mkdir(parents=True, exist_ok=True)
     if not (pkg / "bin" / "impermanence_boot.py").exists():
@@ -557,29 +569,50 @@ def shell_glue(lib, tmp_path, sandbox, extra: str = "") -> str:
     python_prefix = tmp_path / "python"
     (python_prefix / "bin").mkdir(parents=True, exist_ok=True)
     if not (python_prefix / "bin" / "python3").exists():
-        (python_prefix / "bin" / "python3").symlink_to(os.path.realpath(sys.executable))
-    packages = f'''{{
+        (python_prefix / "bin" / "python3").symlink_to(python)
+    return f'''{{
       boot.initrd.impermanence.python = {{ type = "derivation"; name = "python"; outPath = "{python_prefix}"; }};
       boot.initrd.impermanence.package = {{ type = "derivation"; name = "pkg"; outPath = "{pkg}"; }};
     }}'''
-    out = evaluate(lib, BASIC, REPORT, packages, f"{{ {extra} }}")
+
+
+def build_initrd_python(out: dict, tmp_path):
+    """The module's initrd interpreter, its Python part built here by the
+    module's own command text (the `python` option being local)."""
+    unchecked = tmp_path / "impermanence-unchecked.json"
+    unchecked.write_text(json.dumps(out["settings"]))
+    tree = tmp_path / "initrd-python"
+    elf = harness.run_initrd_python_step(out["initrdPython"]["buildCommand"], {
+        out["findModules"]: PROJECT / "vm" / "find_modules.py",
+        out["initrdPythonHelper"]: harness.NIX_DIR / "initrd-python.py",
+        out["unchecked"]: unchecked,
+    }, tree, tmp_path / "initrd-python-build")
+    return tree, elf
+
+
+def shell_glue(lib, tmp_path, sandbox, extra: str = "") -> str:
+    """postMountCommands with the real interpreter (the initrd's, built by
+    the module's command from Debian's python3.11), script and JSON."""
+    require(os.path.exists(DEBIAN_PYTHON), f"{DEBIAN_PYTHON} is not installed (python3.11-minimal)")
+    out = evaluate(lib, BASIC, REPORT, local_packages(tmp_path, DEBIAN_PYTHON), f"{{ {extra} }}")
     commands = out["initrd"]["postMountCommands"]
     generated = tmp_path / "impermanence.json"
     generated.write_text(json.dumps(out["settings"]))
+    tree, _ = build_initrd_python(out, tmp_path)
     if out["checkStep"] is not None:
         # The module's check step, run here on the JSON it generates: what
         # it lets through is the file the initrd reads.
         unchecked = tmp_path / "impermanence-unchecked.json"
-        unchecked.write_text(json.dumps(out["settings"]))
         step = out["checkStep"].replace(out["unchecked"], str(unchecked))
         subprocess.run(["sh", "-ec", step], check=True,
                        env=dict(os.environ, out=str(generated),
-                                PATH=f"{python_prefix / 'bin'}:{os.environ['PATH']}"))
-    commands = commands.replace(out["configFile"], str(generated)).replace("/mnt-root", str(sandbox.root))
+                                PATH=f"{tmp_path / 'python' / 'bin'}:{os.environ['PATH']}"))
+    commands = (commands.replace(out["configFile"], str(generated)).replace("/mnt-root", str(sandbox.root))
+                .replace(out["initrdPython"]["path"], str(tree)))
     # The module's other build step, done here: byte-compile the script.
     stand_in = out["initrd"]["extraFiles"]["/etc/impermanence-boot/impermanence_boot.pyc"]
     compiled = tmp_path / "impermanence_boot.pyc"
-    subprocess.run([sys.executable, "-I", "-c", "import py_compile, sys; "
+    subprocess.run([DEBIAN_PYTHON, "-I", "-c", "import py_compile, sys; "
                     "py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
                     str(SCRIPT), str(compiled)], check=True)
     return commands.replace(stand_in, str(compiled))
@@ -618,3 +651,4 @@ def test_post_mount_commands_storage_missing(lib, sandbox, tmp_path):
         assert "exited with status 3" in proc.stdout, proc.stdout + proc.stderr
         assert ("FAIL-CALLED" in proc.stdout) == expect_fail
         assert not sandbox.path("/var/log").exists(), "nothing may be bound from missing storage"
+        shutil.rmtree(tmp_path / "initrd-python")

@@ -171,3 +171,20 @@ let
 in
 {select}
 '''
+
+
+def run_initrd_python_step(build_command: str, replacements: dict, out: Path, work: Path) -> str:
+    """The module's build step of the initrd's interpreter
+    (boot.initrd.impermanence.initrdPython), its Python part (everything
+    before its `# ELF:` part, which needs patchelf), run here with store
+    paths replaced by local files; the output goes to `out`.  Returns the
+    step's list of ELF files."""
+    head = build_command.split("# ELF:")[0]
+    for old, new in replacements.items():
+        head = head.replace(old, str(new))
+    work.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["sh", "-ec", head], cwd=work, env=dict(os.environ, out=str(out)),
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the build step failed:\n{head}\n{proc.stdout}{proc.stderr}")
+    return (work / "elf-files").read_text()
