@@ -6,7 +6,7 @@
 # Everything else in a NixOS system is left out: a module that touches
 # an option not declared here fails to evaluate, as it would on NixOS if
 # the option did not exist.
-{ config, lib, ... }:
+{ config, lib, pkgs, ... }:
 
 let
   inherit (lib) mkOption mkDefault mkIf types;
@@ -69,6 +69,8 @@ let
       source = mkOption { type = types.path; };
       mode = mkOption { type = types.str; default = "symlink"; };
     };
+    # As nixos/modules/system/etc/etc.nix: `text` makes the source.
+    config.source = mkIf (config.text != null) (mkDefault (pkgs.writeText (baseNameOf name) config.text));
   });
 
   initrdContentsType = types.submodule ({ name, ... }: {
