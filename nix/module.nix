@@ -96,9 +96,10 @@ let
     (location: location.files ++ concatMap (user: user.files) (attrValues location.users))
     enabledLocations;
 
-  debugging = any (location: location.enableDebugging) (attrValues cfg)
+  enabledOwn = filter (location: location.enable) (attrValues cfg);
+  debugging = any (location: location.enableDebugging) enabledOwn
     || any (hm: hm.location.enableDebugging) hmLocations;
-  warningsEnabled = any (location: location.enableWarnings) (attrValues cfg)
+  warningsEnabled = any (location: location.enableWarnings) enabledOwn
     || any (hm: hm.location.enableWarnings) hmLocations;
 
   fileSystemType = types.submodule ({ name, ... }: {
@@ -422,124 +423,124 @@ in
     })
 
     (mkIf active (mkMerge [
-    {
-      boot.initrd.supportedFilesystems =
-        unique (filter (t: t != "auto") (map (fs: fs.fsType) (attrValues icfg.fileSystems)));
+      {
+        boot.initrd.supportedFilesystems =
+          unique (filter (t: t != "auto") (map (fs: fs.fsType) (attrValues icfg.fileSystems)));
 
-      environment.etc."impermanence.json".source = configFile;
-      environment.systemPackages = [ tool ];
+        environment.etc."impermanence.json".source = configFile;
+        environment.systemPackages = [ tool ];
 
-      assertions = [
-        {
-          assertion = storageNotNeededForBoot == [ ];
-          message = ''
-            environment.persistence:
-                All filesystems used for persistent storage must have the option "neededForBoot" set to true
-                (or be mounted by impermanence_boot.py: boot.initrd.impermanence.fileSystems).
-                Stage 1 does not mount them otherwise, so they are not there when the initrd applies the kept paths.
-                Please fix the following filesystems:
-                  ${concatStringsSep "\n      " storageNotNeededForBoot}
-          '';
-        }
-        {
-          assertion = ephemeralNotNeededForBoot == [ ];
-          message = ''
-            environment.persistence:
-                All filesystems used for ephemeral storage must have the option "neededForBoot" set to true.
-                They hold kept paths, and stage 2 would mount them over what impermanence_boot.py set up in the initrd.
-                Please fix the following filesystems:
-                  ${concatStringsSep "\n      " ephemeralNotNeededForBoot}
-          '';
-        }
-        {
-          assertion = mountedTwice == [ ];
-          message = ''
-            boot.initrd.impermanence.fileSystems: these mount points are also
-            declared in `fileSystems`; declare each in one place only:
-              ${concatStringsSep "\n  " mountedTwice}
-          '';
-        }
-        {
-          assertion = all (fs: fs.device != null || fs.label != null) (attrValues icfg.fileSystems);
-          message = "boot.initrd.impermanence.fileSystems: every entry needs `device' or `label'.";
-        }
-      ];
+        assertions = [
+          {
+            assertion = storageNotNeededForBoot == [ ];
+            message = ''
+              environment.persistence:
+                  All filesystems used for persistent storage must have the option "neededForBoot" set to true
+                  (or be mounted by impermanence_boot.py: boot.initrd.impermanence.fileSystems).
+                  Stage 1 does not mount them otherwise, so they are not there when the initrd applies the kept paths.
+                  Please fix the following filesystems:
+                    ${concatStringsSep "\n      " storageNotNeededForBoot}
+            '';
+          }
+          {
+            assertion = ephemeralNotNeededForBoot == [ ];
+            message = ''
+              environment.persistence:
+                  All filesystems used for ephemeral storage must have the option "neededForBoot" set to true.
+                  They hold kept paths, and stage 2 would mount them over what impermanence_boot.py set up in the initrd.
+                  Please fix the following filesystems:
+                    ${concatStringsSep "\n      " ephemeralNotNeededForBoot}
+            '';
+          }
+          {
+            assertion = mountedTwice == [ ];
+            message = ''
+              boot.initrd.impermanence.fileSystems: these mount points are also
+              declared in `fileSystems`; declare each in one place only:
+                ${concatStringsSep "\n  " mountedTwice}
+            '';
+          }
+          {
+            assertion = all (fs: fs.device != null || fs.label != null) (attrValues icfg.fileSystems);
+            message = "boot.initrd.impermanence.fileSystems: every entry needs `device' or `label'.";
+          }
+        ];
 
-      warnings =
-        optional
-          (warningsEnabled && !varLibNixosPersisted && (usersWithoutUid != [ ] || groupsWithoutGid != [ ]))
-          ''
-            environment.persistence: /var/lib/nixos is not persisted, so users
-            and groups without a fixed uid/gid get new ids on every boot, and
-            their names cannot be resolved in the initrd (uid-map, gid-map).
-            Users without uid: ${concatStringsSep " " usersWithoutUid}
-            Groups without gid: ${concatStringsSep " " groupsWithoutGid}
-          '';
-    }
+        warnings =
+          optional
+            (warningsEnabled && !varLibNixosPersisted && (usersWithoutUid != [ ] || groupsWithoutGid != [ ]))
+            ''
+              environment.persistence: /var/lib/nixos is not persisted, so users
+              and groups without a fixed uid/gid get new ids on every boot, and
+              their names cannot be resolved in the initrd (uid-map, gid-map).
+              Users without uid: ${concatStringsSep " " usersWithoutUid}
+              Groups without gid: ${concatStringsSep " " groupsWithoutGid}
+            '';
+      }
 
-    (mkIf icfg.applyOnActivation {
-      system.activationScripts.impermanence-boot = {
-        deps = [ "users" "groups" ];
-        supportsDryActivation = true;
-        text = activationScript;
-      };
-    })
-
-    (mkIf machineIdPersisted {
-      systemd.services.systemd-machine-id-commit.unitConfig.ConditionFirstBoot = true;
-    })
-
-    (mkIf (machineIdPersisted && config.boot.initrd.systemd.enable) {
-      boot.initrd.systemd.suppressedUnits = [ "systemd-machine-id-commit.service" ];
-    })
-
-    (mkIf (!config.boot.initrd.systemd.enable) {
-      # extraFiles puts the interpreter, the script and the JSON (with
-      # their closures) into the initrd; /etc/impermanence.json there is
-      # the default config for a manual run from the emergency shell.
-      boot.initrd.extraFiles = {
-        "/etc/impermanence.json".source = configFile;
-        "/etc/impermanence-boot/python".source = initrdPython;
-        "/etc/impermanence-boot/script".source = icfg.package;
-        "/etc/impermanence-boot/impermanence_boot.pyc".source = compiledScript;
-      };
-      boot.initrd.postMountCommands = mkAfter ''
-        impermanence_status=0
-        ${command "/mnt-root"} || impermanence_status=$?
-        if [ "$impermanence_status" -ne 0 ]; then
-          echo "impermanence: impermanence_boot.py exited with status $impermanence_status (see the messages above)"
-          ${optionalString icfg.emergencyOnError ''
-            if [ "$impermanence_status" -ge 2 ]; then fail; fi
-          ''}
-        fi
-      '';
-    })
-
-    (mkIf config.boot.initrd.systemd.enable {
-      boot.initrd.systemd.storePaths = [ initrdPython icfg.package compiledScript configFile ];
-      boot.initrd.systemd.contents."/etc/impermanence.json".source = configFile;
-      boot.initrd.systemd.services.impermanence-boot = {
-        description = "Persistent state for the wiped root (impermanence)";
-        wantedBy = [ "initrd.target" ];
-        requiredBy = optional icfg.emergencyOnError "initrd.target";
-        after = [ "initrd-root-fs.target" "initrd-fs.target" ];
-        before = [ "initrd-nixos-activation.service" "initrd.target" "initrd-switch-root.target" ];
-        conflicts = [ "initrd-switch-root.target" ];
-        unitConfig.DefaultDependencies = false;
-        unitConfig.RequiresMountsFor = "/sysroot";
-        serviceConfig = {
-          Type = "oneshot";
-          RemainAfterExit = true;
-          ExecStart = command "/sysroot";
-          # 1: some entries failed, the rest is applied; the boot goes on.
-          SuccessExitStatus = if icfg.emergencyOnError then "1" else "1 2 3";
-          # The journal keeps the messages; no second copy via /dev/kmsg.
-          Environment = "IMPERMANENCE_NO_KMSG=1";
-          StandardOutput = "journal+console";
-          StandardError = "journal+console";
+      (mkIf icfg.applyOnActivation {
+        system.activationScripts.impermanence-boot = {
+          deps = [ "users" "groups" ];
+          supportsDryActivation = true;
+          text = activationScript;
         };
-      };
-    })
-  ]))
+      })
+
+      (mkIf machineIdPersisted {
+        systemd.services.systemd-machine-id-commit.unitConfig.ConditionFirstBoot = true;
+      })
+
+      (mkIf (machineIdPersisted && config.boot.initrd.systemd.enable) {
+        boot.initrd.systemd.suppressedUnits = [ "systemd-machine-id-commit.service" ];
+      })
+
+      (mkIf (!config.boot.initrd.systemd.enable) {
+        # extraFiles puts the interpreter, the script and the JSON (with
+        # their closures) into the initrd; /etc/impermanence.json there is
+        # the default config for a manual run from the emergency shell.
+        boot.initrd.extraFiles = {
+          "/etc/impermanence.json".source = configFile;
+          "/etc/impermanence-boot/python".source = initrdPython;
+          "/etc/impermanence-boot/script".source = icfg.package;
+          "/etc/impermanence-boot/impermanence_boot.pyc".source = compiledScript;
+        };
+        boot.initrd.postMountCommands = mkAfter ''
+          impermanence_status=0
+          ${command "/mnt-root"} || impermanence_status=$?
+          if [ "$impermanence_status" -ne 0 ]; then
+            echo "impermanence: impermanence_boot.py exited with status $impermanence_status (see the messages above)"
+            ${optionalString icfg.emergencyOnError ''
+              if [ "$impermanence_status" -ge 2 ]; then fail; fi
+            ''}
+          fi
+        '';
+      })
+
+      (mkIf config.boot.initrd.systemd.enable {
+        boot.initrd.systemd.storePaths = [ initrdPython icfg.package compiledScript configFile ];
+        boot.initrd.systemd.contents."/etc/impermanence.json".source = configFile;
+        boot.initrd.systemd.services.impermanence-boot = {
+          description = "Persistent state for the wiped root (impermanence)";
+          wantedBy = [ "initrd.target" ];
+          requiredBy = optional icfg.emergencyOnError "initrd.target";
+          after = [ "initrd-root-fs.target" "initrd-fs.target" ];
+          before = [ "initrd-nixos-activation.service" "initrd.target" "initrd-switch-root.target" ];
+          conflicts = [ "initrd-switch-root.target" ];
+          unitConfig.DefaultDependencies = false;
+          unitConfig.RequiresMountsFor = "/sysroot";
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = command "/sysroot";
+            # 1: some entries failed, the rest is applied; the boot goes on.
+            SuccessExitStatus = if icfg.emergencyOnError then "1" else "1 2 3";
+            # The journal keeps the messages; no second copy via /dev/kmsg.
+            Environment = "IMPERMANENCE_NO_KMSG=1";
+            StandardOutput = "journal+console";
+            StandardError = "journal+console";
+          };
+        };
+      })
+    ]))
   ];
 }

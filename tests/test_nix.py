@@ -349,6 +349,90 @@ def test_same_target_in_a_disabled_location_is_fine(tmp_path):
     assert list(data["persistence"]) == ["/a"]
 
 
+def test_paths_are_tidied_as_impermanence_does(tmp_path):
+    data = evaluate(tmp_path, r'''
+    {
+      users.bird = { isNormalUser = true; uid = 1000; };
+      persistence."/p" = {
+        directories = [ "/var/lib/foo/" "//srv//data" "var/rel" ];
+        files = [ "/etc//machine-id" ];
+        users.bird.directories = [ "/Downloads" ".local/share/" "/" ];
+        users.bird.files = [ "/.bash_history" ];
+      };
+    }''')
+    loc = data["persistence"]["/p"]
+    assert [d["directory"] for d in loc["directories"]] == ["/var/lib/foo", "/srv/data", "/var/rel"]
+    assert [f["file"] for f in loc["files"]] == ["/etc/machine-id"]
+    assert [d["directory"] for d in loc["users"]["bird"]["directories"]] == ["Downloads", ".local/share", "/"]
+    assert [f["file"] for f in loc["users"]["bird"]["files"]] == [".bash_history"]
+    assert check(tmp_path, data).returncode == 0
+    # Tidied paths are compared: the same directory twice is caught.
+    message = evaluation_error(tmp_path, '{ persistence."/p".directories = [ "/srv" "/srv/" ]; }')
+    assert '"/srv" is listed more than once' in message
+
+
+def test_hide_mount_and_allow_trash(tmp_path):
+    data = evaluate(tmp_path, r'''
+    {
+      persistence."/p" = {
+        hideMounts = true;
+        directories = [ "/a" { directory = "/b"; hideMount = false; allowTrash = true; } { directory = "/c"; hideMount = true; } ];
+      };
+    }''')
+    loc = data["persistence"]["/p"]
+    assert (loc["hideMounts"], loc["allowTrash"]) == (True, False)
+    # An item says only what differs from its location.
+    assert loc["directories"][0] == {"directory": "/a", "user": "root", "group": "root", "mode": "0755"}
+    assert loc["directories"][1]["hideMount"] is False and loc["directories"][1]["allowTrash"] is True
+    assert "hideMount" not in loc["directories"][2]
+    assert check(tmp_path, data).returncode == 0
+
+
+def test_impermanences_evaluated_shape(tmp_path):
+    """What NixOS impermanence's evaluated option holds: its removed
+    options throw when read (they count as not set), its parentDirectory
+    always carries defaultPerms (the same as those: not set)."""
+    removed = 'throw "removed option read"'
+    data = evaluate(tmp_path, r'''
+    {
+      users.bird = { isNormalUser = true; uid = 1000; group = "users"; home = "/home/bird"; };
+      persistence."/p" = {
+        enable = true; persistentStoragePath = "/p"; hideMounts = false; allowTrash = false;
+        enableDebugging = false; enableWarnings = true; assertions = [ ];
+        allowOther = REMOVED; removePrefixDirectory = REMOVED; defaultDirectoryMethod = REMOVED;
+        directories = [
+          { directory = "/var/log"; dirPath = "/var/log"; user = "root"; group = "root"; mode = "0755";
+            defaultPerms = { user = "root"; group = "root"; mode = "0755"; }; hideMount = false;
+            allowTrash = false; persistentStoragePath = "/p"; home = null; enableDebugging = false;
+            assertions = [ ]; method = REMOVED; }
+        ];
+        files = [ ];
+        users.bird = {
+          home = REMOVED; assertions = [ ]; directories = [ ];
+          files = [
+            { file = ".bash_history"; filePath = "/home/bird/.bash_history"; method = "auto";
+              persistentStoragePath = "/p"; home = "/home/bird"; enableDebugging = false; assertions = [ ];
+              parentDirectory = { directory = "."; dirPath = "/home/bird/."; user = "bird"; group = "users";
+                mode = "0755"; defaultPerms = { user = "bird"; group = "users"; mode = "0755"; };
+                hideMount = false; allowTrash = false; persistentStoragePath = "/p"; home = "/home/bird";
+                enableDebugging = false; assertions = [ ]; }; }
+            { file = ".config/t"; filePath = "/home/bird/.config/t"; method = "auto";
+              persistentStoragePath = "/p"; home = "/home/bird"; enableDebugging = false; assertions = [ ];
+              parentDirectory = { user = "bird"; group = "users"; mode = "0700";
+                defaultPerms = { user = "bird"; group = "users"; mode = "0755"; }; }; }
+          ];
+        };
+      };
+    }'''.replace("REMOVED", removed))
+    loc = data["persistence"]["/p"]
+    assert loc["directories"] == [{"directory": "/var/log", "user": "root", "group": "root", "mode": "0755"}]
+    assert loc["users"]["bird"]["home"] == "/home/bird"
+    assert loc["users"]["bird"]["files"] == [
+        {"file": ".bash_history", "method": "auto"},
+        {"file": ".config/t", "method": "auto", "parentDirectory": {"user": "bird", "group": "users", "mode": "0700"}}]
+    assert check(tmp_path, data).returncode == 0
+
+
 # --- the generated JSON, applied for real -------------------------------------------
 
 APPLY_CONFIG = r'''

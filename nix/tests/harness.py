@@ -71,7 +71,10 @@ def _extract(tarball: Path, inner: str) -> Path | None:
     if not (dest / inner).exists():
         dest.mkdir(exist_ok=True)
         with tarfile.open(tarball) as tar:
-            tar.extractall(dest)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:
+                tar.extractall(dest)
     found = dest / inner
     return found if found.exists() else None
 
