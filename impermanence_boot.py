@@ -69,6 +69,7 @@ MARK_TIMES = (MARK_TIME_NS, MARK_TIME_NS)
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
 
 DEFAULT_CONFIG = "/etc/impermanence.json"
+PATH_MAX = 4096  # linux/limits.h: a path the kernel takes, with its NUL
 MACHINE_ID = ("etc", "machine-id")
 
 
@@ -516,6 +517,8 @@ NIXOS_INTERNAL = frozenset({"dirPath", "filePath", "home", "defaultPerms",
 # Userspace mount options of a kept directory's bind mount, recorded in
 # libmount's utab: file managers hide the mount, GIO lets one trash in it.
 HIDE_OPTION, TRASH_OPTION = "x-gvfs-hide", "x-gvfs-trash"
+# And of a fileSystems mount apply made: unmount unmounts only those.
+MOUNTED_OPTION = "x-impermanence-boot"
 
 TOP_KEYS = ("fileSystems", "deviceTimeout", "users", "groups", "persistence")
 FS_KEYS = ("device", "fsType", "options", "label", "mountPoint", "neededForBoot", "noCheck")
@@ -1443,11 +1446,22 @@ def mangle(text: str) -> str:
     return text
 
 
+def utab_fields(line: str) -> dict:
+    return {key: unescape_mountinfo(value) for key, _, value in
+            (field.partition("=") for field in line.split(" ") if "=" in field)}
+
+
 def utab_target(line: str) -> str | None:
-    for field in line.split(" "):
-        if field.startswith("TARGET="):
-            return unescape_mountinfo(field[7:])
-    return None
+    return utab_fields(line).get("TARGET")
+
+
+def read_utab() -> list:
+    """utab's lines; none where it is missing or unreadable."""
+    try:
+        with open(utab_path(), encoding="utf-8", errors="surrogateescape") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
 
 
 def update_utab(added: list, removed: set) -> None:
@@ -1733,6 +1747,196 @@ def open_beneath(root: str, comps: tuple, flags: int) -> int:
         return os.open(comps[-1], flags, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+# --- The system as found: what is not kept (diff, orphans) ---------------------------
+#
+# A walk of one filesystem below a path, through directory fds (each one
+# opened O_NOFOLLOW below its parent, listed with scandir on the fd), that
+# reports what no entry keeps: the children of a directory holding kept
+# paths one by one, any other directory as one line with its total.
+
+class Walk:
+    """What is found below a base directory that `kept` does not hold.
+    kept and skipped are component tuples relative to the root; skipped
+    ones (path -> why) are named, not walked; `own_fs` are the mount points
+    walked anyway, as filesystems of their own."""
+
+    def __init__(self, tree: Tree, mounts: MountTable, kept, skipped: dict, log: Log,
+                 own_fs=()):
+        self.tree, self.kept, self.skipped, self.log = tree, set(kept), skipped, log
+        self.own_fs = set(own_fs)
+        # Directories that hold a kept or skipped path: walked, their
+        # children reported one by one.
+        self.partial = {p[:d] for p in (*self.kept, *skipped, *self.own_fs) for d in range(len(p))}
+        prefix = tree.prefix + "/"
+        self.mount_types: dict = {}  # mount point (components) -> fs type
+        for point, (_source, _fs_root, fs_type, _id) in mounts.points.items():
+            if point == tree.root:
+                continue
+            if point.startswith(prefix):
+                self.mount_types[tuple(point[len(prefix):].split("/"))] = fs_type
+        self.found: list = []    # (path, kind, size, files)
+        self.mounts: list = []   # (path, fs type): other filesystems, named once
+        self.not_walked: list = []  # (path, why)
+        self.errors: list = []   # (path, cause)
+        self.seen: set = set()   # (dev, ino) of files with several links, counted once
+
+    def error(self, comps: tuple, exc: OSError) -> None:
+        shown = self.tree.host(comps)
+        cause = describe_oserror(exc) if isinstance(exc, OSError) else str(exc)
+        self.errors.append((comps, cause))
+        self.log.error(f"{shown}: {cause}")
+
+    def run(self, base: tuple) -> bool:
+        """Walk base; False (an error recorded) if it cannot be opened."""
+        try:
+            fd = open_dir_path(self.tree, base)
+        except (OSError, EntryError) as exc:
+            self.error(base, exc if isinstance(exc, OSError) else OSError(0, exc.cause))
+            return False
+        try:
+            self._partial(fd, base, os.fstat(fd).st_dev)
+        finally:
+            os.close(fd)
+        return True
+
+    def _mount(self, path: tuple, st, dev: int) -> bool:
+        """Whether the directory path is a mount point (of another
+        filesystem, or a bind mount): named, and walked only if asked."""
+        if st.st_dev == dev and path not in self.mount_types:
+            return False
+        self.mounts.append((path, self.mount_types.get(path, "?")))
+        return True
+
+    def _partial(self, fd: int, comps: tuple, dev: int) -> None:
+        """A directory holding kept paths: each other child reported."""
+        try:
+            with os.scandir(fd) as it:
+                entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        except OSError as exc:
+            self.error(comps, exc)
+            return
+        for name, st in sorted(entries):
+            path = comps + (name,)
+            if path in self.kept:
+                continue
+            if path in self.skipped:
+                self.not_walked.append((path, self.skipped[path]))
+                continue
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                child_dev = dev
+                if self._mount(path, st, dev):
+                    if path not in self.own_fs:
+                        continue
+                    child_dev = st.st_dev
+                try:
+                    child = os.open(name, O_DIR, dir_fd=fd)
+                except OSError as exc:
+                    self.error(path, exc)
+                    continue
+                try:
+                    if path in self.partial:
+                        self._partial(child, path, child_dev)
+                        continue
+                    size, files, count = self.measure(child, path, child_dev)
+                finally:
+                    os.close(child)
+                if files:  # directories alone hold nothing to lose
+                    self.found.append((path, "dir", size, files))
+            else:
+                kind = KIND_OF_FORMAT.get(stat.S_IFMT(mode), "other")
+                self.found.append((path, kind, self._size(st), 1))
+
+    def _size(self, st) -> int:
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            if key in self.seen:
+                return 0
+            self.seen.add(key)
+        return st.st_size
+
+    def measure(self, fd: int, comps: tuple, dev: int) -> tuple:
+        """(bytes, files, entries) below the directory fd, depth first with
+        one fd per level open; mount points in it are named, not walked."""
+        size = files = count = 0
+        frames = []
+        fd_here, path_here = fd, comps
+        while True:
+            subdirs = []
+            try:
+                with os.scandir(fd_here) as it:
+                    for e in it:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # removed meanwhile
+                        except OSError as exc:
+                            self.error(path_here + (e.name,), exc)
+                            continue
+                        count += 1
+                        if stat.S_ISDIR(st.st_mode):
+                            path = path_here + (e.name,)
+                            if not self._mount(path, st, dev):
+                                subdirs.append((e.name, path, st.st_ino))
+                        else:
+                            files += 1
+                            size += st.st_size if st.st_nlink == 1 else self._size(st)
+            except OSError as exc:
+                self.error(path_here, exc)
+            frames.append((fd_here, iter(subdirs)))
+            # The next directory to list: the next subdirectory of the
+            # deepest directory that has one left.
+            while frames:
+                parent, pending = frames[-1]
+                for name, path, ino in pending:
+                    try:
+                        child = os.open(name, O_DIR, dir_fd=parent)
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        self.error(path, exc)
+                        continue
+                    if os.fstat(child).st_ino != ino:  # replaced meanwhile
+                        os.close(child)
+                        continue
+                    fd_here, path_here = child, path
+                    break
+                else:
+                    frames.pop()
+                    if parent != fd:
+                        os.close(parent)
+                    continue
+                break
+            else:
+                return size, files, count
+
+
+def open_dir_path(tree: Tree, comps: tuple) -> int:
+    """An fd of the directory root/comps, every component opened
+    O_NOFOLLOW below the one before."""
+    fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for i, name in enumerate(comps):
+        try:
+            next_fd = os.open(name, O_DIR, dir_fd=fd)
+        except OSError as exc:
+            error = dir_open_error(exc, fd, name, tree.host(comps[:i + 1]))
+            os.close(fd)
+            raise error from None
+        os.close(fd)
+        fd = next_fd
+    return fd
+
+
+def format_size(size: int) -> str:
+    """Bytes as du -h writes them, in powers of 1024."""
+    value = float(size)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}iB"
+        value /= 1024
+    return f"{size} B"
 
 
 
@@ -2214,13 +2418,19 @@ class MoveIntoStorage(Action):
 
     def execute(self, ex: Executor) -> None:
         shown = ex.tree.host(self.target)
-        if self.kind == "dir":
-            held, into = ex.targets.open(self.target), ex.sources.open(self.source)
-            for name in sorted(os.listdir(held)):
-                move_node(held, name, into, name, f"{shown}/{name}")
-        else:
-            move_node(ex.targets.open(self.target[:-1]), self.target[-1],
-                      ex.sources.open(self.source[:-1]), self.source[-1], shown)
+        try:
+            if self.kind == "dir":
+                held, into = ex.targets.open(self.target), ex.sources.open(self.source)
+                for name in sorted(os.listdir(held)):
+                    move_node(held, name, into, name, f"{shown}/{name}")
+            else:
+                move_node(ex.targets.open(self.target[:-1]), self.target[-1],
+                          ex.sources.open(self.source[:-1]), self.source[-1], shown)
+        except RecursionError:
+            # What is copied stays where it is, complete or under its
+            # temporary name (removed by the next run); nothing is lost.
+            raise EntryError(shown, "holds directories nested too deeply to move; move them "
+                                    "into storage by hand") from None
 
 
 def move_node(old_dir: int, name: str, new_dir: int, new: str, shown: str) -> None:
@@ -2396,6 +2606,7 @@ def plan_filesystem(fs: FileSystem, tree: Tree, mounts: MountTable, timeout: flo
     actions = plan_root_dirs(fs.mountpoint, 1, "mount point", tree)
     device, probed = lookup_device(fs.device)
     actions.append(MountFilesystem(fs, device, probed, timeout))
+    actions.append(RecordMountOptions(fs.mountpoint, (MOUNTED_OPTION,)))
     # Until it is mounted, what it holds is unknown: planned as if empty.
     tree.record(fs.mountpoint, Node("dir", 0, 0, 0o755, 0, None, None, None))
     return actions
@@ -2433,6 +2644,11 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     now (and as the actions planned before it leave it)."""
     actions: list = []
     tree.enter(entry.target)
+    for path in (entry.source, entry.target):
+        if len(os.fsencode(tree.host(path))) >= PATH_MAX:
+            # The lookups of its parents would each fail alike, after a
+            # walk that grows with the square of its depth.
+            return [Fail(path, f"is longer than the {PATH_MAX - 1} bytes a path may have")]
     try:
         source_exists = plan_source(entry, tree, accounts, actions)
         plan_target_parents(entry, tree, actions)
@@ -2850,19 +3066,29 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             except Exception as exc:  # this entry stays, the others are undone
                 failed += 1
                 log.error(failure_text(exc, host))
-        # On a running system (--root /) the persistent filesystems are the
-        # system's own, mounted by stage 1 or fstab: they stay.
-        for fs in sorted(config.filesystems if root != "/" else (), key=lambda f: f.mountpoint,
-                         reverse=True):
+        # A persistent filesystem is unmounted only if apply mounted it
+        # (its utab line, with the id of the mount there now); one stage 1,
+        # fstab or a person mounted stays.
+        ours = {f.get("TARGET"): (f.get("SRC"), f.get("ROOT"), f.get("ID"))
+                for f in map(utab_fields, read_utab())
+                if MOUNTED_OPTION in f.get("OPTS", "").split(",")}
+        for fs in sorted(config.filesystems, key=lambda f: f.mountpoint, reverse=True):
             host = tree.host(fs.mountpoint)
-            if mounts.is_mountpoint(host):
-                chain.truncate(0)
-                try:
-                    umount2(host, UMOUNT_NOFOLLOW, host)
-                    log.info(f"unmounted {host}")
-                except OSError as exc:
-                    failed += 1
-                    log.error(failure_text(exc, host))
+            found = mounts.points.get(host)
+            if found is None:
+                continue
+            source, fs_root, _, mount_id = found
+            if ours.get(as_path(fs.mountpoint)) != (source, fs_root, mount_id):
+                log.info(f"{host}: not mounted by apply; left mounted")
+                continue
+            chain.truncate(0)
+            try:
+                umount2(host, UMOUNT_NOFOLLOW, host)
+                log.info(f"unmounted {host}")
+                unmounted.add(as_path(fs.mountpoint))
+            except OSError as exc:
+                failed += 1
+                log.error(failure_text(exc, host))
         if unmounted and os.path.exists(utab_path()):
             try:
                 update_utab([], unmounted)
@@ -2929,6 +3155,131 @@ def command_check(path: str, out) -> int:
     return EXIT_OK
 
 
+# Where a running system mounts its own filesystems (/tmp: or cleans it
+# itself): diff walks them only when asked (--include).
+DIFF_SKIPPED = ("nix", "proc", "sys", "dev", "run", "tmp")
+
+
+def command_diff(config: Config, root: str, log: Log, out, as_json: bool, as_tree: bool,
+                 include: tuple) -> int:
+    """What the next boot loses: every path on the root's own filesystem
+    that no entry keeps. Reads only."""
+    tree = Tree(root)
+    kept = {e.target for e in config.entries}
+    kept.update(config.storages, (fs.mountpoint for fs in config.filesystems))
+    skipped = {(name,): f"not walked (--include /{name} walks it)"
+               for name in DIFF_SKIPPED if (name,) not in include}
+    walk = Walk(tree, MountTable(), kept, skipped, log, own_fs=include)
+    walk.run(())
+    if as_json:
+        import json
+
+        out.write(json.dumps(dict(root=root, **found_json(walk)), indent=2) + "\n")
+    else:
+        write_found(walk, (), out, as_tree, "not kept (lost at the next boot)")
+    return EXIT_OK
+
+
+def command_orphans(config: Config, root: str, log: Log, out, as_json: bool, as_tree: bool) -> int:
+    """What each storage holds that no entry keeps (an entry removed from
+    the config leaves its data there). Reads only; deletes nothing."""
+    tree = Tree(root)
+    mounts = MountTable()
+    sources = {e.source for e in config.entries}
+    guarded = set(config.storages) | {fs.mountpoint for fs in config.filesystems}
+    result, rows = EXIT_OK, []
+    for storage in config.storages:
+        host = tree.host(storage)
+        fs = covering_filesystem(config, storage)
+        if fs is not None and not mounts.is_mountpoint(tree.host(fs.mountpoint)):
+            log.error(f"{host}: storage not mounted ({fs.device} at {tree.host(fs.mountpoint)}); "
+                      "apply mounts it")
+            result = EXIT_STORAGE
+            rows.append({"storage": as_path(storage), "state": "unavailable"})
+            continue
+        kept = {s for s in sources if is_under(s, storage)}
+        kept.update(p for p in guarded if is_under(p, storage) and p != storage)
+        walk = Walk(tree, mounts, kept, {}, log)
+        if not walk.run(storage):
+            result = EXIT_STORAGE
+            rows.append({"storage": as_path(storage), "state": "unavailable"})
+            continue
+        if as_json:
+            rows.append(dict(storage=as_path(storage), state="available", **found_json(walk)))
+        else:
+            out.write(f"storage {host}:\n")
+            write_found(walk, storage, out, as_tree, "kept by no entry")
+    if as_json:
+        import json
+
+        out.write(json.dumps({"root": root, "storages": rows}, indent=2) + "\n")
+    return result
+
+
+def found_json(walk: Walk) -> dict:
+    host = walk.tree.host
+    found = sorted(walk.found, key=lambda f: (-f[2], f[0]))
+    return {
+        "paths": [{"path": host(p), "kind": kind, "size": size, "files": files}
+                  for p, kind, size, files in found],
+        "total": {"paths": len(found), "size": sum(f[2] for f in found),
+                  "files": sum(f[3] for f in found)},
+        "mounts": [{"path": host(p), "fsType": t} for p, t in walk.mounts],
+        "notWalked": [host(p) for p, _ in walk.not_walked],
+        "errors": [{"path": host(p), "error": cause} for p, cause in walk.errors],
+    }
+
+
+def write_found(walk: Walk, base: tuple, out, as_tree: bool, what: str) -> None:
+    host = walk.tree.host
+    lines = []
+    if as_tree:
+        lines += found_tree(walk, base)
+    else:
+        for path, kind, size, files in sorted(walk.found, key=lambda f: (-f[2], f[0])):
+            lines.append(f"{format_size(size):>10} {files:>8}  {host(path)}{'/' if kind == 'dir' else ''}")
+        if lines:
+            lines.insert(0, f"{'size':>10} {'files':>8}  path")
+    total = sum(f[2] for f in walk.found)
+    files = sum(f[3] for f in walk.found)
+    lines.append(f"{len(walk.found)} paths {what}: {format_size(total)} in {files} files")
+    if walk.mounts:
+        lines.append("other filesystems, not walked: " +
+                     ", ".join(f"{host(p)} ({t})" for p, t in walk.mounts))
+    if walk.not_walked:
+        lines.append("not walked: " + ", ".join(host(p) for p, _ in walk.not_walked)
+                     + " (--include PATH walks one)")
+    out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
+
+
+def found_tree(walk: Walk, base: tuple) -> list:
+    """The found paths as an indented tree under base, each directory
+    with the total of what is found below it, children by name."""
+    totals: dict = {}
+    leaves: dict = {}
+    for path, kind, size, files in walk.found:
+        leaves[path] = kind
+        for depth in range(len(base), len(path) + 1):
+            t = totals.setdefault(path[:depth], [0, 0])
+            t[0] += size
+            t[1] += files
+    children: dict = {}
+    for path in totals:
+        if len(path) > len(base):
+            children.setdefault(path[:-1], []).append(path)
+    lines = []
+    stack = [base] if totals else []
+    while stack:
+        path = stack.pop()
+        size, files = totals[path]
+        name = walk.tree.host(path) if path == base else path[-1]
+        slash = "/" if leaves.get(path, "dir") == "dir" and path else ""
+        indent = "  " * (len(path) - len(base))
+        lines.append(f"{format_size(size):>10} {files:>8}  {indent}{name}{slash}")
+        stack += sorted(children.get(path, ()), reverse=True)
+    return lines
+
+
 # --- Command line ------------------------------------------------------------------------
 
 USAGE = """\
@@ -2945,6 +3296,15 @@ commands (default: apply):
   unmount  undo what apply set up (bind mounts, links), in reverse order;
            never deletes or modifies anything in persistent storage
   check    validate the config only
+  diff     list what the next boot loses: every path on the root's own
+           filesystem that no entry keeps, largest first (--tree, --json,
+           --include PATH to walk one of /nix /proc /sys /dev /run /tmp)
+  orphans  list what each storage holds that no entry keeps (--tree,
+           --json); deletes nothing
+  rotate-root  btrfs, in the initrd before the root is mounted: move the
+           root subvolume to old_roots/<time of its last change>, delete
+           old roots beyond the config's "root".keep, create a fresh root
+           (--dry-run: print what it would do)
 
 options:
   --config PATH  config file (default: $IMPERMANENCE_CONFIG, else
@@ -2952,7 +3312,10 @@ options:
   --root PATH    the root the config's paths are relative to (default: /)
   -v, --verbose  log every action
   -q, --quiet    only errors
-  --json         with status: JSON output
+  --json         with status, diff, orphans: JSON output
+  --tree         with diff, orphans: a tree, not largest first
+  --include PATH with diff: walk PATH too (repeatable)
+  --dry-run      with rotate-root: change nothing
   -h, --help     show this help
 
 exit status: 0 all in place; 1 an entry failed (others applied) or status
@@ -2960,15 +3323,20 @@ found drift; 2 usage or config error, nothing changed; 3 a persistent
 storage location was unavailable, nothing bound from it.
 """
 
-COMMANDS = ("apply", "plan", "status", "unmount", "check")
+COMMANDS = ("apply", "plan", "status", "unmount", "check", "diff", "orphans", "rotate-root")
+# The options a command takes besides --config, --root, -v, -q.
+COMMAND_OPTIONS = {"--json": ("status", "diff", "orphans"), "--tree": ("diff", "orphans"),
+                   "--include": ("diff",), "--dry-run": ("rotate-root",)}
 
 
 class Options(Record):
-    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help")
+    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help", "tree",
+                           "include", "dry_run")
 
 
 def parse_args(argv: list) -> Options:
     command, config, root, verbosity, as_json = None, None, "/", 1, False
+    given, include = [], []
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -2976,8 +3344,17 @@ def parse_args(argv: list) -> Options:
         if arg.startswith("--") and "=" in arg:
             arg, value = arg.split("=", 1)
         if arg in ("-h", "--help"):
-            return Options(None, None, None, 1, False, True)
-        if arg in ("--config", "--root"):
+            return Options(None, None, None, 1, False, True, False, (), False)
+        if arg == "--include":
+            if value is None:
+                if not args:
+                    raise UsageError(f"{arg} needs a path")
+                value = args.pop(0)
+            include.append(parse_include(value))
+            given.append(arg)
+        elif arg in ("--tree", "--dry-run") and value is None:
+            given.append(arg)
+        elif arg in ("--config", "--root"):
             if value is None:
                 if not args:
                     raise UsageError(f"{arg} needs a path")
@@ -3005,11 +3382,22 @@ def parse_args(argv: list) -> Options:
         else:
             raise UsageError(f"unknown command {arg!r} (one of {', '.join(COMMANDS)})")
     command = command or "apply"
-    if as_json and command != "status":
-        raise UsageError("--json goes with status")
+    for option in given + ["--json"] * as_json:
+        if command not in COMMAND_OPTIONS[option]:
+            raise UsageError(f"{option} goes with {', '.join(COMMAND_OPTIONS[option])}")
     if config is None:
         config = os.environ.get("IMPERMANENCE_CONFIG") or DEFAULT_CONFIG
-    return Options(command, config, root, verbosity, as_json, False)
+    return Options(command, config, root, verbosity, as_json, False, "--tree" in given,
+                   tuple(include), "--dry-run" in given)
+
+
+def parse_include(text: str) -> tuple:
+    if not text.startswith("/") or "\0" in text:
+        raise UsageError(f"--include needs an absolute path, not {text!r}")
+    comps = tuple(c for c in text.split("/") if c)
+    if not comps or "." in comps or ".." in comps:
+        raise UsageError(f"--include {text!r}: a path below the root, without . or ..")
+    return comps
 
 
 def main(argv: list | None = None) -> int:
@@ -3045,6 +3433,10 @@ def main(argv: list | None = None) -> int:
             return command_plan(config, root, log, sys.stdout)
         if opts.command == "status":
             return command_status(config, root, log, sys.stdout, opts.json)
+        if opts.command == "diff":
+            return command_diff(config, root, log, sys.stdout, opts.json, opts.tree, opts.include)
+        if opts.command == "orphans":
+            return command_orphans(config, root, log, sys.stdout, opts.json, opts.tree)
         return command_unmount(config, root, log)
     except KeyboardInterrupt:
         log.error("interrupted")

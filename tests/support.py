@@ -135,6 +135,10 @@ class Sandbox:
         self.root = root
         self.work = work
         self.config_path = work / "impermanence.json"
+        # The /run/mount/utab of the system this root is: its own, as every
+        # machine has one.
+        self.utab = work / "run" / "mount" / "utab"
+        self.utab.parent.mkdir(parents=True, exist_ok=True)
 
     def path(self, p: str) -> Path:
         return self.root / p.lstrip("/")
@@ -148,14 +152,16 @@ class Sandbox:
             env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         if config is not None:
             self.write_config(config)
-        return run_on(root or self.root, self.config_path, *args, env=env, timeout=timeout)
+        return run_on(root or self.root, self.config_path, *args,
+                      env={"LIBMOUNT_UTAB": str(self.utab), **(env or {})}, timeout=timeout)
 
     def traced(self, syscalls: str, *args: str) -> tuple:
         """The script run with its config under strace -e trace=syscalls:
         (the result, the trace)."""
         require(shutil.which("strace") is not None, "strace is not installed")
         trace = self.work / "trace"
-        result = run_on(self.root, self.config_path, *args, prefix=strace_prefix(trace, syscalls))
+        result = run_on(self.root, self.config_path, *args, prefix=strace_prefix(trace, syscalls),
+                        env={"LIBMOUNT_UTAB": str(self.utab)})
         return result, trace.read_text()
 
 

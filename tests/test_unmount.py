@@ -35,23 +35,49 @@ def test_unmount_round_trip_leaves_storage_identical(sandbox, disk):
     assert tree_digest(sandbox.root) == applied_tree
 
 
-def test_unmount_on_the_running_system_leaves_its_filesystems(sandbox, tmp_path):
-    # --root /: in this private mount namespace, a filesystem of the
-    # config mounted as stage 1 would have left it stays mounted.
+def test_unmount_leaves_the_filesystems_apply_did_not_mount(sandbox, tmp_path):
+    # Stage 1, fstab or a person mounted them: they stay, under any root
+    # (--root / in this private namespace, and an initrd's /mnt-root).
     point = tmp_path / "persist-here"
     point.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "persist-here", str(point)], check=True)
     cfg = {"fileSystems": {str(point): {"device": "/dev/null", "fsType": "tmpfs"}}, "persistence": {}}
-    result = sandbox.run("unmount", config=cfg, root=Path("/"))
+    result = sandbox.run("-v", "unmount", config=cfg, root=Path("/"))
     assert result.returncode == 0, result.stderr
     assert str(point) in mountinfo_points()
-    # elsewhere (an initrd's /mnt-root, a recovery mount) it is unmounted
-    sandbox.path(str(point)).mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "persist-here", str(sandbox.path(str(point)))], check=True)
+    assert f"impermanence: {point}: not mounted by apply; left mounted" in result.stderr
+    inside = sandbox.path(str(point))
+    inside.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "persist-here", str(inside)], check=True)
     result = sandbox.run("unmount")
     assert result.returncode == 0, result.stderr
-    assert str(sandbox.path(str(point))) not in mountinfo_points()
+    assert str(inside) in mountinfo_points()
+    subprocess.run(["umount", str(inside)], check=True)
     subprocess.run(["umount", str(point)], check=True)
+
+
+def test_unmount_unmounts_a_filesystem_only_while_it_is_the_mount_apply_made(sandbox, disk):
+    # apply records the storage it mounted (x-impermanence-boot in utab,
+    # with the mount's id, source and root); what someone mounted there
+    # after apply's mount went away is not that one.
+    cfg = base_config(disk.label, {"directories": ["/var/log"]})
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    storage = str(sandbox.path("/persistent"))
+    assert storage in mountinfo_points()
+    subprocess.run(["umount", str(sandbox.path("/var/log"))], check=True)
+    subprocess.run(["umount", storage], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "a-person", storage], check=True)
+    result = sandbox.run("unmount")
+    assert result.returncode == 0, result.stderr
+    assert storage in mountinfo_points()
+    subprocess.run(["umount", storage], check=True)
+    # apply's own mount is unmounted, and its utab line goes with it.
+    assert sandbox.run("apply").returncode == 0
+    assert "TARGET=/persistent ROOT=/ OPTS=x-impermanence-boot" in sandbox.utab.read_text()
+    result = sandbox.run("unmount")
+    assert result.returncode == 0, result.stderr
+    assert mount_points_under(sandbox.root) == [str(sandbox.root)]
+    assert "TARGET=/persistent " not in sandbox.utab.read_text()
 
 
 def test_unmount_keeps_directories_it_did_not_create(sandbox, disk):

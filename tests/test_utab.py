@@ -56,6 +56,8 @@ def test_apply_records_the_options_of_each_bind_in_utab(sandbox, disk):
     plan = sandbox.run("plan", config=cfg, env=env)
     recorded = [line for line in plan.stdout.splitlines() if line.startswith("record ")]
     assert recorded == [
+        # The storage apply mounts: unmount unmounts only what it finds so.
+        f"record x-impermanence-boot for {sandbox.path('/persistent')} in {utab}",
         f"record x-gvfs-hide for {sandbox.path('/home/bird/Documents')} in {utab}",
         f"record x-gvfs-hide for {sandbox.path('/srv/plain')} in {utab}",
         f"record x-gvfs-trash for {sandbox.path('/srv/shared')} in {utab}",
@@ -76,9 +78,10 @@ def test_apply_records_the_options_of_each_bind_in_utab(sandbox, disk):
         # TARGET as the booted system sees it; ID, SRC and ROOT as mountinfo gives them.
         point = str(sandbox.root) + f["TARGET"]
         assert (f["ID"], f["SRC"], f["ROOT"]) == ids[point], (line, ids[point])
-        assert f["ROOT"] == f["TARGET"]  # the storage filesystem holds it at the same path
+        if f["TARGET"] != "/persistent":
+            assert f["ROOT"] == f["TARGET"]  # the storage filesystem holds it at the same path
         got[f["TARGET"]] = f["OPTS"]
-    assert got == {"/home/bird/Documents": "x-gvfs-hide", "/srv/plain": "x-gvfs-hide",
+    assert got == {"/persistent": "x-impermanence-boot", "/home/bird/Documents": "x-gvfs-hide", "/srv/plain": "x-gvfs-hide",
                    "/srv/shared": "x-gvfs-trash", "/srv/with space": "x-gvfs-hide,x-gvfs-trash",
                    "/var/log": "x-gvfs-hide"}
     # As libmount leaves them: the lock file beside it, the event file touched.
@@ -97,9 +100,13 @@ def test_apply_records_the_options_of_each_bind_in_utab(sandbox, disk):
     assert mount_points_under(sandbox.root) == [str(sandbox.root)]
 
 
-def test_no_options_no_utab(sandbox, disk):
+def test_no_options_no_utab(sandbox, tmp_path):
+    # Storage stage 1 mounted, no options: nothing to record.
+    from support import tmpfs_at
+
     utab, env = utab_env(sandbox)
-    cfg = base_config(disk.label, {"directories": ["/var/log"], "allowTrash": False})
+    tmpfs_at(sandbox.path("/persistent"))
+    cfg = {"persistence": {"/persistent": {"directories": ["/var/log"], "allowTrash": False}}}
     assert sandbox.run("apply", config=cfg, env=env).returncode == 0
     assert not utab.exists()
 
