@@ -68,7 +68,7 @@ POSITIONS = {
 }
 
 KINDS = ["link-etc", "link-root", "link-slash", "link-dotdot", "link-host-decoy",
-         "link-dangling", "hardlink-root-file", "fifo", "device", "socket"]
+         "link-dangling", "link-proc-self-root", "hardlink-root-file", "fifo", "device", "socket"]
 
 SIDES = ["storage", "root"]
 
@@ -154,7 +154,9 @@ class World:
             text = {"link-etc": "/etc", "link-root": "/root", "link-slash": "/",
                     "link-dotdot": os.path.relpath(self.R / "etc", victim.parent),
                     "link-host-decoy": str(self.host_decoy / "etc"),
-                    "link-dangling": "/nonexistent-impermanence-test/x"}[kind]
+                    "link-dangling": "/nonexistent-impermanence-test/x",
+                    # the running process's own root, whatever it is
+                    "link-proc-self-root": "/proc/self/root"}[kind]
             os.symlink(text, victim)
             os.lchown(victim, MALLORY, USERS_GID)
         elif kind == "hardlink-root-file":
@@ -276,7 +278,7 @@ def test_planted_component(sandbox, tmp_path, side, position, kind):
 
 def test_case_count():
     """The matrix the report quotes: sides x positions x kinds."""
-    assert len(CASES) == len(SIDES) * len(POSITIONS) * len(KINDS) == 140
+    assert len(CASES) == len(SIDES) * len(POSITIONS) * len(KINDS) == 154
 
 
 # --- Races: a component swapped for a link between check and use ------------
