@@ -3068,11 +3068,13 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
                 log.error(failure_text(exc, host))
         # A persistent filesystem is unmounted only if apply mounted it
         # (its utab line, with the id of the mount there now); one stage 1,
-        # fstab or a person mounted stays.
+        # fstab or a person mounted stays. On a running system (--root /)
+        # they are the system's own, whoever mounted them: they stay.
         ours = {f.get("TARGET"): (f.get("SRC"), f.get("ROOT"), f.get("ID"))
                 for f in map(utab_fields, read_utab())
                 if MOUNTED_OPTION in f.get("OPTS", "").split(",")}
-        for fs in sorted(config.filesystems, key=lambda f: f.mountpoint, reverse=True):
+        for fs in sorted(config.filesystems if root != "/" else (), key=lambda f: f.mountpoint,
+                         reverse=True):
             host = tree.host(fs.mountpoint)
             found = mounts.points.get(host)
             if found is None:

@@ -299,7 +299,10 @@ def test_main_shell_approach_targets_are_its_sources(main_boots):
 
 # --- hideMounts and allowTrash: utab survives switch_root --------------------
 
-UTAB_TARGETS_MOUNTED_WITHOUT_OPTIONS = ("/persistent", "/etc/machine-id", "/var/lib/shown")
+UTAB_TARGETS_MOUNTED_WITHOUT_OPTIONS = ("/etc/machine-id", "/var/lib/shown")
+# The storage stage 1's apply mounted, recorded so that unmount under
+# another root tells it from one it did not mount.
+UTAB_STORAGE = {"/persistent": ("x-impermanence-boot",)}
 
 
 @pytest.fixture(scope="module")
@@ -352,12 +355,14 @@ def test_utab_options_shown_by_findmnt_after_switch_root(utab_boot):
     assert "LIBMOUNT_UTAB" not in env, env
     recorded = sorted(line for line in r.script_stderr.splitlines() if " record " in line)
     assert recorded == sorted(f"impermanence: record {','.join(opts)} for /mnt-root{target} "
-                              "in /run/mount/utab" for target, opts in sc.UTAB_EXPECTED.items()), \
+                              "in /run/mount/utab"
+                              for target, opts in {**sc.UTAB_EXPECTED, **UTAB_STORAGE}.items()), \
         r.script_stderr
     probe = r.report["mtab"]
     assert {"utab", "utab.lock", "utab.event"} <= set(probe["utab_dir"] or ()), probe
     shown = findmnt_options(probe)
-    assert {t: o for t, o in shown.items() if o} == sc.UTAB_EXPECTED, probe["findmnt"]["stdout"]
+    assert {t: o for t, o in shown.items() if o} == {**sc.UTAB_EXPECTED, **UTAB_STORAGE}, \
+        probe["findmnt"]["stdout"]
     # mounted, but without options: the storage itself, a file, hideMount = false
     for target in UTAB_TARGETS_MOUNTED_WITHOUT_OPTIONS:
         assert shown.get(target) == (), (target, probe["findmnt"]["stdout"])
@@ -369,8 +374,11 @@ def test_utab_lines_name_the_booted_mounts(utab_boot):
     the target as it sees it."""
     r = utab_boot
     lines = utab_lines(r.report["mtab"])
-    assert set(lines) == set(sc.UTAB_EXPECTED), r.report["mtab"]["utab"]
+    assert set(lines) == set(sc.UTAB_EXPECTED) | set(UTAB_STORAGE), r.report["mtab"]["utab"]
     mounts = {m["point"]: m for m in r.report["mounts"]}
+    f, m = lines["/persistent"], mounts["/persistent"]
+    assert (int(f["ID"]), f["SRC"], f["ROOT"], f["OPTS"]) == (m["id"], "/dev/vda", "/",
+                                                              "x-impermanence-boot"), (f, m)
     for target, opts in sc.UTAB_EXPECTED.items():
         f, m = lines[target], mounts[target]
         assert list(f) == ["ID", "SRC", "TARGET", "ROOT", "OPTS"], f
@@ -392,11 +400,13 @@ def test_utab_unmount_removes_its_lines(utab_boot):
     shown = findmnt_options(one["mtab"])
     assert gone not in shown, one["mtab"]["findmnt"]["stdout"]
     assert {t: o for t, o in shown.items() if o} == \
-        {t: o for t, o in sc.UTAB_EXPECTED.items() if t != gone}, one["mtab"]["findmnt"]["stdout"]
+        {t: o for t, o in {**sc.UTAB_EXPECTED, **UTAB_STORAGE}.items() if t != gone}, \
+        one["mtab"]["findmnt"]["stdout"]
     assert whole["exit"] == 0 and whole["stderr"] == "", whole
-    assert utab_lines(whole["mtab"]) == {}, whole["mtab"]["utab"]
+    # What stays is the storage's line: on the running system it stays mounted.
+    assert set(utab_lines(whole["mtab"])) == set(UTAB_STORAGE), whole["mtab"]["utab"]
     shown = findmnt_options(whole["mtab"])
-    assert not any(shown.values()), whole["mtab"]["findmnt"]["stdout"]
+    assert {t: o for t, o in shown.items() if o} == UTAB_STORAGE, whole["mtab"]["findmnt"]["stdout"]
     # the targets are unmounted; the storage, mounted by stage 1, stays
     assert not set(sc.UTAB_EXPECTED) & set(shown) and "/persistent" in shown, shown
 
