@@ -14,6 +14,7 @@ APT_PACKAGES=(
     cpio zstd xz-utils strace
     nix-bin
     gcc libc6-dev
+    dracut-core initramfs-tools systemd
 )
 
 ensure_apt_packages() {
