@@ -374,7 +374,7 @@ def test_emergency_only_when_opted_in(chain, kver, tmp_path):
     # initrd.target, which fails again: the boot loops in the initrd until
     # the timeout, never reaching the booted system.
     r = ds.boot(built, tmp_path, "emergency", [root],
-                overlay=overlay_for(chain, json.dumps(missing)), timeout=90)
+                overlay=overlay_for(chain, json.dumps(missing)), timeout=60)
     assert ds.STAGE2_LINE not in r.console and not r.finished, r.describe()
     if chain == "dracut":
         failed = r.console.index("Failed to start impermanence-boot.service")
