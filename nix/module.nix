@@ -524,7 +524,9 @@ in
           wantedBy = [ "initrd.target" ];
           requiredBy = optional icfg.emergencyOnError "initrd.target";
           after = [ "initrd-root-fs.target" "initrd-fs.target" ];
-          before = [ "initrd-nixos-activation.service" "initrd.target" "initrd-switch-root.target" ];
+          # As dist/systemd/impermanence-boot.service (tests/test_dist.py).
+          before = [ "initrd-nixos-activation.service" "initrd.target" "initrd-cleanup.service"
+                     "initrd-switch-root.target" ];
           conflicts = [ "initrd-switch-root.target" ];
           unitConfig.DefaultDependencies = false;
           unitConfig.RequiresMountsFor = "/sysroot";

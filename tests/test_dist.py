@@ -442,10 +442,6 @@ def nix_service() -> dict:
 # Where the shared unit and the NixOS module's service differ on purpose.
 # Any other difference fails the test.
 KNOWN_DIFFERENCES = {
-    # dracut (not NixOS) has initrd-cleanup.service run just after
-    # initrd.target; ordered before it explicitly, though initrd.target
-    # already comes first.
-    "Before": (["initrd-cleanup.service"], []),
     # the emergency opt-in: NixOS makes initrd.target require the service
     # (initrd.target's OnFailure= starts emergency.target); the drop-in
     # starts emergency.target from the service's own OnFailure=.
