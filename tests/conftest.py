@@ -11,6 +11,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import pytest
 
 # PROJECT, SCRIPT and require are imported from here by some test files.
 from support import PROJECT, SCRIPT, Sandbox, require, unique_label  # noqa: F401
+
+sys.path.insert(0, str(PROJECT / "nix" / "tests"))  # harness, for the nix fixtures
 
 # The script records userspace mount options in libmount's utab, which
 # libmount (and the script) find through LIBMOUNT_UTAB: every run of the
@@ -103,3 +106,28 @@ def loop_disk(namespace, tmp_path):
 def disk(loop_disk):
     """loop_disk under a label no other test's disk has."""
     return loop_disk(unique_label())
+
+
+# --- the NixOS module's tests: nixpkgs' lib and NixOS impermanence -------------------
+
+def nix_source(find):
+    """What find() (nix/tests/harness.py) locates; without it, skipped
+    locally, a failure in CI."""
+    import harness
+
+    require(harness.have_nix(), "nix-instantiate is not installed (Debian package nix-bin)")
+    path, why = find(harness)
+    require(path is not None, why)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lib():
+    """nixpkgs' lib directory, for lib.evalModules."""
+    return nix_source(lambda harness: harness.nixpkgs_lib())
+
+
+@pytest.fixture(scope="session")
+def imp():
+    """NixOS impermanence's source, for the differential tests."""
+    return nix_source(lambda harness: harness.impermanence_src())

@@ -32,29 +32,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT, SCRIPT, require
+from conftest import PROJECT, SCRIPT
 
 sys.path.insert(0, str(PROJECT / "nix" / "tests"))
 import harness  # noqa: E402
 
 DOCS = PROJECT / "docs" / "nixos.md"
 ITEMS_NIX = harness.NIX_TESTS / "impermanence-items.nix"
-
-
-@pytest.fixture(scope="module")
-def lib():
-    require(harness.have_nix(), "nix-instantiate is not installed (Debian package nix-bin)")
-    path, why = harness.nixpkgs_lib()
-    require(path is not None, why)
-    return path
-
-
-@pytest.fixture(scope="module")
-def imp():
-    require(harness.have_nix(), "nix-instantiate is not installed (Debian package nix-bin)")
-    path, why = harness.impermanence_src()
-    require(path is not None, why)
-    return path
 
 
 # --- evaluating both modules ---------------------------------------------------------

@@ -30,14 +30,6 @@ import harness  # noqa: E402
 MODULE = harness.MODULE_NIX
 
 
-@pytest.fixture(scope="module")
-def lib():
-    require(harness.have_nix(), "nix-instantiate is not installed (Debian package nix-bin)")
-    path, why = harness.nixpkgs_lib()
-    require(path is not None, why)
-    return path
-
-
 # What the tests read from an evaluation (derivations as their store paths).
 REPORT = r'''
 {

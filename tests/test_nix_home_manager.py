@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import PROJECT, require
+from conftest import PROJECT
 
 sys.path.insert(0, str(PROJECT / "nix" / "tests"))
 import harness  # noqa: E402
@@ -34,14 +34,6 @@ SELECT = r'''{
   sharedModules = builtins.length (config.home-manager.sharedModules or [ ]);
   activation = config.system.activationScripts ? impermanence-boot;
 }'''
-
-
-@pytest.fixture(scope="module")
-def lib():
-    require(harness.have_nix(), "nix-instantiate is not installed (Debian package nix-bin)")
-    path, why = harness.nixpkgs_lib()
-    require(path is not None, why)
-    return path
 
 
 def evaluate(lib, configuration: str, home_manager: bool = True, select: str = SELECT):

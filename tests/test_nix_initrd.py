@@ -61,14 +61,6 @@ CONFIG = r'''{
 }'''
 
 
-@pytest.fixture(scope="module")
-def lib():
-    require(harness.have_nix(), "nix-instantiate is not installed (Debian package nix-bin)")
-    path, why = harness.nixpkgs_lib()
-    require(path is not None, why)
-    return path
-
-
 def evaluate(lib, *modules: str) -> dict:
     return harness.evaluate(harness.system(
         f"{harness.MODULE_NIX} " + " ".join(f"({m})" for m in (CONFIG, *modules)), SELECT, lib=lib))

@@ -45,14 +45,6 @@ def blocks(language: str) -> list:
 NIX_BLOCKS = blocks("nix")
 
 
-@pytest.fixture(scope="module")
-def lib():
-    require(harness.have_nix(), "nix-instantiate is not installed (Debian package nix-bin)")
-    path, why = harness.nixpkgs_lib()
-    require(path is not None, why)
-    return path
-
-
 def test_the_docs_have_nix_blocks():
     names = [p.id for p in NIX_BLOCKS]
     assert sum(n.startswith("README") for n in names) >= 2
