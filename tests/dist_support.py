@@ -310,24 +310,11 @@ def boot(built: Built, work: Path, name: str, disks: list[Path], overlay: bytes 
     cmd += ["-accel", "kvm", "-cpu", "host"] if machine.use_kvm() else ["-accel", "tcg"]
     for disk in disks:
         cmd += ["-drive", f"file={disk},format=raw,if=virtio,cache=unsafe"]
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    timed_out = False
-    try:
-        qemu_out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()
-        qemu_out, _ = proc.communicate()
-    seconds = time.monotonic() - start
-    text = console.read_bytes().decode("utf-8", "replace").replace("\r", "")
+    text, seconds, timed_out, returncode = machine.run_qemu(cmd, timeout, console)
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # systemd's colours
-    if qemu_out:
-        text += "\n--- qemu ---\n" + qemu_out.decode("utf-8", "replace")
     lines = report.read_bytes().decode("utf-8", "replace").replace("\r", "").splitlines()
     initrd.unlink()
-    return Boot(text, lines, seconds, timed_out, proc.returncode)
+    return Boot(text, lines, seconds, timed_out, returncode)
 
 
 _TS = re.compile(r"^\[\s*(\d+\.\d+)\]\s?(.*)$")

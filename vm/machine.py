@@ -32,6 +32,27 @@ def use_kvm() -> bool:
     return os.environ.get("IMPERMANENCE_VM_KVM", "") in ("1", "true", "yes")
 
 
+def run_qemu(cmd: list, timeout: float, console) -> tuple:
+    """Run QEMU until the guest powers off or timeout passes (then kill it):
+    (the console's text, with anything QEMU itself said after it; seconds;
+    whether it timed out; QEMU's exit status)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    timed_out = False
+    try:
+        qemu_out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        qemu_out, _ = proc.communicate()
+    seconds = time.monotonic() - start
+    text = console.read_bytes().decode("utf-8", "replace").replace("\r", "")
+    if qemu_out:
+        text += "\n--- qemu ---\n" + qemu_out.decode("utf-8", "replace")
+    return text, seconds, timed_out, proc.returncode
+
+
 def qemu_available() -> bool:
     return shutil.which(QEMU) is not None
 
@@ -334,23 +355,10 @@ class Boot:
         for f in (console, report):
             f.write_bytes(b"")
         cmd = self.command(initrd, console, report)
-        start = time.monotonic()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
-        timed_out = False
-        try:
-            qemu_out, _ = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            qemu_out, _ = proc.communicate()
-        seconds = time.monotonic() - start
-        text = console.read_bytes().decode("utf-8", "replace").replace("\r", "")
-        if qemu_out:
-            text += "\n--- qemu ---\n" + qemu_out.decode("utf-8", "replace")
+        text, seconds, timed_out, returncode = run_qemu(cmd, self.timeout, console)
         parsed = None
         for line in report.read_bytes().decode("utf-8", "replace").replace("\r", "").splitlines():
             if line.startswith("IMPVM-REPORT "):
                 parsed = json.loads(line[len("IMPVM-REPORT "):])
         initrd.unlink()
-        return BootResult(text, parsed, seconds, proc.returncode, timed_out, cmd)
+        return BootResult(text, parsed, seconds, returncode, timed_out, cmd)
