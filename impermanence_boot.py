@@ -1769,13 +1769,19 @@ class Walk:
         # Directories that hold a kept or skipped path: walked, their
         # children reported one by one.
         self.partial = {p[:d] for p in (*self.kept, *skipped, *self.own_fs) for d in range(len(p))}
+        # Mount points on the way to a path walked anyway: passed through.
+        self.through = {p[:d] for p in self.own_fs for d in range(1, len(p))}
         prefix = tree.prefix + "/"
         self.mount_types: dict = {}  # mount point (components) -> fs type
+        self.have_table = bool(mounts.points)  # else a new st_dev is taken for a mount
         for point, (_source, _fs_root, fs_type, _id) in mounts.points.items():
             if point == tree.root:
                 continue
             if point.startswith(prefix):
                 self.mount_types[tuple(point[len(prefix):].split("/"))] = fs_type
+        # Last components of the mount points: a file's path is looked up
+        # only when its name is one of them.
+        self.mount_names = {p[-1] for p in self.mount_types}
         self.found: list = []    # (path, kind, size, files)
         self.mounts: list = []   # (path, fs type): other filesystems, named once
         self.not_walked: list = []  # (path, why)
@@ -1801,35 +1807,54 @@ class Walk:
             os.close(fd)
         return True
 
-    def _mount(self, path: tuple, st, dev: int) -> bool:
-        """Whether the directory path is a mount point (of another
-        filesystem, or a bind mount): named, and walked only if asked."""
-        if st.st_dev == dev and path not in self.mount_types:
+    def _mount(self, path: tuple, st, dev: int, name: bool = True) -> bool:
+        """Whether path is a mount point (of another filesystem, or a bind
+        mount; a file too): named (unless not name), walked only if asked.
+        The mount table decides: a btrfs subvolume nested in the root has
+        an st_dev of its own but is no mount, and goes with the root."""
+        if path not in self.mount_types and (st.st_dev == dev or self.have_table):
             return False
-        self.mounts.append((path, self.mount_types.get(path, "?")))
+        if name:
+            self.mounts.append((path, self.mount_types.get(path, "?")))
         return True
 
-    def _partial(self, fd: int, comps: tuple, dev: int) -> None:
-        """A directory holding kept paths: each other child reported."""
+    def _partial(self, fd: int, comps: tuple, dev: int, through: bool = False) -> None:
+        """A directory holding kept paths: each other child reported (with
+        through, a mount point passed on the way to an --include: only the
+        children on that way)."""
+        entries = []
         try:
             with os.scandir(fd) as it:
-                entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+                for e in it:
+                    try:
+                        entries.append((e.name, e.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        continue  # removed meanwhile
+                    except OSError as exc:
+                        self.error(comps + (e.name,), exc)
         except OSError as exc:
             self.error(comps, exc)
             return
-        for name, st in sorted(entries):
+        for name, st in sorted(entries, key=lambda e: e[0]):
             path = comps + (name,)
             if path in self.kept:
                 continue
-            if path in self.skipped:
+            if through and path not in self.through and path not in self.own_fs:
+                continue
+            if path in self.skipped and path not in self.through:
                 self.not_walked.append((path, self.skipped[path]))
                 continue
             mode = st.st_mode
             if stat.S_ISDIR(mode):
+                asked = path in self.own_fs
                 child_dev = dev
-                if self._mount(path, st, dev):
-                    if path not in self.own_fs:
+                # Walked in full if asked; only on the way to what was
+                # asked below a skipped path or another filesystem.
+                child_through = not asked and (through or path in self.skipped)
+                if self._mount(path, st, dev, name=not asked and path not in self.through):
+                    if not asked and path not in self.through:
                         continue
+                    child_through = not asked
                     child_dev = st.st_dev
                 try:
                     child = os.open(name, O_DIR, dir_fd=fd)
@@ -1837,14 +1862,19 @@ class Walk:
                     self.error(path, exc)
                     continue
                 try:
+                    found = os.fstat(child)
+                    if (found.st_dev, found.st_ino) != (st.st_dev, st.st_ino):
+                        continue  # replaced meanwhile
                     if path in self.partial:
-                        self._partial(child, path, child_dev)
+                        self._partial(child, path, child_dev, child_through)
                         continue
                     size, files, count = self.measure(child, path, child_dev)
                 finally:
                     os.close(child)
                 if files:  # directories alone hold nothing to lose
                     self.found.append((path, "dir", size, files))
+            elif name in self.mount_names and self._mount(path, st, dev):
+                continue  # a file bind-mounted there: not the root's
             else:
                 kind = KIND_OF_FORMAT.get(stat.S_IFMT(mode), "other")
                 self.found.append((path, kind, self._size(st), 1))
@@ -1879,7 +1909,9 @@ class Walk:
                         if stat.S_ISDIR(st.st_mode):
                             path = path_here + (e.name,)
                             if not self._mount(path, st, dev):
-                                subdirs.append((e.name, path, st.st_ino))
+                                subdirs.append((e.name, path, st.st_dev, st.st_ino))
+                        elif e.name in self.mount_names and self._mount(path_here + (e.name,), st, dev):
+                            continue
                         else:
                             files += 1
                             size += st.st_size if st.st_nlink == 1 else self._size(st)
@@ -1890,7 +1922,7 @@ class Walk:
             # deepest directory that has one left.
             while frames:
                 parent, pending = frames[-1]
-                for name, path, ino in pending:
+                for name, path, ino_dev, ino in pending:
                     try:
                         child = os.open(name, O_DIR, dir_fd=parent)
                     except FileNotFoundError:
@@ -1898,7 +1930,8 @@ class Walk:
                     except OSError as exc:
                         self.error(path, exc)
                         continue
-                    if os.fstat(child).st_ino != ino:  # replaced meanwhile
+                    found = os.fstat(child)
+                    if (found.st_dev, found.st_ino) != (ino_dev, ino):  # replaced meanwhile
                         os.close(child)
                         continue
                     fd_here, path_here = child, path
