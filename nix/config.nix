@@ -16,6 +16,8 @@
 #   fileSystems    persistent filesystems the script mounts itself:
 #                  mountpoint -> { device | label, fsType ? "auto", options ? [ ] }
 #   deviceTimeout  seconds to wait for those devices
+#   root           null, or the btrfs root rotation of `rotate-root`:
+#                  { device, subvolume, oldRoots, keep = { days, count }, blank }
 #
 # The result is an attribute set for `builtins.toJSON`, with every default
 # filled in the way NixOS impermanence fills it:
@@ -45,6 +47,7 @@
 , groups ? { }
 , fileSystems ? { }
 , deviceTimeout ? 30
+, root ? null
 }:
 
 let
@@ -411,4 +414,6 @@ assert checkDuplicates;
   users = userTable;
   groups = groupTable;
   persistence = listToAttrs (concatMap (l: l.locations) enabled);
+} // optionalAttrs (root != null) {
+  root = checkKeys "root" [ "device" "subvolume" "oldRoots" "keep" "blank" ] (attrs "root" root);
 }

@@ -13,6 +13,9 @@
 #   - scripted initrd: boot.initrd.postMountCommands, --root /mnt-root;
 #   - systemd initrd (boot.initrd.systemd.enable): a oneshot service
 #     ordered before initrd-nixos-activation.service, --root /sysroot;
+# With boot.initrd.impermanence.rotateRoot, `rotate-root` runs before the
+# root is mounted (boot.initrd.postResumeCommands; in the systemd initrd
+# impermanence-rotate-root.service, after the device, before sysroot.mount).
 # and again by an activation script (after users and groups), so that
 # `nixos-rebuild switch` applies new entries at once.
 # Extra options live under `boot.initrd.impermanence`.
@@ -27,6 +30,7 @@ let
 
   cfg = config.environment.persistence;
   icfg = config.boot.initrd.impermanence;
+  rcfg = icfg.rotateRoot;
   accounts = config.users.users;
 
   persistenceOptions = import ./persistence-options.nix { inherit lib; };
@@ -143,6 +147,10 @@ let
     groups = config.users.groups;
     fileSystems = mapAttrs (_: fs: { inherit (fs) device label fsType options; }) icfg.fileSystems;
     inherit (icfg) deviceTimeout;
+    root = if rcfg.enable then {
+      inherit (rcfg) device subvolume oldRoots blank;
+      keep = { inherit (rcfg.keep) days count; };
+    } else null;
   };
 
   script = "${icfg.package}/bin/impermanence_boot.py";
@@ -205,6 +213,30 @@ let
   # files); skipping it saves about 1 ms a boot, ten times that on a slow CPU.
   command = root: escapeShellArgs ([ "${initrdPython}/bin/python3" "-I" "-S" "-B" "${compiledScript}" "--root" root "--config" "${configFile}" ]
     ++ optional verbose "--verbose" ++ [ "apply" ]);
+  rotateCommand = escapeShellArgs ([ "${initrdPython}/bin/python3" "-I" "-S" "-B" "${compiledScript}" "--config" "${configFile}" ]
+    ++ optional verbose "--verbose" ++ [ "rotate-root" ]);
+
+  # ---- root rotation: the device's systemd unit ------------------------------
+
+  # The /dev/disk/by-* link udev makes for a tag's value (udev's
+  # encode_devnode_name, for ASCII), then `systemd-escape -p --suffix=device`
+  # of that path: LABEL=nixos is dev-disk-by\x2dlabel-nixos.device.
+  hexByte = c: "\\x" + lib.toLower (lib.fixedWidthString 2 "0" (lib.toHexString (lib.strings.charToInt c)));
+  escapeChars = keep: text: concatStringsSep ""
+    (map (c: if builtins.match keep c != null then c else hexByte c) (lib.stringToCharacters text));
+  tagLinks = { LABEL = "by-label"; UUID = "by-uuid"; PARTUUID = "by-partuuid"; PARTLABEL = "by-partlabel"; };
+  devicePath = spec:
+    let m = builtins.match "(LABEL|UUID|PARTUUID|PARTLABEL)=(.*)" spec; in
+    if m == null then spec
+    else "/dev/disk/${tagLinks.${builtins.head m}}/${escapeChars "[0-9A-Za-z#+.:=@_-]" (builtins.elemAt m 1)}";
+  systemdPathUnit = suffix: path:
+    let
+      comps = filter (c: c != "") (lib.splitString "/" path);
+      name = concatStringsSep "-" (map (escapeChars "[0-9A-Za-z:_.]") comps);
+    in
+    (if comps == [ ] then "-" else if lib.hasPrefix "." name then "\\x2e" + lib.removePrefix "." name else name)
+    + ".${suffix}";
+  rotateDeviceUnit = systemdPathUnit "device" (devicePath rcfg.device);
 
   defaultScriptPackage = pkgs.runCommandLocal "impermanence-boot" { } ''
     install -Dm0755 ${../impermanence_boot.py} $out/bin/impermanence_boot.py
@@ -321,6 +353,60 @@ in
         description = "Log every action (to the console and the kernel log), not only errors.";
       };
 
+      rotateRoot = {
+        enable = mkOption {
+          type = types.bool;
+          default = false;
+          description = ''
+            Wipe a btrfs root at every boot: before the root is mounted,
+            `impermanence-boot rotate-root` moves the root subvolume to
+            oldRoots, deletes the old roots beyond `keep` and creates a
+            fresh root (empty, or a snapshot of `blank`).  Runs in
+            boot.initrd.postResumeCommands, or in the systemd initrd as
+            impermanence-rotate-root.service (after the device, before
+            sysroot.mount).  fileSystems."/" must mount that subvolume
+            (`options = [ "subvol=root" ]`).
+          '';
+        };
+        device = mkOption {
+          type = types.strMatching "(/.+|(LABEL|UUID|PARTUUID|PARTLABEL)=.+)";
+          example = "LABEL=nixos";
+          description = "The btrfs filesystem holding the root subvolume: a path, or LABEL=, UUID=, PARTUUID=, PARTLABEL=.";
+        };
+        subvolume = mkOption {
+          type = types.strMatching "[^/]+(/[^/]+)*";
+          default = "root";
+          description = "The root subvolume, as a path below the filesystem's top level.";
+        };
+        oldRoots = mkOption {
+          type = types.strMatching "[^/]+(/[^/]+)*";
+          default = "old_roots";
+          description = ''
+            Where the rotated roots are kept, below the top level: each is
+            a subvolume named by the UTC time of its last change.
+          '';
+        };
+        keep.days = mkOption {
+          type = types.ints.unsigned;
+          default = 30;
+          description = "Old roots younger than this many days are kept.";
+        };
+        keep.count = mkOption {
+          type = types.ints.unsigned;
+          default = 10;
+          description = "This many of the newest old roots are kept, whatever their age.";
+        };
+        blank = mkOption {
+          type = types.nullOr (types.strMatching "[^/]+(/[^/]+)*");
+          default = null;
+          example = "root-blank";
+          description = ''
+            A subvolume below the top level whose snapshot becomes the fresh
+            root; null: the fresh root is an empty subvolume.
+          '';
+        };
+      };
+
       emergencyOnError = mkOption {
         type = types.bool;
         default = false;
@@ -422,6 +508,65 @@ in
       ];
     })
 
+    # The interpreter, the script and the JSON in the initrd, for apply
+    # and for the root rotation.
+    (mkIf ((active || rcfg.enable) && !config.boot.initrd.systemd.enable) {
+      # extraFiles puts them (with their closures) into the initrd;
+      # /etc/impermanence.json there is the default config for a manual
+      # run from the emergency shell.
+      boot.initrd.extraFiles = {
+        "/etc/impermanence.json".source = configFile;
+        "/etc/impermanence-boot/python".source = initrdPython;
+        "/etc/impermanence-boot/script".source = icfg.package;
+        "/etc/impermanence-boot/impermanence_boot.pyc".source = compiledScript;
+      };
+    })
+
+    (mkIf ((active || rcfg.enable) && config.boot.initrd.systemd.enable) {
+      boot.initrd.systemd.storePaths = [ initrdPython icfg.package compiledScript configFile ];
+      boot.initrd.systemd.contents."/etc/impermanence.json".source = configFile;
+    })
+
+    (mkIf rcfg.enable (mkMerge [
+      { boot.initrd.supportedFilesystems = [ "btrfs" ]; }
+
+      (mkIf (!config.boot.initrd.systemd.enable) {
+        # After resuming from hibernation was tried (a resumed system
+        # still uses the old root), before stage 1 mounts the root.
+        boot.initrd.postResumeCommands = mkAfter ''
+          impermanence_status=0
+          ${rotateCommand} || impermanence_status=$?
+          if [ "$impermanence_status" -ne 0 ]; then
+            echo "impermanence: rotate-root exited with status $impermanence_status (see the messages above)"
+            ${optionalString icfg.emergencyOnError ''
+              if [ "$impermanence_status" -ge 2 ]; then fail; fi
+            ''}
+          fi
+        '';
+      })
+
+      (mkIf config.boot.initrd.systemd.enable {
+        boot.initrd.systemd.services.impermanence-rotate-root = {
+          description = "Fresh btrfs root subvolume (impermanence)";
+          wantedBy = [ "initrd.target" ];
+          requiredBy = optional icfg.emergencyOnError "initrd.target";
+          requires = [ rotateDeviceUnit ];
+          # A resumed system still uses the old root.
+          after = [ rotateDeviceUnit "systemd-hibernate-resume.service" ];
+          before = [ "sysroot.mount" "initrd-root-fs.target" ];
+          unitConfig.DefaultDependencies = false;
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = rotateCommand;
+            Environment = "IMPERMANENCE_NO_KMSG=1";
+            StandardOutput = "journal+console";
+            StandardError = "journal+console";
+          };
+        };
+      })
+    ]))
+
     (mkIf active (mkMerge [
       {
         boot.initrd.supportedFilesystems =
@@ -495,15 +640,6 @@ in
       })
 
       (mkIf (!config.boot.initrd.systemd.enable) {
-        # extraFiles puts the interpreter, the script and the JSON (with
-        # their closures) into the initrd; /etc/impermanence.json there is
-        # the default config for a manual run from the emergency shell.
-        boot.initrd.extraFiles = {
-          "/etc/impermanence.json".source = configFile;
-          "/etc/impermanence-boot/python".source = initrdPython;
-          "/etc/impermanence-boot/script".source = icfg.package;
-          "/etc/impermanence-boot/impermanence_boot.pyc".source = compiledScript;
-        };
         boot.initrd.postMountCommands = mkAfter ''
           impermanence_status=0
           ${command "/mnt-root"} || impermanence_status=$?
@@ -517,8 +653,6 @@ in
       })
 
       (mkIf config.boot.initrd.systemd.enable {
-        boot.initrd.systemd.storePaths = [ initrdPython icfg.package compiledScript configFile ];
-        boot.initrd.systemd.contents."/etc/impermanence.json".source = configFile;
         boot.initrd.systemd.services.impermanence-boot = {
           description = "Persistent state for the wiped root (impermanence)";
           wantedBy = [ "initrd.target" ];

@@ -118,6 +118,9 @@ in
       verbose = mkOption { type = types.bool; default = true; };
       postMountCommands = mkOption { type = types.lines; default = ""; };
       postDeviceCommands = mkOption { type = types.lines; default = ""; };
+      # nixos/modules/system/boot/stage-1.nix (nixpkgs 24.05 and later):
+      # after resuming from hibernation was tried, before the root is mounted.
+      postResumeCommands = mkOption { type = types.lines; default = ""; };
       # nixos/modules/system/boot/stage-1.nix
       extraFiles = mkOption {
         type = types.attrsOf (types.submodule {
