@@ -559,6 +559,8 @@ in
             Type = "oneshot";
             RemainAfterExit = true;
             ExecStart = rotateCommand;
+            # As apply's: only status 2 or 3 stops the boot, with emergencyOnError.
+            SuccessExitStatus = if icfg.emergencyOnError then "1" else "1 2 3";
             Environment = "IMPERMANENCE_NO_KMSG=1";
             StandardOutput = "journal+console";
             StandardError = "journal+console";

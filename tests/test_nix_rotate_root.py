@@ -110,6 +110,8 @@ def test_systemd_initrd_unit_after_the_device_before_sysroot_mount(lib):
     assert "impermanence-boot" in initrd["services"]
     strict = evaluate(lib, PERSISTENCE, ROTATE, SYSTEMD, "{ boot.initrd.impermanence.emergencyOnError = true; }")
     assert strict["initrd"]["services"]["impermanence-rotate-root"]["requiredBy"] == ["initrd.target"]
+    assert strict["initrd"]["services"]["impermanence-rotate-root"]["serviceConfig"]["SuccessExitStatus"] == "1"
+    assert unit["serviceConfig"]["SuccessExitStatus"] == "1 2 3"
 
 
 DEVICES = ["LABEL=nixos", "UUID=0a1b-C2D3", "PARTLABEL=EFI system", "LABEL=.hidden", "/dev/mapper/cryptroot",

@@ -1,4 +1,4 @@
-"""Every Nix block of README.md and docs/nixos.md is parsed, and evaluated
+"""Every Nix block of README.md, docs/nixos.md and docs/wiping.md is parsed, and evaluated
 with nixpkgs' real module system:
 
 - a flake (`inputs`, `outputs`): its `outputs` called with this
@@ -30,7 +30,7 @@ from conftest import PROJECT, SCRIPT, require
 sys.path.insert(0, str(PROJECT / "nix" / "tests"))
 import harness  # noqa: E402
 
-DOCS = [PROJECT / "README.md", PROJECT / "docs" / "nixos.md"]
+DOCS = [PROJECT / "README.md", PROJECT / "docs" / "nixos.md", PROJECT / "docs" / "wiping.md"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
@@ -49,6 +49,7 @@ def test_the_docs_have_nix_blocks():
     names = [p.id for p in NIX_BLOCKS]
     assert sum(n.startswith("README") for n in names) >= 2
     assert sum(n.startswith("nixos.md") for n in names) >= 6
+    assert sum(n.startswith("wiping.md") for n in names) >= 1
 
 
 def localised(text: str) -> str:
@@ -74,8 +75,10 @@ let
     extraFiles = sources config.boot.initrd.extraFiles;
     etc = sources (lib.filterAttrs (_: f: f.enable) config.environment.etc);
     postMountCommands = config.boot.initrd.postMountCommands;
+    postResumeCommands = config.boot.initrd.postResumeCommands;
     services = builtins.attrNames config.boot.initrd.systemd.services;
-    settings = if config.environment.etc ? "impermanence.json" then config.boot.initrd.impermanence.settings else null;
+    settings = if config.environment.etc ? "impermanence.json" || (config.boot.initrd.impermanence.rotateRoot.enable or false)
+      then config.boot.initrd.impermanence.settings else null;
     activation = e.activation;
   };
 in builtins.deepSeq summary summary
@@ -104,6 +107,9 @@ def test_nix_block(lib, tmp_path, text):
     assert summary["warnings"] == [], summary["warnings"]
     for source in summary["extraFiles"].values():
         assert source.startswith("/nix/store/"), source
+    if "rotateRoot" in text:  # the rotation runs before the root is mounted
+        assert "rotate-root" in summary["postResumeCommands"]
+        assert summary["settings"]["root"]["device"]
     if summary["settings"] is not None:
         check_json(tmp_path, summary["settings"])
 
