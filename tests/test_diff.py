@@ -275,3 +275,29 @@ def test_diff_leaves_a_directory_that_is_a_symbolic_link_alone(sandbox):
     assert found["/home/bird"][0] == "link"
     assert found["/elsewhere"] == ("dir", 9000, 1)
     assert sum(size for _, size, _ in found.values()) == 9000 + len(str(r("elsewhere")))
+
+
+def test_orphans_of_each_storage_with_mounts_named_and_tree(sandbox):
+    cfg = config(directories=["/var/log"])
+    cfg["persistence"]["/state"] = {"directories": ["/srv/web"], "files": ["/etc/adjtime"]}
+    r = sandbox.path
+    write(r("persistent/var/log/syslog"), b"l" * 100)      # kept
+    write(r("persistent/var/lib/gone/db"), b"g" * 2000)    # not
+    write(r("state/srv/web/index.html"), b"w" * 10)        # kept
+    write(r("state/etc/adjtime"), b"a" * 5)                # kept
+    write(r("state/srv/old/file"), b"o" * 70)              # not
+    tmpfs_at(r("persistent/media"))
+    write(r("persistent/media/film"), b"f" * 9999)         # another filesystem: named, not walked
+    before = snapshot(sandbox.root)
+    result = sandbox.run("orphans", "--json", config=cfg)
+    assert result.returncode == 0, result.stderr
+    rows = {row["storage"]: row for row in json.loads(result.stdout)["storages"]}
+    root = str(sandbox.root)
+    assert {p["path"][len(root):]: p["size"] for p in rows["/persistent"]["paths"]} == {"/persistent/var/lib": 2000}
+    assert [m["path"][len(root):] for m in rows["/persistent"]["mounts"]] == ["/persistent/media"]
+    assert {p["path"][len(root):]: p["size"] for p in rows["/state"]["paths"]} == {"/state/srv/old": 70}
+    tree = sandbox.run("orphans", "--tree", config=cfg)
+    assert tree.returncode == 0, tree.stderr
+    names = [line[21:] for line in tree.stdout.splitlines() if line.startswith(" ")]
+    assert names == [f"{root}/persistent/", "  var/", "    lib/", f"{root}/state/", "  srv/", "    old/"]
+    assert snapshot(sandbox.root) == before
