@@ -3315,6 +3315,11 @@ def found_tree(walk: Walk, base: tuple) -> list:
     return lines
 
 
+def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
+    log.error('rotate-root: the config has no "root" key (the btrfs filesystem and root subvolume)')
+    return EXIT_CONFIG
+
+
 # --- Command line ------------------------------------------------------------------------
 
 USAGE = """\
@@ -3472,7 +3477,11 @@ def main(argv: list | None = None) -> int:
             return command_diff(config, root, log, sys.stdout, opts.json, opts.tree, opts.include)
         if opts.command == "orphans":
             return command_orphans(config, root, log, sys.stdout, opts.json, opts.tree)
-        return command_unmount(config, root, log)
+        if opts.command == "rotate-root":
+            return command_rotate_root(config, log, sys.stdout, opts.dry_run)
+        if opts.command == "unmount":
+            return command_unmount(config, root, log)
+        raise AssertionError(f"no dispatch for command {opts.command}")
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_FAILED
