@@ -410,7 +410,14 @@ class Entry(Record):
 
 class Config(Record):
     __slots__ = _fields = ("filesystems", "device_timeout", "accounts", "group_ids",
-                           "storages", "entries")
+                           "storages", "entries", "root")
+
+
+class RootRotation(Record):
+    """The config's "root": the btrfs root subvolume rotate-root replaces.
+    Subvolume paths are component tuples below the filesystem's top level;
+    blank None means an empty fresh root."""
+    __slots__ = _fields = ("device", "subvolume", "old_roots", "keep_days", "keep_count", "blank")
 
 
 ROOT_PERMS = Perms("root", "root", 0o755)
@@ -520,7 +527,9 @@ HIDE_OPTION, TRASH_OPTION = "x-gvfs-hide", "x-gvfs-trash"
 # And of a fileSystems mount apply made: unmount unmounts only those.
 MOUNTED_OPTION = "x-impermanence-boot"
 
-TOP_KEYS = ("fileSystems", "deviceTimeout", "users", "groups", "persistence")
+TOP_KEYS = ("fileSystems", "deviceTimeout", "users", "groups", "persistence", "root")
+ROOT_KEYS = ("device", "subvolume", "oldRoots", "keep", "blank")
+KEEP_KEYS = ("days", "count")
 FS_KEYS = ("device", "fsType", "options", "label", "mountPoint", "neededForBoot", "noCheck")
 ACCOUNT_KEYS = ("uid", "group", "home", "homeMode", "name", "isNormalUser",
                 "isSystemUser", "description")
@@ -794,8 +803,9 @@ def parse_config(data, escapes: bool = True) -> Config:
             used.append(entry.storage)
     check_overlaps(entries, filesystems, storages + [s for s in used if s not in storages])
     storages += [s for s in used if s not in storages]
+    root = parse_root(data["root"]) if data.get("root") is not None else None
     return Config(tuple(filesystems), float(timeout), accounts, group_ids,
-                  tuple(storages), tuple(entries))
+                  tuple(storages), tuple(entries), root)
 
 
 def parse_accounts(users: dict) -> dict:
@@ -867,6 +877,60 @@ def parse_filesystems(table: dict) -> list:
         options = parse_options(spec.get("options", []), key_path(where, "options"))
         filesystems.append(FileSystem(comps, device, fs_type, options, where))
     return filesystems
+
+
+def parse_device(device, at: str) -> str:
+    """A device spec: an absolute path or UUID=, LABEL=, PARTUUID=, PARTLABEL=."""
+    if device is None:
+        raise ConfigError(at, "is required (a path, UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
+    expect(device, str, at, "a string")
+    if not device or "\0" in device:
+        raise ConfigError(at, f"{device!r} is not a device")
+    if "=" in device and not device.startswith("/"):
+        tag = device.split("=", 1)[0]
+        if tag not in DEVICE_TAGS:
+            raise ConfigError(at, f"unknown tag {tag}= (use UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
+    elif not device.startswith("/"):
+        raise ConfigError(at, f"{device!r} must be an absolute path or UUID=, LABEL=, PARTUUID=, PARTLABEL=")
+    return device
+
+
+def parse_subvolume(value, at: str) -> tuple:
+    """A subvolume path below the btrfs top level ("root", "nixos/root";
+    a leading "/" means the top level too, as in subvol=/root)."""
+    expect(value, str, at, "a path string below the filesystem's top level")
+    comps = tuple(c for c in value.split("/") if c)
+    if "\0" in value or not comps or "." in comps or ".." in comps:
+        raise ConfigError(at, f"{value!r} is not a subvolume path below the top level "
+                              "(non-empty, no '.' or '..' components, no NUL)")
+    return comps
+
+
+def parse_root(spec) -> RootRotation:
+    expect(spec, dict, "root", "an object")
+    check_keys(spec, "root", ROOT_KEYS, frozenset())
+    device = parse_device(spec.get("device"), "root.device")
+    paths = {"subvolume": parse_subvolume(spec.get("subvolume", "root"), "root.subvolume"),
+             "oldRoots": parse_subvolume(spec.get("oldRoots", "old_roots"), "root.oldRoots")}
+    if spec.get("blank") is not None:
+        paths["blank"] = parse_subvolume(spec["blank"], "root.blank")
+    names = list(paths)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if is_under(paths[a], paths[b]) or is_under(paths[b], paths[a]):
+                raise ConfigError(f"root.{b}", f"{as_path(paths[b])} overlaps root.{a} "
+                                               f"{as_path(paths[a])}; they must be apart")
+    keep = expect(spec.get("keep", {}), dict, "root.keep", "an object")
+    check_keys(keep, "root.keep", KEEP_KEYS, frozenset())
+    limits = []
+    for key, default in (("days", 30), ("count", 10)):
+        value = keep.get(key, default)
+        if not (type(value) is int and 0 <= value <= 100000):
+            expect(value, int, f"root.keep.{key}", "a whole number")
+            raise ConfigError(f"root.keep.{key}", f"{value} is not between 0 and 100000")
+        limits.append(value)
+    return RootRotation(device, paths["subvolume"], paths["oldRoots"], limits[0], limits[1],
+                        paths.get("blank"))
 
 
 def parse_locations(locations: dict, accounts: dict) -> tuple:
