@@ -2546,7 +2546,11 @@ def move_node(old_dir: int, name: str, new_dir: int, new: str, shown: str) -> No
             remove_node(new_dir, temp, shown)  # a copy a killed run left unfinished
         except FileNotFoundError:
             pass
-    copy_node(old_dir, name, new_dir, temp, shown)
+    try:
+        copy_node(old_dir, name, new_dir, temp, shown)
+    except BaseException:
+        discard_copy(new_dir, temp)  # storage as it was: no half-made copy left in it
+        raise
     if temp != new:
         rename_noreplace(new_dir, temp, new_dir, new, shown)
     remove_node(old_dir, name, shown)
@@ -2599,6 +2603,38 @@ def give_attributes(source: int, copy: int, st, shown: str) -> None:
     call("chown", shown, os.fchown, copy, st.st_uid, st.st_gid)
     call("chmod", shown, os.fchmod, copy, stat.S_IMODE(st.st_mode))
     os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def discard_copy(dir_fd: int, name: str) -> None:
+    """Remove what a failed copy_node made at name, a directory with all it
+    holds, as far as it can; without recursion and with one fd per level
+    open (the copy held two), so a tree whose copy ran out of either is
+    still removed. Errors are left for the copy's own to tell."""
+    path = [(dir_fd, name)]  # (fd of the parent, name) down to the entry being removed
+    held: list = []          # the fds opened on the way, the deepest last
+    try:
+        while path:
+            parent, entry = path[-1]
+            st = os.stat(entry, dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                fd = os.open(entry, O_DIR, dir_fd=parent)
+                names = os.listdir(fd)
+                if names:
+                    held.append(fd)
+                    path.append((fd, names[0]))
+                    continue
+                os.close(fd)
+                os.rmdir(entry, dir_fd=parent)
+            else:
+                os.unlink(entry, dir_fd=parent)
+            path.pop()
+            if held and held[-1] == parent:
+                os.close(held.pop())
+    except OSError:
+        pass
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def remove_node(dir_fd: int, name: str, shown: str) -> None:

@@ -201,3 +201,80 @@ def write_tree(base: Path, spec: dict) -> None:
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(body)
+
+
+# --- Trees deeper than PATH_MAX and than the fds a process may hold ---------------------
+
+def make_deep(base: Path, depth: int, uid: int = 0, gid: int = 0, name: str = "d",
+              leaf: bytes = b"at the bottom\n") -> None:
+    """base/name/name/... depth directories deep (owned uid:gid), with a
+    file `leaf` at the bottom; made through dir fds, one open at a time,
+    so neither PATH_MAX nor the fd limit stops it."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, 0o755, dir_fd=fd)
+            os.chown(name, uid, gid, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        leaf_fd = os.open("leaf", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        os.write(leaf_fd, leaf)
+        os.fchown(leaf_fd, uid, gid)
+        os.close(leaf_fd)
+    finally:
+        os.close(fd)
+
+
+def deep_digest(root) -> dict:
+    """snapshot()'s content view (type, uid, gid, mode, size, sha256 or link
+    text) of root and everything below it, for trees of any depth: walked
+    through dir fds, two open at a time (up by ".."), keyed by the tuple
+    of names below root. Mount points are walked into."""
+    out = {}
+
+    def entry(st, fd, name):
+        m = st.st_mode
+        if stat.S_ISREG(m):
+            f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            try:
+                h = hashlib.sha256()
+                while chunk := os.read(f, 1 << 20):
+                    h.update(chunk)
+            finally:
+                os.close(f)
+            return ("file", st.st_uid, st.st_gid, stat.S_IMODE(m), st.st_size, h.hexdigest())
+        if stat.S_ISLNK(m):
+            return ("link", st.st_uid, st.st_gid, stat.S_IMODE(m), 0, os.readlink(name, dir_fd=fd))
+        kind = "dir" if stat.S_ISDIR(m) else "special"
+        return (kind, st.st_uid, st.st_gid, stat.S_IMODE(m), 0, None)
+
+    st = os.lstat(root)
+    out[()] = entry(st, None, str(root)) if not stat.S_ISDIR(st.st_mode) else \
+        ("dir", st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), 0, None)
+    if not stat.S_ISDIR(st.st_mode):
+        return out
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fd = os.open(root, flags)
+    here: tuple = ()
+    pending = [sorted(os.listdir(fd))]
+    try:
+        while pending:
+            if not pending[-1]:
+                pending.pop()
+                if pending:
+                    up = os.open("..", flags, dir_fd=fd)
+                    os.close(fd)
+                    fd, here = up, here[:-1]
+                continue
+            name = pending[-1].pop(0)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            out[here + (name,)] = entry(st, fd, name)
+            if stat.S_ISDIR(st.st_mode):
+                down = os.open(name, flags, dir_fd=fd)
+                os.close(fd)
+                fd, here = down, here + (name,)
+                pending.append(sorted(os.listdir(fd)))
+    finally:
+        os.close(fd)
+    return out

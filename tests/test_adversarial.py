@@ -21,19 +21,23 @@ naming the planted path, and every other entry bind-mounted in place.
 """
 from __future__ import annotations
 
+import json
 import os
+import resource
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from reliability_support import (ChangeWatch, assert_clean_messages, host_snapshot, snapshot,
-                                 storage_damage)
-from support import mountinfo_points, mounts_under
+from reliability_support import (ChangeWatch, assert_clean_messages, deep_digest, host_snapshot,
+                                 make_deep, snapshot, storage_damage)
+from support import SCRIPT, mountinfo_points, mounts_under, require, script_env, tmpfs_at
 
 MALLORY, ALICE, USERS_GID = 1000, 1001, 100
 
@@ -388,3 +392,163 @@ def test_component_swapped_during_apply(sandbox, tmp_path, race):
     damage = [d for d in damage if ".swap" not in d.split(":")[0]]
     assert damage == [], "storage changed:\n" + "\n".join(damage)
     assert os.lstat(world.store).st_dev == store_dev
+
+
+# --- A tree deeper than PATH_MAX and than the fds the script may hold -----------------
+# Mallory fills, between boots, the storage side of a kept directory, an
+# unkept place of her storage home and an unkept place of her home on the
+# root with trees DEEP_LEVELS directories deep (6,000 bytes of path below
+# them: past PATH_MAX; and past 64 and 1,024 fds, were one open per
+# level). A bind of the kept one walks nothing; diff walks the root,
+# orphans the storage, status and unmount look at the entries. Each runs
+# with only `fds` descriptors (RLIMIT_NOFILE, as `ulimit -n`).
+
+DEEP_LEVELS = 3000
+
+
+def run_limited(root, config_path, utab, *args, fds: int, timeout: float = 60):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fds, fds))
+
+    return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), "--config",
+                           str(config_path), *args], capture_output=True, text=True,
+                          env=script_env({"LIBMOUNT_UTAB": str(utab)}), timeout=timeout,
+                          stdin=subprocess.DEVNULL, preexec_fn=limit)
+
+
+def one_line_each(result) -> list[str]:
+    """stderr's lines, checked: each an `impermanence: ` message, no
+    traceback, no internal error (shortened for the assertion texts)."""
+    assert_clean_messages(result.stderr)
+    assert "internal error" not in result.stderr, result.stderr[:2000]
+    return [line for line in result.stderr.splitlines() if line]
+
+
+@pytest.mark.parametrize("fds", [64, 1024])
+def test_deep_trees_walked_by_every_command(sandbox, tmp_path, fds):
+    world = World(sandbox, tmp_path)
+    world.build()
+    store_home, root_home = world.home("storage"), world.home("root")
+    make_deep(store_home / ".local/share/app", DEEP_LEVELS, MALLORY, USERS_GID)   # kept
+    (store_home / "junk").mkdir()
+    os.chown(store_home / "junk", MALLORY, USERS_GID)
+    make_deep(store_home / "junk", DEEP_LEVELS, MALLORY, USERS_GID)               # orphans walks it
+    root_home.mkdir()
+    os.chown(root_home, MALLORY, USERS_GID)
+    os.chmod(root_home, 0o700)
+    (root_home / "rootjunk").mkdir()
+    make_deep(root_home / "rootjunk", DEEP_LEVELS, MALLORY, USERS_GID)            # diff walks it
+    for junk in (store_home / "junk", root_home / "rootjunk"):
+        (junk / "note").write_bytes(b"a file the walk reaches\n")
+
+    storage_before = deep_digest(world.store)
+    rootjunk_before = deep_digest(root_home / "rootjunk")
+    decoys_before = {str(d): snapshot(d) for d in world.decoys()}
+    host_before = host_snapshot()
+    mounts_before = set(mountinfo_points())
+    sandbox.write_config(CONFIG)
+    watch = ChangeWatch(world.decoys())
+    results = {}
+    try:
+        for command in ("apply", "status", "diff", "orphans", "unmount"):
+            start = time.monotonic()
+            results[command] = run_limited(sandbox.root, sandbox.config_path, sandbox.utab,
+                                           command, fds=fds)
+            seconds = time.monotonic() - start
+            assert seconds < 30, (command, seconds)
+            if command == "apply":
+                applied_mounts = set(mountinfo_points()) - mounts_before
+        events = watch.events()
+    finally:
+        watch.close()
+
+    apply, status = results["apply"], results["status"]
+    # The kept one is bound whole: nothing walks it, nothing fails.
+    assert apply.returncode == 0 and one_line_each(apply) == [], apply.stderr[:2000]
+    intended = {str(world.R / "var/log")} | {str(world.home("root", u) / e)
+                                             for u in ("mallory", "alice") for e in USER_ENTRIES}
+    assert applied_mounts == intended, sorted(applied_mounts ^ intended)
+    assert status.returncode == 0 and one_line_each(status) == [], status.stderr[:2000]
+    # diff and orphans walk the unkept ones until the fds run out (the path
+    # is never spelled out to the kernel): one line, the deepest directory
+    # reached and the cause; the rest of the report is made.
+    for command, top in (("diff", root_home / "rootjunk"), ("orphans", store_home / "junk")):
+        r = results[command]
+        lines = one_line_each(r)
+        assert r.returncode in (0, 1), (command, r.returncode, r.stderr[:2000])
+        assert len(lines) <= 1, (command, [line[:200] for line in lines])
+        for line in lines:
+            assert line.startswith(f"impermanence: {top}/d/d/"), (command, line[:200])
+            assert line.endswith(": Too many open files"), (command, line[-200:])
+        shown = str(top.relative_to(world.R if command == "diff" else world.store))
+        assert shown in r.stdout, (command, r.stdout[-2000:])
+    unmount = results["unmount"]
+    assert unmount.returncode == 0 and one_line_each(unmount) == [], unmount.stderr[:2000]
+    assert set(mountinfo_points()) == mounts_before
+
+    # Nothing outside the kept paths was touched, nothing in storage either.
+    assert events == [], "decoys were changed:\n" + "\n".join(events)
+    for d in world.decoys():
+        assert snapshot(d) == decoys_before[str(d)], f"decoy {d} changed"
+    assert host_snapshot() == host_before
+    assert deep_digest(world.store) == storage_before
+    assert deep_digest(root_home / "rootjunk") == rootjunk_before
+    leaf = (".local", "share", "app") + ("d",) * DEEP_LEVELS + ("leaf",)
+    assert storage_before[("home", "mallory") + leaf][0] == "file"
+
+
+@pytest.mark.parametrize("fds", [64, 1024])
+def test_deep_tree_moved_into_storage_on_a_running_system(sandbox, tmp_path, fds):
+    """apply --root / (activation, in a chroot of R) of a new kept
+    directory whose target holds a DEEP_LEVELS-deep tree: the move copies
+    it level by level until the fds or the recursion limit run out, then
+    fails that entry with one line; both sides are as they were."""
+    require(os.path.exists("/usr/bin/python3.11"), "/usr/bin/python3.11 is not installed")
+    R = sandbox.root
+    store = tmpfs_at(R / "persistent")  # another filesystem: a copy, not a rename
+    for d in ("usr", "proc", "run/t", "var/log", "home"):
+        (R / d).mkdir(parents=True, exist_ok=True)
+    (store / "var/log").mkdir(parents=True)
+    for link in ("bin", "lib", "lib64", "sbin"):
+        if os.path.islink("/" + link):
+            os.symlink(os.readlink("/" + link), R / link)
+    subprocess.run(["mount", "--rbind", "/usr", str(R / "usr")], check=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(R / "proc")], check=True)
+    shutil.copy(SCRIPT, R / "run/t/impermanence_boot.py")
+    home = R / "home/mallory"
+    home.mkdir()
+    os.chown(home, MALLORY, USERS_GID)
+    (home / "data").mkdir()
+    os.chown(home / "data", MALLORY, USERS_GID)
+    (home / "data/top.txt").write_bytes(b"mallory's\n")
+    make_deep(home / "data", DEEP_LEVELS, MALLORY, USERS_GID)
+    cfg = {"users": {"mallory": {"uid": MALLORY, "group": "users"}},
+           "groups": {"users": {"gid": USERS_GID}},
+           "persistence": {"/persistent": {"directories": ["/var/log"],
+                                           "users": {"mallory": {"directories": ["data"]}}}}}
+    (R / "run/t/config.json").write_text(json.dumps(cfg))
+    data_before, store_before = deep_digest(home / "data"), deep_digest(store)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fds, fds))
+
+    start = time.monotonic()
+    r = subprocess.run([shutil.which("chroot"), str(R), "/usr/bin/python3.11", "-I",
+                        "/run/t/impermanence_boot.py", "--config", "/run/t/config.json", "apply"],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+                       env={"IMPERMANENCE_NO_KMSG": "1", "LIBMOUNT_UTAB": "/run/t/utab",
+                            "PATH": "/usr/bin"}, preexec_fn=limit)
+    assert time.monotonic() - start < 30
+    lines = one_line_each(r)
+    assert r.returncode == 1, r.stderr[:2000]
+    assert len(lines) == 1 and lines[0].startswith("impermanence: /home/mallory/data"), \
+        [line[:300] for line in lines]
+    assert os.path.ismount(R / "var/log") and not os.path.ismount(home / "data")
+    # Nothing lost on the root; storage holds what apply made for the entry
+    # (its directories, empty) and nothing else: no half-made copy.
+    assert deep_digest(home / "data") == data_before
+    after = deep_digest(store)
+    added = {k: v for k, v in after.items() if k not in store_before}
+    assert {k: v for k, v in store_before.items()} == {k: after[k] for k in store_before}
+    assert set(added) <= {("home",), ("home", "mallory"), ("home", "mallory", "data")}, \
+        sorted(added, key=len)[:10]
