@@ -49,7 +49,21 @@ OPEN_TREE_CLONE = 1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+MNT_DETACH = 2
 LOCK_EX = 2
+# linux/btrfs.h: _IOW/_IOWR(0x94, nr, args), every args struct 4096 bytes.
+BTRFS_IOC_SUBVOL_CREATE = 0x5000940E
+BTRFS_IOC_SNAP_DESTROY = 0x5000940F
+BTRFS_IOC_TREE_SEARCH = 0xD0009411
+BTRFS_IOC_INO_LOOKUP = 0xD0009412
+BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417
+# linux/btrfs_tree.h: the root tree, where subvolumes are recorded; ids.
+BTRFS_ROOT_TREE_OBJECTID = 1
+BTRFS_FIRST_FREE_OBJECTID = 256  # the first subvolume id; the inode of a subvolume's top
+BTRFS_LAST_FREE_OBJECTID = 2**64 - 256
+BTRFS_ROOT_ITEM_KEY = 132
+BTRFS_ROOT_BACKREF_KEY = 144
 # Numbers of the system calls added since Linux 5.1 are the same on every
 # architecture: used where the C library has no wrapper (glibc < 2.36).
 SYS_OPEN_TREE = 428
@@ -3415,9 +3429,396 @@ def found_tree(walk: Walk, base: tuple) -> list:
     return lines
 
 
+# --- Root rotation (btrfs) ---------------------------------------------------------------
+# rotate-root, in the initrd before the root is mounted. The fresh root is
+# made at <oldRoots>/.rotating, then exchanged with the root subvolume in
+# one renameat2(RENAME_EXCHANGE): the root's place is never empty. What
+# .rotating then holds, the old root, is renamed to its time; one found
+# there by a later run (a run killed in between) is renamed the same way.
+
+ROTATING = ".rotating"
+TIME_FORMAT = "%Y-%m-%dT%H-%M-%SZ"  # 2026-12-03T06-15-00Z, UTC: sorts as it is read
+TIME_SHAPE = "dddd-dd-ddTdd-dd-ddZ"
+NATIVE = sys.byteorder
+U64_MAX = 2**64 - 1
+
+
+class Subvolume(Record):
+    """A subvolume as the root tree records it: its id, the subvolume and
+    directory (inode) it is linked in, its name there, and the time of its
+    last change (the root item's ctime)."""
+    __slots__ = _fields = ("id", "parent", "dirid", "name", "changed")
+
+
+def btrfs_ioctl(fd: int, request: int, op: str, args: bytearray, shown: str) -> bytearray:
+    import fcntl
+
+    try:
+        fcntl.ioctl(fd, request, args, True)
+    except OSError as exc:
+        raise oserror(op, shown, exc.errno) from None
+    return args
+
+
+def u64(buf, offset: int) -> int:
+    return int.from_bytes(buf[offset:offset + 8], NATIVE)
+
+
+def search_root_tree(fd: int, shown: str) -> list:
+    """(objectid, type, offset, item) of every subvolume's items in the root
+    tree, through BTRFS_IOC_TREE_SEARCH (its key range is a range of whole
+    keys: other types in between are filtered out by the caller)."""
+    found, low = [], (BTRFS_FIRST_FREE_OBJECTID, 0, 0)
+    while True:
+        args = bytearray(4096)
+        for i, value in enumerate((BTRFS_ROOT_TREE_OBJECTID, low[0], BTRFS_LAST_FREE_OBJECTID,
+                                   low[2], U64_MAX, 0, U64_MAX)):
+            args[i * 8:i * 8 + 8] = value.to_bytes(8, NATIVE)
+        args[56:68] = low[1].to_bytes(4, NATIVE) + (255).to_bytes(4, NATIVE) + (4096).to_bytes(4, NATIVE)
+        btrfs_ioctl(fd, BTRFS_IOC_TREE_SEARCH, "BTRFS_IOC_TREE_SEARCH", args, shown)
+        count, pos = int.from_bytes(args[64:68], NATIVE), 104
+        if count == 0:
+            return found
+        for _ in range(count):
+            key = (u64(args, pos + 8), int.from_bytes(args[pos + 24:pos + 28], NATIVE), u64(args, pos + 16))
+            size = int.from_bytes(args[pos + 28:pos + 32], NATIVE)
+            found.append((key[0], key[1], key[2], bytes(args[pos + 32:pos + 32 + size])))
+            pos += 32 + size
+        if key[2] < U64_MAX:
+            low = (key[0], key[1], key[2] + 1)
+        elif key[1] < 255:
+            low = (key[0], key[1] + 1, 0)
+        elif key[0] < BTRFS_LAST_FREE_OBJECTID:
+            low = (key[0] + 1, 0, 0)
+        else:
+            return found
+
+
+def read_subvolumes(fd: int, shown: str) -> dict:
+    """id -> Subvolume of every subvolume linked in the filesystem."""
+    changed, links = {}, {}
+    for objectid, kind, offset, item in search_root_tree(fd, shown):
+        if kind == BTRFS_ROOT_ITEM_KEY and len(item) >= 339:  # ctime: since Linux 3.6
+            changed[objectid] = u64(item, 327)
+        elif kind == BTRFS_ROOT_BACKREF_KEY:  # btrfs_root_ref: dirid, sequence, name_len, name
+            size = int.from_bytes(item[16:18], NATIVE)
+            links[objectid] = (offset, u64(item, 0), os.fsdecode(item[18:18 + size]))
+    return {i: Subvolume(i, parent, dirid, name, changed.get(i))
+            for i, (parent, dirid, name) in links.items()}
+
+
+def ino_lookup(fd: int, tree: int, inode: int, shown: str) -> tuple:
+    """(tree id, the path of inode in that subvolume as components), by
+    BTRFS_IOC_INO_LOOKUP; tree 0 is the subvolume of fd."""
+    args = bytearray(4096)
+    args[0:16] = tree.to_bytes(8, NATIVE) + inode.to_bytes(8, NATIVE)
+    btrfs_ioctl(fd, BTRFS_IOC_INO_LOOKUP, "BTRFS_IOC_INO_LOOKUP", args, shown)
+    path = os.fsdecode(bytes(args[16:]).split(b"\0", 1)[0])
+    return u64(args, 0), tuple(c for c in path.split("/") if c)
+
+
+def vol_args(name: str, fd: int, name_at: int, shown: str) -> bytearray:
+    """btrfs_ioctl_vol_args (name at 8) or _v2 (name at 56)."""
+    raw = os.fsencode(name)
+    if len(raw) >= 4096 - name_at - 1:
+        raise EntryError(shown, "name too long")
+    args = bytearray(4096)
+    args[0:8] = fd.to_bytes(8, NATIVE, signed=True)
+    args[name_at:name_at + len(raw)] = raw
+    return args
+
+
+def rotation_name(name: str) -> tuple | None:
+    """(time, number) of a name rotate-root gives an old root,
+    `2026-12-03T06-15-00Z` or, when that was taken, `...Z.2`; None for any
+    other name."""
+    stamp, dot, number = name.partition(".")
+    if len(stamp) != len(TIME_SHAPE) or dot and not (number.isascii() and number.isdigit()
+                                                     and number[0] != "0"):
+        return None
+    for c, shape in zip(stamp, TIME_SHAPE):
+        if not (c.isascii() and c.isdigit() if shape == "d" else c == shape):
+            return None
+    return stamp, int(number or 0)
+
+
+def time_name(seconds: float) -> str:
+    return time.strftime(TIME_FORMAT, time.gmtime(seconds))
+
+
+class BtrfsTop:
+    """The filesystem's top level (subvolid=5) mounted on a private
+    directory of this process, read-only for --dry-run; `fd` is it opened."""
+
+    def __init__(self, device: str, read_only: bool):
+        self.device, self.read_only, self.path, self.fd = device, read_only, None, -1
+
+    def mount(self) -> "BtrfsTop":
+        base = "/run" if os.path.isdir("/run") else "/tmp"
+        for n in range(100):
+            path = f"{base}/impermanence-rotate.{os.getpid()}" + (f".{n}" if n else "")
+            try:
+                os.mkdir(path, 0o700)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise EntryError(base, "no private directory for the btrfs top level")
+        try:
+            mount(self.device, path, "btrfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_SILENT
+                  | (MS_RDONLY if self.read_only else 0), "subvolid=5", self.device)
+        except OSError:
+            os.rmdir(path)
+            raise
+        self.path = path
+        self.fd = os.open(path, O_DIR)
+        return self
+
+    def __enter__(self) -> "BtrfsTop":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        os.close(self.fd)
+        try:
+            umount2(self.path, MNT_DETACH, self.path)
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+    def shown(self, comps: tuple) -> str:
+        return f"{self.device}[{as_path(comps)}]"
+
+    def open(self, comps: tuple) -> int:
+        """comps below the top level, each component opened O_NOFOLLOW."""
+        fd = os.dup(self.fd)
+        for i, name in enumerate(comps):
+            try:
+                next_fd = open_dir_at(fd, name, self.shown(comps[:i + 1]))
+            finally:
+                os.close(fd)
+            fd = next_fd
+        return fd
+
+    def look(self, comps: tuple) -> str | None:
+        """None if comps does not exist, else "subvolume" or what it is."""
+        try:
+            with opened(self.open(comps[:-1])) as parent:
+                st = os.stat(comps[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            return "subvolume" if st.st_ino == BTRFS_FIRST_FREE_OBJECTID else "a plain directory"
+        return "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+
+    def subvolume_id(self, comps: tuple) -> int:
+        with opened(self.open(comps)) as fd:
+            return ino_lookup(fd, 0, BTRFS_FIRST_FREE_OBJECTID, self.shown(comps))[0]
+
+
+def find_btrfs(spec: str, timeout: float) -> str:
+    device, fs_type = wait_for_device(spec, timeout)
+    if fs_type is None:
+        try:
+            with opened(os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)) as fd:
+                fs_type = (probe_filesystem(fd) or (None,))[0]
+        except OSError as exc:
+            raise oserror("open", device, exc.errno) from None
+    if fs_type not in (None, "btrfs"):
+        raise EntryError(device, f"is not a btrfs filesystem but {fs_type} ({spec})")
+    return device
+
+
+def mounted_below(top: BtrfsTop, comps: tuple) -> str | None:
+    """A mount point of the same filesystem whose root is comps or below it:
+    the root in use (rotate-root runs before it is mounted)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        lines = [line.split(" ") for line in f.read().decode("utf-8", "surrogateescape").splitlines()]
+    ours = [f[2] for f in lines if len(f) > 4 and unescape_mountinfo(f[4]) == top.path]
+    for f in lines:
+        root = unescape_mountinfo(f[3]) if len(f) > 4 else ""
+        if ours and f[2] == ours[0] and is_under(tuple(c for c in root.split("/") if c), comps):
+            return unescape_mountinfo(f[4])
+    return None
+
+
+def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
+    """([(line, step)] that rotate the root, essential: a failure stops the
+    rotation; [(line, step)] that delete old roots beyond the retention)."""
+    old, rotating, root = spec.old_roots, spec.old_roots + (ROTATING,), spec.subvolume
+    steps, deletions = [], []
+    subvols = read_subvolumes(top.fd, top.shown(()))
+    for comps, what in ((root, "root.subvolume"), (old, "root.oldRoots"), (rotating, None),
+                        (spec.blank, "root.blank")):
+        found = top.look(comps) if comps else "subvolume"
+        if what == "root.oldRoots" and found not in (None, "a plain directory", "subvolume"):
+            raise EntryError(top.shown(comps), f"is {found}, not a directory")
+        if what != "root.oldRoots" and found not in (None, "subvolume"):
+            raise EntryError(top.shown(comps), f"is {found}, not a subvolume; left as it is")
+        if what == "root.blank" and found is None:
+            raise EntryError(top.shown(comps), "root.blank: no such subvolume")
+    in_use = mounted_below(top, root)
+    if in_use is not None:
+        raise EntryError(top.shown(root), f"is mounted on {in_use}; rotate-root runs before the "
+                                          "root is mounted")
+    taken, ours = set(), []
+    if top.look(old) is None:
+        steps.append((f"mkdir {top.shown(old)} (0:0 0700)", lambda: make_dirs(top, old)))
+    else:
+        with opened(top.open(old)) as fd:
+            place = (ino_lookup(fd, 0, BTRFS_FIRST_FREE_OBJECTID, top.shown(old))[0],
+                     os.fstat(fd).st_ino)
+            taken = set(os.listdir(fd))
+        # The old roots: subvolumes linked in oldRoots itself, named by a time.
+        ours = [(rotation_name(s.name), s.name, s.id) for s in subvols.values()
+                if (s.parent, s.dirid) == place and rotation_name(s.name)]
+    moved = []  # (name, id) of the old roots this run moves into oldRoots
+
+    def to_old_roots(comps: tuple, why: str) -> None:
+        ident = top.subvolume_id(comps)
+        changed = subvols[ident].changed if ident in subvols else None
+        name = stamp = time_name(changed if changed else now)
+        n = 1
+        while name in taken:
+            n += 1
+            name = f"{stamp}.{n}"
+        taken.add(name)
+        moved.append((name, ident))
+        steps.append((f"move {top.shown(rotating)} ({why}) to {top.shown(old + (name,))}",
+                      lambda: rename_in(top, rotating, old + (name,), 0)))
+
+    if top.look(rotating) is not None:
+        to_old_roots(rotating, "left by an interrupted rotation")
+    fresh = (f"snapshot {top.shown(spec.blank)} as" if spec.blank else "create empty subvolume")
+    if top.look(root) is None:
+        steps.append((f"{fresh} {top.shown(root)} (there is no root subvolume)",
+                      lambda: make_root(top, spec.blank, root)))
+    else:
+        steps.append((f"{fresh} {top.shown(rotating)} (the fresh root)",
+                      lambda: make_root(top, spec.blank, rotating)))
+        steps.append((f"exchange {top.shown(root)} and {top.shown(rotating)} (the fresh root "
+                      "takes the root's place)",
+                      lambda: rename_in(top, root, rotating, RENAME_EXCHANGE)))
+        to_old_roots(root, "the old root, named by the time of its last change")
+    ours += [(rotation_name(name), name, ident) for name, ident in moved]
+    cutoff = time_name(now - spec.keep_days * 86400)
+    for rank, (stamp, name, ident) in enumerate(sorted(ours, reverse=True)):
+        if rank >= spec.keep_count and stamp[0] < cutoff:
+            nested = descendants(subvols, ident)
+            line = (f"delete old root {top.shown(old + (name,))} (older than {spec.keep_days} days "
+                    f"and not among the {spec.keep_count} newest)")
+            if nested:
+                line += f", first the {len(nested)} subvolumes nested in it"
+            deletions.append((line, lambda name=name, ident=ident, nested=nested:
+                              delete_old_root(top, old + (name,), ident, nested, subvols)))
+    return steps, deletions
+
+
+def descendants(subvols: dict, ident: int) -> list:
+    """The ids of the subvolumes nested in subvolume ident, at any depth,
+    each after those nested in it (the order they can be deleted in)."""
+    children: dict = {}
+    for s in subvols.values():
+        children.setdefault(s.parent, []).append(s.id)
+    order, stack = [], [(ident, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+        else:
+            stack.append((node, True))
+            stack += [(child, False) for child in sorted(children.get(node, ()))]
+    return order[:-1]
+
+
+def make_dirs(top: BtrfsTop, comps: tuple) -> None:
+    for i in range(len(comps)):
+        if top.look(comps[:i + 1]) is None:
+            with opened(top.open(comps[:i])) as fd:
+                call("mkdir", top.shown(comps[:i + 1]), os.mkdir, comps[i], 0o700, dir_fd=fd)
+
+
+def rename_in(top: BtrfsTop, old: tuple, new: tuple, flags: int) -> None:
+    shown = top.shown(old)
+    with opened(top.open(old[:-1])) as old_dir, opened(top.open(new[:-1])) as new_dir:
+        if flags != RENAME_EXCHANGE:
+            rename_noreplace(old_dir, old[-1], new_dir, new[-1], shown)
+            return
+        if libc().renameat2 is None:
+            raise EntryError(shown, "the C library has no renameat2 (glibc 2.28); not rotated")
+        if libc().renameat2(old_dir, os.fsencode(old[-1]), new_dir, os.fsencode(new[-1]), flags) < 0:
+            raise oserror("exchange", f"{shown} and {as_path(new)}")
+
+
+def make_root(top: BtrfsTop, blank: tuple | None, comps: tuple) -> None:
+    """A fresh root at comps: a snapshot of blank, or an empty subvolume
+    (root's, 0755)."""
+    shown = top.shown(comps)
+    with opened(top.open(comps[:-1])) as parent:
+        if blank is not None:
+            with opened(top.open(blank)) as source:
+                btrfs_ioctl(parent, BTRFS_IOC_SNAP_CREATE_V2, "BTRFS_IOC_SNAP_CREATE_V2",
+                            vol_args(comps[-1], source, 56, shown), shown)
+            return
+        btrfs_ioctl(parent, BTRFS_IOC_SUBVOL_CREATE, "BTRFS_IOC_SUBVOL_CREATE",
+                    vol_args(comps[-1], 0, 8, shown), shown)
+    with opened(top.open(comps)) as fd:
+        call("chmod", shown, os.fchmod, fd, 0o755)
+
+
+def delete_old_root(top: BtrfsTop, comps: tuple, ident: int, nested: list, subvols: dict) -> None:
+    """Delete the old root at comps, subvolume ident, and first every
+    subvolume nested in it (deepest first), each where the root tree says
+    it is linked and checked to be that subvolume before it is deleted."""
+    paths = {ident: comps}
+    for sub in reversed(nested):  # each after the one it is nested in
+        s = subvols[sub]
+        paths[sub] = paths[s.parent] + ino_lookup(top.fd, s.parent, s.dirid, top.shown(comps))[1] + (s.name,)
+    for sub in nested + [ident]:
+        shown = top.shown(paths[sub])
+        if top.look(paths[sub]) != "subvolume" or top.subvolume_id(paths[sub]) != sub:
+            raise EntryError(shown, "is no longer the subvolume found; not deleted")
+        with opened(top.open(paths[sub][:-1])) as parent:
+            btrfs_ioctl(parent, BTRFS_IOC_SNAP_DESTROY, "BTRFS_IOC_SNAP_DESTROY",
+                        vol_args(paths[sub][-1], 0, 8, shown), shown)
+
+
 def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
-    log.error('rotate-root: the config has no "root" key (the btrfs filesystem and root subvolume)')
-    return EXIT_CONFIG
+    spec = config.root
+    if spec is None:
+        log.error('rotate-root: the config has no "root" key (the btrfs filesystem and root subvolume)')
+        return EXIT_CONFIG
+    try:
+        top = BtrfsTop(find_btrfs(spec.device, config.device_timeout), dry_run).mount()
+    except (EntryError, OSError) as exc:
+        log.error(failure_text(exc, spec.device) + "; the root is not rotated")
+        return EXIT_STORAGE
+    failed = 0
+    with top:
+        try:
+            steps, deletions = plan_rotation(spec, top, time.time())
+        except (EntryError, OSError) as exc:
+            log.error(failure_text(exc, top.shown(spec.subvolume)) + "; the root is not rotated")
+            return EXIT_STORAGE
+        if dry_run:
+            lines = [line for line, _ in steps + deletions]
+            out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
+            return EXIT_OK
+        for line, step in steps:
+            log.info(line)
+            try:
+                step()
+            except (EntryError, OSError) as exc:
+                log.error(failure_text(exc, top.shown(spec.subvolume)) + "; rotation stopped, "
+                          f"{top.shown(spec.subvolume)} is left as it is")
+                return EXIT_STORAGE
+        for line, step in deletions:
+            log.info(line)
+            try:
+                step()
+            except (EntryError, OSError) as exc:
+                log.error(failure_text(exc, top.shown(spec.old_roots)) + "; tried again at the next run")
+                failed += 1
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # --- Command line ------------------------------------------------------------------------
