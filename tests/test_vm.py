@@ -505,7 +505,7 @@ HOSTILE_TIMEOUT = 90  # a boot takes ~9 s; opening the planted FIFO would hang i
 # before and after the boot
 HOSTILE_DISK_PATHS = (["/", "/etc", "/etc/shadow-like", "/home/bird", "/home/bird/.local"]
                       + [planted for planted, _ in sc.HOSTILE_AFFECTED.values()])
-HOSTILE_DISK_DIRS = ["/", "/etc", "/home", "/home/bird", "/home/bird/.local"]
+HOSTILE_DISK_DIRS = ["/", "/etc", "/home", "/home/bird", "/home/bird/.local"] + list(sc.HOSTILE_DEEP_TOPS)
 # the booted root, apart from stage 1's mount points: (type, uid, gid, mode, mounted?)
 HOSTILE_ROOT = {
     "/etc": ("dir", 0, 0, "0755", False),
@@ -517,12 +517,29 @@ HOSTILE_ROOT = {
     "/home/bird": ("dir", 1000, 100, "0700", False),
     "/home/bird/.profile": ("file", 1000, 100, "0644", True),
     "/home/bird/Documents": ("dir", 1000, 100, "0755", True),
+    "/home/bird/Deep": ("dir", 1000, 100, "0755", True),
     "/persistent": ("dir", 0, 0, "0755", True),
     "/var": ("dir", 0, 0, "0755", False),
     "/var/lib": ("dir", 0, 0, "0755", False),
     "/var/lib/nixos": ("dir", 0, 0, "0755", True),
     "/var/log": ("dir", 0, 0, "0755", True),
 }
+
+
+def debugfs_deep_listing(image: Path, top: str) -> str:
+    """Every level of a deep tree of the image (sc.plant_hostile_deep) as
+    debugfs lists it (inode, mode, owner, name, size of each entry), and
+    the leaf's content: one debugfs run, one level at a time."""
+    import subprocess
+    script = image.with_suffix(".deep.debugfs")
+    script.write_text(f"cd {top}\n" + "ls -p\ncd d\n" * sc.HOSTILE_DEEP + "ls -p\ncat leaf\n")
+    r = subprocess.run(["debugfs", "-f", str(script), str(image)], capture_output=True,
+                       text=True, check=True)
+    assert r.stdout.count("debugfs: ls -p") == sc.HOSTILE_DEEP + 1, r.stdout[-500:]
+    assert r.stdout.endswith("at the bottom\n"), r.stdout[-500:]
+    return r.stdout
+
+
 def _ancestors(path: str) -> set[str]:
     parts = path.strip("/").split("/")
     return {"/" + "/".join(parts[:i]) for i in range(1, len(parts))}
@@ -537,7 +554,9 @@ def hostile_boot(vm_build, tmp_path_factory):
     seed.mkdir()
     sc.seed_hostile_storage(seed)
     disk = machine.make_disk(work / "persist.img", "persist", seed=seed)
+    sc.plant_hostile_deep(disk)
     before = {p: machine.debugfs_stat(disk, p) for p in HOSTILE_DISK_PATHS}
+    before.update({"listing " + top: debugfs_deep_listing(disk, top) for top in sc.HOSTILE_DEEP_TOPS})
     listed = {p: machine.debugfs_ls(disk, p) for p in HOSTILE_DISK_DIRS}
     secret = machine.debugfs_cat(disk, "/etc/shadow-like")
     assert secret == sc.HOSTILE_SECRET and before["/home/bird/.netrc"]["links"] == 2, before
@@ -545,6 +564,7 @@ def hostile_boot(vm_build, tmp_path_factory):
              config=sc.HOSTILE_CONFIG, checks=sc.HOSTILE_CHECKS, preroot=sc.HOSTILE_PREROOT,
              initrd=sc.HOSTILE_INITRD, snapshot=sc.HOSTILE_SNAPSHOT)
     after = {p: machine.debugfs_stat(disk, p) for p in HOSTILE_DISK_PATHS}
+    after.update({"listing " + top: debugfs_deep_listing(disk, top) for top in sc.HOSTILE_DEEP_TOPS})
     listed_after = {p: machine.debugfs_ls(disk, p) for p in HOSTILE_DISK_DIRS}
     print(f"hostile storage boot: {r.seconds:.1f} s, impermanence_boot.py {r.script_ms:.0f} ms")
     return r, disk, (before, listed, secret), (after, listed_after)
@@ -647,7 +667,7 @@ def test_hostile_storage_unaffected_entries_in_place(hostile_boot):
     status = rep["status"]
     assert status["exit"] == 1 and json.loads(status["stdout"])["drift"] == len(sc.HOSTILE_AFFECTED), \
         status
-    (again,) = rep["commands"]
+    again = rep["commands"][0]
     assert again["exit"] == 1, again
     again_lines = [line for line in again["stderr"].splitlines() if line]
     assert len(again_lines) == len(sc.HOSTILE_AFFECTED), again_lines
@@ -671,6 +691,7 @@ def test_hostile_storage_unchanged_on_disk(hostile_boot):
     assert machine.debugfs_cat(disk, "/etc/shadow-like") == secret == sc.HOSTILE_SECRET
     assert after["/home/bird/.bash_history"]["type"] == "FIFO"
     assert after["/home/bird/disk.img"]["type"] == "block"
+    assert after["/home/bird/agent.sock"]["type"] == "socket"
     # and as the booted system saw storage
     ins = r.report["inspect"]
     for planted, target in sc.HOSTILE_LINKS.items():
@@ -679,6 +700,28 @@ def test_hostile_storage_unchanged_on_disk(hostile_boot):
     s = ins["/persistent/etc/shadow-like"]
     assert (s["uid"], s["gid"], s["mode"], s["content"]) == (0, 0, "0600", sc.HOSTILE_SECRET), s
     assert ins["/persistent/home/bird/.netrc"]["ino"] == s["ino"]
+
+
+def test_hostile_storage_deep_trees(hostile_boot):
+    """~/Deep, kept, holds a tree sc.HOSTILE_DEEP levels deep: bound whole
+    in stage 1 (nothing walks it), in place. orphans on the booted system
+    walks the unkept ~/.junk's as deep as its 1,024 fds let it: one line,
+    no traceback, its report made; on the image both trees are as they
+    were (test_hostile_storage_unchanged_on_disk compares every level)."""
+    r, *_ = hostile_boot
+    ins = r.report["inspect"]
+    assert same_inode(ins["/home/bird/Deep"], ins["/persistent/home/bird/Deep"])
+    orphans = r.report["commands"][1]
+    assert orphans["args"] == ["orphans"], orphans["args"]
+    assert "Traceback" not in orphans["stderr"] and "internal error" not in orphans["stderr"]
+    lines = [line for line in orphans["stderr"].splitlines() if line]
+    assert orphans["exit"] in (0, 1), (orphans["exit"], [line[:200] for line in lines])
+    assert len(lines) == 1, [line[:200] for line in lines]
+    assert lines[0].startswith("impermanence: /persistent/home/bird/.junk/d/d/"), lines[0][:200]
+    assert lines[0].endswith(": Too many open files"), lines[0][-200:]
+    assert "/persistent/etc/shadow-like" in orphans["stdout"], orphans["stdout"][-2000:]
+    # ~/Deep is kept: not walked, not named
+    assert "/persistent/home/bird/Deep" not in orphans["stdout"] + orphans["stderr"]
 
 
 def test_errors_reach_the_kernel_log_even_with_verbose(vm_build, tmp_path):

@@ -214,8 +214,9 @@ HOSTILE_CONFIG = {
         "directories": ["/var/log", "/var/lib/nixos"],
         "files": ["/etc/machine-id"],
         "users": {"bird": {
-            "directories": [".local/share/keyrings", ".ssh", ".config/app", "Documents"],
-            "files": [".netrc", ".bash_history", "disk.img", ".profile"],
+            "directories": [".local/share/keyrings", ".ssh", ".config/app", "Documents",
+                            ".cache/thumbnails", ".mozilla", "Deep"],
+            "files": [".netrc", ".bash_history", "disk.img", ".profile", "agent.sock"],
         }},
     }},
 }
@@ -228,9 +229,15 @@ HOSTILE_AFFECTED = {
     "/home/bird/.netrc": ("/home/bird/.netrc", "hard link"),
     "/home/bird/.bash_history": ("/home/bird/.bash_history", "special file"),
     "/home/bird/disk.img": ("/home/bird/disk.img", "special file"),
+    # ~/.cache a link to / (the parent of a kept directory), ~/.mozilla one
+    # to the reading process's own root, the kept file ~/agent.sock a socket
+    "/home/bird/.cache/thumbnails": ("/home/bird/.cache", "symbolic link"),
+    "/home/bird/.mozilla": ("/home/bird/.mozilla", "symbolic link"),
+    "/home/bird/agent.sock": ("/home/bird/agent.sock", "special file"),
 }
 HOSTILE_LINKS = {"/home/bird/.local/share": "/etc", "/home/bird/.ssh": "/root",
-                 "/home/bird/.config": "../../../etc"}
+                 "/home/bird/.config": "../../../etc", "/home/bird/.cache": "/",
+                 "/home/bird/.mozilla": "/proc/self/root"}
 HOSTILE_DEVICE = (254, 0)  # the numbers virtio_blk usually gets for /dev/vda
 # unaffected entries: (kind, content of a file in it or of the file)
 HOSTILE_UNAFFECTED = {
@@ -239,7 +246,15 @@ HOSTILE_UNAFFECTED = {
     "/etc/machine-id": ("file", "/etc/machine-id", HOSTILE_MACHINE_ID),
     "/home/bird/Documents": ("dir", "/home/bird/Documents/notes.txt", "kept: bird's notes\n"),
     "/home/bird/.profile": ("file", "/home/bird/.profile", "export EDITOR=vi\n"),
+    # holds a tree HOSTILE_DEEP levels deep (plant_hostile_deep): bound whole
+    "/home/bird/Deep": ("dir", "/home/bird/Deep/top.txt", "kept: above a deep tree\n"),
 }
+# Trees of directories d/d/d/... this deep (6,000 bytes of path: past
+# PATH_MAX; past the 1,024 fds a process has, were one open per level)
+# under the kept ~/Deep and the unkept ~/.junk, which orphans walks on the
+# booted system; a file "leaf" at the bottom of each.
+HOSTILE_DEEP = 3000
+HOSTILE_DEEP_TOPS = ("/home/bird/Deep", "/home/bird/.junk")
 # decoys: on the fresh root (the booted system's /etc and /root) ...
 HOSTILE_PREROOT = {
     "/etc": (None, 0o755), "/etc/hostname": ("decoy\n", 0o644),
@@ -264,8 +279,9 @@ HOSTILE_CHECKS = {
                           + [c[1] for c in HOSTILE_UNAFFECTED.values()]
                           + HOSTILE_STORAGE_PATHS)),
     "trees": {"etc": "/etc", "root": "/root"},
-    # a second apply on the booted system meets the same storage
-    "commands": [["apply"]],
+    # a second apply on the booted system meets the same storage; orphans
+    # walks ~/.junk's deep tree
+    "commands": [["apply"], ["orphans"]],
     "status": True,
 }
 
@@ -316,6 +332,47 @@ def seed_hostile_storage(seed: Path) -> None:
     dev = seed / "home/bird/disk.img"
     os.mknod(dev, stat.S_IFBLK | 0o600, os.makedev(*HOSTILE_DEVICE))
     os.chown(dev, BIRD, USERS_GID)
+    import socket
+    cwd = os.open(".", os.O_RDONLY)
+    try:  # bind(2) takes 108 bytes at most: a name relative to the home
+        os.chdir(seed / "home/bird")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind("agent.sock")
+    finally:
+        os.fchdir(cwd)
+        os.close(cwd)
+    os.lchown(seed / "home/bird/agent.sock", BIRD, USERS_GID)
+    mkdir("/home/bird/Deep", 0o755, BIRD, USERS_GID)
+    write("/home/bird/Deep/top.txt", HOSTILE_UNAFFECTED["/home/bird/Deep"][2], 0o644, BIRD, USERS_GID)
+    mkdir("/home/bird/.junk", 0o755, BIRD, USERS_GID)
+
+
+def plant_hostile_deep(image: Path) -> None:
+    """The deep trees, written into the image with debugfs (mkfs.ext4 -d
+    cannot copy a tree past PATH_MAX): one level at a time, bird's."""
+    import subprocess
+    import tempfile
+    cmds = []
+    for top in HOSTILE_DEEP_TOPS:
+        cmds.append(f"cd {top}")
+        for _ in range(HOSTILE_DEEP):
+            cmds += ["mkdir d", f"sif d uid {BIRD}", f"sif d gid {USERS_GID}", "cd d"]
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as f:
+        f.write("\n".join(cmds) + "\n")
+        f.flush()
+        subprocess.run(["debugfs", "-w", "-f", f.name, str(image)], check=True,
+                       capture_output=True)
+    with tempfile.NamedTemporaryFile("w") as leaf:
+        leaf.write("at the bottom\n")
+        leaf.flush()
+        for top in HOSTILE_DEEP_TOPS:
+            script = (f"cd {top}\n" + "cd d\n" * HOSTILE_DEEP + f"write {leaf.name} leaf\n"
+                      + f"sif leaf uid {BIRD}\nsif leaf gid {USERS_GID}\n")
+            with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as f:
+                f.write(script)
+                f.flush()
+                subprocess.run(["debugfs", "-w", "-f", f.name, str(image)], check=True,
+                               capture_output=True)
 
 # --- hideMounts and allowTrash: utab carried through switch_root -----------
 # Stage 1's /run is a tmpfs the script records the binds' userspace options
