@@ -724,6 +724,22 @@ def test_hostile_storage_deep_trees(hostile_boot):
     assert "/persistent/home/bird/Deep" not in orphans["stdout"] + orphans["stderr"]
 
 
+def test_hostile_storage_console_shows_each_failure_once(hostile_boot):
+    """What a person at the console sees: stage 1 echoes the script's
+    stderr ("stage 1: | "): one line per planted path, nothing else from
+    the script, and the boot goes on into stage 2 well within its timeout."""
+    r, *_ = hostile_boot
+    shown = [line[len("stage 1: | "):] for line in r.console.splitlines()
+             if line.startswith("stage 1: | ")]
+    assert len(shown) == len(sc.HOSTILE_AFFECTED), shown
+    for planted, cause in sc.HOSTILE_AFFECTED.values():
+        named = _lines_naming(shown, "/mnt-root/persistent" + planted)
+        assert len(named) == 1 and cause in named[0], (planted, shown)
+    assert "impermanence_boot.py exited 1" in r.console
+    assert "stage 2: running on the new root" in r.console
+    assert r.seconds < HOSTILE_TIMEOUT / 2, r.seconds
+
+
 def test_errors_reach_the_kernel_log_even_with_verbose(vm_build, tmp_path):
     # SPEC section 2: errors always, and in an initrd also in dmesg. The
     # kernel rate-limits /dev/kmsg writers (printk.devkmsg=ratelimit: 10
