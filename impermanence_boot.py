@@ -3782,6 +3782,12 @@ def delete_old_root(top: BtrfsTop, comps: tuple, ident: int, nested: list, subvo
                         vol_args(paths[sub][-1], 0, 8, shown), shown)
 
 
+def rotation_error(exc: Exception, shown: str) -> str:
+    if isinstance(exc, EntryError):
+        return f"{exc.path}: {exc.cause}"
+    return failure_text(exc, shown)
+
+
 def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
     spec = config.root
     if spec is None:
@@ -3790,14 +3796,14 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
     try:
         top = BtrfsTop(find_btrfs(spec.device, config.device_timeout), dry_run).mount()
     except (EntryError, OSError) as exc:
-        log.error(failure_text(exc, spec.device) + "; the root is not rotated")
+        log.error(rotation_error(exc, spec.device) + "; the root is not rotated")
         return EXIT_STORAGE
     failed = 0
     with top:
         try:
             steps, deletions = plan_rotation(spec, top, time.time())
         except (EntryError, OSError) as exc:
-            log.error(failure_text(exc, top.shown(spec.subvolume)) + "; the root is not rotated")
+            log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; the root is not rotated")
             return EXIT_STORAGE
         if dry_run:
             lines = [line for line, _ in steps + deletions]
@@ -3808,7 +3814,7 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
             try:
                 step()
             except (EntryError, OSError) as exc:
-                log.error(failure_text(exc, top.shown(spec.subvolume)) + "; rotation stopped, "
+                log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; rotation stopped, "
                           f"{top.shown(spec.subvolume)} is left as it is")
                 return EXIT_STORAGE
         for line, step in deletions:
@@ -3816,7 +3822,7 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
             try:
                 step()
             except (EntryError, OSError) as exc:
-                log.error(failure_text(exc, top.shown(spec.old_roots)) + "; tried again at the next run")
+                log.error(rotation_error(exc, top.shown(spec.old_roots)) + "; tried again at the next run")
                 failed += 1
     return EXIT_FAILED if failed else EXIT_OK
 
