@@ -31,6 +31,9 @@ let
   cfg = config.environment.persistence;
   icfg = config.boot.initrd.impermanence;
   rcfg = icfg.rotateRoot;
+  # A path below the btrfs top level, as rotate-root reads it: components
+  # neither "." nor ".." (a leading "/" means the top level, as in subvol=/root).
+  subvolumePath = let c = "([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+)"; in types.strMatching "/?${c}(/${c})*";
   accounts = config.users.users;
 
   persistenceOptions = import ./persistence-options.nix { inherit lib; };
@@ -374,12 +377,12 @@ in
           description = "The btrfs filesystem holding the root subvolume: a path, or LABEL=, UUID=, PARTUUID=, PARTLABEL=.";
         };
         subvolume = mkOption {
-          type = types.strMatching "[^/]+(/[^/]+)*";
+          type = subvolumePath;
           default = "root";
           description = "The root subvolume, as a path below the filesystem's top level.";
         };
         oldRoots = mkOption {
-          type = types.strMatching "[^/]+(/[^/]+)*";
+          type = subvolumePath;
           default = "old_roots";
           description = ''
             Where the rotated roots are kept, below the top level: each is
@@ -387,17 +390,17 @@ in
           '';
         };
         keep.days = mkOption {
-          type = types.ints.unsigned;
+          type = types.ints.between 0 100000;
           default = 30;
           description = "Old roots younger than this many days are kept.";
         };
         keep.count = mkOption {
-          type = types.ints.unsigned;
+          type = types.ints.between 0 100000;
           default = 10;
           description = "This many of the newest old roots are kept, whatever their age.";
         };
         blank = mkOption {
-          type = types.nullOr (types.strMatching "[^/]+(/[^/]+)*");
+          type = types.nullOr subvolumePath;
           default = null;
           example = "root-blank";
           description = ''

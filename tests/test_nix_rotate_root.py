@@ -7,13 +7,14 @@ option types.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import PROJECT
+from conftest import PROJECT, SCRIPT
 
 sys.path.insert(0, str(PROJECT / "nix" / "tests"))
 import harness  # noqa: E402
@@ -55,16 +56,26 @@ def test_the_json_gets_the_root_key(lib):
                                        "keep": {"days": 30, "count": 10}, "blank": None}
     assert out["settings"]["persistence"]["/persistent"]["directories"][0]["directory"] == "/var/log"
     chosen = evaluate(lib, PERSISTENCE, '''{ boot.initrd.impermanence.rotateRoot = {
-      enable = true; device = "/dev/mapper/cryptroot"; subvolume = "nixos/root"; oldRoots = "nixos/old";
+      enable = true; device = "/dev/mapper/cryptroot"; subvolume = "/nixos/root"; oldRoots = "nixos/.old";
       keep = { days = 7; count = 3; }; blank = "nixos/root-blank"; }; }''')
-    assert chosen["settings"]["root"] == {"device": "/dev/mapper/cryptroot", "subvolume": "nixos/root",
-                                          "oldRoots": "nixos/old", "keep": {"days": 7, "count": 3},
+    assert chosen["settings"]["root"] == {"device": "/dev/mapper/cryptroot", "subvolume": "/nixos/root",
+                                          "oldRoots": "nixos/.old", "keep": {"days": 7, "count": 3},
                                           "blank": "nixos/root-blank"}
     # Off (the default): no "root" key, no rotation anywhere.
     off = evaluate(lib, PERSISTENCE)
     assert "root" not in off["settings"]
     assert off["initrd"]["postResumeCommands"] == ""
     assert "impermanence-rotate-root" not in evaluate(lib, PERSISTENCE, SYSTEMD)["initrd"]["services"]
+
+
+def test_the_script_accepts_the_generated_root_key(lib, tmp_path):
+    for extra in ("{ }", '{ boot.initrd.impermanence.rotateRoot = { subvolume = "/nixos/root"; oldRoots = "nixos/.old"; '
+                         'blank = "nixos/blank"; keep = { days = 0; count = 100000; }; }; }'):
+        path = tmp_path / "generated.json"
+        path.write_text(json.dumps(evaluate(lib, PERSISTENCE, ROTATE, extra)["settings"]))
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(path), "check"], capture_output=True,
+                              text=True, env=dict(os.environ, IMPERMANENCE_NO_KMSG="1"), stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr
 
 
 def test_the_generated_json_is_the_file_the_initrd_reads(lib):
@@ -166,7 +177,9 @@ def test_the_rotation_alone_gets_the_interpreter_and_the_json_into_the_initrd(li
     ('device = "nixos";', "rotateRoot.device"),                 # neither a path nor TAG=
     ('device = "LABEL=nixos"; keep.days = -1;', "rotateRoot.keep.days"),
     ('device = "LABEL=nixos"; keep.count = "10";', "rotateRoot.keep.count"),
-    ('device = "LABEL=nixos"; subvolume = "/root";', "rotateRoot.subvolume"),
+    ('device = "LABEL=nixos"; subvolume = "root/../persistent";', "rotateRoot.subvolume"),
+    ('device = "LABEL=nixos"; subvolume = ".";', "rotateRoot.subvolume"),
+    ('device = "LABEL=nixos"; keep.days = 100001;', "rotateRoot.keep.days"),
     ('device = "LABEL=nixos"; oldRoots = "";', "rotateRoot.oldRoots"),
     ('device = "LABEL=nixos"; blank = 5;', "rotateRoot.blank"),
     ('device = "LABEL=nixos"; enable = "yes";', "rotateRoot.enable"),
