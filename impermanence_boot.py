@@ -2538,8 +2538,8 @@ class MoveIntoStorage(Action):
                 move_node(ex.targets.open(self.target[:-1]), self.target[-1],
                           ex.sources.open(self.source[:-1]), self.source[-1], shown)
         except RecursionError:
-            # What is copied stays where it is, complete or under its
-            # temporary name (removed by the next run); nothing is lost.
+            # What was moved before stays in storage, complete; the copy
+            # that failed is removed (move_node); nothing is lost.
             raise EntryError(shown, "holds directories nested too deeply to move; move them "
                                     "into storage by hand") from None
 
@@ -3086,6 +3086,8 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
     printer = Printer(tree)
     apply_config(config, tree, printer, log)
     lines = printer.lines or ["nothing to do: everything is in place"]
+    if config.root is not None:
+        lines.insert(0, rotation_summary(config.root))
     out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
     return EXIT_OK
 
@@ -3780,6 +3782,15 @@ def delete_old_root(top: BtrfsTop, comps: tuple, ident: int, nested: list, subvo
         with opened(top.open(paths[sub][:-1])) as parent:
             btrfs_ioctl(parent, BTRFS_IOC_SNAP_DESTROY, "BTRFS_IOC_SNAP_DESTROY",
                         vol_args(paths[sub][-1], 0, 8, shown), shown)
+
+
+def rotation_summary(spec: RootRotation) -> str:
+    """plan's line for the rotation, which runs before the root is mounted
+    (rotate-root --dry-run lists its steps on the filesystem as it is)."""
+    fresh = f"a snapshot of {as_path(spec.blank)}" if spec.blank else "an empty subvolume"
+    return (f"rotate-root (before the root is mounted): move {spec.device}[{as_path(spec.subvolume)}] "
+            f"to {as_path(spec.old_roots)}/<time of its last change>, fresh root {fresh}, delete old "
+            f"roots older than {spec.keep_days} days and not among the {spec.keep_count} newest")
 
 
 def rotation_error(exc: Exception, shown: str) -> str:
