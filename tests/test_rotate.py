@@ -389,3 +389,14 @@ def test_killed_at_any_step_a_root_is_in_place_and_the_next_run_recovers(fs, sys
         assert "persistent" in subvols
     print(f"{syscall}: killed at each of {kills}")
     assert kills >= {"ioctl": 6, "renameat2": 2, "mkdirat": 1}[syscall]
+
+
+def test_plan_shows_the_rotation(sandbox):
+    result = sandbox.run("plan", config={"root": {"device": "LABEL=nixos", "blank": "root-blank",
+                                                  "keep": {"days": 7, "count": 3}}})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "rotate-root (before the root is mounted): move LABEL=nixos[/root] to /old_roots/<time of its "
+        "last change>, fresh root a snapshot of /root-blank, delete old roots older than 7 days and not "
+        "among the 3 newest",
+        "nothing to do: everything is in place"]
