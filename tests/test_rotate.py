@@ -400,3 +400,102 @@ def test_plan_shows_the_rotation(sandbox):
         "last change>, fresh root a snapshot of /root-blank, delete old roots older than 7 days and not "
         "among the 3 newest",
         "nothing to do: everything is in place"]
+
+
+# --- two boots under QEMU, the root being the rotated subvolume ---------------------
+
+@pytest.fixture(scope="module")
+def rotated_boots(tmp_path_factory):
+    """A btrfs disk (subvolumes root and persistent) booted twice: stage 1
+    runs rotate-root, then mounts subvol=root as the root (vm/guest/init);
+    boot 1 writes a file on the root and one in kept /var/log."""
+    import sys
+
+    from conftest import PROJECT, SCRIPT, enter_private_mount_namespace
+    sys.path.insert(0, str(PROJECT / "vm"))
+    import build_initramfs
+    import cpio
+    import machine
+
+    require(os.geteuid() == 0, "it needs root (loop mounts, the kernel image in /boot)")
+    require(machine.qemu_available(), "qemu-system-x86_64 is not installed")
+    require(shutil.which("mkfs.btrfs") is not None, "btrfs-progs is not installed")
+    require(shutil.which("busybox") is not None, "busybox-static is not installed")
+    require(Path(build_initramfs.PYTHON).is_file(), f"{build_initramfs.PYTHON} is not installed")
+    try:
+        kver = build_initramfs.default_kver()
+    except build_initramfs.BuildError as e:
+        require(False, str(e))
+    enter_private_mount_namespace()
+    work = tmp_path_factory.mktemp("vm-rotate")
+    build = work / "build"
+    build_initramfs.build(build, SCRIPT, kver=kver)
+    # btrfs and what it needs, appended to each boot's initramfs
+    modules = cpio.Archive()
+    order = []
+    for ko in build_initramfs.kernel_module_files(kver, ("btrfs",)):
+        name, data = build_initramfs.decompress_module(ko)
+        rel = str(ko.parent.relative_to(f"/lib/modules/{kver}")) + "/" + name
+        modules.file(f"/lib/modules/{kver}/{rel}", data)
+        order.append(rel)
+    modules.file(f"/lib/modules/{kver}/load-order-btrfs", ("\n".join(order) + "\n").encode())
+    modules.file("/nix/scenario/btrfs-root", b"LABEL=vmroot\n")
+    extra = modules.to_bytes()
+
+    image = work / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run([*MKFS, "vmroot", str(image)], check=True, stdout=subprocess.DEVNULL)
+    top = work / "top"
+    with mounted(str(image), top, "-o", "loop"):
+        subvolume(top / "root")
+        subvolume(top / "persistent")
+    config = {"root": {"device": "LABEL=vmroot", "subvolume": "root", "oldRoots": "old_roots",
+                       "keep": {"days": 30, "count": 10}},
+              "deviceTimeout": 20,
+              "fileSystems": {"/persistent": {"device": "LABEL=vmroot", "fsType": "btrfs",
+                                              "options": ["subvol=persistent"]}},
+              "persistence": {"/persistent": {"directories": ["/var/log"]}}}
+    boots = []
+    for n, checks in ((1, {"writes": [{"path": "/lost-by-rotation.txt", "content": "boot 1\n"},
+                                      {"path": "/var/log/kept.log", "content": "kept\n"}],
+                           "inspect": ["/lost-by-rotation.txt", "/var/log/kept.log"]}),
+                      (2, {"inspect": ["/lost-by-rotation.txt", "/var/log/kept.log"]})):
+        result = machine.Boot(build, work, machine.overlay(config=config, checks=checks) + extra,
+                              [image], name=f"rotate-{n}").run()
+        assert not result.timed_out and result.report is not None, result.describe()
+        boots.append(result)
+    with mounted(str(image), top, "-o", "loop"):
+        out = subprocess.run(["btrfs", "subvolume", "list", str(top)], check=True,
+                             capture_output=True, text=True).stdout
+        subvols = {line.split(" path ", 1)[1] for line in out.splitlines()}
+        old = sorted(p.split("/")[1] for p in subvols if p.startswith("old_roots/"))
+        files = {name: sorted(os.listdir(top / "old_roots" / name)) for name in old}
+        lost = {name: (top / "old_roots" / name / "lost-by-rotation.txt").read_text()
+                for name in old if (top / "old_roots" / name / "lost-by-rotation.txt").exists()}
+        kept = (top / "persistent" / "var" / "log" / "kept.log").read_text()
+        root_has = (top / "root" / "lost-by-rotation.txt").exists()
+    return {"boots": boots, "subvols": subvols, "old": old, "files": files, "lost": lost,
+            "kept": kept, "root_has": root_has}
+
+
+@pytest.mark.vm
+def test_two_boots_the_root_subvolume_is_rotated_at_each(rotated_boots):
+    first, second = rotated_boots["boots"]
+    for boot in (first, second):
+        assert "stage 1: rotate-root exited 0" in boot.console, boot.describe()
+        assert boot.report["stage1"]["exit"] == 0, boot.describe()
+    # Boot 2 runs on a fresh root: what boot 1 wrote there is gone from it,
+    # and kept in old_roots/<time>; the kept directory's file is in storage.
+    assert not second.report["inspect"]["/lost-by-rotation.txt"]["exists"]
+    assert second.report["inspect"]["/var/log/kept.log"]["content"] == "kept\n"
+    assert "exchange LABEL=vmroot" not in second.console  # devices are named by path
+    assert re.search(r"stage 1: rotate \| impermanence: exchange /dev/vda\[/root\] and "
+                     r"/dev/vda\[/old_roots/\.rotating\]", second.console), second.console
+    assert rotated_boots["root_has"] is False
+    old = rotated_boots["old"]
+    assert len(old) == 2 and all(STAMP.match(n) for n in old), old
+    assert list(rotated_boots["lost"].values()) == ["boot 1\n"]
+    assert list(rotated_boots["lost"]) == [old[1]]  # the newer one: boot 1's root
+    assert rotated_boots["kept"] == "kept\n"
+    assert {"root", "persistent"} <= rotated_boots["subvols"]
