@@ -875,18 +875,7 @@ def parse_filesystems(table: dict) -> list:
         device = spec.get("device")
         if device is None and spec.get("label") is not None:
             device = "LABEL=" + expect(spec["label"], str, key_path(where, "label"), "a string")
-        at = key_path(where, "device")
-        if device is None:
-            raise ConfigError(at, "is required (a path, UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
-        expect(device, str, at, "a string")
-        if not device or "\0" in device:
-            raise ConfigError(at, f"{device!r} is not a device")
-        if "=" in device and not device.startswith("/"):
-            tag = device.split("=", 1)[0]
-            if tag not in DEVICE_TAGS:
-                raise ConfigError(at, f"unknown tag {tag}= (use UUID=, LABEL=, PARTUUID= or PARTLABEL=)")
-        elif not device.startswith("/"):
-            raise ConfigError(at, f"{device!r} must be an absolute path or UUID=, LABEL=, PARTUUID=, PARTLABEL=")
+        device = parse_device(device, key_path(where, "device"))
         fs_type = expect(spec.get("fsType", "auto"), str, key_path(where, "fsType"), "a string") or "auto"
         options = parse_options(spec.get("options", []), key_path(where, "options"))
         filesystems.append(FileSystem(comps, device, fs_type, options, where))

@@ -219,6 +219,19 @@ let
   rotateCommand = escapeShellArgs ([ "${initrdPython}/bin/python3" "-I" "-S" "-B" "${compiledScript}" "--config" "${configFile}" ]
     ++ optional verbose "--verbose" ++ [ "rotate-root" ]);
 
+  # Scripted stage 1: run a command, report a failure, and stop the boot
+  # on a config or storage error only when emergencyOnError asks for it.
+  stageOneRun = what: cmd: ''
+    impermanence_status=0
+    ${cmd} || impermanence_status=$?
+    if [ "$impermanence_status" -ne 0 ]; then
+      echo "impermanence: ${what} exited with status $impermanence_status (see the messages above)"
+      ${optionalString icfg.emergencyOnError ''
+        if [ "$impermanence_status" -ge 2 ]; then fail; fi
+      ''}
+    fi
+  '';
+
   # ---- root rotation: the device's systemd unit ------------------------------
 
   # The /dev/disk/by-* link udev makes for a tag's value (udev's
@@ -536,16 +549,7 @@ in
       (mkIf (!config.boot.initrd.systemd.enable) {
         # After resuming from hibernation was tried (a resumed system
         # still uses the old root), before stage 1 mounts the root.
-        boot.initrd.postResumeCommands = mkAfter ''
-          impermanence_status=0
-          ${rotateCommand} || impermanence_status=$?
-          if [ "$impermanence_status" -ne 0 ]; then
-            echo "impermanence: rotate-root exited with status $impermanence_status (see the messages above)"
-            ${optionalString icfg.emergencyOnError ''
-              if [ "$impermanence_status" -ge 2 ]; then fail; fi
-            ''}
-          fi
-        '';
+        boot.initrd.postResumeCommands = mkAfter (stageOneRun "rotate-root" rotateCommand);
       })
 
       (mkIf config.boot.initrd.systemd.enable {
@@ -645,16 +649,7 @@ in
       })
 
       (mkIf (!config.boot.initrd.systemd.enable) {
-        boot.initrd.postMountCommands = mkAfter ''
-          impermanence_status=0
-          ${command "/mnt-root"} || impermanence_status=$?
-          if [ "$impermanence_status" -ne 0 ]; then
-            echo "impermanence: impermanence_boot.py exited with status $impermanence_status (see the messages above)"
-            ${optionalString icfg.emergencyOnError ''
-              if [ "$impermanence_status" -ge 2 ]; then fail; fi
-            ''}
-          fi
-        '';
+        boot.initrd.postMountCommands = mkAfter (stageOneRun "impermanence_boot.py" (command "/mnt-root"));
       })
 
       (mkIf config.boot.initrd.systemd.enable {
