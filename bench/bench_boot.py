@@ -1188,6 +1188,13 @@ def report(results, args) -> str:
         cells.append("yes" if r["verified"] else "NO")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if py3b:
+        # The same loop as the floor, in Python started as apply is: what
+        # any Python program pays for the bare calls alone.
+        lines.append("Floor in Python ÷ (floor + start): %s." % "; ".join(
+            "N = %s: %.2f" % (n_fmt(n), med(r, "pyfloor") / (med(r, "floor") + med(r, "start")))
+            for n, r in sorted(sizes.items()) if "pyfloor" in r and "start" in r))
+        lines.append("")
     calls = [(n, r["impermanence_calls"]) for n, r in sorted(sizes.items()) if "impermanence" in r]
     if calls:
         lines.append("Processes the impermanence sequence starts (each create-directories.sh and "

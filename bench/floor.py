@@ -2,8 +2,11 @@
 
 Same operation list and meaning as floor.c (see there); no planning, no
 checks beyond what the system calls report. Run as `python3 -I -S floor.py OPS`.
+mount(2) is bound through `_ctypes`, as impermanence_boot.py binds it, so
+this loop loads what the script loads: it is the least a Python program
+started the same way takes for the job.
 """
-import ctypes
+import _ctypes
 import os
 import sys
 
@@ -11,8 +14,24 @@ MS_BIND = 4096
 
 
 def main(ops_path):
-    libc = ctypes.CDLL(None, use_errno=True)
-    mount = libc.mount
+    class Int(_ctypes._SimpleCData):
+        _type_ = "i"
+
+    class ULong(_ctypes._SimpleCData):
+        _type_ = "L"
+
+    class CharP(_ctypes._SimpleCData):
+        _type_ = "z"
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        _restype_ = Int
+
+    class Libc:
+        _handle = _ctypes.dlopen(None, _ctypes.RTLD_LOCAL)
+
+    mount = Function(("mount", Libc))
+    mount.argtypes = (CharP, CharP, CharP, ULong, CharP)
     failures = 0
 
     def fail(what, path, err=None):
@@ -23,7 +42,7 @@ def main(ops_path):
 
     def bind(src, tgt):
         if mount(os.fsencode(src), os.fsencode(tgt), None, MS_BIND, None) != 0:
-            fail("mount", tgt, ctypes.get_errno())
+            fail("mount", tgt, _ctypes.get_errno())
 
     os.umask(0)
     with open(ops_path) as f:
