@@ -131,3 +131,23 @@ def test_profile_apply_reports_the_profile_of_an_apply():
     rows = [line.split() for line in proc.stdout.splitlines() if "impermanence_boot.py:" in line]
     assert rows, "no function of the script in the profile"
     assert max(int(r[0].split("/")[0]) for r in rows) >= 100, rows
+
+
+def test_profile_apply_times_the_phases_of_an_apply():
+    """--tool phases times main() and its phases in a real apply: each
+    phase timed, none longer than main() itself."""
+    require(os.geteuid() == 0, "it needs root (loop devices, mounts)")
+    for tool in ("mkfs.ext4", "losetup", "mount"):
+        require(shutil.which(tool) is not None, f"{tool} is not installed")
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT / "bench" / "profile_apply.py"), "--n", "25",
+         "--tool", "phases", "--runs", "2"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    print(proc.stdout[-2000:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.split()[2:] for line in proc.stdout.splitlines() if line.startswith("phases ms:")]
+    assert len(lines) == 2 and proc.stdout.count("exit 0,") == 2, proc.stdout
+    for fields in lines:
+        spent = dict(zip(fields[::2], map(float, fields[1::2])))
+        assert set(spent) == {"config", "storage", "libc", "planning", "entries", "main"}, spent
+        assert all(0 < ms <= spent["main"] for ms in spent.values()), spent
