@@ -5,7 +5,7 @@ checks beyond what the system calls report. Run as `python3 -I -S floor.py OPS`.
 As a floor it loads the least it can: mount(2) bound through `_ctypes` (as
 impermanence_boot.py binds it, not through the ctypes package), and the
 calls taken from `posix`, the C module under `os` (importing `os` runs
-_collections_abc, posixpath and more: about 1.3 ms here). Started as apply
+_collections_abc, posixpath and more: about 1 ms here). Started as apply
 is, it is the least any Python program takes for the job.
 """
 import _ctypes
@@ -43,7 +43,8 @@ def main(ops_path):
         sys.stderr.write("floor: %s %s: %s\n" % (what, path, msg))
 
     def bind(src, tgt):
-        if mount(src.encode('utf-8','surrogateescape'), tgt.encode('utf-8','surrogateescape'), None, MS_BIND, None) != 0:
+        if mount(src.encode("utf-8", "surrogateescape"), tgt.encode("utf-8", "surrogateescape"),
+                 None, MS_BIND, None) != 0:
             fail("mount", tgt, _ctypes.get_errno())
 
     posix.umask(0)
