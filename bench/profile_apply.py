@@ -32,14 +32,21 @@ import bench_boot as bb  # noqa: E402
 
 SORT = "tottime"
 
-# argv: sort key, script, its arguments. Loads the script as a module and
-# profiles main() alone, then prints the report.
-PROFILE_MAIN = """
-import cProfile, importlib.util, pstats, sys
-sort, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+# The script at `script`, loaded as a module (its main() not run): the
+# start of each program below.
+LOAD_SCRIPT = """
+import importlib.util
 spec = importlib.util.spec_from_file_location("impermanence_boot", script)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
+"""
+
+# argv: sort key, script, its arguments. Profiles main() alone, then
+# prints the report.
+PROFILE_MAIN = """
+import cProfile, pstats, sys
+sort, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+""" + LOAD_SCRIPT + """
 profile = cProfile.Profile()
 status = profile.runcall(module.main, args)
 pstats.Stats(profile, stream=sys.stdout).sort_stats(sort).print_stats()
@@ -49,11 +56,9 @@ sys.exit(status)
 # argv: script, its arguments. Wraps the functions of each phase with a
 # timer, runs main() once and prints one line of milliseconds.
 PHASES_MAIN = """
-import importlib.util, sys, time
+import sys, time
 script, args = sys.argv[1], sys.argv[2:]
-spec = importlib.util.spec_from_file_location("impermanence_boot", script)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+""" + LOAD_SCRIPT + """
 spent = {}
 def timed(owner, name, phase):
     function = getattr(owner, name)
