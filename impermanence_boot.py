@@ -80,7 +80,10 @@ O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 MARK_TIME_NS = 314_159_265
 MARK_TIMES = (MARK_TIME_NS, MARK_TIME_NS)
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE, EXIT_PRIVILEGE = 0, 1, 2, 3, 4
+# Commands that mount, unmount or change owners: root only, said at once.
+NEEDS_ROOT = ("apply", "unmount", "rotate-root")
+VERSION = "0.1.0"
 
 DEFAULT_CONFIG = "/etc/impermanence.json"
 PATH_MAX = 4096  # linux/limits.h: a path the kernel takes, with its NUL
@@ -457,18 +460,28 @@ MKDIR_BASE = 0o777
 MKDIR_UMASK = 0o022
 
 
+MODE_FORMS = "an octal mode (0000-7777) or a symbolic mode like u=rwx,g=rx,o="
+
+
 def parse_mode(text: str) -> int:
     """Octal ("0700", "755") or symbolic clauses as `mkdir --mode` reads
     them for a directory ("u=rwx,g=rx,o=", "go-rwx" is 0700, "+t" 1777).
-    Raises ValueError with a reason."""
+    Raises ValueError with a reason that says what a mode looks like."""
     if not isinstance(text, str):
         raise ValueError(f"must be a string such as \"0755\", not {type_name(text)}")
-    if text and not text.strip("01234567"):
-        if len(text) > 4:
-            raise ValueError(f"octal mode {text!r} has more than 4 digits")
+    if text.isdigit() and text.isascii():
+        if text.strip("01234567") or len(text) > 4:
+            raise ValueError(f"{text!r} is not {MODE_FORMS}")
         return int(text, 8)
     if not text:
-        raise ValueError("is empty")
+        raise ValueError(f"is empty: give {MODE_FORMS}")
+    try:
+        return parse_symbolic_mode(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not {MODE_FORMS} ({exc})") from None
+
+
+def parse_symbolic_mode(text: str) -> int:
     mode = MKDIR_BASE
     named = 0  # the bits some clause set or cleared
     for clause in text.split(","):
@@ -687,7 +700,7 @@ def parse_perms(obj: dict, where: str, default: Perms) -> Perms:
         try:
             mode = parse_mode(mode)
         except ValueError as exc:
-            raise ConfigError(key_path(where, "mode"), f"invalid mode: {exc}") from None
+            raise ConfigError(key_path(where, "mode"), str(exc)) from None
     return Perms(user, group, mode)
 
 
@@ -815,6 +828,7 @@ def parse_config(data, escapes: bool = True) -> Config:
     for entry in entries:
         if entry.storage not in used:
             used.append(entry.storage)
+    check_unkeepable(entries)
     check_overlaps(entries, filesystems, storages + [s for s in used if s not in storages])
     storages += [s for s in used if s not in storages]
     root = parse_root(data["root"]) if data.get("root") is not None else None
@@ -843,7 +857,7 @@ def parse_accounts(users: dict) -> dict:
             try:
                 home_mode = parse_mode(spec["homeMode"])
             except ValueError as exc:
-                raise ConfigError(key_path(where, "homeMode"), f"invalid mode: {exc}") from None
+                raise ConfigError(key_path(where, "homeMode"), str(exc)) from None
         accounts[name] = Account(name, uid, group, home, home_mode)
     return accounts
 
@@ -1073,6 +1087,33 @@ def attach_homes(entries: list, homes: dict) -> None:
                 entries[k] = Entry(e.kind, e.target, e.storage, e.perms, e.method, e.parent_perms,
                                    (home, user, 0o700), user, e.where, e.options)
                 break
+
+
+# Kept paths that cannot work: the initramfs moves its own /proc, /sys, /dev
+# and /run onto the new root at switch_root, hiding a bind made there (and
+# /run is meant to start empty); the Nix store belongs to Nix.
+UNKEEPABLE = {
+    ("proc",): "the kernel's proc filesystem is mounted there at every boot",
+    ("sys",): "the kernel's sysfs is mounted there at every boot",
+    ("dev",): "the initramfs moves its devtmpfs there at switch_root",
+    ("run",): "the initramfs moves its /run there at switch_root, and /run starts empty by design",
+    ("nix", "store"): "the Nix store is Nix's own; keep /nix on a persistent filesystem instead",
+}
+# Kept paths that work but are rarely meant: a warning, not an error.
+SURPRISING = {("tmp",): "/tmp is meant to be emptied at boot; keeping it keeps everything put there"}
+
+
+def check_unkeepable(entries: list) -> None:
+    for e in entries:
+        for prefix, why in UNKEEPABLE.items():
+            if is_under(e.target, prefix):
+                raise ConfigError(e.where, f"{as_path(e.target)} cannot be kept: {why}")
+
+
+def config_warnings(config: "Config") -> list:
+    """One line per entry that works but is rarely what was meant."""
+    return [f"{as_path(e.target)} ({e.where}): {why}" for e in config.entries
+            for prefix, why in SURPRISING.items() if is_under(e.target, prefix)]
 
 
 def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
@@ -3071,6 +3112,8 @@ def command_apply(config: Config, root: str, log: Log) -> int:
 
 
 def command_plan(config: Config, root: str, log: Log, out) -> int:
+    for warning in config_warnings(config):
+        log.warn(warning)
     tree = Tree(root)
     printer = Printer(tree)
     apply_config(config, tree, printer, log)
@@ -3287,11 +3330,14 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
     return unmounted
 
 
-def command_check(path: str, out) -> int:
+def command_check(path: str, log: Log, out) -> int:
     config = load_config_file(path)
-    dirs = sum(1 for e in config.entries if e.kind == "directory")
-    out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
-              f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
+    for warning in config_warnings(config):
+        log.warn(warning)
+    if log.verbosity:
+        dirs = sum(1 for e in config.entries if e.kind == "directory")
+        out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
+                  f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
     return EXIT_OK
 
 
@@ -3317,7 +3363,8 @@ def command_diff(config: Config, root: str, log: Log, out, as_json: bool, as_tre
         out.write(json.dumps(dict(root=root, **found_json(walk)), indent=2) + "\n")
     else:
         write_found(walk, (), out, as_tree, "not kept (lost at the next boot)")
-    return EXIT_OK
+    # A path it could not read is a part of the answer missing.
+    return EXIT_FAILED if walk.errors else EXIT_OK
 
 
 def command_orphans(config: Config, root: str, log: Log, out, as_json: bool, as_tree: bool) -> int:
@@ -3830,7 +3877,8 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
 # --- Command line ------------------------------------------------------------------------
 
 USAGE = """\
-usage: impermanence_boot.py [--config PATH] [--root PATH] [-v|--verbose] [-q|--quiet] [COMMAND] [--json]
+usage: {prog} [--config PATH] [--root PATH] [-v|-q] [COMMAND] [--json] [--tree]
+       [--include PATH] [--dry-run]
 
 Reconnect persistent state to a freshly wiped root (NixOS impermanence's
 environment.persistence, as JSON), before switch_root or by hand.
@@ -3864,11 +3912,24 @@ options:
   --include PATH with diff: walk PATH too (repeatable)
   --dry-run      with rotate-root: change nothing
   -h, --help     show this help
+  --version      show the version
 
-exit status: 0 all in place; 1 an entry failed (others applied) or status
-found drift; 2 usage or config error, nothing changed; 3 a persistent
-storage location was unavailable, nothing bound from it.
+exit status: 0 all in place; 1 an entry failed (others applied), status
+found drift or diff could not read a path; 2 usage or config error, nothing
+changed; 3 a persistent storage location was unavailable, nothing bound from
+it; 4 apply, unmount or rotate-root run without root, nothing changed.
 """
+
+
+def usage() -> str:
+    """USAGE under the name the script was started by: impermanence_boot.py
+    (also for its .pyc), or impermanence-boot as pip installs it."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if prog.endswith(".pyc"):
+        prog = prog[:-1]
+    if not prog or prog in ("-c", "__main__.py"):
+        prog = "impermanence_boot.py"
+    return USAGE.replace("{prog}", prog)
 
 COMMANDS = ("apply", "plan", "status", "unmount", "check", "diff", "orphans", "rotate-root")
 # The options a command takes besides --config, --root, -v, -q.
@@ -3877,8 +3938,8 @@ COMMAND_OPTIONS = {"--json": ("status", "diff", "orphans"), "--tree": ("diff", "
 
 
 class Options(Record):
-    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help", "tree",
-                           "include", "dry_run")
+    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help", "version",
+                           "tree", "include", "dry_run")
 
 
 def parse_args(argv: list) -> Options:
@@ -3890,8 +3951,9 @@ def parse_args(argv: list) -> Options:
         value = None
         if arg.startswith("--") and "=" in arg:
             arg, value = arg.split("=", 1)
-        if arg in ("-h", "--help"):
-            return Options(None, None, None, 1, False, True, False, (), False)
+        if arg in ("-h", "--help", "--version"):
+            return Options(None, None, None, 1, False, arg != "--version", arg == "--version",
+                           False, (), False)
         if arg == "--include":
             if value is None:
                 if not args:
@@ -3934,7 +3996,7 @@ def parse_args(argv: list) -> Options:
             raise UsageError(f"{option} goes with {', '.join(COMMAND_OPTIONS[option])}")
     if config is None:
         config = os.environ.get("IMPERMANENCE_CONFIG") or DEFAULT_CONFIG
-    return Options(command, config, root, verbosity, as_json, False, "--tree" in given,
+    return Options(command, config, root, verbosity, as_json, False, False, "--tree" in given,
                    tuple(include), "--dry-run" in given)
 
 
@@ -3951,15 +4013,26 @@ def main(argv: list | None = None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        sys.stderr.write(f"impermanence: {exc}\n{USAGE.splitlines()[0]}\n")
+        sys.stderr.write(f"impermanence: {exc}\n{usage().splitlines()[0]}\n")
         return EXIT_CONFIG
     if opts.help:
-        sys.stdout.write(USAGE)
+        sys.stdout.write(usage())
+        return EXIT_OK
+    if opts.version:
+        sys.stdout.write(f"impermanence_boot {VERSION}\n")
         return EXIT_OK
     log = Log(opts.verbosity)
+    euid = os.geteuid()
+    if euid != 0 and opts.command in NEEDS_ROOT:
+        log.error(f"{opts.command} needs root: it mounts, unmounts and sets owners "
+                  f"(running as uid {euid}); nothing was changed")
+        return EXIT_PRIVILEGE
+    if euid != 0 and opts.command not in ("check",):
+        log.warn(f"not root (uid {euid}): {opts.command} sees only what this user may read "
+                 "and probes no device; run it as root for the whole answer")
     try:
         if opts.command == "check":
-            return command_check(opts.config, sys.stdout)
+            return command_check(opts.config, log, sys.stdout)
         config = load_config_file(opts.config)
     except ConfigError as exc:
         where = (exc.where if isinstance(exc, ConfigFileError) or exc.where.startswith("/")
