@@ -39,6 +39,9 @@ MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_BIND = 4096
 MS_SILENT = 32768
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MS_LAZYTIME = 1 << 25
@@ -68,6 +71,8 @@ BTRFS_ROOT_BACKREF_KEY = 144
 # architecture: used where the C library has no wrapper (glibc < 2.36).
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+MOUNT_ATTR_SIZE_VER0 = 32  # struct mount_attr: attr_set, attr_clr, propagation, userns_fd
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -93,8 +98,8 @@ class Libc:
     """The libc calls the os module lacks, bound through `_ctypes`, the C
     half of ctypes. The ctypes package itself would add five modules
     (ctypes, types, struct, _struct, ctypes._endian) to every initramfs and
-    their loading to every boot. open_tree and move_mount go through
-    syscall(2) where the C library has no wrapper; renameat2 is None where
+    their loading to every boot. open_tree, move_mount and mount_setattr
+    go through syscall(2) where the C library has no wrapper; renameat2 is None where
     it has none."""
 
     def __init__(self):
@@ -136,11 +141,15 @@ class Libc:
         self.flock = bind("flock", Int, Int)
         self.open_tree = bind("open_tree", Int, CharP, UInt)  # glibc >= 2.36
         self.move_mount = bind("move_mount", Int, CharP, Int, CharP, UInt)
+        self.mount_setattr = bind("mount_setattr", Int, CharP, UInt, CharP, ULong)  # glibc >= 2.36
         if self.open_tree is None or self.move_mount is None:
             syscall = bind("syscall", Long, Int, CharP, UInt)
             self.open_tree = lambda *args: syscall(SYS_OPEN_TREE, *args)
             syscall5 = bind("syscall", Long, Int, CharP, Int, CharP, UInt)
             self.move_mount = lambda *args: syscall5(SYS_MOVE_MOUNT, *args)
+        if self.mount_setattr is None:
+            setattr_call = bind("syscall", Long, Int, CharP, UInt, CharP, ULong)
+            self.mount_setattr = lambda *args: setattr_call(SYS_MOUNT_SETATTR, *args)
 
 
 _libc: Libc | None = None
@@ -1337,6 +1346,7 @@ class MountTable:
 
     def __init__(self):
         self.points: dict[str, tuple] = {}
+        self.shared: set = set()  # ids of the mounts that have a peer group
         try:
             with open("/proc/self/mountinfo", "rb") as f:
                 data = f.read().decode("utf-8", "surrogateescape")
@@ -1349,6 +1359,8 @@ class MountTable:
             except ValueError:
                 continue
             point = unescape_mountinfo(fields[4])
+            if any(tag.startswith("shared:") for tag in fields[6:sep]):
+                self.shared.add(fields[0])
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
                                   unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
 
@@ -2113,6 +2125,7 @@ class Executor:
         self.targets = DirChain(self.root_fd, tree)  # walks on the root
         self.euid = os.geteuid()
         self.clone_binds = True  # until open_tree(2) is found missing
+        self.slave_clones = True  # until mount_setattr(2) is found missing
         self.utab_records: list = []  # (target, userspace options) of the binds made
 
     def __enter__(self) -> "Executor":
@@ -2421,14 +2434,38 @@ class Bind(Action):
                 owner = ex.sources.owner(self.source[:-1])
                 if st.st_uid != owner:
                     raise EntryError(source_shown, hard_link_refusal(st.st_uid, owner))
+            # One way: a slave of its source's peer group before it is
+            # attached, so that at no moment does a mount made under it
+            # reach storage (docs/behaviour.md, "Mount propagation").
+            one_way = clone is not None and ex.slave_clones and slave_detached(clone, source_shown)
+            if clone is not None:
+                ex.slave_clones = one_way
             if want_dir:
-                attach(source_fd, ex.targets.open(self.target), clone is not None, target_shown)
+                target_fd = ex.targets.open(self.target)
+                shared = not one_way and mount_is_shared(target_fd)
+                attach(source_fd, target_fd, clone is not None, target_shown)
+                ex.targets.forget(self.target)
+                if not one_way:
+                    if clone is None:
+                        source_fd = ex.targets.open(self.target)  # the bind's root, now
+                        same_node(source_fd, st, target_shown)
+                    make_one_way(source_fd, shared, target_shown)
+                    ex.targets.forget(self.target)
             else:
                 target_parent = ex.targets.open(self.target[:-1])
                 with opened(call("open", target_shown, os.open, self.target[-1], O_PATH_NOFOLLOW,
                                  dir_fd=target_parent)) as target_fd:
                     checked_stat(target_fd, False, target_shown)
+                    shared = not one_way and mount_is_shared(target_fd)
                     attach(source_fd, target_fd, clone is not None, target_shown)
+                if not one_way:
+                    if clone is None:
+                        with opened(call("open", target_shown, os.open, self.target[-1],
+                                         O_PATH_NOFOLLOW, dir_fd=target_parent)) as bound:
+                            same_node(bound, st, target_shown)
+                            make_one_way(bound, shared, target_shown)
+                    else:
+                        make_one_way(source_fd, shared, target_shown)
         ex.targets.forget(self.target)
 
 
@@ -2441,6 +2478,47 @@ def attach(source_fd: int, target_fd: int, cloned: bool, shown: str) -> None:
     else:
         mount(f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}", None, MS_BIND, None,
               shown, "bind")
+
+
+def slave_detached(clone: int, shown: str) -> bool:
+    """Make the detached clone a slave of its source's peer group (private
+    if the source has none): it receives what is mounted in storage and
+    forwards nothing there. Attached under a shared mount, the kernel then
+    makes it shared in a peer group of its own, as any mount there.
+    False where the kernel lacks mount_setattr(2) (Linux < 5.12)."""
+    attr = bytes(16) + MS_SLAVE.to_bytes(8, sys.byteorder) + bytes(8)
+    if libc().mount_setattr(clone, b"", AT_EMPTY_PATH, attr, MOUNT_ATTR_SIZE_VER0) == 0:
+        return True
+    err = libc().get_errno()
+    if err == errno.ENOSYS:
+        return False
+    raise oserror("bind", shown, err)
+
+
+def make_one_way(bound: int, shared: bool, shown: str) -> None:
+    """What slave_detached and the attach give, for kernels without
+    mount_setattr(2), on the bind already attached (bound: an fd on its
+    root): a slave of the source's peer group, and shared in a group of its
+    own if the mount it is attached to is shared."""
+    mount(None, f"/proc/self/fd/{bound}", None, MS_SLAVE, None, shown, "bind")
+    if shared:
+        mount(None, f"/proc/self/fd/{bound}", None, MS_SHARED, None, shown, "bind")
+
+
+def mount_is_shared(fd: int) -> bool:
+    """Whether the mount that fd lies on has a peer group."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return line.split()[1].decode() in MountTable().shared
+    return False
+
+
+def same_node(fd: int, st, shown: str) -> None:
+    """fd, opened again at a target after the bind, is the bind's root."""
+    found = os.fstat(fd)
+    if (found.st_dev, found.st_ino) != (st.st_dev, st.st_ino):
+        raise EntryError(shown, "replaced while it was being bind-mounted")
 
 
 class MountFilesystem(Action):
@@ -3149,6 +3227,8 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
             state, detail = "not-a-mount-point", "a plain directory"
         storage_rows.append({"storage": as_path(storage), "state": state, "detail": detail})
         state_of[storage] = state
+    storage_rows += foreign_mount_rows(config, tree, mounts,
+                                       [s for s, st in state_of.items() if st != "unavailable"])
     accounts = Accounts(config, tree, [s for s, st in state_of.items() if st != "unavailable"])
     rows = []
     for entry in config.entries:
@@ -3166,7 +3246,7 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
         rows.append({"target": as_path(entry.target), "kind": entry.kind,
                      "source": as_path(entry.source), "state": state, "detail": detail})
     drift = sum(1 for r in rows if r["state"] != "ok")
-    drift += sum(1 for r in storage_rows if r["state"] == "unavailable")
+    drift += sum(1 for r in storage_rows if r["state"] in ("unavailable", "foreign-mount"))
     if as_json:
         import json
 
@@ -3179,6 +3259,27 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
             out.write(f"{r['state']:<19} {r['kind']:<9} {r['target']}  ({r['detail']})".translate(UNPRINTABLE) + "\n")
         out.write(f"{len(rows) - sum(1 for r in rows if r['state'] != 'ok')} of {len(rows)} entries in place\n")
     return EXIT_FAILED if drift else EXIT_OK
+
+
+def foreign_mount_rows(config: Config, tree: Tree, mounts: MountTable, storages: list) -> list:
+    """A status row for each mount inside a storage that apply did not make
+    there: apply mounts nothing inside storage but the storages and
+    fileSystems the config names. (One there came in by propagation from
+    the root side, or was mounted in storage itself; orphans and diff name
+    it without walking it.) Each goes with the innermost storage holding it."""
+    named = {tree.host(p) for p in (*config.storages, *(fs.mountpoint for fs in config.filesystems))}
+    hosts = sorted(((tree.host(s), s) for s in storages), key=lambda h: len(h[0]), reverse=True)
+    rows = []
+    for point in sorted(mounts.points):
+        if point in named:
+            continue
+        for host, storage in hosts:
+            if point.startswith(host + "/"):
+                rows.append({"storage": as_path(storage), "state": "foreign-mount",
+                             "detail": f"storage has a foreign mount at {point} "
+                                       f"({mounts.points[point][2]})"})
+                break
+    return rows
 
 
 def command_unmount(config: Config, root: str, log: Log) -> int:
