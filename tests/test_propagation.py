@@ -331,3 +331,23 @@ def test_unmount_takes_the_copies_old_binds_left_in_storage(world):
     assert result.returncode == 0, result.stderr
     assert w.storage_mounts() == []
     assert sorted(m.point for m in under(w.root)) == [str(w.cache), str(w.persistent)]
+
+
+def test_unmount_with_a_mount_made_in_storage_since(world):
+    # The bind receives a mount made in storage after apply: status names
+    # it, that entry's unmount fails as busy (the others are undone), and
+    # once it is unmounted in storage, unmount finishes.
+    w = world
+    assert w.run("apply").returncode == 0
+    inside = w.persistent / "var/lib/state"
+    sh("mount", "-t", "tmpfs", "since", str(inside))
+    assert str(w.root / "var/lib/state") in {m.point for m in under(w.root)}
+    status = w.run("status")
+    assert f"storage has a foreign mount at {inside} (tmpfs)" in status.stdout, status.stdout
+    result = w.run("unmount")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"impermanence: {w.root / 'var/lib'}: umount: Device or resource busy"], result.stderr
+    assert str(w.root / "var/lib/foo") not in {m.point for m in under(w.root)}
+    sh("umount", str(inside))
+    unmount_leaves_nothing(w)
