@@ -1342,11 +1342,13 @@ def unescape_mountinfo(field: str) -> str:
 
 class MountTable:
     """/proc/self/mountinfo, read once per run: mount point -> (source, fs
-    root, type, mount id) of the mount on top there."""
+    root, type, mount id) of the mount on top there; the peer group and
+    parent of each mount, by mount id."""
 
     def __init__(self):
         self.points: dict[str, tuple] = {}
-        self.shared: set = set()  # ids of the mounts that have a peer group
+        self.groups: dict[str, str] = {}  # mount id -> peer group, of the shared mounts
+        self.parents: dict[str, str] = {}  # mount id -> id of the mount it is attached to
         try:
             with open("/proc/self/mountinfo", "rb") as f:
                 data = f.read().decode("utf-8", "surrogateescape")
@@ -1359,8 +1361,10 @@ class MountTable:
             except ValueError:
                 continue
             point = unescape_mountinfo(fields[4])
-            if any(tag.startswith("shared:") for tag in fields[6:sep]):
-                self.shared.add(fields[0])
+            for tag in fields[6:sep]:
+                if tag.startswith("shared:"):
+                    self.groups[fields[0]] = tag[7:]
+            self.parents[fields[0]] = fields[1]
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
                                   unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
 
@@ -1369,6 +1373,34 @@ class MountTable:
 
     def remove(self, host_path: str) -> None:
         self.points.pop(host_path, None)
+
+    def holding(self, host_path: str) -> str | None:
+        """The id of the mount host_path lies on (the one on top at the
+        longest mount point above it)."""
+        path = host_path
+        while True:
+            found = self.points.get(path or "/")
+            if found is not None:
+                return found[3]
+            if not path or path == "/":
+                return None
+            path = path[:path.rindex("/")]
+
+    def two_way(self, host_target: str, host_source: str) -> bool:
+        """Whether the mount at host_target is a peer of the mount
+        host_source lies on: a bind that forwards what is mounted under it
+        into storage (made by mount(8), or by a version of this script
+        whose binds were not one-way)."""
+        found = self.points.get(host_target)
+        if found is None:
+            return False
+        group = self.groups.get(found[3])
+        return group is not None and self.groups.get(self.holding(host_source)) == group
+
+    def parent_shared(self, host_path: str) -> bool:
+        """Whether the mount at host_path is attached to a shared mount."""
+        found = self.points.get(host_path)
+        return found is not None and self.parents.get(found[3]) in self.groups
 
 
 # --- The system as found: accounts ---------------------------------------------------
@@ -2510,8 +2542,40 @@ def mount_is_shared(fd: int) -> bool:
     with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
         for line in f:
             if line.startswith(b"mnt_id:"):
-                return line.split()[1].decode() in MountTable().shared
+                return line.split()[1].decode() in MountTable().groups
     return False
+
+
+class MakeOneWay(Action):
+    """A bind already in place that is a peer of its storage (made by
+    mount(8), or by a version whose binds were not one-way) made one-way,
+    as Bind makes its binds; shared: whether the mount it is attached to is."""
+    __slots__ = ("target", "kind", "shared")
+
+    def __init__(self, target: tuple, kind: str, shared: bool):
+        self.target, self.kind, self.shared = target, kind, shared
+
+    def describe(self, tree: Tree) -> str:
+        return (f"make the bind on {tree.host(self.target)} one-way (now a peer of its storage: "
+                "what is mounted under it appears in storage too)")
+
+    def execute(self, ex: Executor) -> None:
+        shown = ex.tree.host(self.target)
+        if self.kind == "directory":
+            make_one_way(ex.targets.open(self.target), self.shared, shown)
+            return
+        parent = ex.targets.open(self.target[:-1])
+        with opened(call("open", shown, os.open, self.target[-1], O_PATH_NOFOLLOW,
+                         dir_fd=parent)) as fd:
+            make_one_way(fd, self.shared, shown)
+
+
+def plan_one_way(entry: Entry, tree: Tree, mounts: MountTable) -> list:
+    """MakeOneWay for the entry's bind, if it is in place and two-way."""
+    host = tree.host(entry.target)
+    if not mounts.two_way(host, tree.host(entry.source)) or not tree.same(entry.source, entry.target):
+        return []
+    return [MakeOneWay(entry.target, entry.kind, mounts.parent_shared(host))]
 
 
 def same_node(fd: int, st, shown: str) -> None:
@@ -3104,10 +3168,11 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
 def run_entries(entries: list, tree: Tree, accounts: Accounts, runner) -> int:
     """Plan and run each entry in turn; the number that failed."""
     failed = 0
+    mounts = MountTable()
     for entry in entries:
         ok = False
         try:
-            runner.run(plan_entry(entry, tree, accounts))
+            runner.run(plan_one_way(entry, tree, mounts) + plan_entry(entry, tree, accounts))
             ok = True
         except Exception as exc:  # expected failures, and bugs: the others still run
             runner.report(failure_text(exc, tree.host(entry.target)))
@@ -3237,6 +3302,9 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
         else:
             try:
                 state, detail = entry_status(entry, tree, mounts, accounts)
+                if state == "ok" and mounts.two_way(tree.host(entry.target), tree.host(entry.source)):
+                    state, detail = "two-way", ("mounted as a peer of its storage: what is mounted "
+                                                "under it appears in storage too; apply makes it one-way")
             except EntryError as exc:
                 state, detail = "error", f"{exc.path}: {exc.cause}"
             except OSError as exc:

@@ -368,7 +368,9 @@ NESTED_CONFIG = {
 }
 NESTED_WRITES = {"/var/lib/foo/written": "cache only\n", "/var/lib/state": "persistent\n"}
 NESTED_INSPECT = ["/var/lib", "/var/lib/foo", "/var/lib/cached.conf", "/persistent/var/lib",
-                  "/persistent/var/lib/foo", "/cache/var/lib/foo", "/cache/var/lib/cached.conf"]
+                  "/persistent/var/lib/foo", "/cache/var/lib/foo", "/cache/var/lib/cached.conf",
+                  "/var/lib/foo/written", "/persistent/var/lib/foo/written",
+                  "/cache/var/lib/foo/written"]
 # After the report, the booted system mounts a filesystem under a kept
 # directory (a USB stick, say) and reports the mount table again.
 LATER_MOUNT = ("mkdir -p /var/lib/usb && mount -t tmpfs usb /var/lib/usb && echo on-the-stick > /var/lib/usb/f\n"
@@ -446,6 +448,11 @@ def test_nested_storages_each_write_in_its_own_storage(nested_run):
     contents = boots[2].contents()
     for path, content in NESTED_WRITES.items():
         assert contents.get(path) == content, (path, contents.get(path))
+    # as the booted system sees it: in /cache, and nowhere in /persistent
+    ins = boots[2].inspect()
+    assert ins["/cache/var/lib/foo/written"] is not None
+    assert same_inode(ins["/cache/var/lib/foo/written"], ins["/var/lib/foo/written"])
+    assert ins["/persistent/var/lib/foo/written"] is None
 
 
 # --- opting in to the emergency shell ------------------------------------------------

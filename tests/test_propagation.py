@@ -351,3 +351,56 @@ def test_unmount_with_a_mount_made_in_storage_since(world):
     assert str(w.root / "var/lib/foo") not in {m.point for m in under(w.root)}
     sh("umount", str(inside))
     unmount_leaves_nothing(w)
+
+
+def test_apply_makes_binds_made_before_one_way(world):
+    # Binds that joined their storage's peer group (mount(8), or a version
+    # whose binds were two-way) on a running system: status names them,
+    # plan says what apply does, apply makes them one-way (and unmounts
+    # nothing), and its nested bind's copy in storage can then be removed.
+    w = world
+    leak_as_before(w)
+    config = {"persistence": {"/persistent": {"directories": ["/var/lib"]},
+                              "/cache": {"directories": ["/var/lib/foo"]}}}
+    status = w.run("status", config=config)
+    assert status.returncode == 1
+    two_way = [line.split()[2] for line in status.stdout.splitlines() if line.startswith("two-way")]
+    assert two_way == ["/var/lib", "/var/lib/foo"], status.stdout
+    plan = w.run("plan")
+    assert plan.stdout.splitlines() == [
+        f"make the bind on {w.root / t} one-way (now a peer of its storage: what is mounted "
+        "under it appears in storage too)" for t in ("var/lib", "var/lib/foo")], plan.stdout
+    result = w.run("apply")
+    assert result.returncode == 0, result.stderr
+    for target, store in (("var/lib", w.persistent), ("var/lib/foo", w.cache)):
+        bind, source = at(w.root / target), at(store)
+        assert bind.master == source.shared, (target, bind, source)
+        assert bind.shared is not None and bind.shared != source.shared, (target, bind)
+    # one-way now: a later mount under /var/lib stays out of storage
+    (w.root / "var/lib/usb").mkdir()
+    sh("mount", "-t", "tmpfs", "usb", str(w.root / "var/lib/usb"))
+    assert [m.point for m in under(w.persistent)] == [str(w.persistent / "var/lib/foo")]
+    assert "two-way" not in w.run("status").stdout
+    assert w.run("apply").returncode == 0
+    assert w.run("plan").stdout == "nothing to do: everything is in place\n"
+
+
+def test_killed_between_attach_and_slave_then_apply_again(world):
+    # Without mount_setattr a bind is two-way from its attach until the
+    # MS_SLAVE after it: killed there, the next apply makes it one-way.
+    require(shutil.which("strace") is not None, "strace is not installed")
+    w = world
+    trace = w.tmp / "trace"
+    prefix = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=mount_setattr,move_mount,mount",
+              "-e", "inject=mount_setattr:error=ENOSYS", "-e", "inject=mount:signal=KILL:when=1")
+    run_on(w.root, w.sandbox.config_path, "apply", prefix=prefix,
+           env={"LIBMOUNT_UTAB": str(w.sandbox.utab)})
+    text = trace.read_text()
+    assert "+++ killed by SIGKILL +++" in text and "MS_SLAVE" in text, text
+    first = at(w.root / "etc/hostname")  # the first bind, in target order
+    assert first.shared == at(w.persistent).shared and first.master is None, first
+    result = w.run("apply")
+    assert result.returncode == 0, result.stderr
+    check_one_way(w)
+    bind = at(w.root / "etc/hostname")
+    assert bind.master == at(w.persistent).shared and bind.shared != bind.master, bind
