@@ -2478,11 +2478,11 @@ class Bind(Action):
                 attach(source_fd, target_fd, clone is not None, target_shown)
                 ex.targets.forget(self.target)
                 if not one_way:
+                    bound = source_fd  # the clone, attached now
                     if clone is None:
-                        source_fd = ex.targets.open(self.target)  # the bind's root, now
-                        same_node(source_fd, st, target_shown)
-                    make_one_way(source_fd, shared, target_shown)
-                    ex.targets.forget(self.target)
+                        bound = ex.targets.open(self.target)  # the bind's root, now
+                        same_node(bound, st, target_shown)
+                    make_one_way(bound, shared, target_shown)
             else:
                 target_parent = ex.targets.open(self.target[:-1])
                 with opened(call("open", target_shown, os.open, self.target[-1], O_PATH_NOFOLLOW,
@@ -2517,12 +2517,13 @@ def slave_detached(clone: int, shown: str) -> bool:
     if the source has none): it receives what is mounted in storage and
     forwards nothing there. Attached under a shared mount, the kernel then
     makes it shared in a peer group of its own, as any mount there.
-    False where the kernel lacks mount_setattr(2) (Linux < 5.12)."""
+    False where the kernel lacks mount_setattr(2) (Linux < 5.12) or will
+    not change a detached mount: the bind is then made one-way once attached."""
     attr = bytes(16) + MS_SLAVE.to_bytes(8, sys.byteorder) + bytes(8)
     if libc().mount_setattr(clone, b"", AT_EMPTY_PATH, attr, MOUNT_ATTR_SIZE_VER0) == 0:
         return True
     err = libc().get_errno()
-    if err == errno.ENOSYS:
+    if err in (errno.ENOSYS, errno.EINVAL):
         return False
     raise oserror("bind", shown, err)
 
