@@ -266,6 +266,9 @@ def test_kept_directory_target_swapped_for_a_link_before_its_bind(sandbox, ib, m
     sandbox.write_config({"users": USERS, "groups": GROUPS, "persistence": {"/persistent": {
         "users": {"bird": {"directories": ["Documents"]}}}}})
     target = sandbox.path("/home/bird/Documents")
+    target.mkdir(parents=True)  # there already: the bind opens it by path
+    for d in (target.parent, target):
+        os.chown(d, BIRD, USERS_GID)
 
     def plant():  # what bird can do in their home
         target.rmdir()
@@ -339,3 +342,41 @@ def test_utab_is_written_only_under_its_lock(sandbox):
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "x-gvfs-hide" in sandbox.utab.read_text()
+
+
+# --- unmount: what it removes is what apply made, and empty -----------------------
+
+def test_unmount_keeps_a_marked_mount_point_that_holds_data(sandbox, ib, capfd):
+    """Guard: a mount point apply made is removed only when it is empty; a
+    file put there with the mark's times (restored from a copy of the root,
+    say) keeps its data."""
+    store = tmpfs_at(sandbox.path("/persistent"))
+    (store / "etc").mkdir()
+    (store / "etc/app.conf").write_text("kept\n")
+    sandbox.write_config({"persistence": {"/persistent": {"files": ["/etc/app.conf"]}}})
+    assert in_process(ib, sandbox, capfd)[0] == 0
+    target = sandbox.path("/etc/app.conf")
+    mark = target.stat().st_mtime_ns  # seen through the bind: the source's
+    status, _, err = in_process(ib, sandbox, capfd, "unmount")
+    assert status == 0 and not target.exists(), err
+    # The mount point comes back holding data, with apply's mark on it.
+    target.write_text("restored by hand\n")
+    os.utime(target, ns=(ib.MARK_TIME_NS, ib.MARK_TIME_NS))
+    assert mark != ib.MARK_TIME_NS
+    status, _, err = in_process(ib, sandbox, capfd, "unmount")
+    assert status == 0, err
+    assert target.read_text() == "restored by hand\n"
+
+
+def test_unmount_keeps_a_link_that_points_elsewhere(sandbox, ib, capfd):
+    """Guard: unmount removes a link at a kept file's target only if it is
+    the link apply makes; another link there is someone's and stays."""
+    tmpfs_at(sandbox.path("/persistent"))
+    etc = sandbox.path("/etc")
+    etc.mkdir()
+    (etc / "app.conf").symlink_to("/usr/share/app/default.conf")
+    sandbox.write_config({"persistence": {"/persistent": {"files": [
+        {"file": "/etc/app.conf", "method": "symlink"}]}}})
+    status, _, err = in_process(ib, sandbox, capfd, "unmount")
+    assert status == 0, err
+    assert os.readlink(etc / "app.conf") == "/usr/share/app/default.conf"
