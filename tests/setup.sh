@@ -12,6 +12,7 @@ APT_PACKAGES=(
     qemu-system-x86 linux-image-amd64 busybox-static kmod
     e2fsprogs btrfs-progs xfsprogs dosfstools fdisk util-linux
     cpio zstd xz-utils strace
+    fuse2fs libcap2-bin
     nix-bin
     gcc libc6-dev
     dracut-core initramfs-tools systemd

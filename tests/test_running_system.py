@@ -11,10 +11,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 
-from support import BIRD, SCRIPT, USERS_GID, base_config, require, same_inode
+from reliability_support import content_view, snapshot
+from support import (BIRD, SCRIPT, USERS_GID, base_config, mounts_under, require, same_inode, tmpfs_at,
+                     unique_label)
 
 PYTHON = "/usr/bin/python3.11"
 INSIDE = "/run/impermanence-test"  # the script and config, inside the root
@@ -37,14 +41,15 @@ def running(sandbox, disk):
     subprocess.run(["mount", "-t", "proc", "proc", str(R / "proc")], check=True)
     shutil.copy(SCRIPT, R / INSIDE.lstrip("/") / "impermanence_boot.py")
 
-    def run(persistence: dict, *args: str, others: dict | None = None):
+    def run(persistence: dict, *args: str, others: dict | None = None, prefix: tuple = ()):
         """apply, inside, of the boot's config with this /persistent
-        location (and other locations)."""
+        location (and other locations); prefix: strace, say."""
         config = base_config(disk.label, persistence)
         config["persistence"].update(others or {})
         (R / INSIDE.lstrip("/") / "config.json").write_text(json.dumps(config))
-        return subprocess.run([shutil.which("chroot"), str(R), PYTHON, "-I", f"{INSIDE}/impermanence_boot.py",
-                               "--config", f"{INSIDE}/config.json", *args, "apply"],
+        return subprocess.run([*prefix, shutil.which("chroot"), str(R), PYTHON, "-I",
+                               f"{INSIDE}/impermanence_boot.py", "--config", f"{INSIDE}/config.json",
+                               *args, "apply"],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
                               env={"IMPERMANENCE_NO_KMSG": "1", "LIBMOUNT_UTAB": f"{INSIDE}/utab",
                                    "PATH": "/usr/bin"}, timeout=60)
@@ -156,3 +161,294 @@ def test_an_account_made_at_activation_gets_its_entry_then(sandbox, disk, runnin
     st = os.stat(S / "var/lib/colord")
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (987, 986, 0o750)
     assert same_inode(R / "var/lib/colord", S / "var/lib/colord")
+
+
+# --- The move into storage: boundaries, interruptions, space, writers -------------------
+
+def leftovers(*dirs) -> list:
+    """The move's temporaries (`.NAME.impermanence-move` in storage,
+    `.NAME.impermanence-moved` on the root) found in these directories."""
+    return sorted(f"{d}/{n}" for d in dirs if os.path.isdir(d) for n in os.listdir(d)
+                  if ".impermanence-move" in n)
+
+
+def test_a_disk_mounted_inside_a_new_kept_directory_is_refused(sandbox, running, loop_disk):
+    # A USB disk at /srv/data/usb when /srv/data becomes kept: never
+    # copied into storage, never emptied; the entry fails naming it.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    usb = loop_disk(unique_label())
+    data = R / "srv/data"
+    (data / "notes").mkdir(parents=True)
+    (data / "notes/a.txt").write_text("on the root\n")
+    (data / "usb").mkdir()
+    subprocess.run(["mount", usb.device, str(data / "usb")], check=True)
+    (data / "usb/photo.jpg").write_bytes(os.urandom(100_000))
+    os.chown(data / "usb/photo.jpg", BIRD, USERS_GID)
+    usb_before, data_before = content_view(snapshot(data / "usb")), content_view(snapshot(data))
+    result = running({"directories": ["/var/log", "/srv/data", "/srv/other"]})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"impermanence: /srv/data: holds /srv/data/usb, another filesystem mounted there "
+        f"({usb.device}, ext4); not moved into storage (unmount it, or keep it apart, then apply again)"]
+    assert content_view(snapshot(data / "usb")) == usb_before  # lost+found too
+    assert content_view(snapshot(data)) == data_before
+    assert not (S / "srv/data").exists() or os.listdir(S / "srv/data") == []
+    assert leftovers(S / "srv") == []
+    assert os.path.ismount(data / "usb") and not os.path.ismount(data)
+    assert os.path.ismount(R / "srv/other")  # the others are applied
+    subprocess.run(["umount", str(data / "usb")], check=True)
+
+
+def test_a_kept_directory_that_is_a_mount_point_is_refused(sandbox, running, loop_disk):
+    # /var/lib/docker on its own disk, then kept: its disk is not emptied.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    other = loop_disk(unique_label())
+    docker = R / "var/lib/docker"
+    docker.mkdir(parents=True)
+    subprocess.run(["mount", other.device, str(docker)], check=True)
+    (docker / "image").write_bytes(b"layer\n" * 1000)
+    before = content_view(snapshot(docker))
+    result = running({"directories": ["/var/log", "/var/lib/docker"]})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"impermanence: /var/lib/docker: is another filesystem's mount point ({other.device}, ext4); "
+        "not moved into storage (unmount it, or keep it apart, then apply again)"]
+    assert content_view(snapshot(docker)) == before
+    assert not (S / "var/lib/docker").exists() or os.listdir(S / "var/lib/docker") == []
+    assert leftovers(S / "var/lib") == []
+    assert [m[2] for m in mounts_under(docker)] == ["ext4"]  # nothing bound over it
+    subprocess.run(["umount", str(docker)], check=True)
+
+
+def test_a_nested_entry_of_another_storage_stays_in_its_storage(sandbox, running):
+    # /var/lib/foo bound from /persist2; then /var/lib is kept on
+    # /persistent: foo's data stays in /persist2 and is bound on top again.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    second = tmpfs_at(R / "persist2")
+    (second / "var/lib/foo").mkdir(parents=True)
+    (second / "var/lib/foo/db").write_text("foo's data\n")
+    foo = {"/persist2": {"directories": ["/var/lib/foo"]}}
+    first = running({"directories": ["/var/log"]}, others=foo)
+    assert first.returncode == 0, first.stderr
+    assert same_inode(R / "var/lib/foo", second / "var/lib/foo")
+    (R / "var/lib/other").mkdir()
+    (R / "var/lib/other/state").write_text("other's\n")
+    result = running({"directories": ["/var/log", "/var/lib"]}, others=foo)
+    assert result.returncode == 0, result.stderr
+    assert (second / "var/lib/foo/db").read_text() == "foo's data\n"
+    assert os.listdir(second / "var/lib/foo") == ["db"]
+    assert (S / "var/lib/other/state").read_text() == "other's\n"
+    assert not (S / "var/lib/foo").exists() or os.listdir(S / "var/lib/foo") == []
+    assert same_inode(R / "var/lib", S / "var/lib")
+    assert same_inode(R / "var/lib/foo", second / "var/lib/foo")
+    assert (R / "var/lib/foo/db").read_text() == "foo's data\n"
+    assert leftovers(S / "var", R / "var") == []
+
+
+def test_a_fuse_mount_inside_is_refused_and_nothing_is_copied(sandbox, running, tmp_path):
+    # A user's FUSE mount can present any owner and mode: a root-owned
+    # setuid file must never reach storage (and the user's home at boot).
+    require(shutil.which("fuse2fs") is not None, "fuse2fs is not installed (Debian package fuse2fs)")
+    require(os.path.exists("/dev/fuse"), "/dev/fuse is missing")
+    R, S = sandbox.root, sandbox.path("/persistent")
+    image = tmp_path / "fuse.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    stuff = R / "home/bird/stuff"
+    (stuff / "mnt").mkdir(parents=True)
+    for d in (R / "home/bird", stuff, stuff / "mnt"):
+        os.chown(d, BIRD, USERS_GID)
+    (stuff / "own.txt").write_text("bird's\n")
+    subprocess.run(["fuse2fs", "-o", "fakeroot,allow_other", str(image), str(stuff / "mnt")], check=True)
+    try:
+        shutil.copy("/usr/bin/true", stuff / "mnt/rootshell")
+        os.chown(stuff / "mnt/rootshell", 0, 0)
+        os.chmod(stuff / "mnt/rootshell", 0o4755)
+        assert os.stat(stuff / "mnt/rootshell").st_mode & 0o4000
+        result = running({"directories": ["/var/log"], "users": {"bird": {"directories": ["stuff"]}}})
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("impermanence: /home/bird/stuff: holds /home/bird/stuff/mnt, "
+                                        "another filesystem mounted there (")
+        found = [os.path.join(d, n) for d, _, names in os.walk(S) for n in names]
+        assert not any(n.endswith("rootshell") for n in found), found
+        assert (stuff / "own.txt").read_text() == "bird's\n"
+        assert not os.path.ismount(stuff)
+    finally:
+        subprocess.run(["umount", str(stuff / "mnt")], check=True)
+
+
+def move_world(R) -> dict:
+    """A new kept directory's and a new kept file's data on the running
+    system (a tmpfs root; storage is ext4): returns their content view."""
+    data = R / "var/lib/app"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.db").write_bytes(b"A" * 70_000)
+    (data / "sub/b.txt").write_text("b\n")
+    os.chown(data / "sub/b.txt", BIRD, USERS_GID)
+    os.symlink("b.txt", data / "sub/link")
+    (R / "etc").mkdir(exist_ok=True)
+    (R / "etc/adjtime").write_text("0.0 0 0.0\n")
+    return {"app": content_view(snapshot(data)), "adjtime": (R / "etc/adjtime").read_bytes()}
+
+
+MOVE_CONFIG = {"directories": ["/var/log", "/var/lib/app"], "files": ["/etc/adjtime"]}
+MOVE_SYSCALLS = ("write", "fsync", "mkdirat", "renameat", "renameat2", "unlinkat", "fchown", "fchmod",
+                 "symlinkat")
+
+
+@pytest.mark.parametrize("syscall", MOVE_SYSCALLS)
+def test_killed_at_every_step_of_a_move_then_applied_again(sandbox, running, tmp_path, syscall):
+    # SIGKILL at the k-th call, for every k until a run is no longer
+    # killed; then apply again: everything in storage, nothing lost.
+    require(shutil.which("strace") is not None, "strace is not installed")
+    R, S = sandbox.root, sandbox.path("/persistent")
+    kills = 0
+    for k in range(1, 400):
+        want = move_world(R)
+        trace = tmp_path / "trace"
+        killed = running(MOVE_CONFIG, prefix=("strace", "-f", "-qq", "-o", str(trace), "-e",
+                                               f"trace={syscall}", "-e",
+                                               f"inject={syscall}:signal=KILL:when={k}"))
+        if "+++ killed by SIGKILL +++" not in trace.read_text():
+            assert killed.returncode == 0, killed.stderr
+            break
+        kills += 1
+        again = running(MOVE_CONFIG)
+        assert again.returncode == 0, (k, again.stderr)
+        assert same_inode(R / "var/lib/app", S / "var/lib/app"), k
+        assert same_inode(R / "etc/adjtime", S / "etc/adjtime"), k
+        got = content_view(snapshot(S / "var/lib/app"))
+        assert {p: v for p, v in got.items() if p != "."} == \
+               {p: v for p, v in want["app"].items() if p != "."}, k
+        assert (S / "etc/adjtime").read_bytes() == want["adjtime"], k
+        assert leftovers(S / "var/lib", S / "etc", R / "var/lib", R / "etc") == [], k
+        # Back to before the move, for the next k.
+        for target in (R / "var/lib/app", R / "etc/adjtime"):
+            subprocess.run(["umount", str(target)], check=True)
+        shutil.rmtree(R / "var/lib/app")
+        os.unlink(R / "etc/adjtime")
+        shutil.rmtree(S / "var/lib/app")
+        os.unlink(S / "etc/adjtime")
+    else:
+        pytest.fail("still killed after 400 calls")
+    assert kills >= 1, f"apply never calls {syscall} while moving"
+
+
+def test_out_of_space_half_way_then_applied_again(sandbox, running):
+    R, S = sandbox.root, sandbox.path("/persistent")
+    data = R / "var/lib/app"
+    data.mkdir(parents=True)
+    for i in range(4):
+        (data / f"part{i}").write_bytes(os.urandom(3 << 20))
+    before = content_view(snapshot(data))
+    free = os.statvfs(S).f_bavail * os.statvfs(S).f_frsize
+    filler = S / "filler"
+    with open(filler, "wb") as f:  # leaves about 6 MiB: room for two parts of four
+        f.write(b"\0" * (free - (6 << 20)))
+    result = running({"directories": ["/var/log", "/var/lib/app"]})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[0].startswith("impermanence: /var/lib/app")
+    assert "No space left on device" in result.stderr
+    assert content_view(snapshot(data)) == before
+    assert not os.path.ismount(data)
+    assert leftovers(S / "var/lib", R / "var/lib") == []
+    assert not (S / "var/lib/app").exists() or os.listdir(S / "var/lib/app") == []
+    filler.unlink()
+    again = running({"directories": ["/var/log", "/var/lib/app"]})
+    assert again.returncode == 0, again.stderr
+    assert same_inode(data, S / "var/lib/app")
+    assert {p: v for p, v in content_view(snapshot(S / "var/lib/app")).items() if p != "."} == \
+           {p: v for p, v in before.items() if p != "."}
+
+
+def test_sparse_files_stay_sparse(sandbox, running):
+    # 1 GiB with 4 KiB written, into a 32 MiB storage.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    data = R / "var/lib/vm"
+    data.mkdir(parents=True)
+    with open(data / "disk.img", "wb") as f:
+        f.seek(512 << 20)
+        f.write(b"x" * 4096)
+        f.truncate(1 << 30)
+    result = running({"directories": ["/var/log", "/var/lib/vm"]})
+    assert result.returncode == 0, result.stderr
+    copy = S / "var/lib/vm/disk.img"
+    st = os.stat(copy)
+    assert st.st_size == 1 << 30
+    assert st.st_blocks * 512 <= 64 << 10, st.st_blocks
+    with open(copy, "rb") as f:
+        f.seek((512 << 20) - 1)
+        assert f.read(4098) == b"\0" + b"x" * 4096 + b"\0"
+
+
+def test_file_capabilities_survive_the_move(sandbox, running):
+    R, S = sandbox.root, sandbox.path("/persistent")
+    data = R / "opt/tools"
+    data.mkdir(parents=True)
+    shutil.copy("/usr/bin/true", data / "ping")
+    os.chown(data / "ping", BIRD, USERS_GID)
+    subprocess.run(["setcap", "cap_net_raw+ep", str(data / "ping")], check=True)
+    capability = os.getxattr(data / "ping", "security.capability")
+    result = running({"directories": ["/var/log", "/opt/tools"]})
+    assert result.returncode == 0, result.stderr
+    copy = S / "opt/tools/ping"
+    assert os.getxattr(copy, "security.capability") == capability
+    assert "cap_net_raw=ep" in subprocess.run(["getcap", str(copy)], capture_output=True,
+                                              text=True).stdout
+    st = os.stat(copy)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (BIRD, USERS_GID, 0o755)
+
+
+WRITER = r"""
+import os, sys, time
+path, kind, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+i = 0
+fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if kind == "held" else None
+while not os.path.exists(stop):
+    line = b"line %06d\n" % i
+    if kind == "held":
+        os.write(fd, line)
+    else:
+        f = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(f, line)
+        os.close(f)
+    i += 1
+    time.sleep(0.0005)
+print(i)
+"""
+
+
+@pytest.mark.parametrize("kind", ["reopen", "held"])
+def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, kind):
+    # A logger that opens, appends and closes, or one that keeps its fd
+    # (journald, nginx): either the entry fails and the original stays,
+    # or the move completes with every line.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    data = R / "var/lib/app"
+    data.mkdir(parents=True)
+    (data / "big").write_bytes(os.urandom(8 << 20))  # the copy takes a while
+    log = data / "log"
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), kind, str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        while not log.exists() or log.stat().st_size < 1000:
+            time.sleep(0.01)
+        result = running({"directories": ["/var/log", "/var/lib/app"]})
+        time.sleep(0.2)  # writes after the move land where they must too
+    finally:
+        stop.touch()
+        written = int(writer.communicate(timeout=30)[0])
+    want = "".join(f"line {i:06d}\n" for i in range(written))
+    if result.returncode == 0:
+        assert same_inode(data, S / "var/lib/app")
+        assert (S / "var/lib/app/log").read_text() == want
+    else:
+        assert result.stderr.startswith("impermanence: /var/lib/app/log: "), result.stderr
+        assert "stop the program" in result.stderr
+        assert not os.path.ismount(data)
+        assert log.read_text() == want
+        assert leftovers(S / "var/lib", R / "var/lib") == []
+    if kind == "held":
+        assert result.returncode == 1, "a writer holding the file open is not waited for"
