@@ -332,6 +332,7 @@ def test_killed_at_every_step_of_a_move_then_applied_again(sandbox, running, tmp
         os.unlink(S / "etc/adjtime")
     else:
         pytest.fail("still killed after 400 calls")
+    print(f"KILLS {syscall} {kills}")
     assert kills >= 1, f"apply never calls {syscall} while moving"
 
 
