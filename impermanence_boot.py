@@ -2115,7 +2115,9 @@ class Executor:
         self.euid = os.geteuid()
         self.clone_binds = True  # until open_tree(2) is found missing
         self.utab_records: list = []  # (target, userspace options) of the binds made
-        self.covered: dict = {}  # target -> fd of the directory a move's bind covers (DropMoved's)
+        # target -> (fd of the directory a move's bind covers, what the copy
+        # read): for DropMoved
+        self.covered: dict = {}
 
     def __enter__(self) -> "Executor":
         return self
@@ -2123,8 +2125,9 @@ class Executor:
     def __exit__(self, *exc_info) -> None:
         self.sources.truncate(0)
         self.targets.truncate(0)
-        for fd in self.covered.values():
-            os.close(fd)
+        for fd, _ in self.covered.values():
+            if fd is not None:
+                os.close(fd)
         os.close(self.root_fd)
 
     def run(self, actions: list) -> None:
@@ -2627,7 +2630,7 @@ class MoveIntoStorage(Action):
             if exists_at(at, aside[-1]) and not exists_at(into, temp):
                 # Renamed into place by a run that was stopped: finish.
                 if is_dir:
-                    ex.covered[self.target], held = held, None
+                    ex.covered[self.target], held = (held, None), None
                 else:
                     self.put_file_aside(ex, at, aside_shown, shown)
                 return
@@ -2657,13 +2660,15 @@ class MoveIntoStorage(Action):
                         call("fsync", shown, os.fsync, copy)
                 else:
                     copy_node(at, self.target[-1], into, temp, shown, copying, (self.target[-1],))
+                # Last before the rename, the quicker last: a write after
+                # it is found when the originals are compared (DropMoved).
+                writer = open_for_writing(copying.files)
+                if writer is not None:
+                    raise EntryError(writer[0], f"is open for writing (process {writer[1]}); {WRITER_HINT}")
                 changed = copying.changed(top, shown if is_dir else tree.host(self.target[:-1]).rstrip("/"))
                 if changed is not None:
                     raise EntryError(changed, f"was written while it was being moved into storage; "
                                               f"{WRITER_HINT}")
-                writer = open_for_writing(copying.files)
-                if writer is not None:
-                    raise EntryError(writer[0], f"is open for writing (process {writer[1]}); {WRITER_HINT}")
                 call("mkdir", aside_shown, os.mkdir, aside[-1], 0o700, dir_fd=at)
             except BaseException:
                 discard_copy(into, temp)  # storage as it was: no half-made copy left in it
@@ -2678,10 +2683,8 @@ class MoveIntoStorage(Action):
                 discard_copy(into, temp)
                 discard_copy(at, aside[-1])
                 raise
-            call("fsync", shown, os.fsync, into)
-            if is_dir:
-                ex.covered[self.target], held = held, None
-            else:
+            ex.covered[self.target], held = (held, copying.copied()), None
+            if not is_dir:
                 self.put_file_aside(ex, at, aside_shown, shown)
         finally:
             if held is not None:
@@ -2737,13 +2740,16 @@ class DropMoved(Action):
         aside = move_aside(self.target)
         aside_shown = tree.host(aside)
         at = ex.targets.open(self.target[:-1])
-        held = ex.covered.pop(self.target, None)
+        held, copied = ex.covered.pop(self.target, (None, None))
         if not exists_at(at, aside[-1]):
             if held is not None:
                 os.close(held)
             return  # moved by renames (one mount): nothing was put aside
         try:
             with opened(open_aside(at, aside[-1], aside_shown, ex.euid)) as put:
+                # The rename into place made durable before an original goes.
+                call("fsync", ex.tree.host(self.source), os.fsync, ex.sources.open(self.source[:-1]))
+                kept_in = ex.sources.open(self.source if self.kind == "dir" else self.source[:-1])
                 if held is not None:
                     for child in sorted(os.listdir(held)):
                         try:
@@ -2751,9 +2757,8 @@ class DropMoved(Action):
                         except OSError as exc:
                             if exc.errno != errno.EBUSY:  # a kept path's mount point stays
                                 raise
-                kept_in = ex.sources.open(self.source if self.kind == "dir" else self.source[:-1])
                 for child in sorted(os.listdir(put)):
-                    differs = first_difference(put, kept_in, child, f"{aside_shown}/{child}")
+                    differs = first_difference(put, kept_in, child, f"{aside_shown}/{child}", (child,), copied)
                     if differs is not None:
                         raise EntryError(differs, "was written after it was copied into storage: kept "
                                                   "here with those writes; stop the program that writes "
@@ -2769,38 +2774,36 @@ class DropMoved(Action):
             raise EntryError(aside_shown, "cannot be removed; left as it is")
 
 
-def first_difference(a_dir: int, b_dir: int, name: str, shown: str) -> str | None:
-    """Where name in a_dir is not what name in b_dir is (type, content,
-    link text; below a directory, each entry): its path, or None."""
-    try:
-        a = os.stat(name, dir_fd=a_dir, follow_symlinks=False)
-        b = os.stat(name, dir_fd=b_dir, follow_symlinks=False)
-    except FileNotFoundError:
-        return shown
-    if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode):
-        return shown
-    if stat.S_ISDIR(a.st_mode):
-        with opened(open_dir_at(a_dir, name, shown)) as ad, opened(open_dir_at(b_dir, name, shown)) as bd:
+def first_difference(a_dir: int, b_dir: int | None, name: str, shown: str, where: tuple,
+                     copied: dict | None) -> str | None:
+    """Where an original put aside (name in a_dir; where, its names below
+    the move's top) is not as the copy read it: type, size and mtime as in
+    copied (the copy's reading), or, for a run that did not copy it, as
+    its copy in storage (name in b_dir) has them. Its path, or None."""
+    a = call("lstat", shown, os.stat, name, dir_fd=a_dir, follow_symlinks=False)
+    if copied is not None:
+        seen = copied.get(where)
+    else:
+        try:
+            b = os.stat(name, dir_fd=b_dir, follow_symlinks=False)
+        except FileNotFoundError:
+            return shown
+        seen = (stat.S_IFMT(b.st_mode), b.st_size, b.st_mtime_ns)
+    if seen is None or seen[0] != stat.S_IFMT(a.st_mode):
+        return shown  # made after the copy, or replaced
+    if not stat.S_ISDIR(a.st_mode):
+        return None if seen[1:] == (a.st_size, a.st_mtime_ns) else shown
+    with opened(open_dir_at(a_dir, name, shown)) as ad:
+        bd = open_dir_at(b_dir, name, shown) if copied is None else None
+        try:
             for child in sorted(os.listdir(ad)):
-                differs = first_difference(ad, bd, child, f"{shown}/{child}")
+                differs = first_difference(ad, bd, child, f"{shown}/{child}", where + (child,), copied)
                 if differs is not None:
                     return differs
-        return None
-    if stat.S_ISLNK(a.st_mode):
-        return None if os.readlink(name, dir_fd=a_dir) == os.readlink(name, dir_fd=b_dir) else shown
-    if not stat.S_ISREG(a.st_mode):
-        return None if a.st_rdev == b.st_rdev else shown
-    if a.st_size != b.st_size:
-        return shown
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    with opened(call("open", shown, os.open, name, flags, dir_fd=a_dir)) as af, \
-            opened(call("open", shown, os.open, name, flags, dir_fd=b_dir)) as bf:
-        while True:
-            chunk = os.read(af, 1 << 20)
-            if chunk != os.read(bf, len(chunk) or 1):
-                return shown
-            if not chunk:
-                return None
+        finally:
+            if bd is not None:
+                os.close(bd)
+    return None
 
 
 class Copying:
@@ -2810,11 +2813,15 @@ class Copying:
 
     def __init__(self, tree: Tree, dev: int, kept: frozenset):
         self.tree, self.dev, self.kept = tree, dev, kept
-        self.read: list = []    # (names below the move's top, (size, mtime, ctime)) in walk order
+        self.read: list = []    # (names below the move's top, (type, size, mtime, ctime)) in walk order
         self.files: set = set()  # paths of the regular files copied
 
     def note(self, st, where: tuple) -> None:
-        self.read.append((where, (st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+        self.read.append((where, (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+
+    def copied(self) -> dict:
+        """names below the top -> (type, size, mtime) as the copy read them."""
+        return {where: seen[:3] for where, seen in self.read}
 
     def changed(self, top: int, top_shown: str) -> str | None:
         """The first node (path) whose size, mtime or ctime is not what was
@@ -2837,7 +2844,7 @@ class Copying:
                         st = os.stat(where[-1], dir_fd=chain[-1][1] if chain else top, follow_symlinks=False)
                     except OSError:
                         return top_shown + "/" + "/".join(where)
-                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != seen:
+                if (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns) != seen:
                     return top_shown + "/" + "/".join(where) if where else top_shown
             return None
         finally:

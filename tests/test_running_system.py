@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -403,53 +404,124 @@ def test_file_capabilities_survive_the_move(sandbox, running):
 
 WRITER = r"""
 import os, sys, time
-path, kind, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+path, kind, pause, stop = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 i = 0
-fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if kind == "held" else None
+fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if kind != "reopen" else None
 while not os.path.exists(stop):
+    if kind == "idle" and i >= 100:
+        time.sleep(0.01)  # the file stays open for writing, unchanged
+        continue
     line = b"line %06d\n" % i
-    if kind == "held":
+    if fd is not None:
         os.write(fd, line)
     else:
         f = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(f, line)
         os.close(f)
     i += 1
-    time.sleep(0.0005)
+    time.sleep(pause)
 print(i)
 """
 
+# (how it writes, seconds between lines, runs): one line every 0.5 ms, a
+# line every 20 ms (a move may well fit between two); with the fd kept
+# open, a line every 0.5 ms, or 100 lines and then none.
+WRITERS = [("reopen", 0.0005, 3), ("reopen", 0.02, 10), ("held", 0.0005, 3), ("idle", 0.0005, 3)]
 
-@pytest.mark.parametrize("kind", ["reopen", "held"])
-def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, kind):
+
+def lines_of(path) -> list:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("kind,pause,runs", WRITERS, ids=["reopen-busy", "reopen-slow", "held-busy",
+                                                          "held-idle"])
+def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, kind, pause, runs):
     # A logger that opens, appends and closes, or one that keeps its fd
     # (journald, nginx): either the entry fails and the original stays,
-    # or the move completes with every line.
+    # or the move completes with every line. Lines written in the moment
+    # between the copy's check and the bind are found in the originals put
+    # aside (then the entry fails naming them).
     R, S = sandbox.root, sandbox.path("/persistent")
-    data = R / "var/lib/app"
+    data, moved = R / "var/lib/app", R / "var/lib/.app.impermanence-moved"
+    outcomes = []
+    for run in range(runs):
+        data.mkdir(parents=True)
+        (data / "big").write_bytes(os.urandom(4 << 20))  # the copy takes a while
+        log = data / "log"
+        stop = tmp_path / f"stop{run}"
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), kind, str(pause), str(stop)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            while len(lines_of(log)) < 100:
+                time.sleep(0.01)
+            result = running({"directories": ["/var/log", "/var/lib/app"]})
+            time.sleep(0.2)  # writes after the move land where they must too
+        finally:
+            stop.touch()
+            written = int(writer.communicate(timeout=30)[0])
+        want = [f"line {i:06d}" for i in range(written)]
+        if result.returncode == 0:
+            outcomes.append("moved")
+            assert same_inode(data, S / "var/lib/app")
+            assert lines_of(S / "var/lib/app/log") == want
+            assert leftovers(S / "var/lib", R / "var/lib") == []
+        elif result.stderr.startswith("impermanence: /var/lib/.app.impermanence-moved/log: "):
+            outcomes.append("put aside")
+            assert same_inode(data, S / "var/lib/app")
+            got = lines_of(moved / "log") + lines_of(S / "var/lib/app/log")
+            assert sorted(set(got)) == want
+        else:
+            outcomes.append("refused")
+            assert result.stderr.startswith("impermanence: /var/lib/app/log: "), result.stderr
+            assert "stop the program that writes it" in result.stderr
+            if kind == "idle":
+                assert "is open for writing (process " in result.stderr
+            assert not os.path.ismount(data)
+            assert lines_of(log) == want
+            assert leftovers(S / "var/lib", R / "var/lib") == []
+        # Back to before the move, for the next run.
+        if os.path.ismount(data):
+            subprocess.run(["umount", str(data)], check=True)
+        for d in (data, moved, S / "var/lib/app"):
+            shutil.rmtree(d, ignore_errors=True)
+    print(f"WRITER {kind} {pause}: {outcomes}")
+    if kind != "reopen":
+        assert set(outcomes) == {"refused"}, "a writer holding the file open is not waited for"
+
+
+def test_a_write_between_the_check_and_the_bind_is_kept_aside(sandbox, running):
+    # The rename into place held up for 0.5 s (strace delay); a line is
+    # appended to the original in that moment, after the copy was checked.
+    # It is not lost: the originals stay put aside, named, and every later
+    # run says so until someone merges them.
+    require(shutil.which("strace") is not None, "strace is not installed")
+    R, S = sandbox.root, sandbox.path("/persistent")
+    data, moved = R / "var/lib/app", R / "var/lib/.app.impermanence-moved"
     data.mkdir(parents=True)
-    (data / "big").write_bytes(os.urandom(8 << 20))  # the copy takes a while
-    log = data / "log"
-    stop = tmp_path / "stop"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(log), kind, str(stop)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        while not log.exists() or log.stat().st_size < 1000:
-            time.sleep(0.01)
-        result = running({"directories": ["/var/log", "/var/lib/app"]})
-        time.sleep(0.2)  # writes after the move land where they must too
-    finally:
-        stop.touch()
-        written = int(writer.communicate(timeout=30)[0])
-    want = "".join(f"line {i:06d}\n" for i in range(written))
-    if result.returncode == 0:
-        assert same_inode(data, S / "var/lib/app")
-        assert (S / "var/lib/app/log").read_text() == want
-    else:
-        assert result.stderr.startswith("impermanence: /var/lib/app/log: "), result.stderr
-        assert "stop the program" in result.stderr
-        assert not os.path.ismount(data)
-        assert log.read_text() == want
-        assert leftovers(S / "var/lib", R / "var/lib") == []
-    if kind == "held":
-        assert result.returncode == 1, "a writer holding the file open is not waited for"
+    (data / "other").write_text("unchanged\n")
+    (data / "log").write_text("early\n")
+    results: list = []
+    apply = threading.Thread(target=lambda: results.append(running(
+        {"directories": ["/var/log", "/var/lib/app"]},
+        prefix=("strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=renameat",
+                "-e", "inject=renameat:delay_enter=500000:when=1"))))
+    apply.start()
+    deadline = time.monotonic() + 30
+    while not moved.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with open(data / "log", "a") as f:
+        f.write("late\n")
+    apply.join()
+    result = results[0]
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        "impermanence: /var/lib/.app.impermanence-moved/log: was written after it was copied into "
+        "storage: kept here with those writes; stop the program that writes it, then put it into "
+        "/persistent/var/lib/app by hand"]
+    assert same_inode(data, S / "var/lib/app")
+    assert (moved / "log").read_text() == "early\nlate\n"
+    assert (S / "var/lib/app/log").read_text() == "early\n"
+    again = running({"directories": ["/var/log", "/var/lib/app"]})
+    assert again.returncode == 1 and again.stderr == result.stderr
+    assert (moved / "log").read_text() == "early\nlate\n"
+    assert (moved / "other").read_text() == "unchanged\n"
