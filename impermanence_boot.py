@@ -2635,6 +2635,11 @@ class MoveIntoStorage(Action):
                     self.put_file_aside(ex, at, aside_shown, shown)
                 return
             kept = kept_mounts_below(tree, self.target)
+            top = held if is_dir else at
+            if mount_id(top) is not None and mount_id(top) == mount_id(into):
+                # One mount: renames (a TEMP here holds originals: go on).
+                self.rename_in(ex, top, into, temp, kept, shown)
+                return
             if exists_at(into, temp):
                 # A copy a stopped run left; the originals were not touched.
                 discard_copy(into, temp)
@@ -2644,10 +2649,6 @@ class MoveIntoStorage(Action):
                     with opened(open_aside(at, aside[-1], aside_shown, ex.euid)):
                         pass
                     call("rmdir", aside_shown, os.rmdir, aside[-1], dir_fd=at)
-            top = held if is_dir else at
-            if mount_id(top) is not None and mount_id(top) == mount_id(into):
-                self.rename_in(ex, top, into, temp, kept, shown)
-                return
             copying = Copying(tree, os.fstat(top).st_dev, kept)
             try:
                 if is_dir:
@@ -2696,6 +2697,8 @@ class MoveIntoStorage(Action):
         it goes on), which then replaces the empty source."""
         if self.kind != "dir":
             rename_noreplace(top, self.target[-1], into, self.source[-1], shown)
+            if self.mount_file:
+                CreateMountFile(self.target).execute(ex)
             return
         if not exists_at(into, temp):
             call("mkdir", shown, os.mkdir, temp, 0, dir_fd=into)
@@ -3265,8 +3268,13 @@ def plan_directory_move(tree: Tree, source: tuple, target: tuple) -> bool:
     hide, is to be moved into storage (only if storage has nothing there;
     a freshly wiped root at boot holds nothing worth keeping). Refused for
     a target that is a mount point or has another mount inside."""
-    if moved_aside(tree, target) and tree.look(move_temp(source)) is None:
+    temp = tree.look(move_temp(source))
+    if temp is None and moved_aside(tree, target):
         return True  # renamed into place by a run that stopped: finished now
+    if temp is not None and temp.dev == tree.look(target).dev and not held_names(tree, source):
+        return True  # renames into TEMP on one filesystem, which a run that stopped began
+    if tree.look(target).dev != tree.look(target[:-1]).dev:
+        planned_kept_mounts(tree, target)  # another filesystem's mount point: refused, not entered
     names = held_names(tree, target)
     if not names:
         return False

@@ -281,47 +281,61 @@ def test_a_fuse_mount_inside_is_refused_and_nothing_is_copied(sandbox, running, 
 
 def move_world(R) -> dict:
     """A new kept directory's and a new kept file's data on the running
-    system (a tmpfs root; storage is ext4): returns their content view."""
+    system (a tmpfs root): returns their content view."""
     data = R / "var/lib/app"
     (data / "sub").mkdir(parents=True)
-    (data / "a.db").write_bytes(b"A" * 70_000)
+    (data / "a.db").write_bytes(b"A" * 70_000 + os.urandom(2_500_000))  # three writes
+    os.setxattr(data / "a.db", "trusted.app", b"tag")
     (data / "sub/b.txt").write_text("b\n")
+    os.chown(data / "sub", BIRD, USERS_GID)
     os.chown(data / "sub/b.txt", BIRD, USERS_GID)
+    os.chmod(data / "sub", 0o700)
     os.symlink("b.txt", data / "sub/link")
+    os.mkfifo(data / "fifo")
     (R / "etc").mkdir(exist_ok=True)
     (R / "etc/adjtime").write_text("0.0 0 0.0\n")
     return {"app": content_view(snapshot(data)), "adjtime": (R / "etc/adjtime").read_bytes()}
 
 
 MOVE_CONFIG = {"directories": ["/var/log", "/var/lib/app"], "files": ["/etc/adjtime"]}
-MOVE_SYSCALLS = ("write", "fsync", "mkdirat", "renameat", "renameat2", "unlinkat", "fchown", "fchmod",
-                 "symlinkat")
+# Into ext4 storage (a copy), and into storage on the root's own tmpfs
+# (renames): the calls that change something on the way.
+MOVE_KILLS = [("copy", s) for s in ("write", "fsync", "mkdirat", "renameat", "renameat2", "unlinkat",
+                                     "fchown", "fchmod", "fsetxattr", "symlinkat", "mknodat")] + \
+             [("rename", s) for s in ("mkdirat", "renameat", "renameat2", "fchown", "fchmod", "fsync")]
 
 
-@pytest.mark.parametrize("syscall", MOVE_SYSCALLS)
-def test_killed_at_every_step_of_a_move_then_applied_again(sandbox, running, tmp_path, syscall):
+@pytest.mark.parametrize("how,syscall", MOVE_KILLS, ids=[f"{h}-{s}" for h, s in MOVE_KILLS])
+def test_killed_at_every_step_of_a_move_then_applied_again(sandbox, running, tmp_path, how, syscall):
     # SIGKILL at the k-th call, for every k until a run is no longer
     # killed; then apply again: everything in storage, nothing lost.
     require(shutil.which("strace") is not None, "strace is not installed")
-    R, S = sandbox.root, sandbox.path("/persistent")
+    R = sandbox.root
+    if how == "copy":
+        S, persistence, others = sandbox.path("/persistent"), MOVE_CONFIG, {}
+    else:
+        S, persistence = R / "state", {"directories": ["/var/log"]}
+        others = {"/state": {"directories": ["/var/lib/app"], "files": ["/etc/adjtime"]}}
+        S.mkdir()
     kills = 0
     for k in range(1, 400):
         want = move_world(R)
         trace = tmp_path / "trace"
-        killed = running(MOVE_CONFIG, prefix=("strace", "-f", "-qq", "-o", str(trace), "-e",
-                                               f"trace={syscall}", "-e",
-                                               f"inject={syscall}:signal=KILL:when={k}"))
+        killed = running(persistence, others=others,
+                         prefix=("strace", "-f", "-qq", "-o", str(trace), "-e", f"trace={syscall}",
+                                 "-e", f"inject={syscall}:signal=KILL:when={k}"))
         if "+++ killed by SIGKILL +++" not in trace.read_text():
             assert killed.returncode == 0, killed.stderr
             break
         kills += 1
-        again = running(MOVE_CONFIG)
+        again = running(persistence, others=others)
         assert again.returncode == 0, (k, again.stderr)
         assert same_inode(R / "var/lib/app", S / "var/lib/app"), k
         assert same_inode(R / "etc/adjtime", S / "etc/adjtime"), k
         got = content_view(snapshot(S / "var/lib/app"))
         assert {p: v for p, v in got.items() if p != "."} == \
                {p: v for p, v in want["app"].items() if p != "."}, k
+        assert os.getxattr(S / "var/lib/app/a.db", "trusted.app") == b"tag"
         assert (S / "etc/adjtime").read_bytes() == want["adjtime"], k
         assert leftovers(S / "var/lib", S / "etc", R / "var/lib", R / "etc") == [], k
         # Back to before the move, for the next k.
@@ -333,7 +347,7 @@ def test_killed_at_every_step_of_a_move_then_applied_again(sandbox, running, tmp
         os.unlink(S / "etc/adjtime")
     else:
         pytest.fail("still killed after 400 calls")
-    print(f"KILLS {syscall} {kills}")
+    print(f"KILLS {how} {syscall} {kills}")
     assert kills >= 1, f"apply never calls {syscall} while moving"
 
 
