@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -539,3 +540,52 @@ def test_a_write_between_the_check_and_the_bind_is_kept_aside(sandbox, running):
     assert again.returncode == 1 and again.stderr == result.stderr
     assert (moved / "log").read_text() == "early\nlate\n"
     assert (moved / "other").read_text() == "unchanged\n"
+
+
+def test_no_mode_is_set_by_name_without_following_links(sandbox, disk, running, tmp_path):
+    # glibc before 2.32 (Debian 11) has no fchmodat(AT_SYMLINK_NOFOLLOW):
+    # there Python's os.chmod(..., dir_fd=, follow_symlinks=False) raises
+    # ValueError. The script, run in a child chrooted into the running
+    # system with os.chmod failing so, moves every kind of node all the same.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    data = R / "var/lib/app"
+    (data / "sub").mkdir(parents=True)
+    (data / "tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(data / "tool", 0o4755)
+    os.chmod(data / "sub", 0o750)
+    os.symlink("tool", data / "link")
+    os.mkfifo(data / "fifo", 0o640)
+    os.mknod(data / "null", 0o620 | stat.S_IFCHR, os.makedev(1, 3))
+    before = content_view(snapshot(data))
+    config = base_config(disk.label, {"directories": ["/var/log", "/var/lib/app"]})
+    (R / INSIDE.lstrip("/") / "config.json").write_text(json.dumps(config))
+    errors = tmp_path / "stderr"
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 70
+        try:
+            import impermanence_boot as ib
+
+            real_chmod = os.chmod
+
+            def old_glibc_chmod(path, mode, *, dir_fd=None, follow_symlinks=True):
+                if not follow_symlinks:
+                    if dir_fd is not None:
+                        raise ValueError("chmod: cannot use dir_fd and follow_symlinks together")
+                    raise NotImplementedError("chmod: follow_symlinks unavailable on this platform")
+                return real_chmod(path, mode, dir_fd=dir_fd)
+
+            os.chmod = old_glibc_chmod
+            os.dup2(os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 2)
+            os.environ.update(IMPERMANENCE_NO_KMSG="1", LIBMOUNT_UTAB=f"{INSIDE}/utab")
+            os.chroot(R)
+            os.chdir("/")
+            code = ib.main(["--config", f"{INSIDE}/config.json", "apply"])
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, errors.read_text()
+    assert errors.read_text() == ""
+    assert same_inode(data, S / "var/lib/app")
+    assert {p: v for p, v in content_view(snapshot(S / "var/lib/app")).items() if p != "."} == \
+           {p: v for p, v in before.items() if p != "."}
