@@ -2649,7 +2649,7 @@ class MoveIntoStorage(Action):
                     with opened(open_aside(at, aside[-1], aside_shown, ex.euid)):
                         pass
                     call("rmdir", aside_shown, os.rmdir, aside[-1], dir_fd=at)
-            copying = Copying(tree, os.fstat(top).st_dev, kept)
+            copying = Copying(os.fstat(top).st_dev, kept)
             try:
                 if is_dir:
                     call("mkdir", shown, os.mkdir, temp, 0, dir_fd=into)
@@ -2812,10 +2812,10 @@ def first_difference(a_dir: int, b_dir: int | None, name: str, shown: str, where
 class Copying:
     """One move's copy: the filesystem it stays on, the kept mount points it
     leaves alone, and what it read of each node (to see a write after)."""
-    __slots__ = ("tree", "dev", "kept", "read", "files")
+    __slots__ = ("dev", "kept", "read", "files")
 
-    def __init__(self, tree: Tree, dev: int, kept: frozenset):
-        self.tree, self.dev, self.kept = tree, dev, kept
+    def __init__(self, dev: int, kept: frozenset):
+        self.dev, self.kept = dev, kept
         self.read: list = []    # (names below the move's top, (type, size, mtime, ctime)) in walk order
         self.files: set = set()  # paths of the regular files copied
 
