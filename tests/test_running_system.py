@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -400,7 +401,13 @@ def test_sparse_files_stay_sparse(sandbox, running):
         assert f.read(4098) == b"\0" + b"x" * 4096 + b"\0"
 
 
-def test_file_capabilities_survive_the_move(sandbox, running):
+def posix_acl(*entries) -> bytes:
+    """system.posix_acl_access as the kernel stores it: version 2, then
+    (tag, permissions, id) for each entry."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_file_capabilities_and_acls_survive_the_move(sandbox, running):
     R, S = sandbox.root, sandbox.path("/persistent")
     data = R / "opt/tools"
     data.mkdir(parents=True)
@@ -408,6 +415,12 @@ def test_file_capabilities_survive_the_move(sandbox, running):
     os.chown(data / "ping", BIRD, USERS_GID)
     subprocess.run(["setcap", "cap_net_raw+ep", str(data / "ping")], check=True)
     capability = os.getxattr(data / "ping", "security.capability")
+    # user::rw-, user:bird:r--, group::r--, mask::r--, other::---
+    acl = posix_acl((1, 6, 0xFFFFFFFF), (2, 4, BIRD), (4, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF),
+                    (0x20, 0, 0xFFFFFFFF))
+    (data / "notes").write_text("for bird to read\n")
+    os.setxattr(data / "notes", "system.posix_acl_access", acl)
+    notes_mode = os.stat(data / "notes").st_mode
     result = running({"directories": ["/var/log", "/opt/tools"]})
     assert result.returncode == 0, result.stderr
     copy = S / "opt/tools/ping"
@@ -416,6 +429,8 @@ def test_file_capabilities_survive_the_move(sandbox, running):
                                               text=True).stdout
     st = os.stat(copy)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (BIRD, USERS_GID, 0o755)
+    assert os.getxattr(S / "opt/tools/notes", "system.posix_acl_access") == acl
+    assert os.stat(S / "opt/tools/notes").st_mode == notes_mode
 
 
 WRITER = r"""
