@@ -2627,6 +2627,9 @@ class MoveIntoStorage(Action):
         aside_shown = tree.host(aside)
         held = open_dir_at(at, self.target[-1], shown) if is_dir else None
         try:
+            if exists_at(at, aside[-1]):
+                with opened(open_aside(at, aside[-1], aside_shown, ex.euid)):
+                    pass  # a planted one fails the entry before anything is done
             if exists_at(at, aside[-1]) and not exists_at(into, temp):
                 # Renamed into place by a run that was stopped: finish.
                 if is_dir:
@@ -2646,8 +2649,6 @@ class MoveIntoStorage(Action):
                 if exists_at(into, temp):
                     raise EntryError(tree.host(move_temp(self.source)), "cannot be removed; left as it is")
                 if exists_at(at, aside[-1]):
-                    with opened(open_aside(at, aside[-1], aside_shown, ex.euid)):
-                        pass
                     call("rmdir", aside_shown, os.rmdir, aside[-1], dir_fd=at)
             copying = Copying(os.fstat(top).st_dev, kept)
             try:

@@ -605,3 +605,45 @@ def test_no_mode_is_set_by_name_without_following_links(sandbox, disk, running, 
     assert same_inode(data, S / "var/lib/app")
     assert {p: v for p, v in content_view(snapshot(S / "var/lib/app")).items() if p != "."} == \
            {p: v for p, v in before.items() if p != "."}
+
+
+@pytest.mark.parametrize("planted", ["aside", "temp-link", "temp-dir"])
+def test_names_like_the_moves_planted_by_a_user(sandbox, running, planted):
+    # bird owns ~ on the root and ~ in storage: a directory named like the
+    # originals put aside is not taken for apply's (the entry fails,
+    # nothing is done); a link or directory named like the temporary is
+    # removed as a leftover copy, never followed, and the move is made.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    home, stored = R / "home/bird", S / "home/bird"
+    (home / "stuff").mkdir(parents=True)
+    stored.mkdir(parents=True)
+    for d in (home, home / "stuff", stored):
+        os.chown(d, BIRD, USERS_GID)
+    (home / "stuff/own.txt").write_text("bird's\n")
+    os.chown(home / "stuff/own.txt", BIRD, USERS_GID)
+    (S / "etc").mkdir(exist_ok=True)
+    (S / "etc/decoy").write_text("root's\n")
+    if planted == "aside":
+        (home / ".stuff.impermanence-moved").mkdir()
+        os.chown(home / ".stuff.impermanence-moved", BIRD, USERS_GID)
+    elif planted == "temp-link":
+        os.symlink("/etc", stored / ".stuff.impermanence-move")
+    else:
+        (stored / ".stuff.impermanence-move").mkdir()
+        os.link(S / "etc/decoy", stored / ".stuff.impermanence-move/decoy")
+    result = running({"directories": ["/var/log"], "users": {"bird": {"directories": ["stuff"]}}})
+    assert (S / "etc/decoy").read_text() == "root's\n"
+    if planted == "aside":
+        assert result.returncode == 1
+        assert result.stderr == ("impermanence: /home/bird/.stuff.impermanence-moved: is named as apply "
+                                 "names a move's originals but is not apply's; left as it is\n")
+        assert not os.path.ismount(home / "stuff")
+        assert (home / "stuff/own.txt").read_text() == "bird's\n"
+        assert os.listdir(stored / "stuff") == []
+    else:
+        assert result.returncode == 0, result.stderr
+        assert same_inode(home / "stuff", stored / "stuff")
+        assert (stored / "stuff/own.txt").read_text() == "bird's\n"
+        assert os.stat(stored / "stuff/own.txt").st_uid == BIRD
+        assert leftovers(stored, home) == []
+        assert os.path.isdir(S / "etc") and os.stat(S / "etc/decoy").st_nlink == 1
