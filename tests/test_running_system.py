@@ -297,10 +297,12 @@ def move_world(R) -> dict:
     os.mkfifo(data / "fifo")
     (R / "etc").mkdir(exist_ok=True)
     (R / "etc/adjtime").write_text("0.0 0 0.0\n")
+    (R / "etc/hostid").write_bytes(b"\x01\x02\x03\x04")
     return {"app": content_view(snapshot(data)), "adjtime": (R / "etc/adjtime").read_bytes()}
 
 
-MOVE_CONFIG = {"directories": ["/var/log", "/var/lib/app"], "files": ["/etc/adjtime"]}
+FILES = ["/etc/adjtime", {"file": "/etc/hostid", "method": "symlink"}]
+MOVE_CONFIG = {"directories": ["/var/log", "/var/lib/app"], "files": FILES}
 # Into ext4 storage (a copy), and into storage on the root's own tmpfs
 # (renames): the calls that change something on the way.
 MOVE_KILLS = [("copy", s) for s in ("write", "fsync", "mkdirat", "renameat", "renameat2", "unlinkat",
@@ -318,7 +320,7 @@ def test_killed_at_every_step_of_a_move_then_applied_again(sandbox, running, tmp
         S, persistence, others = sandbox.path("/persistent"), MOVE_CONFIG, {}
     else:
         S, persistence = R / "state", {"directories": ["/var/log"]}
-        others = {"/state": {"directories": ["/var/lib/app"], "files": ["/etc/adjtime"]}}
+        others = {"/state": {"directories": ["/var/lib/app"], "files": FILES}}
         S.mkdir()
     kills = 0
     for k in range(1, 400):
@@ -340,14 +342,16 @@ def test_killed_at_every_step_of_a_move_then_applied_again(sandbox, running, tmp
                {p: v for p, v in want["app"].items() if p != "."}, k
         assert os.getxattr(S / "var/lib/app/a.db", "trusted.app") == b"tag"
         assert (S / "etc/adjtime").read_bytes() == want["adjtime"], k
+        assert os.readlink(R / "etc/hostid") == f"/{S.relative_to(R)}/etc/hostid", k
+        assert (S / "etc/hostid").read_bytes() == b"\x01\x02\x03\x04", k
         assert leftovers(S / "var/lib", S / "etc", R / "var/lib", R / "etc") == [], k
         # Back to before the move, for the next k.
         for target in (R / "var/lib/app", R / "etc/adjtime"):
             subprocess.run(["umount", str(target)], check=True)
         shutil.rmtree(R / "var/lib/app")
-        os.unlink(R / "etc/adjtime")
+        for gone in (R / "etc/adjtime", R / "etc/hostid", S / "etc/adjtime", S / "etc/hostid"):
+            os.unlink(gone)
         shutil.rmtree(S / "var/lib/app")
-        os.unlink(S / "etc/adjtime")
     else:
         pytest.fail("still killed after 400 calls")
     print(f"KILLS {how} {syscall} {kills}")
