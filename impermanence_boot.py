@@ -2627,17 +2627,22 @@ class MoveIntoStorage(Action):
         aside_shown = tree.host(aside)
         held = open_dir_at(at, self.target[-1], shown) if is_dir else None
         try:
-            if exists_at(at, aside[-1]):
+            aside_made = exists_at(at, aside[-1])
+            if aside_made:
                 with opened(open_aside(at, aside[-1], aside_shown, ex.euid)):
                     pass  # a planted one fails the entry before anything is done
-            if exists_at(at, aside[-1]) and not exists_at(into, temp):
+            kept = kept_mounts_below(tree, self.target)
+            if aside_made and not exists_at(into, temp) and self.in_place(into, held, kept, shown):
                 # Renamed into place by a run that was stopped: finish.
                 if is_dir:
                     ex.covered[self.target], held = (held, None), None
                 else:
                     self.put_file_aside(ex, at, aside_shown, shown)
                 return
-            kept = kept_mounts_below(tree, self.target)
+            if aside_made:
+                # Made, but no rename into place followed (ASIDE goes
+                # first, TEMP after it, wherever a move is undone).
+                call("rmdir", aside_shown, os.rmdir, aside[-1], dir_fd=at)
             top = held if is_dir else at
             if mount_id(top) is not None and mount_id(top) == mount_id(into):
                 # One mount: renames (a TEMP here holds originals: go on).
@@ -2648,8 +2653,6 @@ class MoveIntoStorage(Action):
                 discard_copy(into, temp)
                 if exists_at(into, temp):
                     raise EntryError(tree.host(move_temp(self.source)), "cannot be removed; left as it is")
-                if exists_at(at, aside[-1]):
-                    call("rmdir", aside_shown, os.rmdir, aside[-1], dir_fd=at)
             copying = Copying(os.fstat(top).st_dev, kept)
             try:
                 if is_dir:
@@ -2682,8 +2685,8 @@ class MoveIntoStorage(Action):
                 else:
                     rename_noreplace(into, temp, into, name, shown)
             except BaseException:
-                discard_copy(into, temp)
                 discard_copy(at, aside[-1])
+                discard_copy(into, temp)
                 raise
             ex.covered[self.target], held = (held, copying.copied()), None
             if not is_dir:
@@ -2691,6 +2694,17 @@ class MoveIntoStorage(Action):
         finally:
             if held is not None:
                 os.close(held)
+
+    def in_place(self, into: int, held: int | None, kept: frozenset, shown: str) -> bool:
+        """Whether the copy is in storage: the source file exists; the
+        source directory holds something, or the target nothing to move."""
+        name = self.source[-1]
+        if held is None:
+            return exists_at(into, name)
+        with opened(open_dir_at(into, name, shown)) as source:
+            if os.listdir(source):
+                return True
+        return all(f"{shown}/{child}" in kept for child in os.listdir(held))
 
     def rename_in(self, ex: Executor, top: int, into: int, temp: str, kept: frozenset, shown: str) -> None:
         """On one mount: renames, which the data's writers follow. A

@@ -651,3 +651,20 @@ def test_names_like_the_moves_planted_by_a_user(sandbox, running, planted):
         assert os.stat(stored / "stuff/own.txt").st_uid == BIRD
         assert leftovers(stored, home) == []
         assert os.path.isdir(S / "etc") and os.stat(S / "etc/decoy").st_nlink == 1
+
+
+def test_a_move_undone_half_way_is_made_again(sandbox, running):
+    # A move that failed removes its `.NAME.impermanence-moved`, then its
+    # temporary; killed in between, it leaves the first without the
+    # second, nothing in storage: not a move to finish (binding the empty
+    # source would hide the data), but one to make.
+    R, S = sandbox.root, sandbox.path("/persistent")
+    data = R / "var/lib/app"
+    data.mkdir(parents=True)
+    (data / "state").write_text("kept\n")
+    (R / "var/lib/.app.impermanence-moved").mkdir(mode=0o700)
+    result = running({"directories": ["/var/log", "/var/lib/app"]})
+    assert result.returncode == 0, result.stderr
+    assert same_inode(data, S / "var/lib/app")
+    assert (S / "var/lib/app/state").read_text() == "kept\n"
+    assert leftovers(S / "var/lib", R / "var/lib") == []
