@@ -2605,7 +2605,8 @@ class MoveIntoStorage(Action):
 
     def describe(self, tree: Tree) -> str:
         what = "the contents of " if self.kind == "dir" else ""
-        return f"move {what}{tree.host(self.target)} into {tree.host(self.source)}"
+        then = ", an empty mount point made in its place" if self.mount_file else ""
+        return f"move {what}{tree.host(self.target)} into {tree.host(self.source)}{then}"
 
     def execute(self, ex: Executor) -> None:
         shown = ex.tree.host(self.target)
