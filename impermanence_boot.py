@@ -2647,7 +2647,9 @@ class MoveIntoStorage(Action):
             top = held if is_dir else at
             if mount_id(top) is not None and mount_id(top) == mount_id(into):
                 # One mount: renames (a TEMP here holds originals: go on).
-                self.rename_in(ex, top, into, temp, kept, shown)
+                self.rename_into_storage(ex, top, into, temp, kept, shown)
+                if is_dir:  # for what a writer makes there before the bind
+                    ex.covered[self.target], held = (held, {}), None
                 return
             if exists_at(into, temp):
                 # A copy a stopped run left; the originals were not touched.
@@ -2707,7 +2709,8 @@ class MoveIntoStorage(Action):
                 return True
         return all(f"{shown}/{child}" in kept for child in os.listdir(held))
 
-    def rename_in(self, ex: Executor, top: int, into: int, temp: str, kept: frozenset, shown: str) -> None:
+    def rename_into_storage(self, ex: Executor, top: int, into: int, temp: str, kept: frozenset,
+                            shown: str) -> None:
         """On one mount: renames, which the data's writers follow. A
         directory's children go into TEMP (where a stopped run left some,
         it goes on), which then replaces the empty source."""
@@ -2761,9 +2764,17 @@ class DropMoved(Action):
         at = ex.targets.open(self.target[:-1])
         held, copied = ex.covered.pop(self.target, (None, None))
         if not exists_at(at, aside[-1]):
-            if held is not None:
+            # Moved by renames (one mount): nothing was put aside, but a
+            # program may have made a file there since, under the bind now.
+            if held is None or not os.listdir(held):
+                if held is not None:
+                    os.close(held)
+                return
+            try:
+                call("mkdir", aside_shown, os.mkdir, aside[-1], 0o700, dir_fd=at)
+            except BaseException:
                 os.close(held)
-            return  # moved by renames (one mount): nothing was put aside
+                raise
         try:
             with opened(open_aside(at, aside[-1], aside_shown, ex.euid)) as put:
                 # The rename into place made durable before an original goes.
@@ -2779,8 +2790,8 @@ class DropMoved(Action):
                 for child in sorted(os.listdir(put)):
                     differs = first_difference(put, kept_in, child, f"{aside_shown}/{child}", (child,), copied)
                     if differs is not None:
-                        raise EntryError(differs, "was written after it was copied into storage: kept "
-                                                  "here with those writes; stop the program that writes "
+                        raise EntryError(differs, "was written after its move into storage began: "
+                                                  "kept here with those writes; stop the program that writes "
                                                   f"it, then put it into {tree.host(self.source)} by hand")
         except RecursionError:
             raise EntryError(aside_shown, "holds directories nested too deeply to compare; "

@@ -461,23 +461,32 @@ print(i)
 # (how it writes, seconds between lines, runs): one line every 0.5 ms, a
 # line every 20 ms (a move may well fit between two); with the fd kept
 # open, a line every 0.5 ms, or 100 lines and then none.
-WRITERS = [("reopen", 0.0005, 3), ("reopen", 0.02, 10), ("held", 0.0005, 3), ("idle", 0.0005, 3)]
+# Into storage on the root's own tmpfs (renames), the busy ones again.
+WRITERS = [("copy", "reopen", 0.0005, 3), ("copy", "reopen", 0.02, 10), ("copy", "held", 0.0005, 3),
+           ("copy", "idle", 0.0005, 3), ("rename", "reopen", 0.0005, 5), ("rename", "held", 0.0005, 3)]
 
 
 def lines_of(path) -> list:
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.parametrize("kind,pause,runs", WRITERS, ids=["reopen-busy", "reopen-slow", "held-busy",
-                                                          "held-idle"])
-def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, kind, pause, runs):
+@pytest.mark.parametrize("how,kind,pause,runs", WRITERS,
+                         ids=["reopen-busy", "reopen-slow", "held-busy", "held-idle", "rename-reopen-busy",
+                              "rename-held-busy"])
+def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, how, kind, pause, runs):
     # A logger that opens, appends and closes, or one that keeps its fd
     # (journald, nginx): either the entry fails and the original stays,
     # or the move completes with every line. Lines written in the moment
     # between the copy's check and the bind are found in the originals put
     # aside (then the entry fails naming them).
-    R, S = sandbox.root, sandbox.path("/persistent")
+    R = sandbox.root
     data, moved = R / "var/lib/app", R / "var/lib/.app.impermanence-moved"
+    if how == "copy":
+        S, persistence, others = sandbox.path("/persistent"), {"directories": ["/var/log", "/var/lib/app"]}, {}
+    else:
+        S, persistence = R / "state", {"directories": ["/var/log"]}
+        others = {"/state": {"directories": ["/var/lib/app"]}}
+        S.mkdir()
     outcomes = []
     for run in range(runs):
         data.mkdir(parents=True)
@@ -489,7 +498,7 @@ def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, kind, pause, ru
         try:
             while len(lines_of(log)) < 100:
                 time.sleep(0.01)
-            result = running({"directories": ["/var/log", "/var/lib/app"]})
+            result = running(persistence, others=others)
             time.sleep(0.2)  # writes after the move land where they must too
         finally:
             stop.touch()
@@ -501,6 +510,7 @@ def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, kind, pause, ru
             assert lines_of(S / "var/lib/app/log") == want
             assert leftovers(S / "var/lib", R / "var/lib") == []
         elif result.stderr.startswith("impermanence: /var/lib/.app.impermanence-moved/log: "):
+            assert "stop the program that writes it, then put it into" in result.stderr
             outcomes.append("put aside")
             assert same_inode(data, S / "var/lib/app")
             got = lines_of(moved / "log") + lines_of(S / "var/lib/app/log")
@@ -515,13 +525,13 @@ def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, kind, pause, ru
             assert lines_of(log) == want
             assert leftovers(S / "var/lib", R / "var/lib") == []
         # Back to before the move, for the next run.
-        if os.path.ismount(data):
+        if mounts_under(data):
             subprocess.run(["umount", str(data)], check=True)
         for d in (data, moved, S / "var/lib/app"):
             shutil.rmtree(d, ignore_errors=True)
-    print(f"WRITER {kind} {pause}: {outcomes}")
-    if kind != "reopen":
-        assert set(outcomes) == {"refused"}, "a writer holding the file open is not waited for"
+    print(f"WRITER {how} {kind} {pause}: {outcomes}")
+    if kind != "reopen":  # a writer with the file open: refused, or followed by a rename
+        assert set(outcomes) == ({"refused"} if how == "copy" else {"moved"}), "a writer holding the file open is not waited for"
 
 
 def test_a_write_between_the_check_and_the_bind_is_kept_aside(sandbox, running):
@@ -550,8 +560,8 @@ def test_a_write_between_the_check_and_the_bind_is_kept_aside(sandbox, running):
     result = results[0]
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
-        "impermanence: /var/lib/.app.impermanence-moved/log: was written after it was copied into "
-        "storage: kept here with those writes; stop the program that writes it, then put it into "
+        "impermanence: /var/lib/.app.impermanence-moved/log: was written after its move into "
+        "storage began: kept here with those writes; stop the program that writes it, then put it into "
         "/persistent/var/lib/app by hand"]
     assert same_inode(data, S / "var/lib/app")
     assert (moved / "log").read_text() == "early\nlate\n"
@@ -668,3 +678,38 @@ def test_a_move_undone_half_way_is_made_again(sandbox, running):
     assert same_inode(data, S / "var/lib/app")
     assert (S / "var/lib/app/state").read_text() == "kept\n"
     assert leftovers(S / "var/lib", R / "var/lib") == []
+
+
+def test_a_file_made_between_the_renames_and_the_bind_is_kept_aside(sandbox, running):
+    # Storage on the root's own filesystem: the children are renamed away,
+    # then the rename of the temporary onto the source is held up 0.5 s
+    # (strace delay), and a program makes its log anew in the target
+    # meanwhile. The bind would hide it: it is put aside and named instead.
+    require(shutil.which("strace") is not None, "strace is not installed")
+    R = sandbox.root
+    S = R / "state"
+    S.mkdir()
+    data, moved = R / "var/lib/app", R / "var/lib/.app.impermanence-moved"
+    data.mkdir(parents=True)
+    (data / "log").write_text("early\n")
+    results: list = []
+    apply = threading.Thread(target=lambda: results.append(running(
+        {"directories": ["/var/log"]}, others={"/state": {"directories": ["/var/lib/app"]}},
+        prefix=("strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=renameat",
+                "-e", "inject=renameat:delay_enter=500000:when=1"))))
+    apply.start()
+    deadline = time.monotonic() + 30
+    while (data / "log").exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with open(data / "log", "a") as f:
+        f.write("late\n")
+    apply.join()
+    result = results[0]
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "impermanence: /var/lib/.app.impermanence-moved/log: was written after its move into storage "
+        "began: kept here with those writes; stop the program that writes it, then put it into "
+        "/state/var/lib/app by hand")
+    assert (moved / "log").read_text() == "late\n"
+    assert (S / "var/lib/app/log").read_text() == "early\n"
+    assert (data / "log").read_text() == "early\n"  # through the bind
