@@ -515,8 +515,11 @@ in
           instead of at the next boot.  What is already in place is left
           alone; a new target that already holds data is moved into
           storage when storage has nothing there yet (if both hold data,
-          that entry fails and names both).  At boot it finishes entries
-          whose owner has no fixed uid (created by the users script).
+          that entry fails and names both).  In the systemd initrd's own
+          activation it runs only when an owner has no fixed uid/gid (the
+          users script creates it there).  With services.userborn or
+          systemd.sysusers, impermanence-boot-activate.service does this
+          instead, after the unit that creates the accounts.
         '';
       };
 

@@ -347,10 +347,13 @@ def test_module_checks_the_config_at_build_time(lib):
     assert plain["configFile"] == plain["unchecked"]
 
 
-def test_nothing_is_set_without_an_enabled_location(lib):
-    out = evaluate(lib, '{ environment.persistence."/off" = { enable = false; directories = [ "/srv" ]; }; }')
+@pytest.mark.parametrize("initrd", [SYSTEMD, SCRIPTED], ids=["systemd", "scripted"])
+def test_nothing_is_set_without_an_enabled_location(lib, initrd):
+    out = evaluate(lib, '{ environment.persistence."/off" = { enable = false; directories = [ "/srv" ]; }; }',
+                   REPORT, initrd)
     assert out["initrd"]["postMountCommands"] == ""
     assert out["initrd"]["extraFiles"] == {}
+    assert out["initrd"]["systemd"]["services"] == {} and out["initrd"]["systemd"]["storePaths"] == []
     assert "impermanence.json" not in out["etc"]
     assert "impermanence-boot" not in out["activationScripts"]
     assert out["failed"] == [] and out["warnings"] == []
@@ -443,11 +446,12 @@ def test_machine_id_commit_is_not_suppressed_in_the_initrd(lib):
         assert "suppress" not in text.lower(), doc
 
 
-def test_module_file_systems_add_kernel_support(lib):
+@pytest.mark.parametrize("initrd", [SYSTEMD, SCRIPTED], ids=["systemd", "scripted"])
+def test_module_file_systems_add_kernel_support(lib, initrd):
     out = evaluate(lib, r'''{
       environment.persistence."/persistent".directories = [ "/var/log" ];
       boot.initrd.impermanence.fileSystems."/persistent" = { label = "persist"; fsType = "btrfs"; options = [ "subvol=persist" ]; };
-    }''')
+    }''', REPORT, initrd)
     assert out["initrd"]["supportedFilesystems"] == {"btrfs": True}
     assert out["settings"]["fileSystems"]["/persistent"] == {
         "device": "LABEL=persist", "fsType": "btrfs", "options": ["subvol=persist"]}
