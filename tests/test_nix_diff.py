@@ -44,10 +44,14 @@ ITEMS_NIX = harness.NIX_TESTS / "impermanence-items.nix"
 # --- evaluating both modules ---------------------------------------------------------
 
 def ours(lib, modules: str, **kw) -> dict:
-    return harness.evaluate(harness.system(
-        f"{harness.MODULE_NIX} {modules}",
-        "{ settings = config.boot.initrd.impermanence.settings; failed = e.failedAssertions; }",
-        lib=lib, **kw))
+    """Our evaluation (the systemd initrd, nixpkgs' default); the scripted
+    stage 1 must give the same JSON and the same failed assertions."""
+    select = "{ settings = config.boot.initrd.impermanence.settings; failed = e.failedAssertions; }"
+    mine = harness.evaluate(harness.system(f"{harness.MODULE_NIX} {modules}", select, lib=lib, **kw))
+    scripted = harness.evaluate(harness.system(
+        f"{harness.MODULE_NIX} {modules} {{ boot.initrd.systemd.enable = lib.mkForce false; }}", select, lib=lib, **kw))
+    assert scripted == mine
+    return mine
 
 
 STRIP = r'''
