@@ -276,6 +276,14 @@ class EntryError(Exception):
 UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0))}
 UNPRINTABLE.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029)})
 UNPRINTABLE.update({c: f"\\x{c - 0xdc00:02x}" for c in range(0xdc80, 0xdd00)})
+# Format characters (Unicode category Cf: bidi overrides such as U+202E,
+# zero-width ones such as U+200B) reorder or hide what a line shows.
+FORMAT_CHARS = (0xad, *range(0x600, 0x606), 0x61c, 0x6dd, 0x70f, 0x890, 0x891, 0x8e2, 0x180e,
+                *range(0x200b, 0x2010), *range(0x202a, 0x202f), *range(0x2060, 0x2065),
+                *range(0x2066, 0x2070), 0xfeff, *range(0xfff9, 0xfffc), 0x110bd, 0x110cd,
+                *range(0x13430, 0x13440), *range(0x1bca0, 0x1bca4), *range(0x1d173, 0x1d17b),
+                0xe0001, *range(0xe0020, 0xe0080))
+UNPRINTABLE.update({c: f"\\u{c:04x}" if c <= 0xffff else f"\\U{c:08x}" for c in FORMAT_CHARS})
 
 
 def describe_oserror(exc: OSError) -> str:
@@ -590,15 +598,25 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
+SHOWN_KEY_MAX = 64  # characters of an unknown key a message shows
+
+
 def check_keys(obj: dict, where: str, known: tuple, tolerated=NIXOS_INTERNAL) -> None:
     for key in obj:
         if key in known or key in tolerated:
             continue
         hint = ""
         if isinstance(key, str):
-            best = min(known, key=lambda k: edit_distance(key, k))
-            if edit_distance(key, best) <= max(2, len(best) // 3):
+            # Only keys whose length is close enough can be meant: the
+            # distance is at least the difference in length, and a huge
+            # key costs no quadratic search.
+            near = [k for k in known if abs(len(key) - len(k)) <= max(2, len(k) // 3)]
+            best = min(near, key=lambda k: edit_distance(key, k)) if near else None
+            if best is not None and edit_distance(key, best) <= max(2, len(best) // 3):
                 hint = f"; did you mean '{best}'?"
+            if len(key) > SHOWN_KEY_MAX:
+                hint = f" ({len(key)} characters, shown cut){hint}"
+                key = key[:SHOWN_KEY_MAX] + "..."
         raise ConfigError(key_path(where, key), f"unknown key{hint}")
 
 
@@ -714,27 +732,39 @@ def load_config_file(path: str) -> Config:
 
 
 class _JsonContext:
-    """What _json's C scanner reads from json.JSONDecoder: the defaults."""
+    """What _json's C scanner reads from json.JSONDecoder: the defaults,
+    but objects built by object_pairs_hook, which notes a key given twice
+    in one object (json.loads keeps the last one silently)."""
     strict = True
     object_hook = None
-    object_pairs_hook = None
     parse_float = float
     parse_int = int
     parse_constant = float  # NaN, Infinity, -Infinity, as json.loads reads them
-    memo: dict = {}
+
+    def __init__(self):
+        self.memo: dict = {}
+        self.duplicated = False
+
+    def object_pairs_hook(self, pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            self.duplicated = True
+        return obj
 
 
 JSON_SPACE = " \t\n\r"
 
 
-def parse_json(text: str):
+def parse_json(text: str, context: _JsonContext | None = None):
     """json.loads, through the C scanner json uses, without importing json:
     that module brings re, enum, functools and more into every boot.
-    Any error is raised again by json.loads itself, for its message."""
+    Any error is raised again by json.loads itself, for its message.
+    context.duplicated tells afterwards whether an object gave a key twice."""
+    context = context or _JsonContext()
     try:
         import _json
 
-        scan = _json.make_scanner(_JsonContext)
+        scan = _json.make_scanner(context)
         start = len(text) - len(text.lstrip(JSON_SPACE))
         value, end = scan(text, start)
         if not text[end:].strip(JSON_SPACE):
@@ -743,12 +773,53 @@ def parse_json(text: str):
         pass           # C scanner even fails with SystemError
     import json
 
-    return json.loads(text)
+    context.duplicated = False
+    return json.loads(text, object_pairs_hook=context.object_pairs_hook)
+
+
+def duplicate_key_error(text: str) -> ConfigError:
+    """The first key given twice in one object of a valid JSON text, as a
+    config error at its key path naming the lines of both. Only run once
+    parse_json has found one: it walks the text itself, for the lines."""
+    from json.decoder import scanstring
+
+    stack: list = []  # per open container: [where, key -> line (None in a list), expecting a key, index]
+    where, line, i = "", 1, 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            value, i = scanstring(text, i + 1)
+            frame = stack[-1] if stack else None
+            if frame is not None and frame[2]:
+                at = key_path(frame[0], value)
+                if value in frame[1]:
+                    return ConfigError(at, f"key given twice in one object, at line {frame[1][value]} "
+                                           f"and line {line}; only one may be kept")
+                frame[1][value], frame[2], where = line, False, at
+            continue
+        if c == "\n":
+            line += 1
+        elif c in "{[":
+            stack.append([where, {} if c == "{" else None, c == "{", 0])
+            if c == "[":
+                where = key_path(where, 0)
+        elif c in "}]":
+            stack.pop()
+        elif c == "," and stack:
+            frame = stack[-1]
+            if frame[1] is not None:
+                frame[2] = True
+            else:
+                frame[3] += 1
+                where = key_path(frame[0], frame[3])
+        i += 1
+    return ConfigError("(top level)", "a key is given twice in one object")
 
 
 def load_config(text: str, name: str = "config") -> Config:
+    context = _JsonContext()
     try:
-        data = parse_json(text)
+        data = parse_json(text, context)
     except ValueError as exc:  # JSONDecodeError, or a number too large
         line, col = getattr(exc, "lineno", None), getattr(exc, "colno", None)
         at = f" at line {line} column {col}" if line else ""
@@ -756,6 +827,8 @@ def load_config(text: str, name: str = "config") -> Config:
         raise ConfigFileError(name, f"invalid JSON{at}: {msg}") from None
     except RecursionError:
         raise ConfigFileError(name, "invalid JSON: nested too deeply") from None
+    if context.duplicated:
+        raise duplicate_key_error(text)
     # Text decoded from UTF-8 holds no lone surrogate; only a \u escape
     # can make one.
     return parse_config(data, escapes="\\u" in text)
@@ -805,7 +878,9 @@ def parse_config(data, escapes: bool = True) -> Config:
     entries, storages, homes = parse_locations(
         expect(data.get("persistence", {}), dict, "persistence", "an object"), accounts)
     for account in accounts.values():
-        if account.home:
+        # An account table lists every account (system ones too): a system
+        # directory there is no home, and gives no one the entries in it.
+        if account.home and not is_system_dir(account.home):
             homes.setdefault(account.home, account.name)
     # Target order, parents first: a nested entry is never hidden by its
     # parent's bind mount, and each path's neighbours are what it can clash with.
@@ -961,8 +1036,10 @@ def parse_locations(locations: dict, accounts: dict) -> tuple:
             account = accounts.get(user)
             if uspec.get("home") is not None:
                 home = parse_components(uspec["home"], key_path(uwhere, "home"), absolute=True)
+                check_home(home, user, key_path(uwhere, "home"))
             elif account and account.home:
                 home = account.home
+                check_home(home, user, key_path(key_path("users", user), "home"))
             else:
                 home = ("root",) if user == "root" else ("home", user)
             homes.setdefault(home, user)
@@ -972,6 +1049,27 @@ def parse_locations(locations: dict, accounts: dict) -> tuple:
         if storage not in storages:
             storages.append(storage)
     return entries, storages, homes
+
+
+# Directories of the system that are no one's home: a user's entries there
+# would make the user owner of /etc/ssh or of storage's /etc. Also every
+# path under the second set (kernel filesystems, the Nix store).
+SYSTEM_DIRS = frozenset(tuple(p.split("/")) for p in (
+    "bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "mnt", "media", "nix",
+    "nix/var", "opt", "run", "sbin", "srv", "tmp", "usr", "usr/bin", "usr/lib", "usr/lib64",
+    "usr/libexec", "usr/local", "usr/sbin", "usr/share", "var", "var/cache", "var/db", "var/lib",
+    "var/log", "var/spool", "var/tmp"))
+SYSTEM_TREES = (("proc",), ("sys",), ("dev",), ("nix", "store"))
+
+
+def is_system_dir(path: tuple) -> bool:
+    return path in SYSTEM_DIRS or any(is_under(path, tree) for tree in SYSTEM_TREES)
+
+
+def check_home(home: tuple, user: str, where: str) -> None:
+    if is_system_dir(home):
+        raise ConfigError(where, f"{as_path(home)} is a system directory, not a home: "
+                                 f"{user}'s entries would make {user} own it")
 
 
 def mount_options(spec: dict, where: str, hide_key: str, default: tuple) -> tuple:
@@ -1214,8 +1312,10 @@ def udev_unescape(name: str) -> str:
 
 def lookup_device(spec: str) -> tuple:
     """(device path or None, probed fs type or None) for a device spec. A
-    /dev/disk/by-label/... path (NixOS's usual form) that does not exist,
-    as in an initramfs without udev, is looked up as LABEL=... would be."""
+    path is honoured as written; a /dev/disk/by-label/... path (NixOS's
+    usual form) that does not exist, as in an initramfs without udev, is
+    looked up as LABEL=... would be. A tag that more than one device
+    answers is never guessed (udev's link would be its guess): EntryError."""
     if spec.startswith("/"):
         if os.path.exists(spec):
             return spec, None
@@ -1224,20 +1324,38 @@ def lookup_device(spec: str) -> tuple:
             return lookup_device(f"{UDEV_LINKS[parts[3]]}={udev_unescape(parts[4])}")
         return None, None
     tag, value = spec.split("=", 1)
+    found = scan_devices(tag, value)
+    if len(found) > 1:
+        raise EntryError(spec, f"matches {len(found)} devices: {', '.join(d for d, _ in found)}; "
+                               "refusing to guess (give the device by path, or make the "
+                               f"{tag.lower()} unique)")
+    if found:
+        return found[0]
     link = f"/dev/disk/by-{tag.lower()}/{value}"
-    if os.path.exists(link):
+    if os.path.exists(link):  # a filesystem udev knows and the probe does not
         return os.path.realpath(link), None
-    # No udev (a minimal initramfs): read the superblocks ourselves.
+    return None, None
+
+
+def scan_devices(tag: str, value: str) -> list:
+    """[(device, fs type or None)] of every block device whose superblock
+    or partition entry has this tag. A device another one is built on (a
+    member of a RAID, a multipath leg, what device mapper maps) is not one
+    of them; the devices of one multi-device btrfs count once."""
     try:
         names = sorted(os.listdir("/sys/class/block"))
     except OSError:
-        return None, None
+        return []
+    found: list = []
+    btrfs_ids: dict = {}  # fs uuid -> devids of that btrfs seen
     for name in names:
         device = f"/dev/{name}"
         try:
             with open(f"/sys/class/block/{name}/size") as f:
                 if int(f.read()) == 0:
                     continue
+            if os.listdir(f"/sys/class/block/{name}/holders"):
+                continue
         except (OSError, ValueError):
             continue
         if not os.path.exists(device):
@@ -1246,20 +1364,29 @@ def lookup_device(spec: str) -> tuple:
             ids = probe_partition(name)
             if ids and ((tag == "PARTUUID" and ids[0].lower() == value.lower())
                         or (tag == "PARTLABEL" and ids[1] == value)):
-                return device, None
+                found.append((device, None))
             continue
         try:
             fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             continue
         try:
-            found = probe_filesystem(fd)
+            probed = probe_filesystem(fd)
+            devid = None
+            if probed and probed[0] == "btrfs":  # dev_item.devid: which device of the btrfs
+                devid = int.from_bytes(read_at(fd, 0x10000 + 0xc9, 8), "little")
         finally:
             os.close(fd)
-        if found and ((tag == "UUID" and found[1].lower() == value.lower())
-                      or (tag == "LABEL" and found[2] == value)):
-            return device, found[0]
-    return None, None
+        if probed and ((tag == "UUID" and probed[1].lower() == value.lower())
+                       or (tag == "LABEL" and probed[2] == value)):
+            if devid is not None:
+                seen = btrfs_ids.setdefault(probed[1], set())
+                if seen and devid not in seen:
+                    seen.add(devid)
+                    continue  # another device of the same btrfs
+                seen.add(devid)
+            found.append((device, probed[0]))
+    return found
 
 
 def wait_for_device(spec: str, timeout: float) -> tuple:
