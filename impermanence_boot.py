@@ -3760,10 +3760,12 @@ def mounted_below(top: BtrfsTop, comps: tuple) -> str | None:
 
 
 def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
-    """([(line, step)] that rotate the root, essential: a failure stops the
-    rotation; [(line, step)] that delete old roots beyond the retention)."""
+    """([(line, step, undo)] that rotate the root, essential: a failure
+    stops the rotation, and the undo of the last step done that has one
+    (None ends one) takes back what it made; [(line, step)] that delete
+    old roots beyond the retention; [warning] about the retention)."""
     old, rotating, root = spec.old_roots, spec.old_roots + (ROTATING,), spec.subvolume
-    steps, deletions = [], []
+    steps, deletions, notes = [], [], []
     subvols = read_subvolumes(top.fd, top.shown(()))
     for comps, what in ((root, "root.subvolume"), (old, "root.oldRoots"), (rotating, None),
                         (spec.blank, "root.blank")):
@@ -3780,7 +3782,7 @@ def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
                                           "root is mounted")
     taken, ours = set(), []
     if top.look(old) is None:
-        steps.append((f"mkdir {top.shown(old)} (0:0 0700)", lambda: make_dirs(top, old)))
+        steps.append((f"mkdir {top.shown(old)} (0:0 0700)", lambda: make_dirs(top, old), None))
     else:
         with opened(top.open(old)) as fd:
             place = (ino_lookup(fd, 0, BTRFS_FIRST_FREE_OBJECTID, top.shown(old))[0],
@@ -3802,33 +3804,50 @@ def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
         taken.add(name)
         moved.append((name, ident))
         steps.append((f"move {top.shown(rotating)} ({why}) to {top.shown(old + (name,))}",
-                      lambda: rename_in(top, rotating, old + (name,), 0)))
+                      lambda: rename_in(top, rotating, old + (name,), 0), None))
 
     if top.look(rotating) is not None:
         to_old_roots(rotating, "left by an interrupted rotation")
     fresh = (f"snapshot {top.shown(spec.blank)} as" if spec.blank else "create empty subvolume")
     if top.look(root) is None:
         steps.append((f"{fresh} {top.shown(root)} (there is no root subvolume)",
-                      lambda: make_root(top, spec.blank, root)))
+                      lambda: make_root(top, spec.blank, root), None))
     else:
+        # A fresh root that does not take the root's place is deleted
+        # again: a failing rotation leaves nothing for the next to keep.
         steps.append((f"{fresh} {top.shown(rotating)} (the fresh root)",
-                      lambda: make_root(top, spec.blank, rotating)))
+                      lambda: make_root(top, spec.blank, rotating),
+                      lambda: destroy_subvolume(top, rotating)))
         steps.append((f"exchange {top.shown(root)} and {top.shown(rotating)} (the fresh root "
                       "takes the root's place)",
-                      lambda: rename_in(top, root, rotating, RENAME_EXCHANGE)))
+                      lambda: rename_in(top, root, rotating, RENAME_EXCHANGE), None))
         to_old_roots(root, "the old root, named by the time of its last change")
     ours += [(rotation_name(name), name, ident) for name, ident in moved]
+    ours.sort(reverse=True)
     cutoff = time_name(now - spec.keep_days * 86400)
-    for rank, (stamp, name, ident) in enumerate(sorted(ours, reverse=True)):
-        if rank >= spec.keep_count and stamp[0] < cutoff:
+    why = f"older than {spec.keep_days} days and not among the {spec.keep_count} newest"
+    if spec.keep_days == 0:
+        cutoff, why = None, f"not among the {spec.keep_count} newest"
+    elif ours and time_name(now) < ours[0][0][0]:
+        # The clock is behind (a board without RTC starts at 1970): no age
+        # can be told, and keep.count alone still holds.
+        clock = f"the clock ({time_name(now)}) is before the newest old root's time ({ours[0][0][0]})"
+        if spec.keep_count == 0:
+            notes.append(f"{top.shown(old)}: {clock}; keep.count is 0, so nothing deleted")
+            ours = []
+        else:
+            notes.append(f"{top.shown(old)}: {clock}; keep.days ignored, the {spec.keep_count} "
+                         "newest kept")
+            cutoff, why = None, f"not among the {spec.keep_count} newest; keep.days ignored"
+    for rank, (stamp, name, ident) in enumerate(ours):
+        if rank >= spec.keep_count and (cutoff is None or stamp[0] < cutoff):
             nested = descendants(subvols, ident)
-            line = (f"delete old root {top.shown(old + (name,))} (older than {spec.keep_days} days "
-                    f"and not among the {spec.keep_count} newest)")
+            line = f"delete old root {top.shown(old + (name,))} ({why})"
             if nested:
                 line += f", first the {len(nested)} subvolumes nested in it"
             deletions.append((line, lambda name=name, ident=ident, nested=nested:
                               delete_old_root(top, old + (name,), ident, nested, subvols)))
-    return steps, deletions
+    return steps, deletions, notes
 
 
 def descendants(subvols: dict, ident: int) -> list:
@@ -3879,8 +3898,25 @@ def make_root(top: BtrfsTop, blank: tuple | None, comps: tuple) -> None:
             return
         btrfs_ioctl(parent, BTRFS_IOC_SUBVOL_CREATE, "BTRFS_IOC_SUBVOL_CREATE",
                     vol_args(comps[-1], 0, 8, shown), shown)
-    with opened(top.open(comps)) as fd:
-        call("chmod", shown, os.fchmod, fd, 0o755)
+    try:
+        with opened(top.open(comps)) as fd:
+            call("chmod", shown, os.fchmod, fd, 0o755)
+    except OSError:
+        destroy_subvolume(top, comps)  # not left half made
+        raise
+
+
+def destroy_subvolume(top: BtrfsTop, comps: tuple) -> None:
+    """Delete the (empty, fresh) subvolume this run made at comps, if it
+    is still one; best effort: the error that stopped the run is the one
+    reported."""
+    try:
+        if top.look(comps) == "subvolume":
+            with opened(top.open(comps[:-1])) as parent:
+                btrfs_ioctl(parent, BTRFS_IOC_SNAP_DESTROY, "BTRFS_IOC_SNAP_DESTROY",
+                            vol_args(comps[-1], 0, 8, top.shown(comps)), top.shown(comps))
+    except (EntryError, OSError):
+        pass
 
 
 def delete_old_root(top: BtrfsTop, comps: tuple, ident: int, nested: list, subvols: dict) -> None:
@@ -3928,22 +3964,28 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
     failed = 0
     with top:
         try:
-            steps, deletions = plan_rotation(spec, top, time.time())
+            steps, deletions, notes = plan_rotation(spec, top, time.time())
         except (EntryError, OSError) as exc:
             log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; the root is not rotated")
             return EXIT_STORAGE
+        for note in notes:
+            log.warn(note)
         if dry_run:
-            lines = [line for line, _ in steps + deletions]
+            lines = [step[0] for step in steps + deletions]
             out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
             return EXIT_OK
-        for line, step in steps:
+        undo = None
+        for line, step, undoes in steps:
             log.info(line)
             try:
                 step()
             except (EntryError, OSError) as exc:
+                if undo is not None:
+                    undo()
                 log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; rotation stopped, "
                           f"{top.shown(spec.subvolume)} is left as it is")
                 return EXIT_STORAGE
+            undo = undoes
         for line, step in deletions:
             log.info(line)
             try:
