@@ -1464,6 +1464,7 @@ class MountTable:
 
     def __init__(self):
         self.points: dict[str, tuple] = {}
+        self.layers: dict[str, int] = {}  # how many mounts are stacked at each point
         try:
             with open("/proc/self/mountinfo", "rb") as f:
                 data = f.read().decode("utf-8", "surrogateescape")
@@ -1476,6 +1477,7 @@ class MountTable:
             except ValueError:
                 continue
             point = unescape_mountinfo(fields[4])
+            self.layers[point] = self.layers.get(point, 0) + 1
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
                                   unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
 
@@ -1483,7 +1485,14 @@ class MountTable:
         return host_path in self.points
 
     def remove(self, host_path: str) -> None:
-        self.points.pop(host_path, None)
+        """The top mount at host_path taken off: the one below, if any, is
+        on top now (what it is, the tree tells)."""
+        left = self.layers.get(host_path, 1) - 1
+        if left > 0:
+            self.layers[host_path] = left
+        else:
+            self.points.pop(host_path, None)
+            self.layers.pop(host_path, None)
 
 
 # --- The system as found: accounts ---------------------------------------------------
@@ -3183,6 +3192,47 @@ def apply_config(config: Config, tree: Tree, runner, log: Log) -> tuple:
     return run_entries(usable, tree, accounts, runner), sum(skipped.values())
 
 
+LOCK_NB = 4
+LOCK_WAIT = 60.0  # seconds a second apply or unmount of a root waits for the first
+LOCK_DIR = "/run"
+
+
+class Busy(Exception):
+    """Another apply or unmount of the same root holds its lock."""
+
+
+def lock_root(root: str, log: Log) -> int:
+    """Hold, for the rest of this process, the lock that lets one apply or
+    unmount of this root run at a time (two at once could stack binds):
+    an flock on /run/impermanence-boot.<dev>.<inode>.lock, named by the
+    root's device and inode. Without a /run to write in, the root
+    directory itself is locked. Waits up to $IMPERMANENCE_LOCK_WAIT
+    seconds (default LOCK_WAIT), then raises Busy."""
+    st = os.stat(root)
+    path = f"{LOCK_DIR}/impermanence-boot.{st.st_dev}.{st.st_ino}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.info(f"{path}: {describe_oserror(exc)}; locking {root} itself")
+        path, fd = root, os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        wait = float(os.environ.get("IMPERMANENCE_LOCK_WAIT") or LOCK_WAIT)
+    except ValueError:
+        wait = LOCK_WAIT
+    deadline = time.monotonic() + wait
+    while libc().flock(fd, LOCK_EX | LOCK_NB) < 0:
+        err = libc().get_errno()
+        if err != errno.EWOULDBLOCK:
+            log.warn(f"{path}: flock: {os.strerror(err)}; running without the lock")
+            break
+        if time.monotonic() >= deadline:
+            os.close(fd)
+            raise Busy(f"{root}: another apply or unmount of this root is running (lock {path}, "
+                       f"waited {wait:g} s); run again when it has finished")
+        time.sleep(0.05)
+    return fd
+
+
 def command_apply(config: Config, root: str, log: Log) -> int:
     started = time.monotonic()
     tree = Tree(root)
@@ -3386,7 +3436,9 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         return False
     src = tree.look(entry.source)
     unmounted = False
-    if mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
+    # Every layer that binds the source: two runs of an older version at
+    # once could stack them.
+    while mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
         parent = chain.open(target[:-1])
         # Through the pinned parent, never following a link at the leaf; an
         # fd on the mount itself would keep it busy.
@@ -3396,6 +3448,11 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         tree.forget(target)
         node = tree.look(target)
         unmounted = True
+    if mounts.layers.get(host, 0) > 1 and src is not None:
+        # Another mount on top, with more below it: apply's bind may be one
+        # of them, and cannot be taken off from under that mount.
+        raise EntryError(host, f"covered by another mount ({mounts.layers[host]} mounts there); "
+                               "unmount those above apply's first, then run unmount again")
     # Remove the mount point only if apply created it and it is empty.
     if node is None or in_storage or mounts.is_mountpoint(host) or node.kind not in ("dir", "file"):
         return unmounted
@@ -4140,6 +4197,8 @@ def main(argv: list | None = None) -> int:
         log.error(f"{opts.root}: --root is not a directory")
         return EXIT_CONFIG
     try:
+        if opts.command in ("apply", "unmount"):
+            lock_root(root, log)
         if opts.command == "apply":
             # Directories are made with their final mode; nothing is
             # created with a mode not set explicitly.
@@ -4158,6 +4217,9 @@ def main(argv: list | None = None) -> int:
         if opts.command == "unmount":
             return command_unmount(config, root, log)
         raise AssertionError(f"no dispatch for command {opts.command}")
+    except Busy as exc:
+        log.error(str(exc))
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_FAILED
