@@ -548,6 +548,7 @@ NIXOS_INTERNAL = frozenset({"dirPath", "filePath", "home", "defaultPerms",
 HIDE_OPTION, TRASH_OPTION = "x-gvfs-hide", "x-gvfs-trash"
 # And of a fileSystems mount apply made: unmount unmounts only those.
 MOUNTED_OPTION = "x-impermanence-boot"
+OUR_OPTIONS = frozenset((HIDE_OPTION, TRASH_OPTION, MOUNTED_OPTION))
 
 TOP_KEYS = ("fileSystems", "deviceTimeout", "users", "groups", "persistence", "root")
 ROOT_KEYS = ("device", "subvolume", "oldRoots", "keep", "blank")
@@ -1464,7 +1465,7 @@ class MountTable:
 
     def __init__(self):
         self.points: dict[str, tuple] = {}
-        self.layers: dict[str, int] = {}  # how many mounts are stacked at each point
+        self.stacks: dict[str, list] = {}  # every mount at each point, the top one last
         try:
             with open("/proc/self/mountinfo", "rb") as f:
                 data = f.read().decode("utf-8", "surrogateescape")
@@ -1477,9 +1478,9 @@ class MountTable:
             except ValueError:
                 continue
             point = unescape_mountinfo(fields[4])
-            self.layers[point] = self.layers.get(point, 0) + 1
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
                                   unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
+            self.stacks.setdefault(point, []).append(self.points[point])
 
     def is_mountpoint(self, host_path: str) -> bool:
         return host_path in self.points
@@ -1487,12 +1488,17 @@ class MountTable:
     def remove(self, host_path: str) -> None:
         """The top mount at host_path taken off: the one below, if any, is
         on top now (what it is, the tree tells)."""
-        left = self.layers.get(host_path, 1) - 1
-        if left > 0:
-            self.layers[host_path] = left
+        stack = self.stacks.get(host_path)
+        if stack:
+            stack.pop()
+        if stack:
+            self.points[host_path] = stack[-1]
         else:
             self.points.pop(host_path, None)
-            self.layers.pop(host_path, None)
+            self.stacks.pop(host_path, None)
+
+    def layers(self, host_path: str) -> int:
+        return len(self.stacks.get(host_path, ()))
 
 
 # --- The system as found: accounts ---------------------------------------------------
@@ -1638,7 +1644,7 @@ class Accounts:
 # carried into the booted system, so TARGET is the path it will see.
 
 def utab_path() -> str:
-    return os.environ.get("LIBMOUNT_UTAB") or "/run/mount/utab"
+    return _utab or os.environ.get("LIBMOUNT_UTAB") or "/run/mount/utab"
 
 
 def mangle(text: str) -> str:
@@ -1649,27 +1655,65 @@ def mangle(text: str) -> str:
     return text
 
 
-def utab_fields(line: str) -> dict:
+def utab_fields(line: bytes) -> dict:
+    text = line.decode("utf-8", "surrogateescape")
     return {key: unescape_mountinfo(value) for key, _, value in
-            (field.partition("=") for field in line.split(" ") if "=" in field)}
+            (field.partition("=") for field in text.split(" ") if "=" in field)}
 
 
-def utab_target(line: str) -> str | None:
-    return utab_fields(line).get("TARGET")
+class UtabKey(Record):
+    """What names one mount's line in utab, as util-linux matches them:
+    the mount ID, and for a line without one SRC, TARGET and ROOT."""
+    __slots__ = _fields = ("id", "source", "target", "root")
+
+    def names(self, fields: dict) -> bool:
+        if "ID" in fields:
+            return fields["ID"] == self.id
+        return (fields.get("SRC"), fields.get("TARGET"), fields.get("ROOT")) == (
+            self.source, self.target, self.root)
 
 
 def read_utab() -> list:
-    """utab's lines; none where it is missing or unreadable."""
+    """utab's lines, bytes without their newline (a line ends at a newline
+    only: a TARGET may hold a carriage return); none where it is missing
+    or unreadable."""
     try:
-        with open(utab_path(), encoding="utf-8", errors="surrogateescape") as f:
-            return f.read().splitlines()
+        with open(utab_path(), "rb") as f:
+            data = f.read()
     except OSError:
         return []
+    lines = data.split(b"\n")
+    return lines[:-1] if not lines[-1] else lines
 
 
-def update_utab(added: list, removed: set) -> None:
-    """Replace the lines of the targets in `removed`, and of those `added`
-    names (lines of utab, without their newline), by the added lines."""
+_utab: str | None = None  # the utab this run keeps, once choose_utab chose
+
+
+def choose_utab(root: str, log: Log) -> None:
+    """Which utab this run keeps. libmount's, for the root the system runs
+    on, in an initramfs (whose /run the booted system gets: as systemd
+    tells, /etc/initrd-release, or else the initramfs's rootfs at /), or
+    where $LIBMOUNT_UTAB names one. Another --root on a running system is
+    no root that utab describes: its lines go to a utab of that root's
+    own under /run, named by its device and inode, and the host's is left
+    alone."""
+    global _utab
+    if (root == "/" or os.environ.get("LIBMOUNT_UTAB") or os.path.exists("/etc/initrd-release")
+            or MountTable().points.get("/", ("", "", ""))[2] == "rootfs"):
+        _utab = None
+        return
+    st = os.stat(root)
+    _utab = f"{LOCK_DIR}/impermanence-boot.{st.st_dev}.{st.st_ino}.utab"
+    log.info(f"/run/mount/utab: left alone, as {root} is not / and this is no initramfs; "
+             f"the mount options are kept in {_utab}")
+
+
+def update_utab(added: list, removed: list) -> None:
+    """Add lines (str, without their newline) to utab, and take out the
+    lines of the mounts `removed` (UtabKey) names, any line with the ID of
+    an added one (left from a mount that is gone: an ID names one live
+    mount), and lines with no options but apply's whose mount is gone.
+    Every other line stays as it is, byte for byte."""
     path = utab_path()
     directory = os.path.dirname(path)
     try:
@@ -1678,20 +1722,34 @@ def update_utab(added: list, removed: set) -> None:
         pass
     except OSError as exc:
         raise oserror("mkdir", directory, exc.errno) from None
-    replaced = removed | {utab_target(line) for line in added}
+    new = [line.encode("utf-8", "surrogateescape") for line in added]
+    gone = list(removed) + [UtabKey(utab_fields(line).get("ID"), None, None, None) for line in new]
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     with opened(call("open", path + ".lock", os.open, path + ".lock", flags, 0o644)) as lock:
         if libc().flock(lock, LOCK_EX) < 0:
             raise oserror("flock", path + ".lock")
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                kept = [line.rstrip("\n") for line in f if utab_target(line.rstrip("\n")) not in replaced]
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
         except FileNotFoundError:
-            kept = []
+            lines = []
         except OSError as exc:
             raise oserror("read", path, exc.errno) from None
+        if lines and not lines[-1]:
+            lines.pop()
+        live = {mount[3] for mount in MountTable().points.values()}
+        kept = []
+        for line in lines:
+            fields = utab_fields(line)
+            if any(key.names(fields) for key in gone):
+                continue
+            # A line of ours (only options apply writes) whose mount is gone.
+            if "ID" in fields and fields["ID"] not in live and set(
+                    fields.get("OPTS", "").split(",")) <= OUR_OPTIONS:
+                continue
+            kept.append(line)
         temp = f"{path}.{os.getpid()}"
-        data = "".join(line + "\n" for line in kept + added).encode("utf-8", "surrogateescape")
+        data = b"".join(line + b"\n" for line in kept + new)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             with opened(call("create", temp, os.open, temp, flags, 0o644)) as fd:
@@ -2287,7 +2345,7 @@ class Executor:
                 lines.append(f"ID={mount_id} SRC={mangle(source)} TARGET={mangle(as_path(target))} "
                              f"ROOT={mangle(fs_root)} OPTS={mangle(','.join(options))}")
         try:
-            update_utab(lines, set())
+            update_utab(lines, [])
         except OSError as exc:
             self.log.error(f"{exc.filename}: cannot record mount options: {describe_oserror(exc)}")
             return False
@@ -3367,7 +3425,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     chain = DirChain(root_fd, tree)
     kept_dirs = {entry.target for entry in config.entries if entry.kind == "directory"}
-    unmounted: set = set()  # the targets, as utab names them
+    unmounted: list = []  # UtabKey of each mount taken off
     try:
         for entry in reversed(config.entries):
             host = tree.host(entry.target)
@@ -3376,8 +3434,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             # itself): left there.
             in_storage = any(entry.target[:depth] in kept_dirs for depth in range(1, len(entry.target)))
             try:
-                if unmount_entry(entry, tree, mounts, chain, log, in_storage):
-                    unmounted.add(as_path(entry.target))
+                unmounted += unmount_entry(entry, tree, mounts, chain, log, in_storage)
             except Exception as exc:  # this entry stays, the others are undone
                 failed += 1
                 log.error(failure_text(exc, host))
@@ -3402,7 +3459,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             try:
                 umount2(host, UMOUNT_NOFOLLOW, host)
                 log.info(f"unmounted {host}")
-                unmounted.add(as_path(fs.mountpoint))
+                unmounted.append(UtabKey(mount_id, source, as_path(fs.mountpoint), fs_root))
             except OSError as exc:
                 failed += 1
                 log.error(failure_text(exc, host))
@@ -3419,23 +3476,23 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
 
 
 def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
-                  log: Log, in_storage: bool) -> bool:
+                  log: Log, in_storage: bool) -> list:
     """Unmount one entry's bind mount; remove the link or the empty mount
     point apply made for it, unless it lies in storage (in_storage).
-    Whether it unmounted one."""
+    The UtabKey of each mount taken off."""
     target = entry.target
     host = tree.host(target)
     node = tree.look(target)
     if node is None:
-        return False
+        return []
     if node.kind == "link":
         if not in_storage and node.link == link_text(entry):
             parent = chain.open(target[:-1])
             call("unlink", host, os.unlink, target[-1], dir_fd=parent)
             log.info(f"removed link {host}")
-        return False
+        return []
     src = tree.look(entry.source)
-    unmounted = False
+    unmounted = []
     # Every layer that binds the source: two runs of an older version at
     # once could stack them.
     while mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
@@ -3444,14 +3501,15 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         # fd on the mount itself would keep it busy.
         umount2(f"/proc/self/fd/{parent}/{target[-1]}", UMOUNT_NOFOLLOW, host)
         log.info(f"unmounted {host}")
+        source, fs_root, _, mount_id = mounts.points[host]
+        unmounted.append(UtabKey(mount_id, source, as_path(target), fs_root))
         mounts.remove(host)
         tree.forget(target)
         node = tree.look(target)
-        unmounted = True
-    if mounts.layers.get(host, 0) > 1 and src is not None:
+    if mounts.layers(host) > 1 and src is not None:
         # Another mount on top, with more below it: apply's bind may be one
         # of them, and cannot be taken off from under that mount.
-        raise EntryError(host, f"covered by another mount ({mounts.layers[host]} mounts there); "
+        raise EntryError(host, f"covered by another mount ({mounts.layers(host)} mounts there); "
                                "unmount those above apply's first, then run unmount again")
     # Remove the mount point only if apply created it and it is empty.
     if node is None or in_storage or mounts.is_mountpoint(host) or node.kind not in ("dir", "file"):
@@ -4199,6 +4257,8 @@ def main(argv: list | None = None) -> int:
     try:
         if opts.command in ("apply", "unmount"):
             lock_root(root, log)
+        if opts.command in ("apply", "unmount", "plan"):
+            choose_utab(root, log)
         if opts.command == "apply":
             # Directories are made with their final mode; nothing is
             # created with a mode not set explicitly.
