@@ -2087,6 +2087,12 @@ class Walk:
         try:
             with os.scandir(fd) as it:
                 for e in it:
+                    path = comps + (e.name,)
+                    if path in self.mount_types and path not in self.own_fs and path not in self.through:
+                        # Another mount, per the table: never looked at (a
+                        # stalled FUSE daemon would hang the lstat).
+                        entries.append((e.name, None))
+                        continue
                     try:
                         entries.append((e.name, e.stat(follow_symlinks=False)))
                     except FileNotFoundError:
@@ -2104,6 +2110,9 @@ class Walk:
                 continue
             if path in self.skipped and path not in self.through:
                 self.not_walked.append((path, self.skipped[path]))
+                continue
+            if st is None:
+                self.mounts.append((path, self.mount_types[path]))
                 continue
             mode = st.st_mode
             if stat.S_ISDIR(mode):
@@ -2159,6 +2168,12 @@ class Walk:
             try:
                 with os.scandir(fd_here) as it:
                     for e in it:
+                        if e.name in self.mount_names and path_here + (e.name,) in self.mount_types:
+                            # Another mount: named, never looked at (a
+                            # stalled FUSE daemon would hang the lstat).
+                            count += 1
+                            self.mounts.append((path_here + (e.name,), self.mount_types[path_here + (e.name,)]))
+                            continue
                         try:
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
@@ -2969,11 +2984,35 @@ def link_text(entry: Entry) -> str:
     return as_path(entry.source)
 
 
+_fuse_mounts: dict = {}  # root -> {components: (fs type, source)}
+
+
+def fuse_mounts(root: str) -> dict:
+    """The FUSE mounts below root, read from the mount table once a run
+    (apply makes none): a user's daemon answers for them, and a stopped
+    one hangs every lstat there."""
+    if root not in _fuse_mounts:
+        prefix = root.rstrip("/") + "/"
+        _fuse_mounts[root] = {
+            tuple(point[len(prefix):].split("/")): (fs_type, source)
+            for point, (source, _fs_root, fs_type, _id) in MountTable().points.items()
+            if point.startswith(prefix) and (fs_type in ("fuse", "fuseblk") or fs_type.startswith("fuse."))}
+    return _fuse_mounts[root]
+
+
 def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is
     now (and as the actions planned before it leave it)."""
     actions: list = []
     tree.enter(entry.target)
+    fuse = fuse_mounts(tree.root)
+    for path in (entry.target, entry.source) if fuse else ():
+        for depth in range(1, len(path) + 1):
+            # Never looked at, nor into: the entry fails naming the mount.
+            if path[:depth] in fuse:
+                fs_type, source = fuse[path[:depth]]
+                return [Fail(path[:depth], f"is a {fs_type} mount ({source}), not apply's; "
+                                           "left as it is, not looked into")]
     for path in (entry.source, entry.target):
         if len(os.fsencode(tree.host(path))) >= PATH_MAX:
             # The lookups of its parents would each fail alike, after a
