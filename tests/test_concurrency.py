@@ -115,3 +115,27 @@ def test_unmount_exits_1_when_a_mount_of_its_own_is_left(sandbox):
     points = [p for p, *_ in mounts_under(sandbox.root)]
     assert sorted(points) == sorted([str(sandbox.root), str(sandbox.path("/persistent")),
                                      str(sandbox.path("/srv/a")), str(sandbox.path("/srv/a"))])
+
+
+def test_without_a_writable_run_the_root_itself_is_locked(sandbox):
+    # /run missing or read-only (an odd system): the lock is an flock on
+    # the root directory itself.
+    tmpfs_at(sandbox.path("/persistent"))
+    sandbox.write_config(CONFIG)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "no-run", "/run"], check=True)
+    try:
+        held = os.open(sandbox.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            proc = start(sandbox, "apply", env={"IMPERMANENCE_LOCK_WAIT": "1"})
+            code, (out, err) = proc.wait(timeout=60), proc.communicate()
+            assert code == 2, err
+            assert f"(lock {sandbox.root}, waited 1 s)" in err, err
+        finally:
+            os.close(held)
+        result = sandbox.run("-v", "apply")
+        assert result.returncode == 0, result.stderr
+        assert f"locking {sandbox.root} itself" in result.stderr, result.stderr
+    finally:
+        subprocess.run(["umount", "/run"], check=True)
+    assert stacked(sandbox.root) == []
