@@ -3000,19 +3000,27 @@ def fuse_mounts(root: str) -> dict:
     return _fuse_mounts[root]
 
 
+def fuse_refusal(tree: Tree, entry: Entry) -> tuple | None:
+    """(path, cause) when the entry's target or source lies on a FUSE
+    mount: never looked at, nor into; None otherwise."""
+    fuse = fuse_mounts(tree.root)
+    for path in (entry.target, entry.source) if fuse else ():
+        for depth in range(1, len(path) + 1):
+            if path[:depth] in fuse:
+                fs_type, source = fuse[path[:depth]]
+                return path[:depth], (f"is a {fs_type} mount ({source}), not apply's; "
+                                      "left as it is, not looked into")
+    return None
+
+
 def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is
     now (and as the actions planned before it leave it)."""
     actions: list = []
     tree.enter(entry.target)
-    fuse = fuse_mounts(tree.root)
-    for path in (entry.target, entry.source) if fuse else ():
-        for depth in range(1, len(path) + 1):
-            # Never looked at, nor into: the entry fails naming the mount.
-            if path[:depth] in fuse:
-                fs_type, source = fuse[path[:depth]]
-                return [Fail(path[:depth], f"is a {fs_type} mount ({source}), not apply's; "
-                                           "left as it is, not looked into")]
+    on_fuse = fuse_refusal(tree, entry)
+    if on_fuse is not None:
+        return [Fail(*on_fuse)]
     for path in (entry.source, entry.target):
         if len(os.fsencode(tree.host(path))) >= PATH_MAX:
             # The lookups of its parents would each fail alike, after a
@@ -3362,6 +3370,9 @@ STATES = ("ok", "not-mounted", "wrong-source", "not-linked", "source-missing",
 def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Accounts) -> tuple:
     """(state, detail) of one entry on the live system."""
     source, target = entry.source, entry.target
+    on_fuse = fuse_refusal(tree, entry)
+    if on_fuse is not None:
+        return "error", f"{tree.host(on_fuse[0])} {on_fuse[1]}"
     src = tree.look(source)
     tgt = tree.look(target)
     host_target = tree.host(target)
@@ -3521,6 +3532,8 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
     The UtabKey of each mount taken off."""
     target = entry.target
     host = tree.host(target)
+    if fuse_refusal(tree, entry) is not None:
+        return []  # not apply's: left as it is, never looked at
     node = tree.look(target)
     if node is None:
         return []

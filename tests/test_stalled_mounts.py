@@ -99,3 +99,19 @@ def test_apply_on_a_running_system_finishes_beside_a_stalled_fuse_mount(sandbox,
     assert lines[0].startswith("impermanence: /home/bird/mnt: is a fuse.") and "not looked into" in lines[0]
     assert lines[1].startswith("impermanence: /srv/fuse: is a fuse.") and "not looked into" in lines[1]
     assert os.path.ismount(R / "var/lib/app")  # the others applied
+
+
+def test_status_and_unmount_finish_beside_a_stalled_fuse_mount(sandbox, stalled):
+    R = sandbox.root
+    (R / "persistent").mkdir()
+    cfg = {"persistence": {"/persistent": {"directories": ["/var/log", "/srv/fuse"]}}}
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    subprocess.run(["umount", str(R / "srv/fuse")], check=True)
+    stalled(R / "srv/fuse")  # a FUSE mount where a kept directory goes
+    result = sandbox.run("status", timeout=60)
+    assert result.returncode == 1, result.stderr
+    (line,) = [l for l in result.stdout.splitlines() if "srv/fuse" in l]
+    assert line.startswith("error") and "not looked into" in line, line
+    result = sandbox.run("unmount", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert mount_points_under(R) == [str(R), str(R / "srv/fuse")]
