@@ -4306,9 +4306,11 @@ def main(argv: list | None = None) -> int:
     if not os.path.isdir(root):
         log.error(f"{opts.root}: --root is not a directory")
         return EXIT_CONFIG
+    _fuse_mounts.clear()  # read again by each run, as the mount table is
+    lock = -1
     try:
         if opts.command in ("apply", "unmount"):
-            lock_root(root, log)
+            lock = lock_root(root, log)
         if opts.command in ("apply", "unmount", "plan"):
             choose_utab(root, log)
         if opts.command == "apply":
@@ -4342,6 +4344,9 @@ def main(argv: list | None = None) -> int:
 
             traceback.print_exc()
         return EXIT_FAILED
+    finally:
+        if lock >= 0:
+            os.close(lock)  # the lock goes with it (main may run in a longer process)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,21 @@ def test_without_a_writable_run_the_root_itself_is_locked(sandbox):
     finally:
         subprocess.run(["umount", "/run"], check=True)
     assert stacked(sandbox.root) == []
+
+
+def test_the_lock_goes_with_the_run(sandbox):
+    # main() called in a longer process (as some tests and tools do)
+    # releases the root's lock when it returns.
+    import impermanence_boot as ib
+
+    tmpfs_at(sandbox.path("/persistent"))
+    sandbox.write_config(CONFIG)
+    umask = os.umask(0o022)
+    try:
+        args = ["--root", str(sandbox.root), "--config", str(sandbox.config_path), "-q"]
+        assert ib.main([*args, "apply"]) == 0
+    finally:
+        os.umask(umask)
+    proc = start(sandbox, "unmount", env={"IMPERMANENCE_LOCK_WAIT": "1"})
+    code, (out, err) = proc.wait(timeout=60), proc.communicate()
+    assert code == 0, err
