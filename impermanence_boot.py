@@ -2987,23 +2987,23 @@ def link_text(entry: Entry) -> str:
 _fuse_mounts: dict = {}  # root -> {components: (fs type, source)}
 
 
-def fuse_mounts(root: str) -> dict:
-    """The FUSE mounts below root, read from the mount table once a run
-    (apply makes none): a user's daemon answers for them, and a stopped
-    one hangs every lstat there."""
+def fuse_mounts(root: str, mounts: MountTable | None = None) -> dict:
+    """The FUSE mounts below root, read from the mount table (mounts, if
+    the caller has read it) once a run (apply makes none): a user's daemon
+    answers for them, and a stopped one hangs every lstat there."""
     if root not in _fuse_mounts:
         prefix = root.rstrip("/") + "/"
         _fuse_mounts[root] = {
             tuple(point[len(prefix):].split("/")): (fs_type, source)
-            for point, (source, _fs_root, fs_type, _id) in MountTable().points.items()
+            for point, (source, _fs_root, fs_type, _id) in (mounts or MountTable()).points.items()
             if point.startswith(prefix) and (fs_type in ("fuse", "fuseblk") or fs_type.startswith("fuse."))}
     return _fuse_mounts[root]
 
 
-def fuse_refusal(tree: Tree, entry: Entry) -> tuple | None:
+def fuse_refusal(tree: Tree, entry: Entry, mounts: MountTable | None = None) -> tuple | None:
     """(path, cause) when the entry's target or source lies on a FUSE
     mount: never looked at, nor into; None otherwise."""
-    fuse = fuse_mounts(tree.root)
+    fuse = fuse_mounts(tree.root, mounts)
     for path in (entry.target, entry.source) if fuse else ():
         for depth in range(1, len(path) + 1):
             if path[:depth] in fuse:
@@ -3370,7 +3370,7 @@ STATES = ("ok", "not-mounted", "wrong-source", "not-linked", "source-missing",
 def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Accounts) -> tuple:
     """(state, detail) of one entry on the live system."""
     source, target = entry.source, entry.target
-    on_fuse = fuse_refusal(tree, entry)
+    on_fuse = fuse_refusal(tree, entry, mounts)
     if on_fuse is not None:
         return "error", f"{tree.host(on_fuse[0])} {on_fuse[1]}"
     src = tree.look(source)
@@ -3532,7 +3532,7 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
     The UtabKey of each mount taken off."""
     target = entry.target
     host = tree.host(target)
-    if fuse_refusal(tree, entry) is not None:
+    if fuse_refusal(tree, entry, mounts) is not None:
         return []  # not apply's: left as it is, never looked at
     node = tree.look(target)
     if node is None:
