@@ -4963,7 +4963,7 @@ def main(argv: list | None = None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        sys.stderr.write(f"impermanence: {exc}\n{usage().splitlines()[0]}\n")
+        sys.stderr.write(f"impermanence: {str(exc).translate(UNPRINTABLE)}\n{usage().splitlines()[0]}\n")
         return EXIT_CONFIG
     if opts.help:
         sys.stdout.write(usage())
