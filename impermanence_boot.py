@@ -3793,7 +3793,8 @@ class DiscardTemp(Action):
         parent = chain.open(self.path[:-1])
         name, shown = self.path[-1], ex.tree.host(self.path)
         st = call("lstat", shown, os.stat, name, dir_fd=parent, follow_symlinks=False)
-        if not self.in_storage and stat.S_ISREG(st.st_mode) and st.st_mtime_ns != MARK_TIME_NS:
+        # An empty file (the mount point, marked or not yet) holds nothing to lose.
+        if not self.in_storage and stat.S_ISREG(st.st_mode) and st.st_size:
             fd = open_file_at(parent, name, shown)
             if fd is not None:
                 with opened(fd):
