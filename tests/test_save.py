@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from reliability_support import assert_clean_messages, tree_digest
-from support import BIRD, USERS_GID, mounts_under, require, run_on, strace_prefix, tmpfs_at
+from support import (BIRD, SCRIPT, USERS_GID, mounts_under, require, run_on, script_env,
+                     strace_prefix, tmpfs_at)
 
 OLD_FISH = b"- cmd: ls\n  when: 1\n"
 OLD_APP = b"old app\n"
@@ -299,12 +302,14 @@ def test_storage_changed_too_keeps_both(sandbox):
     dry = sandbox.run("save", "--dry-run")
     assert dry.returncode == 0
     [line] = dry.stdout.splitlines()
-    assert line.startswith(f"save {R}/home/bird/{HISTORY} as {stored}.impermanence-conflict-")
-    assert line.endswith(f" ({stored} changed too: both kept), then link it again")
+    named = re.compile(re.escape(f"save {R}/home/bird/{HISTORY} as {stored}.impermanence-conflict-")
+                       + r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ"
+                       + re.escape(f" ({stored} changed too: both kept), then link it again"))
+    assert named.fullmatch(line), line
     result = sandbox.run("save")
     assert result.returncode == 0, result.stderr
     [copy] = [p for p in stored.parent.iterdir() if p.name != stored.name]
-    assert line.split(" as ")[1].startswith(str(copy) + " ")
+    assert named.fullmatch(line.replace(line.split(" as ")[1].split(" ")[0], str(copy)))
     assert result.stderr.splitlines() == [
         f"impermanence: {stored}: changed in storage and at {R}/home/bird/{HISTORY}: kept both, "
         f"the root's copy as {copy.name}"]
@@ -327,6 +332,40 @@ def test_save_writes_nothing_into_an_unmounted_storage(sandbox, disk):
     assert result.stderr.splitlines() == [f"impermanence: {R}/persistent: not mounted; its entries not saved"]
     assert os.listdir(R / "persistent") == []
     assert (R / "etc/new.conf").read_bytes() == b"new\n"
+
+
+def test_a_copy_replaced_again_while_saving_stays_and_is_saved_next_time(sandbox):
+    # fish saves again while save is about to put the link back (strace
+    # holds save 2 s before the exchange): the newer copy stays on the root,
+    # the one saved is in storage, and the next save takes the newer one.
+    require(shutil.which("strace") is not None, "strace is not installed")
+    R = sandbox.root
+    S = booted(sandbox)
+    fish_saves(R, b"- cmd: first\n")
+    trace = sandbox.work / "delay.trace"
+    slow = subprocess.Popen([*strace_prefix(trace, "renameat2", "inject=renameat2:delay_enter=2000000:when=1"),
+                             sys.executable, str(SCRIPT), "--root", str(R), "--config",
+                             str(sandbox.config_path), "save"],
+                            env=script_env({"LIBMOUNT_UTAB": str(sandbox.utab)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if trace.exists() and "renameat2(" in trace.read_text():
+            break
+        time.sleep(0.01)
+    fish_saves(R, b"- cmd: second\n")
+    _, err = slow.communicate(timeout=60)
+    assert slow.returncode == 1
+    assert err.splitlines() == [
+        f"impermanence: {R}/home/bird/{HISTORY}: changed while saving; saved at the next save"]
+    stored = S / "home/bird" / HISTORY
+    assert stored.read_bytes() == OLD_FISH + b"- cmd: first\n"
+    root_copy = R / "home/bird" / HISTORY
+    assert not root_copy.is_symlink()
+    assert root_copy.read_bytes() == OLD_FISH + b"- cmd: first\n- cmd: second\n"
+    assert leftovers(S, R / "home") == []
+    assert sandbox.run("save").returncode == 0
+    assert stored.read_bytes() == OLD_FISH + b"- cmd: first\n- cmd: second\n"
+    assert os.readlink(root_copy) == "/persistent/home/bird/" + HISTORY
 
 
 # --- killed at every write, rename and unlink ------------------------------------------
