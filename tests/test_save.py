@@ -215,6 +215,28 @@ def test_a_link_planted_in_the_storage_directory_is_not_followed(sandbox):
     assert (R / "home/bird" / HISTORY).read_bytes().endswith(b"echo planted\n")  # still there
 
 
+def test_a_file_named_like_a_temporary_that_storage_lacks_is_left_alone(sandbox):
+    # A save's temporaries have known names: a user's own file under such a
+    # name beside the target (storage does not hold it), or a directory so
+    # named in storage, is left as it is, with one line.
+    R = sandbox.root
+    S = booted(sandbox)
+    beside = R / "home/bird/.local/share/fish/.fish_history.impermanence-swap"
+    beside.write_bytes(b"bird's own notes\n")
+    os.chown(beside, BIRD, USERS_GID)
+    in_storage = S / "etc/.app.conf.impermanence-save"
+    in_storage.mkdir()
+    before = tree_digest(S)
+    result = sandbox.run("save")
+    assert result.returncode == 1
+    assert sorted(result.stderr.splitlines()) == sorted([
+        f"impermanence: {in_storage}: has the name of a save's temporary but is not one; left as it is",
+        f"impermanence: {beside}: was left by an interrupted save and storage does not hold it; "
+        "left as it is"])
+    assert beside.read_bytes() == b"bird's own notes\n"
+    assert tree_digest(S) == before
+
+
 # --- what save is for -------------------------------------------------------------------
 
 def test_files_replaced_by_rename_are_saved_and_linked_again(sandbox):
