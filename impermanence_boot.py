@@ -3643,17 +3643,23 @@ class SaveFile(Action):
     link or bind: copied into storage (over the source, or beside it as a
     conflict copy when storage changed too), then the link, or an empty
     mount point and the bind, put back in its place."""
-    __slots__ = ("entry", "found", "conflict", "restore")
+    __slots__ = ("entry", "found", "conflict", "restore", "held")
 
-    def __init__(self, entry: Entry, found: tuple, conflict: str | None, restore: str):
+    def __init__(self, entry: Entry, found: tuple, conflict: str | None, restore: str,
+                 held: str | None):
         # found: fingerprint of the root's copy when planned; conflict: the
         # name of the copy beside the source, or None to replace the
-        # source; restore: "link" or "bind".
+        # source; restore: "link" or "bind"; held: the name in storage
+        # that holds the root's bytes already (a killed save's work).
         self.entry, self.found, self.conflict, self.restore = entry, found, conflict, restore
+        self.held = held
 
     def describe(self, tree: Tree) -> str:
         entry = self.entry
         again = "link it again" if self.restore == "link" else "bind it again"
+        if self.held is not None:
+            return (f"{again.split()[0]} {tree.host(entry.target)} again "
+                    f"({tree.host(entry.source[:-1] + (self.held,))} holds its content already)")
         if self.conflict is None:
             return (f"save {tree.host(entry.target)} into {tree.host(entry.source)} (a program "
                     f"replaced it), then {again}")
@@ -3865,11 +3871,11 @@ def plan_save_file(entry: Entry, tree: Tree, src: Node | None, now: float) -> Sa
                 conflict = None
                 source = entry.source[-1]
                 sst = source_state(storage_dir, source)
-                if (sst is not None and sst[4] > st.st_ctime_ns
-                        and saved_already(storage_dir, source, fd) is None):
+                held = saved_already(storage_dir, source, fd) if sst is not None else None
+                if held is None and sst is not None and sst[4] > st.st_ctime_ns:
                     conflict = source + CONFLICT + time.strftime(TIME_FORMAT, time.gmtime(now))
     restore = "bind" if entry.method == "auto" and src is not None else "link"
-    return SaveFile(entry, fingerprint(st), conflict, restore)
+    return SaveFile(entry, fingerprint(st), conflict, restore, held)
 
 
 def usable_storages(config: Config, tree: Tree, mounts: MountTable, log: Log) -> set:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from reliability_support import assert_clean_messages, tree_digest
-from support import (BIRD, SCRIPT, USERS_GID, mounts_under, require, run_on, script_env,
+from support import (BIRD, PROJECT, SCRIPT, USERS_GID, mounts_under, require, run_on, script_env,
                      strace_prefix, tmpfs_at)
 
 OLD_FISH = b"- cmd: ls\n  when: 1\n"
@@ -102,8 +102,10 @@ def mv_over(path: Path, content: bytes) -> subprocess.CompletedProcess:
 
 
 def leftovers(*tops: Path) -> list:
-    return [os.path.join(d, n) for top in tops for d, dirs, files in os.walk(top)
-            for n in dirs + files if "impermanence-" in n or n.endswith((".new", ".Xq3zT1"))]
+    """Temporaries of save or of the programs (conflict copies are results)."""
+    return [os.path.join(d, n) for top in tops for d, dirs, files in os.walk(top) for n in dirs + files
+            if ("impermanence-" in n and "impermanence-conflict-" not in n)
+            or n.endswith((".new", ".Xq3zT1"))]
 
 
 def status_of(sandbox) -> dict:
@@ -398,8 +400,9 @@ KILL_SYSCALLS = ["write", "fsync", "renameat", "renameat2", "unlinkat", "symlink
 
 
 def killable_world(root: Path) -> Path:
-    """Booted, then: fish replaced its history (link), and /etc/app.conf,
-    whose bind was unmounted, was replaced with mv (bind)."""
+    """Booted, then: fish replaced its history (link); /etc/app.conf,
+    whose bind was unmounted, was replaced with mv (bind); /etc/sym.conf
+    was replaced with mv and then written in storage too (conflict)."""
     root.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "fresh-root", str(root)], check=True)
     S = world(root)
@@ -410,11 +413,19 @@ def killable_world(root: Path) -> Path:
     fish_saves(root, b"- cmd: new\n")
     subprocess.run(["umount", str(root / "etc/app.conf")], check=True)
     assert mv_over(root / "etc/app.conf", b"new app\n").returncode == 0
+    assert mv_over(root / "etc/sym.conf", b"root's sym\n").returncode == 0
+    (S / "etc/sym.conf").write_bytes(b"storage's sym\n")
     return S
 
 
-def run_save(root: Path, *prefix) -> subprocess.CompletedProcess:
-    return run_on(root, root.parent / "save.json", "save", prefix=prefix,
+def untimed(line: str) -> str:
+    """A line with the UTC time of a conflict copy's name masked (a dry
+    run and the run after it may fall in different seconds)."""
+    return re.sub(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", "TIME", line)
+
+
+def run_save(root: Path, *prefix, args: tuple = ()) -> subprocess.CompletedProcess:
+    return run_on(root, root.parent / "save.json", "save", *args, prefix=prefix,
                   env={"LIBMOUNT_UTAB": str(root.parent / "utab")})
 
 
@@ -453,13 +464,61 @@ def test_sigkill_at_every_write_rename_and_unlink_then_save_again(namespace, tmp
         # Storage holds the old copy or the new one, whole: never a mix, never nothing.
         assert fish.read_bytes() in (OLD_FISH, OLD_FISH + b"- cmd: new\n"), (name, k)
         assert app.read_bytes() in (OLD_APP, b"new app\n"), (name, k)
-        result = run_save(root)
-        assert result.returncode == 0, (name, k, result.stderr)
+        sym = S / "etc/sym.conf"
+        copies = sorted(p for p in S.joinpath("etc").iterdir() if "impermanence-conflict-" in p.name)
+        assert sym.read_bytes() == b"storage's sym\n"
+        assert [p.read_bytes() for p in copies] in ([], [b"root's sym\n"]), (name, k)
+        dry = run_save(root, args=("--dry-run",))
+        result = run_save(root, args=("-v",))
+        assert result.returncode == dry.returncode == 0, (name, k, result.stderr)
+        # What the dry run says is what the second save does (less the
+        # conflict's own line); a conflict copy made already is not made again.
+        done = [untimed(l) for l in result.stderr.splitlines() if "kept both" not in l]
+        assert done == [untimed(f"impermanence: {line}") for line in dry.stdout.splitlines()
+                        if line != "nothing to save"], (name, k)
         assert fish.read_bytes() == OLD_FISH + b"- cmd: new\n", (name, k)
         assert app.read_bytes() == b"new app\n", (name, k)
         assert os.stat(fish).st_uid == BIRD
         assert os.readlink(root / "home/bird" / HISTORY) == "/persistent/home/bird/" + HISTORY
         assert os.stat(root / "etc/app.conf").st_ino == os.stat(app).st_ino, (name, k)
+        copies = sorted(p for p in S.joinpath("etc").iterdir() if "impermanence-conflict-" in p.name)
+        assert sym.read_bytes() == b"storage's sym\n"
+        assert [p.read_bytes() for p in copies] == [b"root's sym\n"], (name, k)
+        assert os.readlink(root / "etc/sym.conf") == "/persistent/etc/sym.conf"
         assert leftovers(S, root / "home", root / "etc") == [], (name, k)
         assert [n for n in os.listdir(fish.parent)] == ["fish_history"], (name, k)
         subprocess.run(["umount", "-R", "-l", str(root)])
+
+
+# --- the shutdown unit --------------------------------------------------------------------
+
+def unit_settings(text: str) -> dict:
+    settings: dict = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_shutdown_unit_saves_after_sessions_and_before_unmounting():
+    unit = (PROJECT / "dist/systemd/impermanence-save.service").read_text()
+    settings = unit_settings(unit)
+    assert settings["Type"] == ["oneshot"] and settings["RemainAfterExit"] == ["yes"]
+    assert settings["DefaultDependencies"] == ["no"]
+    # Stopped after everything ordered after sysinit.target (sessions,
+    # services), before the unmounts; the work is in ExecStop.
+    assert set(settings["Before"][0].split()) >= {"sysinit.target", "umount.target", "final.target"}
+    assert set(settings["Conflicts"][0].split()) >= {"umount.target"}
+    assert settings["After"] == ["local-fs.target"]
+    [stop] = settings["ExecStop"]
+    assert stop.split()[-1] == "save" and "/usr/lib/impermanence-boot/impermanence_boot.py" in stop
+    timer = unit_settings((PROJECT / "dist/systemd/impermanence-save.timer").read_text())
+    now = unit_settings((PROJECT / "dist/systemd/impermanence-save-now.service").read_text())
+    assert timer["Unit"] == ["impermanence-save-now.service"]
+    assert now["ExecStart"][0].split()[-1] == "save"
+    require(shutil.which("systemd-analyze") is not None, "systemd-analyze is not installed")
+    for name in ("impermanence-save.service", "impermanence-save-now.service", "impermanence-save.timer"):
+        result = subprocess.run(["systemd-analyze", "verify", str(PROJECT / "dist/systemd" / name)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0 and name not in result.stderr, result.stderr
