@@ -3609,7 +3609,12 @@ def saved_already(storage_dir: int, name: str, fd: int) -> str | None:
     save made) that holds what fd holds, or None."""
     prefix = name + CONFLICT
     for candidate in [name] + sorted(n for n in os.listdir(storage_dir) if n.startswith(prefix)):
-        other = open_file_at(storage_dir, candidate, candidate)
+        try:
+            other = open_file_at(storage_dir, candidate, candidate)
+        except EntryError:
+            if candidate == name:
+                raise
+            continue  # not a copy save made: not compared
         if other is None:
             continue
         with opened(other):
