@@ -3861,7 +3861,9 @@ def plan_save_file(entry: Entry, tree: Tree, src: Node | None, now: float) -> Sa
     the root's copy took the link's place by a rename, which sets its
     ctime, so storage was written after that, by someone who did not go
     through the link. (A program that replaces a file reads it through
-    the link first: changes before its rename are in its copy.)"""
+    the link first: changes before its rename are in its copy.) Where a
+    bind was, the program could not have read storage's copy through a
+    link at all: a source that differs is always kept."""
     with opened(open_dir_path(tree, entry.target[:-1])) as target_dir:
         fd = open_file_at(target_dir, entry.target[-1], tree.host(entry.target))
         if fd is None:
@@ -3877,9 +3879,9 @@ def plan_save_file(entry: Entry, tree: Tree, src: Node | None, now: float) -> Sa
                 source = entry.source[-1]
                 sst = source_state(storage_dir, source)
                 held = saved_already(storage_dir, source, fd) if sst is not None else None
-                if held is None and sst is not None and sst[4] > st.st_ctime_ns:
+                restore = "bind" if entry.method == "auto" and src is not None else "link"
+                if held is None and sst is not None and (sst[4] > st.st_ctime_ns or restore == "bind"):
                     conflict = source + CONFLICT + time.strftime(TIME_FORMAT, time.gmtime(now))
-    restore = "bind" if entry.method == "auto" and src is not None else "link"
     return SaveFile(entry, fingerprint(st), conflict, restore, held)
 
 

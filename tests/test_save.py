@@ -297,7 +297,9 @@ def test_files_replaced_by_rename_are_saved_and_linked_again(sandbox):
     assert again.stdout == "nothing to save\n"
 
 
-def test_a_replaced_file_whose_bind_was_gone_is_saved_and_bound_again(sandbox):
+def test_a_replaced_file_whose_bind_was_gone_is_kept_beside_and_bound_again(sandbox):
+    # Where the bind was gone, the program never read storage's copy
+    # through a link: storage's copy stays, the root's goes beside it.
     R = sandbox.root
     S = booted(sandbox)
     target = R / "etc/app.conf"
@@ -306,11 +308,14 @@ def test_a_replaced_file_whose_bind_was_gone_is_saved_and_bound_again(sandbox):
     assert mv_over(target, b"written while unbound\n").returncode == 0
     assert status_of(sandbox)["/etc/app.conf"] == "replaced"
     dry = sandbox.run("save", "--dry-run")
-    assert dry.stdout.splitlines() == [
-        f"save {target} into {S}/etc/app.conf (a program replaced it), then bind it again"]
+    [line] = dry.stdout.splitlines()
+    assert untimed(line) == (f"save {target} as {S}/etc/app.conf.impermanence-conflict-TIME "
+                             f"({S}/etc/app.conf changed too: both kept), then bind it again")
     result = sandbox.run("save", "-v")
     assert result.returncode == 0, result.stderr
-    assert (S / "etc/app.conf").read_bytes() == b"written while unbound\n"
+    assert (S / "etc/app.conf").read_bytes() == OLD_APP
+    [copy] = [p for p in (S / "etc").iterdir() if p.name.startswith("app.conf.impermanence-conflict-")]
+    assert copy.read_bytes() == b"written while unbound\n"
     assert os.stat(target).st_ino == os.stat(S / "etc/app.conf").st_ino      # bound again
     assert (str(target), "/etc/app.conf") in [(p, r) for p, r, _t, _s in mounts_under(R)]
     assert leftovers(S, R / "etc") == []
@@ -401,8 +406,9 @@ KILL_SYSCALLS = ["write", "fsync", "renameat", "renameat2", "unlinkat", "symlink
 
 def killable_world(root: Path) -> Path:
     """Booted, then: fish replaced its history (link); /etc/app.conf,
-    whose bind was unmounted, was replaced with mv (bind); /etc/sym.conf
-    was replaced with mv and then written in storage too (conflict)."""
+    whose bind was unmounted, was replaced with mv (bind: kept beside);
+    /etc/sym.conf was replaced with mv and then written in storage too
+    (kept beside)."""
     root.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "fresh-root", str(root)], check=True)
     S = world(root)
@@ -416,6 +422,13 @@ def killable_world(root: Path) -> Path:
     assert mv_over(root / "etc/sym.conf", b"root's sym\n").returncode == 0
     (S / "etc/sym.conf").write_bytes(b"storage's sym\n")
     return S
+
+
+ROOTS = {"app.conf": b"new app\n", "sym.conf": b"root's sym\n"}  # the root's copies, kept beside
+
+
+def conflict_copies(S: Path, name: str) -> list:
+    return sorted(p for p in (S / "etc").iterdir() if p.name.startswith(name + ".impermanence-conflict-"))
 
 
 def untimed(line: str) -> str:
@@ -463,11 +476,12 @@ def test_sigkill_at_every_write_rename_and_unlink_then_save_again(namespace, tmp
         fish, app = S / "home/bird" / HISTORY, S / "etc/app.conf"
         # Storage holds the old copy or the new one, whole: never a mix, never nothing.
         assert fish.read_bytes() in (OLD_FISH, OLD_FISH + b"- cmd: new\n"), (name, k)
-        assert app.read_bytes() in (OLD_APP, b"new app\n"), (name, k)
+        assert app.read_bytes() == OLD_APP, (name, k)
         sym = S / "etc/sym.conf"
-        copies = sorted(p for p in S.joinpath("etc").iterdir() if "impermanence-conflict-" in p.name)
         assert sym.read_bytes() == b"storage's sym\n"
-        assert [p.read_bytes() for p in copies] in ([], [b"root's sym\n"]), (name, k)
+        for kept in ("app.conf", "sym.conf"):
+            copies = [p.read_bytes() for p in conflict_copies(S, kept)]
+            assert copies in ([], [ROOTS[kept]]), (name, k)
         dry = run_save(root, args=("--dry-run",))
         result = run_save(root, args=("-v",))
         assert result.returncode == dry.returncode == 0, (name, k, result.stderr)
@@ -477,13 +491,13 @@ def test_sigkill_at_every_write_rename_and_unlink_then_save_again(namespace, tmp
         assert done == [untimed(f"impermanence: {line}") for line in dry.stdout.splitlines()
                         if line != "nothing to save"], (name, k)
         assert fish.read_bytes() == OLD_FISH + b"- cmd: new\n", (name, k)
-        assert app.read_bytes() == b"new app\n", (name, k)
+        assert app.read_bytes() == OLD_APP, (name, k)
         assert os.stat(fish).st_uid == BIRD
         assert os.readlink(root / "home/bird" / HISTORY) == "/persistent/home/bird/" + HISTORY
         assert os.stat(root / "etc/app.conf").st_ino == os.stat(app).st_ino, (name, k)
-        copies = sorted(p for p in S.joinpath("etc").iterdir() if "impermanence-conflict-" in p.name)
         assert sym.read_bytes() == b"storage's sym\n"
-        assert [p.read_bytes() for p in copies] == [b"root's sym\n"], (name, k)
+        for kept in ("app.conf", "sym.conf"):
+            assert [p.read_bytes() for p in conflict_copies(S, kept)] == [ROOTS[kept]], (name, k)
         assert os.readlink(root / "etc/sym.conf") == "/persistent/etc/sym.conf"
         assert leftovers(S, root / "home", root / "etc") == [], (name, k)
         assert [n for n in os.listdir(fish.parent)] == ["fish_history"], (name, k)
