@@ -3787,35 +3787,62 @@ def write_saved(fd: int, st, storage_dir: int, name: str, shown: str, source_sho
 
 
 class DiscardTemp(Action):
-    """A temporary a killed save left: in storage an unfinished copy (the
-    root's copy was still in place), beside the target the link or mount
-    point about to be swapped in, or the root's copy swapped out (already
-    in storage: removed only if storage holds the same bytes)."""
-    __slots__ = ("path", "storage_path", "in_storage")
+    """A temporary a killed save left. In storage: an unfinished copy of
+    the root's copy (removed only if the root's file starts with its
+    bytes, or storage holds them already; otherwise it may be the only
+    copy left by a crash, and stays). Beside the target: the link or
+    empty mount point about to be swapped in, or the root's copy swapped
+    out (removed only if storage holds its bytes)."""
+    __slots__ = ("path", "entry", "in_storage")
 
-    def __init__(self, path: tuple, storage_path: tuple, in_storage: bool):
-        self.path, self.storage_path, self.in_storage = path, storage_path, in_storage
+    def __init__(self, path: tuple, entry: Entry, in_storage: bool):
+        self.path, self.entry, self.in_storage = path, entry, in_storage
 
     def describe(self, tree: Tree) -> str:
         return f"remove {tree.host(self.path)} (left by an interrupted save)"
 
     def execute(self, ex: Executor) -> None:
+        entry = self.entry
         chain = ex.sources if self.in_storage else ex.targets
         parent = chain.open(self.path[:-1])
         name, shown = self.path[-1], ex.tree.host(self.path)
         st = call("lstat", shown, os.stat, name, dir_fd=parent, follow_symlinks=False)
-        # An empty file (the mount point, marked or not yet) holds nothing to lose.
-        if not self.in_storage and stat.S_ISREG(st.st_mode) and st.st_size:
+        if stat.S_ISLNK(st.st_mode) and not self.in_storage:
+            if os.readlink(name, dir_fd=parent) != link_text(entry):
+                raise EntryError(shown, "has the name of a save's temporary but is not one; left as it is")
+        elif not stat.S_ISREG(st.st_mode):
+            raise EntryError(shown, "has the name of a save's temporary but is not one; left as it is")
+        elif self.in_storage or st.st_size:
+            # (An empty file beside the target holds nothing to lose: the
+            # mount point, marked or not yet.)
             fd = open_file_at(parent, name, shown)
             if fd is not None:
                 with opened(fd):
-                    storage_dir = ex.sources.open(self.storage_path[:-1])
-                    if saved_already(storage_dir, self.storage_path[-1], fd) is None:
-                        raise EntryError(shown, "was left by an interrupted save and storage "
-                                                "does not hold it; left as it is")
-        elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-            raise EntryError(shown, "has the name of a save's temporary but is not one; left as it is")
+                    storage_dir = ex.sources.open(entry.source[:-1])
+                    if not (self.in_storage and self.copy_of_root(ex, fd)
+                            or saved_already(storage_dir, entry.source[-1], fd) is not None):
+                        raise EntryError(shown, "was left by an interrupted save and holds what "
+                                                "neither storage nor the root holds; left as it is")
         call("unlink", shown, os.unlink, name, dir_fd=parent)
+
+    def copy_of_root(self, ex: Executor, fd: int) -> bool:
+        """Whether the root's file at the target starts with fd's bytes."""
+        target_dir = ex.targets.open(self.entry.target[:-1])
+        try:
+            root_copy = open_file_at(target_dir, self.entry.target[-1], ex.tree.host(self.entry.target))
+        except EntryError:
+            return False  # the link, or no file: nothing there to copy
+        if root_copy is None:
+            return False
+        with opened(root_copy):
+            offset = 0
+            while True:
+                chunk = os.pread(fd, 1 << 20, offset)
+                if not chunk:
+                    return True
+                if os.pread(root_copy, len(chunk), offset) != chunk:
+                    return False
+                offset += len(chunk)
 
 
 def plan_save(entry: Entry, tree: Tree, mounts: MountTable, now: float) -> list:
@@ -3829,7 +3856,7 @@ def plan_save(entry: Entry, tree: Tree, mounts: MountTable, now: float) -> list:
         for path, in_storage in ((entry.source, True), (entry.target, False)):
             temp = save_temp_name(path[-1], SAVE_TEMP if in_storage else SWAP_TEMP)
             if temp is not None and tree.look(path[:-1] + (temp,)) is not None:
-                actions.append(DiscardTemp(path[:-1] + (temp,), entry.source, in_storage))
+                actions.append(DiscardTemp(path[:-1] + (temp,), entry, in_storage))
         tgt, src = tree.look(entry.target), tree.look(entry.source)
         if tgt is None:
             return actions

@@ -228,15 +228,24 @@ def test_a_file_named_like_a_temporary_that_storage_lacks_is_left_alone(sandbox)
     os.chown(beside, BIRD, USERS_GID)
     in_storage = S / "etc/.app.conf.impermanence-save"
     in_storage.mkdir()
+    # A complete copy a save wrote just before a crash: the root's copy
+    # went with the wiped root, so this may be the only one.
+    only_copy = S / "home/bird/.local/share/fish/.fish_history.impermanence-save"
+    only_copy.write_bytes(OLD_FISH + b"- cmd: the last before the crash\n")
     before = tree_digest(S)
     result = sandbox.run("save")
     assert result.returncode == 1
+    unique = "was left by an interrupted save and holds what neither storage nor the root holds; left as it is"
     assert sorted(result.stderr.splitlines()) == sorted([
         f"impermanence: {in_storage}: has the name of a save's temporary but is not one; left as it is",
-        f"impermanence: {beside}: was left by an interrupted save and storage does not hold it; "
-        "left as it is"])
+        f"impermanence: {only_copy}: {unique}"])  # one line per entry: fish's stops at the first
     assert beside.read_bytes() == b"bird's own notes\n"
     assert tree_digest(S) == before
+    only_copy.rename(S / "fish_history.recovered")  # bird looks at it; then the file beside
+    result = sandbox.run("save")
+    assert result.returncode == 1
+    assert f"impermanence: {beside}: {unique}" in result.stderr.splitlines()
+    assert beside.read_bytes() == b"bird's own notes\n"
 
 
 # --- what save is for -------------------------------------------------------------------
