@@ -55,6 +55,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 MNT_DETACH = 2
 LOCK_EX = 2
+LOCK_NB = 4
 # linux/btrfs.h: _IOW/_IOWR(0x94, nr, args), every args struct 4096 bytes.
 BTRFS_IOC_SUBVOL_CREATE = 0x5000940E
 BTRFS_IOC_SNAP_DESTROY = 0x5000940F
@@ -3934,7 +3935,45 @@ def usable_storages(config: Config, tree: Tree, mounts: MountTable, log: Log) ->
     return usable
 
 
+SAVE_LOCK = "/run/impermanence-save.lock"
+SAVE_LOCK_WAIT = 30.0  # seconds a second save waits for the first
+
+
+def save_lock() -> int | None:
+    """An fd holding the one-save-at-a-time lock (two saves would each
+    remove the other's temporary), or None after waiting SAVE_LOCK_WAIT.
+    Root's file under /run: no user can hold it."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = call("open", SAVE_LOCK, os.open, SAVE_LOCK, flags, 0o600)
+    deadline = time.monotonic() + SAVE_LOCK_WAIT
+    while libc().flock(fd, LOCK_EX | LOCK_NB) < 0:
+        if libc().get_errno() != errno.EWOULDBLOCK or time.monotonic() > deadline:
+            os.close(fd)
+            return None
+        time.sleep(0.1)
+    return fd
+
+
 def command_save(config: Config, root: str, log: Log, out, dry_run: bool) -> int:
+    if not dry_run:
+        try:
+            lock = save_lock()
+        except OSError as exc:
+            log.error(failure_text(exc, SAVE_LOCK) + "; nothing was saved")
+            return EXIT_CONFIG
+        if lock is None:
+            log.error(f"{SAVE_LOCK}: another save is running (waited {SAVE_LOCK_WAIT:g} s); "
+                      "nothing was saved")
+            return EXIT_CONFIG
+        try:
+            return saved(config, root, log, out, dry_run)
+        finally:
+            os.close(lock)
+    return saved(config, root, log, out, dry_run)
+
+
+def saved(config: Config, root: str, log: Log, out, dry_run: bool) -> int:
+    """save, under its lock unless dry_run."""
     tree = Tree(root)
     mounts = MountTable()
     usable = usable_storages(config, tree, mounts, log)

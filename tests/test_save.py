@@ -406,6 +406,57 @@ def test_a_copy_replaced_again_while_saving_stays_and_is_saved_next_time(sandbox
     assert os.readlink(root_copy) == "/persistent/home/bird/" + HISTORY
 
 
+def test_a_second_save_waits_for_the_first(sandbox):
+    # Two saves would each remove the other's temporary: the second waits
+    # for the lock the first holds (here the test holds it).
+    import fcntl
+
+    R = sandbox.root
+    S = booted(sandbox)
+    fish_saves(R, b"- cmd: waited\n")
+    with open("/run/impermanence-save.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = subprocess.Popen([sys.executable, str(SCRIPT), "--root", str(R), "--config",
+                                    str(sandbox.config_path), "save"],
+                                   env=script_env({"LIBMOUNT_UTAB": str(sandbox.utab)}),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert waiting.poll() is None
+        assert not (R / "home/bird" / HISTORY).is_symlink()
+        assert (S / "home/bird" / HISTORY).read_bytes() == OLD_FISH
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert (S / "home/bird" / HISTORY).read_bytes() == OLD_FISH + b"- cmd: waited\n"
+    assert os.readlink(R / "home/bird" / HISTORY) == "/persistent/home/bird/" + HISTORY
+
+
+def test_full_storage_fails_the_entry_and_keeps_both_copies(sandbox):
+    R = sandbox.root
+    S = booted(sandbox)
+    subprocess.run(["mount", "-o", "remount,size=256k", str(S)], check=True)
+    fd = os.open(S / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"x" * 4096):
+            pass
+    except OSError:
+        pass
+    os.close(fd)
+    fish_saves(R, b"- cmd: " + b"y" * 100_000 + b"\n")
+    before = tree_digest(S)
+    result = sandbox.run("save")
+    assert result.returncode == 1
+    stored = S / "home/bird" / HISTORY
+    assert result.stderr.splitlines() == [f"impermanence: {stored}: write: No space left on device"]
+    assert tree_digest(S) == before                                   # no temporary left either
+    assert (R / "home/bird" / HISTORY).read_bytes().endswith(b"y" * 100 + b"\n")  # root's copy stays
+    os.unlink(S / "filler")
+    before = tree_digest(S)
+    result = sandbox.run("save")
+    assert result.returncode == 0, result.stderr
+    assert stored.read_bytes().endswith(b"y" * 100 + b"\n")
+    assert os.readlink(R / "home/bird" / HISTORY) == "/persistent/home/bird/" + HISTORY
+
+
 # --- killed at every write, rename and unlink ------------------------------------------
 
 KILL_SYSCALLS = ["write", "fsync", "renameat", "renameat2", "unlinkat", "symlinkat", "openat",
