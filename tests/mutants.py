@@ -245,6 +245,32 @@ MUTATIONS = [
       "    if euid != 0 and opts.command in NEEDS_ROOT:", "    if False:", ("test_privilege.py",)),
     M("diff-errors-exit-0", "diff exits 0 when it could not read a path",
       "    return EXIT_FAILED if walk.errors else EXIT_OK", "    return EXIT_OK", ("test_privilege.py",)),
+    # --- save ---------------------------------------------------------------------------------------
+    M("save-in-place", "save writes the root's copy straight over the source, no temporary",
+      "    copy = call(\"create\", source_shown, os.open, temp, flags, 0o600, dir_fd=storage_dir)",
+      "    temp = name if conflict is None else temp\n"
+      "    copy = call(\"create\", source_shown, os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC"
+      " | os.O_NOFOLLOW, 0o600, dir_fd=storage_dir)", ("test_save.py",)),
+    M("save-no-conflict", "save overwrites a source that changed in storage too",
+      "                    conflict = source + CONFLICT", "                    conflict = None and source + CONFLICT",
+      ("test_save.py",)),
+    M("save-hard-link", "save takes a hard link planted at the target",
+      "    if st.st_nlink != 1:", "    if st.st_nlink == 0:", ("test_save.py",)),
+    M("save-owner", "save takes a file of another owner from a directory a user may write",
+      "        if st.st_uid != folder.st_uid and (folder.st_uid != 0", "        if False and (folder.st_uid != 0",
+      ("test_save.py",)),
+    M("save-setid", "save takes a set-user-ID file", "    if st.st_mode & 0o6000:", "    if False:",
+      ("test_save.py",)),
+    M("save-other-fs", "save takes a file from another filesystem",
+      "    if st.st_dev != root_dev:", "    if False:", ("test_save.py",)),
+    M("save-swap-unchecked", "save's swap drops a copy replaced again meanwhile",
+      "            if fingerprint(out)[:4] != fingerprint(st)[:4]:", "            if False:", ("test_save.py",)),
+    M("save-discards-unsaved", "save removes a temporary-named file that storage does not hold",
+      "        elif self.in_storage or st.st_size:", "        elif False:", ("test_save.py",)),
+    M("save-discards-only-copy", "save removes a complete copy in storage that the root no longer has",
+      "        \"\"\"Whether the root's file at the target starts with fd's bytes.\"\"\"",
+      "        \"\"\"Whether the root's file at the target starts with fd's bytes.\"\"\"\n        return True",
+      ("test_save.py",)),
 ]
 
 
