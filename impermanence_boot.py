@@ -3954,18 +3954,26 @@ def lock_root(root: str, log: Log) -> int:
         wait = float(os.environ.get("IMPERMANENCE_LOCK_WAIT") or LOCK_WAIT)
     except ValueError:
         wait = LOCK_WAIT
+    err = wait_for_flock(fd, wait)
+    if err == errno.EWOULDBLOCK:
+        os.close(fd)
+        raise Busy(f"{root}: another apply or unmount of this root is running (lock {path}, "
+                   f"waited {wait:g} s); run again when it has finished")
+    if err:
+        log.warn(f"{path}: flock: {os.strerror(err)}; running without the lock")
+    return fd
+
+
+def wait_for_flock(fd: int, wait: float) -> int:
+    """flock(LOCK_EX) on fd, tried again for up to `wait` seconds: 0 once
+    held, else the errno (EWOULDBLOCK: another process still holds it)."""
     deadline = time.monotonic() + wait
     while libc().flock(fd, LOCK_EX | LOCK_NB) < 0:
         err = libc().get_errno()
-        if err != errno.EWOULDBLOCK:
-            log.warn(f"{path}: flock: {os.strerror(err)}; running without the lock")
-            break
-        if time.monotonic() >= deadline:
-            os.close(fd)
-            raise Busy(f"{root}: another apply or unmount of this root is running (lock {path}, "
-                       f"waited {wait:g} s); run again when it has finished")
+        if err != errno.EWOULDBLOCK or time.monotonic() >= deadline:
+            return err
         time.sleep(0.05)
-    return fd
+    return 0
 
 
 def command_apply(config: Config, root: str, log: Log) -> int:
@@ -4683,12 +4691,9 @@ def save_lock() -> int | None:
     Root's file under /run: no user can hold it."""
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     fd = call("open", SAVE_LOCK, os.open, SAVE_LOCK, flags, 0o600)
-    deadline = time.monotonic() + SAVE_LOCK_WAIT
-    while libc().flock(fd, LOCK_EX | LOCK_NB) < 0:
-        if libc().get_errno() != errno.EWOULDBLOCK or time.monotonic() > deadline:
-            os.close(fd)
-            return None
-        time.sleep(0.1)
+    if wait_for_flock(fd, SAVE_LOCK_WAIT):
+        os.close(fd)
+        return None
     return fd
 
 

@@ -187,7 +187,8 @@ MUTATIONS = [
       "    if False:\n        raise EntryError(spec, f\"matches {len(found)} devices:", ("test_probe.py",)),
     # --- one run at a time, config, rotation, FUSE ----------------------------------------------
     M("no-run-lock", "two applies on one root run at once",
-      "    while libc().flock(fd, LOCK_EX | LOCK_NB) < 0:", "    while False:", ("test_concurrency.py",)),
+      "    err = wait_for_flock(fd, wait)\n    if err == errno.EWOULDBLOCK:",
+      "    err = 0\n    if err == errno.EWOULDBLOCK:", ("test_concurrency.py",)),
     M("duplicate-keys-kept", "a key given twice in one JSON object silently keeps the last",
       "        if len(obj) != len(pairs):\n            self.duplicated = True",
       "        if False:\n            self.duplicated = True", ("test_config_load.py", "test_config_items.py")),
@@ -246,6 +247,8 @@ MUTATIONS = [
     M("diff-errors-exit-0", "diff exits 0 when it could not read a path",
       "    return EXIT_FAILED if walk.errors else EXIT_OK", "    return EXIT_OK", ("test_privilege.py",)),
     # --- save ---------------------------------------------------------------------------------------
+    M("save-unlocked", "two saves run at once (each removes the other's temporary)",
+      "    if wait_for_flock(fd, SAVE_LOCK_WAIT):", "    if False:", ("test_save.py",)),
     M("save-in-place", "save writes the root's copy straight over the source, no temporary",
       "    copy = call(\"create\", source_shown, os.open, temp, flags, 0o600, dir_fd=storage_dir)",
       "    temp = name if conflict is None else temp\n"
