@@ -14,7 +14,9 @@ script fails the check too, so the list follows the code.
     tests/mutants.py                      every mutation
     tests/mutants.py --only NAME[,NAME]   those
     tests/mutants.py --changed-since REV  those in functions of the script
-                                          changed since REV (CI)
+                                          changed since REV
+    tests/mutants.py --since-recorded     those changed since the full run
+                                          docs/reliability.md records (CI)
     tests/mutants.py --list               the mutations and where they are
 
 Run as root (the tests mount), with the suite's interpreter
@@ -326,6 +328,15 @@ def select_changed(rev: str, text: str) -> list | None:
     return chosen
 
 
+RECORDED = re.compile(r"^Last full run: .*commit `([0-9a-f]{7,40})`", re.M)
+
+
+def recorded_run() -> str | None:
+    """The commit of the last full run, as docs/reliability.md records it."""
+    found = RECORDED.search((PROJECT / "docs/reliability.md").read_text(encoding="utf-8"))
+    return found.group(1) if found else None
+
+
 def copy_project(dest: Path) -> None:
     ignore = shutil.ignore_patterns(".git", ".venv", "build", "__pycache__", ".pytest_cache",
                                     "results", "*.img")
@@ -351,6 +362,8 @@ def main(argv: list) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated mutation names")
     ap.add_argument("--changed-since", metavar="REV")
+    ap.add_argument("--since-recorded", action="store_true",
+                    help="--changed-since the commit of the full run in docs/reliability.md")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=float, default=900, help="per test run, seconds")
     a = ap.parse_args(argv)
@@ -365,6 +378,10 @@ def main(argv: list) -> int:
             print(f"mutants: unknown mutation {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         chosen = [m for m in MUTATIONS if m.name in wanted]
+    if a.since_recorded:
+        a.changed_since = recorded_run()
+        if a.changed_since is None:
+            print("mutants: docs/reliability.md records no full run; running every mutation")
     if a.changed_since:
         selected = select_changed(a.changed_since, text)
         if selected is None:
