@@ -715,3 +715,51 @@ def test_a_file_made_between_the_renames_and_the_bind_is_kept_aside(sandbox, run
     assert (moved / "log").read_text() == "late\n"
     assert (S / "var/lib/app/log").read_text() == "early\n"
     assert (data / "log").read_text() == "early\n"  # through the bind
+
+
+def test_a_write_during_the_copy_is_found_before_the_rename(sandbox, running, disk, capfd):
+    # A line appended to a file after the copy read it, by a program that
+    # no longer holds it open (open, append, close), made exactly in that
+    # moment: apply runs in a child of this process, chrooted into R, with
+    # the step right after the copy wrapped. The copy is dropped before it
+    # is renamed into place; the original stays, complete, and is named.
+    import impermanence_boot as ib
+
+    R, S = sandbox.root, sandbox.path("/persistent")
+    data = R / "var/lib/app"
+    data.mkdir(parents=True)
+    (data / "state").write_text("one\n")
+    (data / "other").write_text("unchanged\n")
+    cfg = base_config(disk.label, {"directories": ["/var/log", "/var/lib/app"]})
+    (R / INSIDE.lstrip("/") / "config.json").write_text(json.dumps(cfg))
+    capfd.readouterr()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 99
+        try:
+            real = ib.open_for_writing
+
+            def open_for_writing(paths):
+                with open("/var/lib/app/state", "a") as f:
+                    f.write("two\n")
+                return real(paths)
+
+            ib.open_for_writing = open_for_writing
+            os.chroot(R)
+            os.chdir("/")
+            os.environ.update(IMPERMANENCE_NO_KMSG="1", LIBMOUNT_UTAB=f"{INSIDE}/utab")
+            status = ib.main(["--config", f"{INSIDE}/config.json", "apply"])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    _, wstatus = os.waitpid(pid, 0)
+    err = capfd.readouterr().err
+    assert os.waitstatus_to_exitcode(wstatus) == 1, err
+    assert err == ("impermanence: /var/lib/app/state: was written while it was being moved into "
+                   f"storage; {ib.WRITER_HINT}\n"), err
+    assert (data / "state").read_text() == "one\ntwo\n"
+    assert (data / "other").read_text() == "unchanged\n"
+    assert not os.path.ismount(data)
+    assert not (S / "var/lib/app").exists() or not any((S / "var/lib/app").iterdir())
+    assert leftovers(S / "var/lib", R / "var/lib") == []
