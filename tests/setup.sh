@@ -11,7 +11,7 @@ APT_PACKAGES=(
     python3 python3-venv python3.11-minimal libffi8
     qemu-system-x86 linux-image-amd64 busybox-static kmod
     e2fsprogs btrfs-progs xfsprogs dosfstools fdisk util-linux
-    cpio zstd xz-utils strace
+    cpio zstd xz-utils strace debootstrap
     nix-bin
     gcc libc6-dev
     dracut-core initramfs-tools systemd

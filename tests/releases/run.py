@@ -1,0 +1,107 @@
+"""The release matrix (./tests/run.sh --releases): the whole non-QEMU suite
+inside a chroot of each Debian release, run by that release's python3.
+
+    python3 tests/releases/run.py [--build-only] [RELEASE ...] [-- PYTEST-ARGS]
+
+Each release's chroot (tests/releases/chroots.py, cached) gets /dev, /proc,
+/sys, a fresh /run, /tmp and /var/tmp, and the project at its own path, in
+a mount namespace of the run's own; the pytest inside enters its own
+namespace as on the host. A test that cannot run on a release is listed in
+EXCLUDED with its reason and deselected by name (the reasons are printed);
+nothing else is left out. Exit status: non-zero when any release's run
+failed. Stdlib only: it runs on the host's python3.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROJECT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+import chroots  # noqa: E402
+
+# release -> {pytest node id: why it cannot run there}
+EXCLUDED: dict[str, dict[str, str]] = {
+    "bullseye": {},
+    "trixie": {},
+}
+
+PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# Passed into the chroot when set: CI makes missing prerequisites fail.
+PASSED_ENV = ("CI", "IMPERMANENCE_DIST_TIMEOUT", "NIXPKGS_LIB", "IMPERMANENCE_SRC")
+
+
+def vendor_dir() -> Path:
+    """The Nix tests' vendored sources (nix/tests/harness.py's vendor_dir)."""
+    return Path(os.environ.get("IMPERMANENCE_VENDOR") or PROJECT.parent / "shared" / "vendor")
+
+
+def suite_command(release: str, root: Path, pytest_args: list[str]) -> list[str]:
+    env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+           "IMPERMANENCE_RELEASE": release}
+    env.update({k: os.environ[k] for k in PASSED_ENV if k in os.environ})
+    binds = [PROJECT]
+    for name in ("NIXPKGS_LIB", "IMPERMANENCE_SRC"):
+        if name in env:
+            binds.append(Path(env[name]))
+    if vendor_dir().is_dir():
+        binds.append(vendor_dir().resolve())
+        env["IMPERMANENCE_VENDOR"] = str(vendor_dir().resolve())
+    deselect = [a for node in EXCLUDED[release] for a in ("--deselect", node)]
+    pytest = [chroots.VENV_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+              "-m", "not vm", *deselect, *(pytest_args or ["tests"])]
+    q = shlex.quote
+    r = q(str(root))
+    lines = ["set -e",
+             f"mount --rbind /dev {r}/dev", f"mount -t proc proc {r}/proc",
+             f"mount --rbind /sys {r}/sys"]
+    lines += [f"mount -t tmpfs tmpfs {r}{d}" for d in ("/run", "/tmp", "/var/tmp")]
+    for b in binds:
+        lines += [f"mkdir -p {r}{q(str(b))}", f"mount --bind {q(str(b))} {r}{q(str(b))}"]
+    inner = f"cd {q(str(PROJECT))} && exec {' '.join(map(q, pytest))}"
+    lines.append(f"exec chroot {r} /usr/bin/env -i "
+                 + " ".join(q(f"{k}={v}") for k, v in env.items()) + f" /bin/sh -c {q(inner)}")
+    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", "\n".join(lines)]
+
+
+def main(argv: list[str]) -> int:
+    pytest_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, pytest_args = argv[:i], argv[i + 1:]
+    build_only = "--build-only" in argv
+    releases = [a for a in argv if a != "--build-only"] or list(chroots.RELEASES)
+    for release in releases:
+        if release not in chroots.RELEASES:
+            print(f"releases: unknown release {release} (known: {' '.join(chroots.RELEASES)})",
+                  file=sys.stderr)
+            return 2
+    roots, summary, failed = {}, [], False
+    for release in releases:
+        start = time.monotonic()
+        roots[release], built = chroots.ensure(release)
+        took = time.monotonic() - start
+        summary.append(f"{release} chroot: " + (f"built in {took:.0f} s" if built is not None
+                                                else f"cached ({roots[release].name})"))
+    if not build_only:
+        for release in releases:
+            for node, why in EXCLUDED[release].items():
+                print(f"releases: {release}: not run: {node}: {why}", flush=True)
+            print(f"releases: {release}: the non-QEMU suite in {roots[release]}", flush=True)
+            start = time.monotonic()
+            rc = subprocess.run(suite_command(release, roots[release], pytest_args)).returncode
+            took = time.monotonic() - start
+            failed |= rc != 0
+            summary.append(f"{release} suite: {'passed' if rc == 0 else f'FAILED (exit {rc})'} "
+                           f"in {took:.0f} s, {len(EXCLUDED[release])} excluded by name")
+    print("releases: " + "; ".join(summary), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
