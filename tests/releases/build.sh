@@ -30,7 +30,12 @@ in_root apt-get update -q
 # shellcheck disable=SC2086
 in_root apt-get install -y -q --no-install-recommends $packages
 in_root python3 -m venv /opt/impermanence-venv
-in_root /opt/impermanence-venv/bin/pip install -q --disable-pip-version-check pytest hypothesis
+# pip trusts what this machine trusts (a proxy's certificate authority too).
+host_ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+cp "$host_ca" "$tmp/tmp/host-ca.crt"
+in_root PIP_CERT=/tmp/host-ca.crt /opt/impermanence-venv/bin/pip install -q \
+    --disable-pip-version-check pytest hypothesis
+rm "$tmp/tmp/host-ca.crt"
 in_root /opt/impermanence-venv/bin/python -c 'import pytest, hypothesis'
 rm "$tmp/usr/sbin/policy-rc.d"
 unmount

@@ -44,7 +44,7 @@ def ensure(release: str, log=sys.stderr) -> tuple[Path, float | None]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if dest.is_dir():  # built by another run while this one waited
             return dest, None
-        for stale in CACHE.glob(f"{dest.name}.partial.*"):  # a killed build's, under the lock
+        for stale in CACHE.glob(f"{release}-*.partial.*"):  # a killed build's, under the lock
             subprocess.run(["umount", "-R", "-l", str(stale / "proc")], stderr=subprocess.DEVNULL)
             shutil.rmtree(stale, ignore_errors=True)
         print(f"releases: building the {release} chroot at {dest}", file=log, flush=True)
