@@ -57,7 +57,9 @@ def suite_command(release: str, root: Path, pytest_args: list[str]) -> list[str]
               "-m", "not vm", *deselect, *(pytest_args or ["tests"])]
     q = shlex.quote
     r = q(str(root))
-    lines = ["set -e",
+    # The tree is bound on itself so that / inside is a mount point (the
+    # suite makes it private, as on the host).
+    lines = ["set -e", f"mount --bind {r} {r}",
              f"mount --rbind /dev {r}/dev", f"mount -t proc proc {r}/proc",
              f"mount --rbind /sys {r}/sys"]
     lines += [f"mount -t tmpfs tmpfs {r}{d}" for d in ("/run", "/tmp", "/var/tmp")]
