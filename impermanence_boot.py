@@ -1157,10 +1157,10 @@ def probe_partition(name: str) -> tuple | None:
     """(partuuid, partlabel) of partition `name` from its disk's GPT or MBR."""
     sys_dir = f"/sys/class/block/{name}"
     try:
-        with open(f"{sys_dir}/partition") as f:
+        with open(f"{sys_dir}/partition", "rb") as f:
             number = int(f.read())
         disk = os.path.basename(os.path.dirname(os.path.realpath(sys_dir)))
-        with open(f"/sys/class/block/{disk}/queue/logical_block_size") as f:
+        with open(f"/sys/class/block/{disk}/queue/logical_block_size", "rb") as f:
             sector = int(f.read())
         fd = os.open(f"/dev/{disk}", os.O_RDONLY | os.O_CLOEXEC)
     except (OSError, ValueError):
@@ -1235,7 +1235,7 @@ def lookup_device(spec: str) -> tuple:
     for name in names:
         device = f"/dev/{name}"
         try:
-            with open(f"/sys/class/block/{name}/size") as f:
+            with open(f"/sys/class/block/{name}/size", "rb") as f:
                 if int(f.read()) == 0:
                     continue
         except (OSError, ValueError):
@@ -1309,7 +1309,7 @@ def split_mount_options(options: tuple) -> tuple:
 
 def kernel_filesystems() -> list:
     try:
-        with open("/proc/filesystems") as f:
+        with open("/proc/filesystems", encoding="utf-8") as f:
             return [line.split()[-1] for line in f if line.strip() and not line.startswith("nodev")]
     except OSError:
         return []

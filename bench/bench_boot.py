@@ -10,7 +10,7 @@ some not), puts the storage on an ext4 filesystem on a loop device, and then,
 in the same run and on the same fresh tmpfs root, measures wall time and peak
 memory of these contenders doing the same work:
 
-  apply         `python3.11 -I -S impermanence_boot.pyc --root R --config C.json apply`,
+  apply         `python3 -I -S impermanence_boot.pyc --root R --config C.json apply`,
                 the whole process, interpreter start included, the script
                 byte-compiled beforehand, as the initramfs and the NixOS
                 module run it;
@@ -26,7 +26,7 @@ memory of these contenders doing the same work:
                 mount, symlink) from an operation list the benchmark planned
                 in advance; C (bench/floor.c) when `cc` exists, else Python;
                 with C, the same loop in Python is measured too (pyfloor);
-  start         the bare interpreter, `python3.11 -I -S -c pass`.
+  start         the bare interpreter, `python3 -I -S -c pass`.
 
 apply is judged against floor + start, the least any program started as a
 new interpreter could take; the goals are in GOALS.
@@ -71,10 +71,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 DEFAULT_SCRIPT = os.path.join(PROJECT, "impermanence_boot.py")
-DEFAULT_PYTHON = "/usr/bin/python3.11"
+sys.path.insert(0, os.path.join(PROJECT, "vm"))
+from distro_python import NoInterpreter, interpreter  # noqa: E402
 # As stage 1 runs the script (the NixOS module, vm/): -S skips `site`,
 # which the script does not need.
 DEFAULT_FLAGS = "-I -S"
+
 DEFAULT_SIZES = "25,100,300,1000,10000"
 STORAGE = "/persistent"
 ENV = {
@@ -95,6 +97,14 @@ GROWTH_GOAL = (1000, 10000, 1.5)
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+
+
+def default_python() -> str:
+    """The interpreter stage 1 runs (vm/distro_python.py); this one without it."""
+    try:
+        return interpreter().path
+    except NoInterpreter:
+        return sys.executable
 
 
 def log(msg: str) -> None:
@@ -1250,8 +1260,9 @@ def main(argv=None) -> int:
                     help="timed runs of the other contenders, at least (default 11)")
     ap.add_argument("--startup-reps", type=int, default=30,
                     help="timed runs of each start-up command (default 30)")
-    ap.add_argument("--python", default=DEFAULT_PYTHON if os.path.exists(DEFAULT_PYTHON) else sys.executable,
-                    help="interpreter to run the script with (default %s)" % DEFAULT_PYTHON)
+    ap.add_argument("--python", default=default_python(),
+                    help="interpreter to run the script with (default: the distribution's "
+                         "python3, or $IMPERMANENCE_PYTHON; vm/distro_python.py)")
     ap.add_argument("--python-flags", default=DEFAULT_FLAGS,
                     help="its flags, for apply and start alike (default %r, as stage 1 runs it)"
                          % DEFAULT_FLAGS)

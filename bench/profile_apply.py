@@ -6,14 +6,14 @@
 Same configuration, storage (ext4 on a loop device, sources partly present)
 and fresh tmpfs root as bench/bench_boot.py for that N, in a private mount
 namespace; runs apply once under the chosen tool and prints its report:
-  cprofile    cProfile of the script's main() under python3.11 -I -S, by
+  cprofile    cProfile of the script's main() under python3 -I -S, by
               tottime (top 40 functions)
   phases      wall time of main() and of its phases (reading the config,
               storage, binding the libc calls, planning, the whole entry
               loop) timed with perf_counter around the script's functions
   strace      strace -c -f (system call counts and times; STRACE_ARGS in
               the environment replaces -c, e.g. "-e trace=%file,mount")
-  importtime  python3.11 -I -S -X importtime (modules the apply path imports)
+  importtime  python3 -I -S -X importtime (modules the apply path imports)
   plain       just the wall time
 Standard library only (plus strace for that tool).
 """
@@ -86,7 +86,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--tool", choices=("cprofile", "phases", "strace", "importtime", "plain"), default="cprofile")
     ap.add_argument("--runs", type=int, default=1, help="runs, each on a fresh root (phases, plain)")
-    ap.add_argument("--python", default=bb.DEFAULT_PYTHON if os.path.exists(bb.DEFAULT_PYTHON) else sys.executable)
+    ap.add_argument("--python", default=bb.default_python())
     ap.add_argument("--python-flags", default=bb.DEFAULT_FLAGS)
     ap.add_argument("--script", default=bb.DEFAULT_SCRIPT)
     ap.add_argument("--top", type=int, default=40)

@@ -22,20 +22,23 @@ import sys
 import time
 from pathlib import Path
 
-from support import PROJECT, SCRIPT
+from support import PROJECT, SCRIPT, distro_python
 
-sys.path.insert(0, str(PROJECT / "vm"))
 import build_initramfs  # noqa: E402
 import machine  # noqa: E402
 from cpio import Archive  # noqa: E402
 
 DIST = PROJECT / "dist"
 FILES_HELPER = DIST / "lib/initramfs-files"
-PYTHON = build_initramfs.PYTHON
 DRIVERS = ("virtio_pci", "virtio_blk", "ext4")
 TIMEOUT = float(os.environ.get("IMPERMANENCE_DIST_TIMEOUT", "300"))
 # Marks the stage-2 init's own console line, printed first thing after the switch.
 STAGE2_LINE = "impdist: stage 2 started"
+
+
+def python() -> str:
+    """The interpreter the images carry (vm/distro_python.py)."""
+    return distro_python().path
 
 # dracut, systemd-based, without hostonly: only the modules a boot from a
 # virtio ext4 root needs, so that the image and the boot stay small.
@@ -156,11 +159,11 @@ def build_dracut(work: Path, kver: str, config: Path | None, extra_conf: str = "
     given; the chroot's dracut and python3 when a chroot is given."""
     work.mkdir(parents=True, exist_ok=True)
     base = dracut_base(work, config is not None, chroot)
-    python = chroot.python() if chroot else PYTHON
+    interpreter = chroot.python() if chroot else python()
     conf = work / "dracut.conf"
     conf.write_text(
         (f"impermanence_script={SCRIPT}\nimpermanence_files={FILES_HELPER}\n"
-         f"impermanence_config={config}\nimpermanence_python={python}\n" if config else "")
+         f"impermanence_config={config}\nimpermanence_python={interpreter}\n" if config else "")
         + extra_conf)
     (work / "dracut.conf.d").mkdir(exist_ok=True)
     modules = DRACUT_MODULES + (("impermanence",) if config else ())
@@ -195,7 +198,7 @@ def build_mkinitramfs(work: Path, kver: str, config: Path | None, env: dict | No
                     confdir / "scripts/local-bottom/impermanence")
         full_env.update(IMPERMANENCE_SCRIPT=str(SCRIPT), IMPERMANENCE_FILES=str(FILES_HELPER),
                         IMPERMANENCE_CONFIG=str(config),
-                        IMPERMANENCE_PYTHON=chroot.python() if chroot else PYTHON)
+                        IMPERMANENCE_PYTHON=chroot.python() if chroot else python())
     full_env.update(env or {})
     image = work / "initrd.img"
     start = time.monotonic()

@@ -19,6 +19,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT / "impermanence_boot.py"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 sys.path.insert(0, str(PROJECT))  # the script, imported as a module by the tests that call it
+sys.path.insert(0, str(PROJECT / "vm"))  # the harness: distro_python, build_initramfs, machine
 
 
 def require(condition: bool, why: str) -> None:
@@ -28,6 +29,16 @@ def require(condition: bool, why: str) -> None:
     if IN_CI:
         pytest.fail(f"CI must run this test, but {why}")
     pytest.skip(why)
+
+
+def distro_python():
+    """The distribution's interpreter (vm/distro_python.py), described: the
+    one initramfs images and chroots run, whatever runs pytest."""
+    import distro_python as dp
+    try:
+        return dp.interpreter()
+    except dp.NoInterpreter as e:
+        require(False, str(e))
 
 
 # --- running the script ---------------------------------------------------------

@@ -37,7 +37,7 @@ import pytest
 
 from reliability_support import (ChangeWatch, assert_clean_messages, deep_digest, host_snapshot,
                                  make_deep, snapshot, storage_damage)
-from support import SCRIPT, mountinfo_points, mounts_under, require, script_env, tmpfs_at
+from support import SCRIPT, distro_python, mountinfo_points, mounts_under, require, script_env, tmpfs_at
 
 MALLORY, ALICE, USERS_GID = 1000, 1001, 100
 
@@ -503,7 +503,7 @@ def test_deep_tree_moved_into_storage_on_a_running_system(sandbox, tmp_path, fds
     directory whose target holds a DEEP_LEVELS-deep tree: the move copies
     it level by level until the fds or the recursion limit run out, then
     fails that entry with one line; both sides are as they were."""
-    require(os.path.exists("/usr/bin/python3.11"), "/usr/bin/python3.11 is not installed")
+    python = distro_python().path  # the distribution's, as the booted system has it
     R = sandbox.root
     store = tmpfs_at(R / "persistent")  # another filesystem: a copy, not a rename
     for d in ("usr", "proc", "run/t", "var/log", "home"):
@@ -533,7 +533,7 @@ def test_deep_tree_moved_into_storage_on_a_running_system(sandbox, tmp_path, fds
         resource.setrlimit(resource.RLIMIT_NOFILE, (fds, fds))
 
     start = time.monotonic()
-    r = subprocess.run([shutil.which("chroot"), str(R), "/usr/bin/python3.11", "-I",
+    r = subprocess.run([shutil.which("chroot"), str(R), python, "-I",
                         "/run/t/impermanence_boot.py", "--config", "/run/t/config.json", "apply"],
                        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
                        env={"IMPERMANENCE_NO_KMSG": "1", "LIBMOUNT_UTAB": "/run/t/utab",

@@ -18,6 +18,7 @@ import sys
 import time
 
 from conftest import PROJECT, SCRIPT, require
+from support import distro_python
 
 BENCH = PROJECT / "bench" / "bench_boot.py"
 sys.path.insert(0, str(PROJECT / "bench"))
@@ -30,7 +31,7 @@ def test_benchmark_smoke_n25(tmp_path):
         require(shutil.which(tool) is not None, f"{tool} is not installed")
     require(SCRIPT.exists(), f"{SCRIPT} does not exist")
     out = tmp_path / "bench.json"
-    python = "/usr/bin/python3.11" if os.path.exists("/usr/bin/python3.11") else sys.executable
+    python = distro_python().path
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--sizes", "25", "--reps", "1", "--reps-fast", "2", "--startup-reps", "2",
          "--python", python, "--out", str(tmp_path / "results"), "--json", str(out)],

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support import PROJECT, SCRIPT, require
+from support import PROJECT, SCRIPT, distro_python, require
 import dist_support as ds
 from dist_support import machine
 import scenarios as sc  # vm/scenarios.py
@@ -61,7 +61,7 @@ def kver():
                       ("mkfs.ext4", "e2fsprogs"), ("debugfs", "e2fsprogs"), ("zstd", "zstd"),
                       ("busybox", "busybox-static")):
         require(shutil.which(tool) is not None, f"{tool} ({pkg}) is not installed")
-    require(Path(ds.PYTHON).is_file(), f"{ds.PYTHON} is not installed")
+    ds.python()  # require()s the interpreter
     require(Path("/usr/lib/systemd/systemd").is_file() or Path("/lib/systemd/systemd").is_file(),
             "systemd is not installed")
     return _kver()
@@ -196,9 +196,11 @@ def record(run: ChainRun) -> None:
 
 def test_image_holds_the_integration(chain_run):
     listing = "\n".join(chain_run.built.listing())
-    for needed in ("usr/bin/python3.11", "libffi.so.8", "lib-dynload/_ctypes.cpython-311",
+    py = distro_python()
+    stdlib = py.stdlib.lstrip("/")
+    for needed in (py.path.lstrip("/"), "libffi.so.", f"lib-dynload/_ctypes{py.ext_suffix}",
                    "usr/lib/impermanence-boot/impermanence_boot.pyc", "etc/impermanence.json",
-                   "usr/lib/python3.11/os.py", "usr/lib/python3.11/json/__pycache__/decoder.cpython-311.pyc"):
+                   f"{stdlib}/os.py", py.pyc(f"{stdlib}/json/decoder.py")):
         assert needed in listing, (chain_run.chain, needed)
     if chain_run.chain == "dracut":
         assert "usr/lib/systemd/system/impermanence-boot.service" in listing
@@ -209,9 +211,9 @@ def test_image_holds_the_integration(chain_run):
     else:
         assert "scripts/local-bottom/impermanence" in listing
     # only the standard-library modules the script imports
-    py = sorted(re.findall(r"usr/lib/python3\.11/(\S+)\.py$", listing, re.M))
-    assert "argparse" not in py and "subprocess" not in py and "pathlib" not in py, py
-    assert len(py) < 50, py
+    mods = sorted(re.findall(rf"{re.escape(stdlib)}/(\S+)\.py$", listing, re.M))
+    assert "argparse" not in mods and "subprocess" not in mods and "pathlib" not in mods, mods
+    assert len(mods) < 50, mods
     assert chain_run.built.size > chain_run.bare.size
 
 
@@ -487,9 +489,9 @@ def test_unit_ordering_matches_the_nixos_module():
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     require(shutil.which("systemd-analyze") is not None, "systemd-analyze is not installed")
-    require(Path(ds.PYTHON).is_file(), f"{ds.PYTHON} is not installed")
+    ds.python()  # require()s the interpreter
     unit = tmp_path / "impermanence-boot.service"
-    unit.write_text(UNIT.read_text().replace("@PYTHON@", ds.PYTHON))
+    unit.write_text(UNIT.read_text().replace("@PYTHON@", ds.python()))
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
                        capture_output=True, text=True)
     problems = [l for l in (r.stdout + r.stderr).splitlines()
@@ -500,22 +502,22 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
 def test_files_helper_lists_what_vm_find_modules_computes(tmp_path):
     """dist/lib/initramfs-files and the test machine's vm/find_modules.py
     pick the same standard-library modules for the script."""
-    require(Path(ds.PYTHON).is_file(), f"{ds.PYTHON} is not installed")
-    out = subprocess.run([ds.PYTHON, "-I", str(ds.FILES_HELPER), str(SCRIPT), str(tmp_path)],
+    ds.python()  # require()s the interpreter
+    out = subprocess.run([ds.python(), "-I", str(ds.FILES_HELPER), str(SCRIPT), str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     listed = {l.split()[1] for l in out if l.split()[0] in ("file", "lib")
               and "__pycache__" not in l and "impermanence_boot" not in l}
     found = ds.build_initramfs.find_modules([SCRIPT], SCRIPT)
     frozen = set(found["frozen"])
     expected = {os.path.realpath(p) for n, p in found["modules"].items() if p and n not in frozen}
-    stdlib = subprocess.run([ds.PYTHON, "-I", "-c", "import os, sysconfig; "
+    stdlib = subprocess.run([ds.python(), "-I", "-c", "import os, sysconfig; "
                              "print(os.path.realpath(sysconfig.get_paths()['stdlib']))"],
                             capture_output=True, text=True, check=True).stdout.strip()
     expected.add(os.path.join(stdlib, "os.py"))  # the landmark, though os is frozen
     assert listed == expected, (sorted(listed - expected), sorted(expected - listed), stdlib)
-    assert out[0] == f"bin {os.path.realpath(ds.PYTHON)}"
+    assert out[0] == f"bin {os.path.realpath(ds.python())}"
     pyc = tmp_path / "usr/lib/impermanence-boot/impermanence_boot.pyc"
     assert pyc.is_file()
     # the .pyc runs by itself, as the initramfs runs it
-    r = subprocess.run([ds.PYTHON, "-I", "-S", str(pyc), "--help"], capture_output=True, text=True)
+    r = subprocess.run([ds.python(), "-I", "-S", str(pyc), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "apply" in r.stdout, r.stderr

@@ -22,6 +22,7 @@ import sys
 import pytest
 
 from conftest import PROJECT, SCRIPT, require
+from support import distro_python
 from reliability_support import mountinfo_points
 
 sys.path.insert(0, str(PROJECT / "nix" / "tests"))
@@ -67,7 +68,6 @@ REPORT = r'''
 }
 '''.replace("FIND_MODULES", str(PROJECT / "vm" / "find_modules.py")).replace(
     "INITRD_PYTHON", str(harness.NIX_DIR / "initrd-python.py"))
-DEBIAN_PYTHON = "/usr/bin/python3.11"
 
 
 def evaluate(lib, configuration: str, select: str = REPORT, *more: str, **kw):
@@ -584,9 +584,9 @@ def build_initrd_python(out: dict, tmp_path):
 
 def shell_glue(lib, tmp_path, sandbox, extra: str = "") -> str:
     """postMountCommands with the real interpreter (the initrd's, built by
-    the module's command from Debian's python3.11), script and JSON."""
-    require(os.path.exists(DEBIAN_PYTHON), f"{DEBIAN_PYTHON} is not installed (python3.11-minimal)")
-    out = evaluate(lib, BASIC, REPORT, local_packages(tmp_path, DEBIAN_PYTHON), f"{{ {extra} }}")
+    the module's command from the distribution's python3), script and JSON."""
+    python = distro_python().path
+    out = evaluate(lib, BASIC, REPORT, local_packages(tmp_path, python), f"{{ {extra} }}")
     commands = out["initrd"]["postMountCommands"]
     generated = tmp_path / "impermanence.json"
     generated.write_text(json.dumps(out["settings"]))
@@ -604,7 +604,7 @@ def shell_glue(lib, tmp_path, sandbox, extra: str = "") -> str:
     # The module's other build step, done here: byte-compile the script.
     stand_in = out["initrd"]["extraFiles"]["/etc/impermanence-boot/impermanence_boot.pyc"]
     compiled = tmp_path / "impermanence_boot.pyc"
-    subprocess.run([DEBIAN_PYTHON, "-I", "-c", "import py_compile, sys; "
+    subprocess.run([python, "-I", "-c", "import py_compile, sys; "
                     "py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
                     str(SCRIPT), str(compiled)], check=True)
     return commands.replace(stand_in, str(compiled))

@@ -5,7 +5,7 @@ whole python3Minimal closure.
 
 Nothing is built with Nix here.  The tests read the module's derivation
 (its command, references) and run the Python part of that very command
-with Debian's python3.11 standing in for the `python` option, then run
+with the distribution's python3 standing in for the `python` option, then run
 the script with the tree it makes; its ELF part (patchelf,
 remove-references-to) runs only in a Nix build.  The size test prints the
 size of that tree beside the same interpreter's whole standard library,
@@ -23,11 +23,11 @@ import sys
 import pytest
 
 from conftest import PROJECT, SCRIPT, require
+from support import distro_python
 
 sys.path.insert(0, str(PROJECT / "nix" / "tests"))
 import harness  # noqa: E402
 
-DEBIAN_PYTHON = "/usr/bin/python3.11"
 FIND_MODULES = PROJECT / "vm" / "find_modules.py"
 HELPER = harness.NIX_DIR / "initrd-python.py"
 
@@ -105,13 +105,13 @@ def test_the_build_command(lib):
 
 @pytest.fixture(scope="module")
 def tree(lib, tmp_path_factory):
-    """The Python part of the module's build command, run with Debian's
-    python3.11 as the `python` option."""
-    require(os.path.exists(DEBIAN_PYTHON), f"{DEBIAN_PYTHON} is not installed (python3.11-minimal)")
+    """The Python part of the module's build command, run with the
+    distribution's python3 as the `python` option."""
+    py = distro_python()
     tmp = tmp_path_factory.mktemp("initrd-python")
     prefix = tmp / "python"
     (prefix / "bin").mkdir(parents=True)
-    (prefix / "bin" / "python3").symlink_to(DEBIAN_PYTHON)
+    (prefix / "bin" / "python3").symlink_to(py.path)
     pkg = tmp / "pkg"
     (pkg / "bin").mkdir(parents=True)
     (pkg / "bin" / "impermanence_boot.py").symlink_to(SCRIPT)
@@ -139,22 +139,23 @@ def test_the_tree_holds_only_what_the_script_imports(tree):
     root = tree["root"]
     rel = {os.path.relpath(f, root) for f in files_under(root)}
     assert "bin/python3" in rel
-    assert "lib/python3.11/os.py" in rel  # the landmark
-    py = {r[len("lib/python3.11/"):] for r in rel if r.endswith(".py")}
+    it = distro_python()
+    lib = f"lib/{it.name}/"
+    assert lib + "os.py" in rel  # the landmark
+    py = {r[len(lib):] for r in rel if r.endswith(".py")}
     # Every module the finder named is there (or frozen, or built in).
     modules = tree["modules"]
     for name, path in modules["modules"].items():
         if path and name not in modules["frozen"]:
-            assert os.path.relpath(os.path.realpath(path), "/usr/lib/python3.11") in py | {
-                r[len("lib/python3.11/"):] for r in rel}, name
+            assert os.path.relpath(os.path.realpath(path), it.stdlib) in py | {
+                r[len(lib):] for r in rel}, name
     # Only a small part of the standard library, byte-compiled.
     assert len(py) < 60, sorted(py)
     assert not any(p.startswith(("asyncio/", "email/", "unittest/", "xml/", "http/")) for p in py)
-    assert all(os.path.exists(os.path.join(root, "lib/python3.11", os.path.dirname(p), "__pycache__",
-                                           os.path.basename(p)[:-3] + ".cpython-311.pyc")) for p in py)
+    assert all(os.path.exists(os.path.join(root, it.pyc(lib + p))) for p in py)
     # The extension modules are listed for the ELF step, with the binary.
     assert tree["elf"][0] == str(root / "bin" / "python3")
-    assert any(e.endswith("/lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so") for e in tree["elf"])
+    assert any(e.endswith(f"/lib-dynload/_ctypes{it.ext_suffix}") for e in tree["elf"])
 
 
 def test_the_tree_runs_the_script(tree, tmp_path):
@@ -196,29 +197,30 @@ def measure(files: list) -> tuple[int, int]:
 # (stripTests, stripIdlelib, stripTkinter, stripConfig, stripBytecode) or
 # as they are not the standard library.
 NOT_IN_MINIMAL = re.compile(r"(^|/)(test|tests|idlelib|tkinter|turtledemo|__pycache__|site-packages|"
-                            r"dist-packages|config-3\.11-[^/]*)(/|$)")
+                            r"dist-packages|config-3\.\d+-[^/]*)(/|$)")
 
 
 def test_size_of_the_initrd_interpreter(tree):
-    """Debian's python3.11: its whole standard library (as python3Minimal
+    """The distribution's python3: its whole standard library (as python3Minimal
     would hold it: no tests, idlelib, tkinter, config, bytecode) with the
     libraries its extension modules need, against the tree the module's
     command makes; the binary (and glibc, libm, ...) are in both."""
-    stdlib = "/usr/lib/python3.11"
+    it = distro_python()
+    stdlib, binary = it.stdlib, it.path
     whole = [f for f in files_under(stdlib) if not NOT_IN_MINIMAL.search(os.path.relpath(f, stdlib))
              and not os.path.islink(f)]
-    whole_libs = sorted({lib for f in [DEBIAN_PYTHON, *whole] if f == DEBIAN_PYTHON or f.endswith(".so")
+    whole_libs = sorted({lib for f in [binary, *whole] if f == binary or f.endswith(".so")
                          for lib in ldd(f)})
-    small_stdlib = [f for f in files_under(tree["root"]) if "/lib/python3.11/" in f]
+    small_stdlib = [f for f in files_under(tree["root"]) if f"/lib/{it.name}/" in f]
     small_libs = sorted({lib for f in tree["elf"] for lib in ldd(f)})
     parts = {
-        "binary": measure([DEBIAN_PYTHON]),
+        "binary": measure([binary]),
         "whole stdlib": measure(whole), "whole libraries": measure(whole_libs),
         "small stdlib": measure(small_stdlib), "small libraries": measure(small_libs),
     }
-    whole_total = measure([DEBIAN_PYTHON, *whole, *whole_libs])
+    whole_total = measure([binary, *whole, *whole_libs])
     small_total = measure(files_under(tree["root"]) + small_libs)
-    print("\ninitrd interpreter from Debian python3.11 (bytes, gzip -6 bytes):")
+    print(f"\ninitrd interpreter from {binary} (bytes, gzip -6 bytes):")
     for name, (size, gz) in [*parts.items(), ("whole total", whole_total), ("small total", small_total)]:
         print(f"  {name:16} {size:>10} {gz:>10}")
     print(f"  files: whole {len(whole)} + {len(whole_libs)} libraries, small {len(small_stdlib)} + {len(small_libs)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support import mounted, require, run, strace_prefix, unique_label
+from support import distro_python, mounted, require, run, strace_prefix, unique_label
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ(\.[1-9]\d*)?$")
 MKFS = ("mkfs.btrfs", "-q", "-f", "-L")
@@ -412,7 +412,6 @@ def rotated_boots(tmp_path_factory):
     import sys
 
     from conftest import PROJECT, SCRIPT, enter_private_mount_namespace
-    sys.path.insert(0, str(PROJECT / "vm"))
     import build_initramfs
     import cpio
     import machine
@@ -421,7 +420,7 @@ def rotated_boots(tmp_path_factory):
     require(machine.qemu_available(), "qemu-system-x86_64 is not installed")
     require(shutil.which("mkfs.btrfs") is not None, "btrfs-progs is not installed")
     require(shutil.which("busybox") is not None, "busybox-static is not installed")
-    require(Path(build_initramfs.PYTHON).is_file(), f"{build_initramfs.PYTHON} is not installed")
+    distro_python()  # require()s the interpreter
     try:
         kver = build_initramfs.default_kver()
     except build_initramfs.BuildError as e:

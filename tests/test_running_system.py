@@ -14,9 +14,8 @@ import subprocess
 
 import pytest
 
-from support import BIRD, SCRIPT, USERS_GID, base_config, require, same_inode
+from support import BIRD, SCRIPT, USERS_GID, base_config, distro_python, require, same_inode
 
-PYTHON = "/usr/bin/python3.11"
 INSIDE = "/run/impermanence-test"  # the script and config, inside the root
 
 
@@ -24,7 +23,7 @@ INSIDE = "/run/impermanence-test"  # the script and config, inside the root
 def running(sandbox, disk):
     """A booted system: apply ran on it at boot; then `run` applies a new
     config on it as its own root."""
-    require(os.path.exists(PYTHON), f"{PYTHON} (Debian's python3.11-minimal) is not installed")
+    python = distro_python().path  # the distribution's, as the booted system has it
     cfg = base_config(disk.label, {"directories": ["/var/log"]})
     assert sandbox.run("apply", config=cfg).returncode == 0
     R = sandbox.root
@@ -43,7 +42,7 @@ def running(sandbox, disk):
         config = base_config(disk.label, persistence)
         config["persistence"].update(others or {})
         (R / INSIDE.lstrip("/") / "config.json").write_text(json.dumps(config))
-        return subprocess.run([shutil.which("chroot"), str(R), PYTHON, "-I", f"{INSIDE}/impermanence_boot.py",
+        return subprocess.run([shutil.which("chroot"), str(R), python, "-I", f"{INSIDE}/impermanence_boot.py",
                                "--config", f"{INSIDE}/config.json", *args, "apply"],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
                               env={"IMPERMANENCE_NO_KMSG": "1", "LIBMOUNT_UTAB": f"{INSIDE}/utab",

@@ -1,5 +1,5 @@
 """Real boots under QEMU: Debian's kernel, an initramfs holding busybox,
-python3.11 and impermanence_boot.py (vm/build_initramfs.py), a NixOS-like
+the distribution's python3 and impermanence_boot.py (vm/build_initramfs.py), a NixOS-like
 stage 1 that runs the script as postMountCommands on a tmpfs /mnt-root, then
 switch_root into a stage 2 that inspects the booted system (vm/guest/).
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT, SCRIPT, require
+from support import distro_python
 
-sys.path.insert(0, str(PROJECT / "vm"))
 import build_initramfs  # noqa: E402
 import machine  # noqa: E402
 import scenarios as sc  # noqa: E402
@@ -47,7 +47,7 @@ def vm_build(tmp_path_factory):
     require(os.geteuid() == 0, "it needs root (the kernel image in /boot is root-only)")
     require(machine.qemu_available(), "qemu-system-x86_64 is not installed")
     require(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 (e2fsprogs) is not installed")
-    require(Path(build_initramfs.PYTHON).is_file(), f"{build_initramfs.PYTHON} is not installed")
+    distro_python()  # require()s the interpreter
     require(shutil.which("busybox") is not None, "busybox-static is not installed")
     try:
         kver = build_initramfs.default_kver()

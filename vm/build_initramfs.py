@@ -10,11 +10,12 @@ Contents (see docs/vm.md):
                              (modprobe --show-depends -S), decompressed,
                              plus load-order (the insmod order)
   /nix/bin/busybox + applet links (busybox-static)
-  /nix/bin/python3.11        wrapper: ld.so --library-path /nix/lib ...
-  /nix/lib/*.so*             ld.so and what ldd says python3.11 and the
+  /nix/bin/python3           wrapper: ld.so --library-path /nix/lib ...
+  /nix/lib/*.so*             ld.so and what ldd says the interpreter and the
                              copied extension modules need (libffi for _ctypes)
-  /nix/python/bin/python3.11 Debian's /usr/bin/python3.11
-  /nix/python/lib/python3.11 only the stdlib modules computed by
+  /nix/python/bin/python3    the distribution's interpreter (vm/distro_python.py:
+                             readlink -f /usr/bin/python3, or $IMPERMANENCE_PYTHON)
+  /nix/python/lib/pythonX.Y  only the stdlib modules computed by
                              vm/find_modules.py from the scripts
   /nix/impermanence/         impermanence_boot.py, its .pyc, config.json; the
                              per-entry shell approach for that config
@@ -48,18 +49,29 @@ PROJECT = HERE.parent
 sys.path.insert(0, str(HERE))
 from cpio import Archive  # noqa: E402
 import shell_approach  # noqa: E402
+from distro_python import NoInterpreter, interpreter  # noqa: E402
 
 KERNEL_MODULES = ("virtio_pci", "virtio_blk", "ext4")
-PYTHON = "/usr/bin/python3.11"
-PYVER = "python3.11"
 PYPREFIX = "/nix/python"
-PYLIB = f"{PYPREFIX}/lib/{PYVER}"
 # read-only invocations used to catch imports done lazily inside the stdlib
 EXERCISES = (["--help"], ["check", "--help"], ["--config", "/nonexistent/impermanence.json", "check"])
 
 
 class BuildError(Exception):
     pass
+
+
+def python():
+    """The interpreter that goes into the image (vm/distro_python.py)."""
+    try:
+        return interpreter()
+    except NoInterpreter as e:
+        raise BuildError(str(e)) from None
+
+
+def pylib() -> str:
+    """The image's stdlib directory, /nix/python/lib/pythonX.Y."""
+    return f"{PYPREFIX}/lib/{python().name}"
 
 
 def run(cmd: list[str], **kw) -> str:
@@ -134,10 +146,10 @@ TOOLS = {"findmnt": "/usr/bin/findmnt"}
 
 def add_tools(arc: Archive, names, component: str = "harness-tools") -> None:
     """Each tool as /nix/tools/NAME, started by /nix/bin/NAME through the
-    dynamic loader with /nix/lib, like python3.11: the booted root has no
+    dynamic loader with /nix/lib, like the interpreter: the booted root has no
     /lib64. Of the libraries ldd names, those the interpreter's already put
     in /nix/lib are not added again."""
-    have = {os.path.basename(lib) for lib in ldd(PYTHON)}
+    have = {os.path.basename(lib) for lib in ldd(python().path)}
     for name in names:
         if name not in TOOLS:
             raise BuildError(f"no such tool {name!r} (one of {', '.join(sorted(TOOLS))})")
@@ -157,7 +169,7 @@ def add_tools(arc: Archive, names, component: str = "harness-tools") -> None:
 
 
 def find_modules(scripts: list[Path], exercise_script: Path | None) -> dict:
-    cmd = [PYTHON, "-I", str(HERE / "find_modules.py"), *map(str, scripts)]
+    cmd = [python().path, "-I", str(HERE / "find_modules.py"), *map(str, scripts)]
     if exercise_script is not None:
         for args in EXERCISES:
             cmd += ["--exercise", json.dumps(args)]
@@ -169,7 +181,7 @@ def module_dest(name: str, path: str, stdlib: str) -> str | None:
     real = os.path.realpath(path)
     if not real.startswith(stdlib + "/"):
         return None
-    return PYLIB + real[len(stdlib):]
+    return pylib() + real[len(stdlib):]
 
 
 def add_python_modules(arc: Archive, mods: dict, names: set[str], component: str,
@@ -196,14 +208,15 @@ def add_python_modules(arc: Archive, mods: dict, names: set[str], component: str
 def check_config(script: Path, config: Path) -> None:
     """`check` the config with the interpreter stage 1 runs, as the NixOS
     module's checkConfig does: a mistake fails the build, not the boot."""
-    run([PYTHON, "-I", "-S", str(script), "--config", str(config), "check"])
+    run([python().path, "-I", "-S", str(script), "--config", str(config), "check"])
 
 
 def compile_pycs(arc: Archive, python: str) -> None:
-    """Byte-compile every .py under PYLIB with the target interpreter
+    """Byte-compile every .py under the image's stdlib with the target interpreter
     (unchecked-hash pycs: valid whatever the mtimes, never rewritten at boot)."""
+    lib = pylib()
     with tempfile.TemporaryDirectory() as tmp:
-        pys = [p for p in arc.entries if p.startswith(PYLIB + "/") and p.endswith(".py")]
+        pys = [p for p in arc.entries if p.startswith(lib + "/") and p.endswith(".py")]
         for p in pys:
             dst = Path(tmp + p)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -212,11 +225,10 @@ def compile_pycs(arc: Archive, python: str) -> None:
                 "ok = compileall.compile_dir(sys.argv[1], ddir=sys.argv[2], quiet=1,\n"
                 "    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
                 "sys.exit(0 if ok else 1)\n")
-        run([python, "-I", "-c", code, tmp + PYLIB, PYLIB])
+        run([python, "-I", "-c", code, tmp + lib, lib])
         for p in pys:
             comp = arc.entries[p]["component"]
-            d, base = os.path.split(p)
-            pyc = f"{d}/__pycache__/{base[:-3]}.cpython-311.pyc"
+            pyc = python().pyc(p)
             arc.file(pyc, Path(tmp + pyc).read_bytes(), component=comp)
 
 
@@ -226,8 +238,7 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
     config = config or HERE / "demo-config.json"
     if not script.is_file():
         raise BuildError(f"{script} does not exist")
-    if not Path(PYTHON).is_file():
-        raise BuildError(f"{PYTHON} is not installed (apt-get install python3.11-minimal)")
+    py = python()
     kver = kver or default_kver()
     kernel = Path(f"/boot/vmlinuz-{kver}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,11 +265,11 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
     busybox = shutil.which("busybox") or "/bin/busybox"
     arc.copy("/nix/bin/busybox", busybox, mode=0o755, component="busybox")
     for applet in run([busybox, "--list"]).split():
-        if applet not in ("busybox", PYVER):
+        if applet not in ("busybox", "python3"):
             arc.symlink(f"/nix/bin/{applet}", "busybox", component="busybox")
 
     # the interpreter and the stdlib the scripts need
-    stdlib = run([PYTHON, "-I", "-c", "import os, sysconfig; print(os.path.realpath(sysconfig.get_paths()['stdlib']))"]).strip()
+    stdlib = py.stdlib
     stage2 = HERE / "guest/stage2.py"
     product = find_modules([script], script)
     harness = find_modules([stage2], None)
@@ -268,8 +279,8 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
     frozen = set(product["frozen"]) | set(harness["frozen"])
     # os.py is the landmark by which the interpreter finds its stdlib directory
     landmark_src = os.path.join(stdlib, "os.py")
-    arc.copy(f"{PYLIB}/os.py", landmark_src, component="python-stdlib")
-    arc.dir(f"{PYLIB}/lib-dynload", component="python-stdlib")
+    arc.copy(f"{pylib()}/os.py", landmark_src, component="python-stdlib")
+    arc.dir(f"{pylib()}/lib-dynload", component="python-stdlib")
     so_needed: list[str] = []
     product_added = add_python_modules(arc, product["modules"], set(product["modules"]),
                                        "python-stdlib", stdlib, so_needed, frozen)
@@ -282,21 +293,21 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
         for i in range(1, len(parts)):
             pkg = ".".join(parts[:i])
             init = os.path.join(stdlib, *parts[:i], "__init__.py")
-            dest = f"{PYLIB}/{'/'.join(parts[:i])}/__init__.py"
+            dest = f"{pylib()}/{'/'.join(parts[:i])}/__init__.py"
             if os.path.exists(init) and dest not in arc.entries:
                 arc.copy(dest, init, component="python-stdlib")
     if pyc:
-        compile_pycs(arc, PYTHON)
-    arc.copy(f"{PYPREFIX}/bin/{PYVER}", PYTHON, mode=0o755, component="python-interpreter")
+        compile_pycs(arc, py.path)
+    arc.copy(f"{PYPREFIX}/bin/python3", py.path, mode=0o755, component="python-interpreter")
     libs: list[str] = []
-    for binary in [PYTHON, *so_needed]:
+    for binary in [py.path, *so_needed]:
         for lib in ldd(binary):
             if lib not in libs:
                 libs.append(lib)
     for lib in libs:
         arc.copy(f"/nix/lib/{os.path.basename(lib)}", os.path.realpath(lib), mode=0o755,
                  component="python-libs")
-    arc.copy(f"/nix/bin/{PYVER}", str(HERE / "guest/python-wrapper"), mode=0o755,
+    arc.copy("/nix/bin/python3", str(HERE / "guest/python-wrapper"), mode=0o755,
              component="python-interpreter")
 
     # the product and its config; the stage-2 inspector
@@ -306,7 +317,7 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
         # What stage 1 runs: compiled once here, not at every boot.
         with tempfile.TemporaryDirectory() as tmp:
             compiled = Path(tmp) / "impermanence_boot.pyc"
-            run([PYTHON, "-I", "-c",
+            run([py.path, "-I", "-c",
                  "import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], "
                  "dfile=sys.argv[3], doraise=True, "
                  "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)",
@@ -334,6 +345,8 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
     manifest = {
         "kver": kver,
         "kernel": str(kernel),
+        "python": py.path,
+        "python_version": py.version,
         "initramfs": str(out_dir / "initramfs.cpio"),
         "initramfs_bytes": len(blob),
         "initramfs_gzip_bytes": len(gzip.compress(blob, 6)),

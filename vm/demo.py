@@ -51,7 +51,7 @@ def main() -> int:
     out = a.out
     problems: list[str] = []
 
-    print("== building the initramfs (Debian kernel, busybox-static, python3.11, the script)")
+    print("== building the initramfs (Debian kernel, busybox-static, the distribution's python3, the script)")
     try:
         m = build_initramfs.build(out)
     except build_initramfs.BuildError as e:
@@ -83,7 +83,7 @@ def main() -> int:
         s1 = r.report["stage1"]
         print(f"   {r.seconds:.1f} s in QEMU; impermanence_boot.py apply exited {s1['exit']} after "
               f"{ms(s1['t_script'])}")
-        print(f"   for comparison, the bare 'python3.11 -I -S -c pass' just before: "
+        print(f"   for comparison, the bare 'python3 -I -S -c pass' just before: "
               f"{ms(s1['t_python_pass'])} the first time in this boot, {ms(s1['t_python_pass2'])} the second")
         for line in s1["stderr"].splitlines():
             print(f"   | {line}")

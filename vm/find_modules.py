@@ -1,6 +1,6 @@
 """Run by the *target* interpreter:
 
-    python3.11 -I vm/find_modules.py SCRIPT [SCRIPT...]
+    python3 -I vm/find_modules.py SCRIPT [SCRIPT...]
 
 Print, as JSON, the standard-library modules the scripts import, computed
 from the scripts themselves (no hand-kept list):
@@ -24,6 +24,7 @@ Output: {"modules": {name: file-or-null}, "missing": [...], "startup": [...],
 "exercised": [...], "frozen": [...]} (frozen modules are compiled into the
 interpreter binary; their files are only needed for tracebacks).
 """
+import importlib.util
 import json
 import modulefinder
 import os
@@ -42,6 +43,10 @@ CO_NEWLOCALS = 0x0002  # set on function code objects, not on module/class bodie
 # Debian add-ons that site finds through dist-packages; not part of the stdlib
 # the initramfs needs (sitecustomize only tries to import apport).
 DISTRO_ADDONS = {"sitecustomize", "_distutils_hack", "apport_python_hook"}
+# Imported by the interpreter itself, never by an import statement: on 3.9
+# a text-mode open() without an encoding asks _bootlocale, and without it
+# reads the file as ascii, a codec the image may not hold either.
+IMPLICIT = ("_bootlocale",)
 
 
 class ImportTimeFinder(modulefinder.ModuleFinder):
@@ -94,7 +99,7 @@ def startup_modules():
 
 
 def exercised_modules(script, args):
-    # Runs the script as __main__ exactly like "python3.11 -I script ARGS";
+    # Runs the script as __main__ exactly like "python3 -I script ARGS";
     # sys.modules is dumped at exit (also on SystemExit), before the dump
     # imports json for itself. atexit is built in, so it adds no file.
     prefix = (
@@ -131,6 +136,10 @@ def main(argv):
     for name, path in startup_modules().items():
         result["startup"].append(name)
         result["modules"].setdefault(name, path)
+    for name in IMPLICIT:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            result["modules"].setdefault(name, spec.origin)
     if scripts:
         for args in exercises:
             for name, path in exercised_modules(scripts[0], args).items():

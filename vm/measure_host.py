@@ -6,8 +6,8 @@ loop device). Runs inside a private mount namespace (unshare -m), as root.
 
     python3 vm/measure_host.py [--runs 7]
 
-Uses /usr/bin/python3.11 (the interpreter the initramfs ships). Prints the
-median wall time of `python3.11 -I -S -c pass` and of the apply.
+Uses the interpreter the initramfs ships (vm/distro_python.py). Prints the
+median wall time of `python3 -I -S -c pass` and of the apply.
 Stdlib only.
 """
 from __future__ import annotations
@@ -22,15 +22,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
+sys.path.insert(0, str(HERE))
+from distro_python import interpreter  # noqa: E402
 
 INNER = r'''
 set -e
-root=$1; cfg=$2; script=$3
+root=$1; cfg=$2; script=$3; python=$4
 mount -t tmpfs -o mode=0755 measure-root "$root"
 t0=$(date +%s%N)
-/usr/bin/python3.11 -I -S -c pass
+"$python" -I -S -c pass
 t1=$(date +%s%N)
-IMPERMANENCE_NO_KMSG=1 /usr/bin/python3.11 -I -S "$script" --root "$root" --config "$cfg" apply
+IMPERMANENCE_NO_KMSG=1 "$python" -I -S "$script" --root "$root" --config "$cfg" apply
 t2=$(date +%s%N)
 umount -R "$root"
 echo "$t0 $t1 $t2"
@@ -45,12 +47,13 @@ def main() -> int:
     a = ap.parse_args()
     config = json.loads((HERE / "demo-config.json").read_text())
     passes, applies = [], []
+    python = interpreter().path
     with tempfile.TemporaryDirectory(prefix="impermanence-measure.") as tmp:
         t = Path(tmp)
         script = PROJECT / "impermanence_boot.py"
         if not a.source:
             compiled = t / "impermanence_boot.pyc"
-            subprocess.run(["/usr/bin/python3.11", "-I", "-c", "import py_compile, sys; "
+            subprocess.run([python, "-I", "-c", "import py_compile, sys; "
                             "py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
                             str(script), str(compiled)], check=True)
             script = compiled
@@ -67,7 +70,7 @@ def main() -> int:
                 (t / "config.json").write_text(json.dumps(config))
                 r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", INNER,
                                     "sh", str(t / "root"), str(t / "config.json"),
-                                    str(script)],
+                                    str(script), python],
                                    capture_output=True, text=True)
             finally:
                 subprocess.run(["losetup", "-d", loop])
@@ -77,7 +80,7 @@ def main() -> int:
             t0, t1, t2 = map(int, r.stdout.split()[-3:])
             passes.append((t1 - t0) / 1e6)
             applies.append((t2 - t1) / 1e6)
-    print(f"python3.11 -I -S -c pass: median {statistics.median(passes):.1f} ms over {a.runs} runs")
+    print(f"{python} -I -S -c pass: median {statistics.median(passes):.1f} ms over {a.runs} runs")
     print(f"{'impermanence_boot.py' if a.source else 'impermanence_boot.pyc'} apply (demo config, fresh disk): median "
           f"{statistics.median(applies):.1f} ms (min {min(applies):.1f}, max {max(applies):.1f})")
     return 0

@@ -50,9 +50,9 @@ let
     writeShellScriptBin = name: text:
       self.writeTextFile { inherit name; executable = true; destination = "/bin/${name}"; text = "#!/bin/sh\n" + text; };
 
-    python3Minimal = package "python3-minimal-3.13.9" {
-      passthru = { pythonVersion = "3.13"; executable = "python3.13"; libPrefix = "python3.13"; };
-    };
+    # The module reads nothing of the interpreter's version: it is asked of
+    # the interpreter itself at build time.
+    python3Minimal = package "python3-minimal" { };
     python3 = self.python3Minimal;
     bash = package "bash-5.3" { };
     coreutils = package "coreutils-9.8" { };

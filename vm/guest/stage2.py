@@ -2,7 +2,7 @@
 of view and report what it sees; the host (tests/test_vm.py, vm/demo.py)
 judges the report.
 
-    python3.11 -I stage2.py CHECKS.json
+    python3 -I stage2.py CHECKS.json
 
 CHECKS.json (all keys optional):
   inspect        paths to describe before anything is written
@@ -36,7 +36,7 @@ import sys
 
 SCRIPT = "/nix/impermanence/impermanence_boot.py"
 CONFIG = "/nix/impermanence/config.json"
-PYTHON = "/nix/bin/python3.11"
+PYTHON = "/nix/bin/python3"
 STAGE1 = "/run/stage1"
 FINDMNT = "/nix/bin/findmnt"
 UTAB = "/run/mount/utab"
@@ -212,7 +212,7 @@ def kmsg_lines():
             text = rec.decode("utf-8", "replace")
             msg = text.split(";", 1)[1].split("\n", 1)[0] if ";" in text else text
             # the script's lines, and the kernel's note when it dropped some
-            # ("python3.11: N output lines suppressed due to ratelimiting")
+            # ("python3: N output lines suppressed due to ratelimiting")
             if "impermanence" in msg or "ratelimit" in msg:
                 lines.append(msg)
     finally:
