@@ -57,6 +57,7 @@ class Chroot:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._mounted: set[str] = set()
+        self._bound: set[str] = set()
         for point, cmd in (("/proc", ["-t", "proc", "proc"]), ("/sys", ["--rbind", "/sys"]),
                            ("/dev", ["--rbind", "/dev"]), ("/run", ["-t", "tmpfs", "run"]),
                            ("/tmp", ["-t", "tmpfs", "tmp"]), ("/var/tmp", ["-t", "tmpfs", "tmp"])):
@@ -71,9 +72,11 @@ class Chroot:
         self._mounted.add(point)
 
     def bind(self, path: Path) -> None:
+        """The host's path, at the same path inside."""
         path = Path(path).resolve()
-        if not any(str(path) == m or str(path).startswith(m + "/") for m in self._mounted):
+        if not any(str(path) == m or str(path).startswith(m + "/") for m in self._bound):
             self._mount(str(path), ["--bind", str(path)])
+            self._bound.add(str(path))
 
     def run(self, cmd: list[str], env: dict | None = None, cwd: Path | None = None,
             **kw) -> subprocess.CompletedProcess:
@@ -144,11 +147,12 @@ def dracut_base(work: Path, with_module: bool, chroot: Chroot | None = None) -> 
     return base
 
 
-def _run_builder(cmd: list[str], work: Path, env: dict, chroot: Chroot | None):
+def _run_builder(cmd: list[str], work: Path, env: dict, chroot: Chroot | None,
+                 config: Path | None):
     if chroot is None:
         return subprocess.run(cmd, capture_output=True, text=True, cwd=work,
                               env=dict(os.environ, **env))
-    for path in (PROJECT, work):
+    for path in (PROJECT, work, *([config.parent] if config else [])):
         chroot.bind(path)
     return chroot.run(cmd, env, cwd=work, capture_output=True, text=True)
 
@@ -172,7 +176,7 @@ def build_dracut(work: Path, kver: str, config: Path | None, extra_conf: str = "
            "--no-hostonly", "--kver", kver, "-m", " ".join(modules),
            "--drivers", " ".join(DRIVERS), "--compress", "zstd", "--force", str(image)]
     start = time.monotonic()
-    r = _run_builder(cmd, work, {"dracutbasedir": str(base)}, chroot)
+    r = _run_builder(cmd, work, {"dracutbasedir": str(base)}, chroot, config)
     seconds = time.monotonic() - start
     if r.returncode != 0:
         raise RuntimeError(f"dracut failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -203,7 +207,7 @@ def build_mkinitramfs(work: Path, kver: str, config: Path | None, env: dict | No
     image = work / "initrd.img"
     start = time.monotonic()
     r = _run_builder(["mkinitramfs", "-d", str(confdir), "-o", str(image), kver], work,
-                     full_env, chroot)
+                     full_env, chroot, config)
     seconds = time.monotonic() - start
     if r.returncode != 0:
         raise RuntimeError(f"mkinitramfs failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")

@@ -26,8 +26,16 @@ sys.path.insert(0, str(HERE))
 import chroots  # noqa: E402
 
 # release -> {pytest node id: why it cannot run there}
+NIX_2_3 = ("Debian 11's nix-bin is Nix 2.3.7, which lacks builtins.groupBy (Nix 2.5) that "
+           "nix/config.nix uses; the NixOS module is evaluated by NixOS's own Nix, never this one")
 EXCLUDED: dict[str, dict[str, str]] = {
-    "bullseye": {},
+    "bullseye": {
+        **{f"tests/test_nix{part}.py": NIX_2_3
+           for part in ("", "_diff", "_eval", "_home_manager", "_initrd", "_rotate_root", "_snippets")},
+        "tests/test_modes.py::test_symbolic_modes_match_mkdir":
+            "its reference is coreutils 9's mkdir -m (NixOS's); Debian 11 has 8.32, whose "
+            "mkdir -m applies the umask under explicit classes (u=wx gives 355, not 377)",
+    },
     "trixie": {},
 }
 
