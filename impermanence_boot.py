@@ -39,6 +39,9 @@ MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_BIND = 4096
 MS_SILENT = 32768
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MS_LAZYTIME = 1 << 25
@@ -68,6 +71,8 @@ BTRFS_ROOT_BACKREF_KEY = 144
 # architecture: used where the C library has no wrapper (glibc < 2.36).
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+MOUNT_ATTR_SIZE_VER0 = 32  # struct mount_attr: attr_set, attr_clr, propagation, userns_fd
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -80,7 +85,10 @@ O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 MARK_TIME_NS = 314_159_265
 MARK_TIMES = (MARK_TIME_NS, MARK_TIME_NS)
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE, EXIT_PRIVILEGE = 0, 1, 2, 3, 4
+# Commands that mount, unmount or change owners: root only, said at once.
+NEEDS_ROOT = ("apply", "unmount", "rotate-root")
+VERSION = "0.1.0"
 
 DEFAULT_CONFIG = "/etc/impermanence.json"
 PATH_MAX = 4096  # linux/limits.h: a path the kernel takes, with its NUL
@@ -93,8 +101,8 @@ class Libc:
     """The libc calls the os module lacks, bound through `_ctypes`, the C
     half of ctypes. The ctypes package itself would add five modules
     (ctypes, types, struct, _struct, ctypes._endian) to every initramfs and
-    their loading to every boot. open_tree and move_mount go through
-    syscall(2) where the C library has no wrapper; renameat2 is None where
+    their loading to every boot. open_tree, move_mount and mount_setattr
+    go through syscall(2) where the C library has no wrapper; renameat2 is None where
     it has none."""
 
     def __init__(self):
@@ -136,11 +144,15 @@ class Libc:
         self.flock = bind("flock", Int, Int)
         self.open_tree = bind("open_tree", Int, CharP, UInt)  # glibc >= 2.36
         self.move_mount = bind("move_mount", Int, CharP, Int, CharP, UInt)
+        self.mount_setattr = bind("mount_setattr", Int, CharP, UInt, CharP, ULong)  # glibc >= 2.36
         if self.open_tree is None or self.move_mount is None:
             syscall = bind("syscall", Long, Int, CharP, UInt)
             self.open_tree = lambda *args: syscall(SYS_OPEN_TREE, *args)
             syscall5 = bind("syscall", Long, Int, CharP, Int, CharP, UInt)
             self.move_mount = lambda *args: syscall5(SYS_MOVE_MOUNT, *args)
+        if self.mount_setattr is None:
+            setattr_call = bind("syscall", Long, Int, CharP, UInt, CharP, ULong)
+            self.mount_setattr = lambda *args: setattr_call(SYS_MOUNT_SETATTR, *args)
 
 
 _libc: Libc | None = None
@@ -457,18 +469,28 @@ MKDIR_BASE = 0o777
 MKDIR_UMASK = 0o022
 
 
+MODE_FORMS = "an octal mode (0000-7777) or a symbolic mode like u=rwx,g=rx,o="
+
+
 def parse_mode(text: str) -> int:
     """Octal ("0700", "755") or symbolic clauses as `mkdir --mode` reads
     them for a directory ("u=rwx,g=rx,o=", "go-rwx" is 0700, "+t" 1777).
-    Raises ValueError with a reason."""
+    Raises ValueError with a reason that says what a mode looks like."""
     if not isinstance(text, str):
         raise ValueError(f"must be a string such as \"0755\", not {type_name(text)}")
-    if text and not text.strip("01234567"):
-        if len(text) > 4:
-            raise ValueError(f"octal mode {text!r} has more than 4 digits")
+    if text.isdigit() and text.isascii():
+        if text.strip("01234567") or len(text) > 4:
+            raise ValueError(f"{text!r} is not {MODE_FORMS}")
         return int(text, 8)
     if not text:
-        raise ValueError("is empty")
+        raise ValueError(f"is empty: give {MODE_FORMS}")
+    try:
+        return parse_symbolic_mode(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not {MODE_FORMS} ({exc})") from None
+
+
+def parse_symbolic_mode(text: str) -> int:
     mode = MKDIR_BASE
     named = 0  # the bits some clause set or cleared
     for clause in text.split(","):
@@ -687,7 +709,7 @@ def parse_perms(obj: dict, where: str, default: Perms) -> Perms:
         try:
             mode = parse_mode(mode)
         except ValueError as exc:
-            raise ConfigError(key_path(where, "mode"), f"invalid mode: {exc}") from None
+            raise ConfigError(key_path(where, "mode"), str(exc)) from None
     return Perms(user, group, mode)
 
 
@@ -815,6 +837,7 @@ def parse_config(data, escapes: bool = True) -> Config:
     for entry in entries:
         if entry.storage not in used:
             used.append(entry.storage)
+    check_unkeepable(entries)
     check_overlaps(entries, filesystems, storages + [s for s in used if s not in storages])
     storages += [s for s in used if s not in storages]
     root = parse_root(data["root"]) if data.get("root") is not None else None
@@ -843,7 +866,7 @@ def parse_accounts(users: dict) -> dict:
             try:
                 home_mode = parse_mode(spec["homeMode"])
             except ValueError as exc:
-                raise ConfigError(key_path(where, "homeMode"), f"invalid mode: {exc}") from None
+                raise ConfigError(key_path(where, "homeMode"), str(exc)) from None
         accounts[name] = Account(name, uid, group, home, home_mode)
     return accounts
 
@@ -1073,6 +1096,33 @@ def attach_homes(entries: list, homes: dict) -> None:
                 entries[k] = Entry(e.kind, e.target, e.storage, e.perms, e.method, e.parent_perms,
                                    (home, user, 0o700), user, e.where, e.options)
                 break
+
+
+# Kept paths that cannot work: the initramfs moves its own /proc, /sys, /dev
+# and /run onto the new root at switch_root, hiding a bind made there (and
+# /run is meant to start empty); the Nix store belongs to Nix.
+UNKEEPABLE = {
+    ("proc",): "the kernel's proc filesystem is mounted there at every boot",
+    ("sys",): "the kernel's sysfs is mounted there at every boot",
+    ("dev",): "the initramfs moves its devtmpfs there at switch_root",
+    ("run",): "the initramfs moves its /run there at switch_root, and /run starts empty by design",
+    ("nix", "store"): "the Nix store is Nix's own; keep /nix on a persistent filesystem instead",
+}
+# Kept paths that work but are rarely meant: a warning, not an error.
+SURPRISING = {("tmp",): "/tmp is meant to be emptied at boot; keeping it keeps everything put there"}
+
+
+def check_unkeepable(entries: list) -> None:
+    for e in entries:
+        for prefix, why in UNKEEPABLE.items():
+            if is_under(e.target, prefix):
+                raise ConfigError(e.where, f"{as_path(e.target)} cannot be kept: {why}")
+
+
+def config_warnings(config: "Config") -> list:
+    """One line per entry that works but is rarely what was meant."""
+    return [f"{as_path(e.target)} ({e.where}): {why}" for e in config.entries
+            for prefix, why in SURPRISING.items() if is_under(e.target, prefix)]
 
 
 def check_overlaps(entries: list, filesystems: list, storages: list) -> None:
@@ -1333,10 +1383,13 @@ def unescape_mountinfo(field: str) -> str:
 
 class MountTable:
     """/proc/self/mountinfo, read once per run: mount point -> (source, fs
-    root, type, mount id) of the mount on top there."""
+    root, type, mount id) of the mount on top there; the peer group and
+    parent of each mount, by mount id."""
 
     def __init__(self):
         self.points: dict[str, tuple] = {}
+        self.groups: dict[str, str] = {}  # mount id -> peer group, of the shared mounts
+        self.parents: dict[str, str] = {}  # mount id -> id of the mount it is attached to
         try:
             with open("/proc/self/mountinfo", "rb") as f:
                 data = f.read().decode("utf-8", "surrogateescape")
@@ -1349,6 +1402,10 @@ class MountTable:
             except ValueError:
                 continue
             point = unescape_mountinfo(fields[4])
+            for tag in fields[6:sep]:
+                if tag.startswith("shared:"):
+                    self.groups[fields[0]] = tag[7:]
+            self.parents[fields[0]] = fields[1]
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
                                   unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
 
@@ -1357,6 +1414,34 @@ class MountTable:
 
     def remove(self, host_path: str) -> None:
         self.points.pop(host_path, None)
+
+    def holding(self, host_path: str) -> str | None:
+        """The id of the mount host_path lies on (the one on top at the
+        longest mount point above it)."""
+        path = host_path
+        while True:
+            found = self.points.get(path or "/")
+            if found is not None:
+                return found[3]
+            if not path or path == "/":
+                return None
+            path = path[:path.rindex("/")]
+
+    def two_way(self, host_target: str, host_source: str) -> bool:
+        """Whether the mount at host_target is a peer of the mount
+        host_source lies on: a bind that forwards what is mounted under it
+        into storage (made by mount(8), or by a version of this script
+        whose binds were not one-way)."""
+        found = self.points.get(host_target)
+        if found is None:
+            return False
+        group = self.groups.get(found[3])
+        return group is not None and self.groups.get(self.holding(host_source)) == group
+
+    def parent_shared(self, host_path: str) -> bool:
+        """Whether the mount at host_path is attached to a shared mount."""
+        found = self.points.get(host_path)
+        return found is not None and self.parents.get(found[3]) in self.groups
 
 
 # --- The system as found: accounts ---------------------------------------------------
@@ -2113,6 +2198,7 @@ class Executor:
         self.targets = DirChain(self.root_fd, tree)  # walks on the root
         self.euid = os.geteuid()
         self.clone_binds = True  # until open_tree(2) is found missing
+        self.slave_clones = True  # until mount_setattr(2) is found missing
         self.utab_records: list = []  # (target, userspace options) of the binds made
 
     def __enter__(self) -> "Executor":
@@ -2421,14 +2507,38 @@ class Bind(Action):
                 owner = ex.sources.owner(self.source[:-1])
                 if st.st_uid != owner:
                     raise EntryError(source_shown, hard_link_refusal(st.st_uid, owner))
+            # One way: a slave of its source's peer group before it is
+            # attached, so that at no moment does a mount made under it
+            # reach storage (docs/behaviour.md, "Mount propagation").
+            one_way = clone is not None and ex.slave_clones and slave_detached(clone, source_shown)
+            if clone is not None:
+                ex.slave_clones = one_way
             if want_dir:
-                attach(source_fd, ex.targets.open(self.target), clone is not None, target_shown)
+                target_fd = ex.targets.open(self.target)
+                shared = not one_way and mount_is_shared(target_fd)
+                attach(source_fd, target_fd, clone is not None, target_shown)
+                ex.targets.forget(self.target)
+                if not one_way:
+                    bound = source_fd  # the clone, attached now
+                    if clone is None:
+                        bound = ex.targets.open(self.target)  # the bind's root, now
+                        same_node(bound, st, target_shown)
+                    make_one_way(bound, shared, target_shown)
             else:
                 target_parent = ex.targets.open(self.target[:-1])
                 with opened(call("open", target_shown, os.open, self.target[-1], O_PATH_NOFOLLOW,
                                  dir_fd=target_parent)) as target_fd:
                     checked_stat(target_fd, False, target_shown)
+                    shared = not one_way and mount_is_shared(target_fd)
                     attach(source_fd, target_fd, clone is not None, target_shown)
+                if not one_way:
+                    if clone is None:
+                        with opened(call("open", target_shown, os.open, self.target[-1],
+                                         O_PATH_NOFOLLOW, dir_fd=target_parent)) as bound:
+                            same_node(bound, st, target_shown)
+                            make_one_way(bound, shared, target_shown)
+                    else:
+                        make_one_way(source_fd, shared, target_shown)
         ex.targets.forget(self.target)
 
 
@@ -2441,6 +2551,80 @@ def attach(source_fd: int, target_fd: int, cloned: bool, shown: str) -> None:
     else:
         mount(f"/proc/self/fd/{source_fd}", f"/proc/self/fd/{target_fd}", None, MS_BIND, None,
               shown, "bind")
+
+
+def slave_detached(clone: int, shown: str) -> bool:
+    """Make the detached clone a slave of its source's peer group (private
+    if the source has none): it receives what is mounted in storage and
+    forwards nothing there. Attached under a shared mount, the kernel then
+    makes it shared in a peer group of its own, as any mount there.
+    False where the kernel lacks mount_setattr(2) (Linux < 5.12) or will
+    not change a detached mount: the bind is then made one-way once attached."""
+    attr = bytes(16) + MS_SLAVE.to_bytes(8, sys.byteorder) + bytes(8)
+    if libc().mount_setattr(clone, b"", AT_EMPTY_PATH, attr, MOUNT_ATTR_SIZE_VER0) == 0:
+        return True
+    err = libc().get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise oserror("bind", shown, err)
+
+
+def make_one_way(bound: int, shared: bool, shown: str) -> None:
+    """What slave_detached and the attach give, for kernels without
+    mount_setattr(2), on the bind already attached (bound: an fd on its
+    root): a slave of the source's peer group, and shared in a group of its
+    own if the mount it is attached to is shared."""
+    mount(None, f"/proc/self/fd/{bound}", None, MS_SLAVE, None, shown, "bind")
+    if shared:
+        mount(None, f"/proc/self/fd/{bound}", None, MS_SHARED, None, shown, "bind")
+
+
+def mount_is_shared(fd: int) -> bool:
+    """Whether the mount that fd lies on has a peer group."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"mnt_id:"):
+                return line.split()[1].decode() in MountTable().groups
+    return False
+
+
+class MakeOneWay(Action):
+    """A bind already in place that is a peer of its storage (made by
+    mount(8), or by a version whose binds were not one-way) made one-way,
+    as Bind makes its binds; shared: whether the mount it is attached to is."""
+    __slots__ = ("target", "kind", "shared")
+
+    def __init__(self, target: tuple, kind: str, shared: bool):
+        self.target, self.kind, self.shared = target, kind, shared
+
+    def describe(self, tree: Tree) -> str:
+        return (f"make the bind on {tree.host(self.target)} one-way (now a peer of its storage: "
+                "what is mounted under it appears in storage too)")
+
+    def execute(self, ex: Executor) -> None:
+        shown = ex.tree.host(self.target)
+        if self.kind == "directory":
+            make_one_way(ex.targets.open(self.target), self.shared, shown)
+            return
+        parent = ex.targets.open(self.target[:-1])
+        with opened(call("open", shown, os.open, self.target[-1], O_PATH_NOFOLLOW,
+                         dir_fd=parent)) as fd:
+            make_one_way(fd, self.shared, shown)
+
+
+def plan_one_way(entry: Entry, tree: Tree, mounts: MountTable) -> list:
+    """MakeOneWay for the entry's bind, if it is in place and two-way."""
+    host = tree.host(entry.target)
+    if not mounts.two_way(host, tree.host(entry.source)) or not tree.same(entry.source, entry.target):
+        return []
+    return [MakeOneWay(entry.target, entry.kind, mounts.parent_shared(host))]
+
+
+def same_node(fd: int, st, shown: str) -> None:
+    """fd, opened again at a target after the bind, is the bind's root."""
+    found = os.fstat(fd)
+    if (found.st_dev, found.st_ino) != (st.st_dev, st.st_ino):
+        raise EntryError(shown, "replaced while it was being bind-mounted")
 
 
 class MountFilesystem(Action):
@@ -3026,10 +3210,11 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
 def run_entries(entries: list, tree: Tree, accounts: Accounts, runner) -> int:
     """Plan and run each entry in turn; the number that failed."""
     failed = 0
+    mounts = MountTable()
     for entry in entries:
         ok = False
         try:
-            runner.run(plan_entry(entry, tree, accounts))
+            runner.run(plan_one_way(entry, tree, mounts) + plan_entry(entry, tree, accounts))
             ok = True
         except Exception as exc:  # expected failures, and bugs: the others still run
             runner.report(failure_text(exc, tree.host(entry.target)))
@@ -3071,6 +3256,8 @@ def command_apply(config: Config, root: str, log: Log) -> int:
 
 
 def command_plan(config: Config, root: str, log: Log, out) -> int:
+    for warning in config_warnings(config):
+        log.warn(warning)
     tree = Tree(root)
     printer = Printer(tree)
     apply_config(config, tree, printer, log)
@@ -3149,6 +3336,8 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
             state, detail = "not-a-mount-point", "a plain directory"
         storage_rows.append({"storage": as_path(storage), "state": state, "detail": detail})
         state_of[storage] = state
+    storage_rows += foreign_mount_rows(config, tree, mounts,
+                                       [s for s, st in state_of.items() if st != "unavailable"])
     accounts = Accounts(config, tree, [s for s, st in state_of.items() if st != "unavailable"])
     rows = []
     for entry in config.entries:
@@ -3157,6 +3346,9 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
         else:
             try:
                 state, detail = entry_status(entry, tree, mounts, accounts)
+                if state == "ok" and mounts.two_way(tree.host(entry.target), tree.host(entry.source)):
+                    state, detail = "two-way", ("mounted as a peer of its storage: what is mounted "
+                                                "under it appears in storage too; apply makes it one-way")
             except EntryError as exc:
                 state, detail = "error", f"{exc.path}: {exc.cause}"
             except OSError as exc:
@@ -3166,7 +3358,7 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
         rows.append({"target": as_path(entry.target), "kind": entry.kind,
                      "source": as_path(entry.source), "state": state, "detail": detail})
     drift = sum(1 for r in rows if r["state"] != "ok")
-    drift += sum(1 for r in storage_rows if r["state"] == "unavailable")
+    drift += sum(1 for r in storage_rows if r["state"] in ("unavailable", "foreign-mount"))
     if as_json:
         import json
 
@@ -3179,6 +3371,27 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
             out.write(f"{r['state']:<19} {r['kind']:<9} {r['target']}  ({r['detail']})".translate(UNPRINTABLE) + "\n")
         out.write(f"{len(rows) - sum(1 for r in rows if r['state'] != 'ok')} of {len(rows)} entries in place\n")
     return EXIT_FAILED if drift else EXIT_OK
+
+
+def foreign_mount_rows(config: Config, tree: Tree, mounts: MountTable, storages: list) -> list:
+    """A status row for each mount inside a storage that apply did not make
+    there: apply mounts nothing inside storage but the storages and
+    fileSystems the config names. (One there came in by propagation from
+    the root side, or was mounted in storage itself; orphans and diff name
+    it without walking it.) Each goes with the innermost storage holding it."""
+    named = {tree.host(p) for p in (*config.storages, *(fs.mountpoint for fs in config.filesystems))}
+    hosts = sorted(((tree.host(s), s) for s in storages), key=lambda h: len(h[0]), reverse=True)
+    rows = []
+    for point in sorted(mounts.points):
+        if point in named:
+            continue
+        for host, storage in hosts:
+            if point.startswith(host + "/"):
+                rows.append({"storage": as_path(storage), "state": "foreign-mount",
+                             "detail": f"storage has a foreign mount at {point} "
+                                       f"({mounts.points[point][2]})"})
+                break
+    return rows
 
 
 def command_unmount(config: Config, root: str, log: Log) -> int:
@@ -3287,11 +3500,14 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
     return unmounted
 
 
-def command_check(path: str, out) -> int:
+def command_check(path: str, log: Log, out) -> int:
     config = load_config_file(path)
-    dirs = sum(1 for e in config.entries if e.kind == "directory")
-    out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
-              f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
+    for warning in config_warnings(config):
+        log.warn(warning)
+    if log.verbosity:
+        dirs = sum(1 for e in config.entries if e.kind == "directory")
+        out.write(f"config OK: {dirs} directories, {len(config.entries) - dirs} files in "
+                  f"{len(config.storages)} storage locations, {len(config.filesystems)} filesystems\n")
     return EXIT_OK
 
 
@@ -3317,7 +3533,8 @@ def command_diff(config: Config, root: str, log: Log, out, as_json: bool, as_tre
         out.write(json.dumps(dict(root=root, **found_json(walk)), indent=2) + "\n")
     else:
         write_found(walk, (), out, as_tree, "not kept (lost at the next boot)")
-    return EXIT_OK
+    # A path it could not read is a part of the answer missing.
+    return EXIT_FAILED if walk.errors else EXIT_OK
 
 
 def command_orphans(config: Config, root: str, log: Log, out, as_json: bool, as_tree: bool) -> int:
@@ -3830,7 +4047,8 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
 # --- Command line ------------------------------------------------------------------------
 
 USAGE = """\
-usage: impermanence_boot.py [--config PATH] [--root PATH] [-v|--verbose] [-q|--quiet] [COMMAND] [--json]
+usage: {prog} [--config PATH] [--root PATH] [-v|-q] [COMMAND] [--json] [--tree]
+       [--include PATH] [--dry-run]
 
 Reconnect persistent state to a freshly wiped root (NixOS impermanence's
 environment.persistence, as JSON), before switch_root or by hand.
@@ -3864,11 +4082,24 @@ options:
   --include PATH with diff: walk PATH too (repeatable)
   --dry-run      with rotate-root: change nothing
   -h, --help     show this help
+  --version      show the version
 
-exit status: 0 all in place; 1 an entry failed (others applied) or status
-found drift; 2 usage or config error, nothing changed; 3 a persistent
-storage location was unavailable, nothing bound from it.
+exit status: 0 all in place; 1 an entry failed (others applied), status
+found drift or diff could not read a path; 2 usage or config error, nothing
+changed; 3 a persistent storage location was unavailable, nothing bound from
+it; 4 apply, unmount or rotate-root run without root, nothing changed.
 """
+
+
+def usage() -> str:
+    """USAGE under the name the script was started by: impermanence_boot.py
+    (also for its .pyc), or impermanence-boot as pip installs it."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if prog.endswith(".pyc"):
+        prog = prog[:-1]
+    if not prog or prog in ("-c", "__main__.py"):
+        prog = "impermanence_boot.py"
+    return USAGE.replace("{prog}", prog)
 
 COMMANDS = ("apply", "plan", "status", "unmount", "check", "diff", "orphans", "rotate-root")
 # The options a command takes besides --config, --root, -v, -q.
@@ -3877,8 +4108,8 @@ COMMAND_OPTIONS = {"--json": ("status", "diff", "orphans"), "--tree": ("diff", "
 
 
 class Options(Record):
-    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help", "tree",
-                           "include", "dry_run")
+    __slots__ = _fields = ("command", "config", "root", "verbosity", "json", "help", "version",
+                           "tree", "include", "dry_run")
 
 
 def parse_args(argv: list) -> Options:
@@ -3890,8 +4121,9 @@ def parse_args(argv: list) -> Options:
         value = None
         if arg.startswith("--") and "=" in arg:
             arg, value = arg.split("=", 1)
-        if arg in ("-h", "--help"):
-            return Options(None, None, None, 1, False, True, False, (), False)
+        if arg in ("-h", "--help", "--version"):
+            return Options(None, None, None, 1, False, arg != "--version", arg == "--version",
+                           False, (), False)
         if arg == "--include":
             if value is None:
                 if not args:
@@ -3934,7 +4166,7 @@ def parse_args(argv: list) -> Options:
             raise UsageError(f"{option} goes with {', '.join(COMMAND_OPTIONS[option])}")
     if config is None:
         config = os.environ.get("IMPERMANENCE_CONFIG") or DEFAULT_CONFIG
-    return Options(command, config, root, verbosity, as_json, False, "--tree" in given,
+    return Options(command, config, root, verbosity, as_json, False, False, "--tree" in given,
                    tuple(include), "--dry-run" in given)
 
 
@@ -3951,15 +4183,26 @@ def main(argv: list | None = None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        sys.stderr.write(f"impermanence: {exc}\n{USAGE.splitlines()[0]}\n")
+        sys.stderr.write(f"impermanence: {exc}\n{usage().splitlines()[0]}\n")
         return EXIT_CONFIG
     if opts.help:
-        sys.stdout.write(USAGE)
+        sys.stdout.write(usage())
+        return EXIT_OK
+    if opts.version:
+        sys.stdout.write(f"impermanence_boot {VERSION}\n")
         return EXIT_OK
     log = Log(opts.verbosity)
+    euid = os.geteuid()
+    if euid != 0 and opts.command in NEEDS_ROOT:
+        log.error(f"{opts.command} needs root: it mounts, unmounts and sets owners "
+                  f"(running as uid {euid}); nothing was changed")
+        return EXIT_PRIVILEGE
+    if euid != 0 and opts.command not in ("check",):
+        log.warn(f"not root (uid {euid}): {opts.command} sees only what this user may read "
+                 "and probes no device; run it as root for the whole answer")
     try:
         if opts.command == "check":
-            return command_check(opts.config, sys.stdout)
+            return command_check(opts.config, log, sys.stdout)
         config = load_config_file(opts.config)
     except ConfigError as exc:
         where = (exc.where if isinstance(exc, ConfigFileError) or exc.where.startswith("/")

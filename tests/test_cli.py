@@ -68,3 +68,44 @@ def test_a_relative_config_path_is_named_once(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     result = run("--config", "bad.json", "check", cwd=tmp_path)
     assert result.stderr.startswith("impermanence: bad.json: invalid JSON at line 1")
+
+
+@pytest.mark.parametrize("path,why", [
+    ("/proc", "proc filesystem"), ("/proc/sys/kernel", "proc filesystem"), ("/sys/fs", "sysfs"),
+    ("/dev", "devtmpfs"), ("/dev/shm", "devtmpfs"), ("/run", "/run starts empty"),
+    ("/run/user/1000", "/run starts empty"), ("/nix/store", "Nix store"),
+])
+def test_kept_paths_that_cannot_work_are_config_errors(tmp_path, path, why):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"persistence": {"/persistent": {"directories": ["/var/log", path]}}}))
+    r = run("--config", str(cfg), "check")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f'impermanence: {cfg}: persistence["/persistent"].directories[1]: {path} cannot be kept: '), lines
+    assert why in lines[0]
+
+
+def test_kept_paths_near_the_refused_ones_are_fine(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"persistence": {"/persistent": {
+        "directories": ["/nix/var", "/var/run-things", "/devices", "/system"]}}}))
+    r = run("--config", str(cfg), "check")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_tmp_is_kept_with_a_warning(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"persistence": {"/persistent": {"directories": ["/tmp"]}}}))
+    r = run("--config", str(cfg), "check")
+    assert r.returncode == 0 and r.stdout.startswith("config OK")
+    assert r.stderr.startswith('impermanence: /tmp (persistence["/persistent"].directories[0]): '
+                               "/tmp is meant to be emptied at boot"), r.stderr
+
+
+def test_quiet_check_prints_nothing(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"persistence": {"/persistent": {"directories": ["/var/log"]}}}))
+    r = run("-q", "--config", str(cfg), "check")
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    assert run("--config", str(cfg), "check").stdout.startswith("config OK")

@@ -354,6 +354,109 @@ def test_report_sizes_and_times(chain_run):
     assert data["image_bytes"] > data["image_bytes_without"]
 
 
+# --- two storages, nested entries, systemd's shared mounts ---------------------------
+# systemd makes every mount of the initrd shared: a bind that joined its
+# storage's peer group would carry the nested bind from the other storage
+# (and anything mounted later under it) into storage. Only dracut here:
+# initramfs-tools' init leaves the mounts private.
+
+NESTED_CONFIG = {
+    "fileSystems": {"/persistent": {"device": "LABEL=persist", "fsType": "ext4"},
+                    "/cache": {"device": "LABEL=cache", "fsType": "ext4"}},
+    "persistence": {
+        "/persistent": {"directories": ["/var/lib"], "files": ["/etc/machine-id"]},
+        "/cache": {"directories": ["/var/lib/foo"], "files": ["/var/lib/cached.conf"]},
+    },
+}
+NESTED_WRITES = {"/var/lib/foo/written": "cache only\n", "/var/lib/state": "persistent\n"}
+NESTED_INSPECT = ["/var/lib", "/var/lib/foo", "/var/lib/cached.conf", "/persistent/var/lib",
+                  "/persistent/var/lib/foo", "/cache/var/lib/foo", "/cache/var/lib/cached.conf",
+                  "/var/lib/foo/written", "/persistent/var/lib/foo/written",
+                  "/cache/var/lib/foo/written"]
+# After the report, the booted system mounts a filesystem under a kept
+# directory (a USB stick, say) and reports the mount table again.
+LATER_MOUNT = ("mkdir -p /var/lib/usb && mount -t tmpfs usb /var/lib/usb && echo on-the-stick > /var/lib/usb/f\n"
+               'while read -r l; do r later "$l"; done < /proc/self/mountinfo\n')
+
+
+def nested_init(boot_number: int) -> str:
+    init = ds.stage2_init(NESTED_INSPECT, NESTED_WRITES if boot_number == 1 else {},
+                          list(NESTED_WRITES))
+    return init.replace("r end\n", LATER_MOUNT + "r end\n")
+
+
+def mount_lines(boot: ds.Boot, kind: str = "mountinfo") -> list[dict]:
+    """Mount point and peer group / master of each mount the booted system
+    reported (kind "later": after its own mount under a kept directory)."""
+    out = []
+    for line in boot._kind(kind):
+        f = line.split()
+        tags = dict(t.split(":", 1) for t in f[6:f.index("-", 6)] if ":" in t)
+        out.append({"point": f[4], "shared": tags.get("shared"), "master": tags.get("master"),
+                    "source": f[f.index("-", 6) + 2]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def nested_run(kver, tmp_path_factory):
+    work = tmp_path_factory.mktemp("dist-nested")
+    built = build("dracut", work / "with", kver, PROJECT / "vm/demo-config.json")
+    persist = machine.make_disk(work / "persist.img", "persist")
+    seed = work / "cache-seed"
+    (seed / "var/lib").mkdir(parents=True)
+    (seed / "var/lib/cached.conf").write_text("from the cache\n")
+    cache = machine.make_disk(work / "cache.img", "cache", seed=seed)
+    boots, on_disk = {}, {}
+    for n in (1, 2):
+        root = ds.make_fresh_root(work / f"root-{n}.img", nested_init(n))
+        boots[n] = run_boot("dracut", built, work, f"nested-{n}", [root, persist, cache],
+                            overlay=overlay_for("dracut", json.dumps(NESTED_CONFIG)))
+        if n == 1:
+            on_disk = {(name, p): machine.debugfs_cat(disk, p) for name, disk in
+                       (("persist", persist), ("cache", cache)) for p in
+                       (*NESTED_WRITES, "/var/lib/usb/f")}
+    return ChainRun("dracut", built, None, boots, persist, on_disk)
+
+
+def test_nested_storages_no_mount_leaks_into_storage(nested_run):
+    for n, boot in nested_run.boots.items():
+        assert exit_status(nested_run, n) == 0, boot.describe()
+        ins = boot.inspect()
+        assert same_inode(ins["/var/lib"], ins["/persistent/var/lib"]), n
+        assert same_inode(ins["/var/lib/foo"], ins["/cache/var/lib/foo"]), n
+        assert same_inode(ins["/var/lib/cached.conf"], ins["/cache/var/lib/cached.conf"]), n
+        for kind in ("mountinfo", "later"):
+            table = mount_lines(boot, kind)
+            points = [m["point"] for m in table]
+            # the booted system's own mount under /var/lib (a kept directory)
+            assert ("/var/lib/usb" in points) == (kind == "later"), (n, kind, points)
+            inside = [p for p in points if p.startswith(("/persistent/", "/cache/"))]
+            assert inside == [], (n, kind, "mounts inside storage", inside)
+            assert points.count("/persistent") == points.count("/cache") == 1, (n, kind, points)
+        print(f"\nboot {n}, after switch-root:")
+        for m in mount_lines(boot):
+            print(f"  {m['point']:<22} shared:{m['shared']} master:{m['master']} ({m['source']})")
+
+
+def test_nested_storages_each_write_in_its_own_storage(nested_run):
+    boots, on_disk = nested_run.boots, nested_run.on_disk
+    assert sorted(boots[1].wrote()) == sorted(NESTED_WRITES), boots[1].lines[-20:]
+    assert on_disk[("cache", "/var/lib/foo/written")] == NESTED_WRITES["/var/lib/foo/written"]
+    assert on_disk[("persist", "/var/lib/foo/written")] is None
+    assert on_disk[("persist", "/var/lib/state")] == NESTED_WRITES["/var/lib/state"]
+    assert on_disk[("cache", "/var/lib/state")] is None
+    # the stick mounted under /var/lib held its file; storage never saw it
+    assert on_disk[("persist", "/var/lib/usb/f")] is None
+    contents = boots[2].contents()
+    for path, content in NESTED_WRITES.items():
+        assert contents.get(path) == content, (path, contents.get(path))
+    # as the booted system sees it: in /cache, and nowhere in /persistent
+    ins = boots[2].inspect()
+    assert ins["/cache/var/lib/foo/written"] is not None
+    assert same_inode(ins["/cache/var/lib/foo/written"], ins["/var/lib/foo/written"])
+    assert ins["/persistent/var/lib/foo/written"] is None
+
+
 # --- opting in to the emergency shell ------------------------------------------------
 
 @pytest.mark.parametrize("chain", CHAINS)

@@ -53,9 +53,8 @@ def test_the_docs_have_nix_blocks():
 
 
 def localised(text: str) -> str:
-    """Where the docs say "wherever this repository is", this checkout."""
-    text = re.sub(r'builtins\.fetchTarball "[^"]*impermanence_boot[^"]*"', f'"{PROJECT}"', text)
-    return text.replace("/path/to/impermanence_boot", str(PROJECT))
+    """Where the docs say "a clone of this repository", this checkout."""
+    return text.replace("/etc/nixos/impermanence_boot", str(PROJECT))
 
 
 def write_block(tmp_path, text: str):

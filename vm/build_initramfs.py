@@ -211,10 +211,10 @@ def check_config(script: Path, config: Path) -> None:
     run([python().path, "-I", "-S", str(script), "--config", str(config), "check"])
 
 
-def compile_pycs(arc: Archive, python: str) -> None:
+def compile_pycs(arc: Archive) -> None:
     """Byte-compile every .py under the image's stdlib with the target interpreter
     (unchecked-hash pycs: valid whatever the mtimes, never rewritten at boot)."""
-    lib = pylib()
+    lib, py = pylib(), python()
     with tempfile.TemporaryDirectory() as tmp:
         pys = [p for p in arc.entries if p.startswith(lib + "/") and p.endswith(".py")]
         for p in pys:
@@ -225,10 +225,10 @@ def compile_pycs(arc: Archive, python: str) -> None:
                 "ok = compileall.compile_dir(sys.argv[1], ddir=sys.argv[2], quiet=1,\n"
                 "    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
                 "sys.exit(0 if ok else 1)\n")
-        run([python, "-I", "-c", code, tmp + lib, lib])
+        run([py.path, "-I", "-c", code, tmp + lib, lib])
         for p in pys:
             comp = arc.entries[p]["component"]
-            pyc = python().pyc(p)
+            pyc = py.pyc(p)
             arc.file(pyc, Path(tmp + pyc).read_bytes(), component=comp)
 
 
@@ -297,7 +297,7 @@ def build(out_dir: Path, script: Path | None = None, config: Path | None = None,
             if os.path.exists(init) and dest not in arc.entries:
                 arc.copy(dest, init, component="python-stdlib")
     if pyc:
-        compile_pycs(arc, py.path)
+        compile_pycs(arc)
     arc.copy(f"{PYPREFIX}/bin/python3", py.path, mode=0o755, component="python-interpreter")
     libs: list[str] = []
     for binary in [py.path, *so_needed]:

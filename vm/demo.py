@@ -1,12 +1,10 @@
 #!/usr/bin/env python3
 """The demo (run through vm/demo.sh, which installs what it needs first):
 build the initramfs, boot the demo machine twice on one fresh persistent
-disk, print what was kept, an owner/mode table and the time the script took
-inside the initramfs, against the same config done by the per-entry shell
-approach (bench/bench_boot.py's generator, busybox sh) in the same stage 1
-on its own root and a copy of the storage. Exit status 0 only if everything
-came out as the config says and the shell approach left the same tree
-(apart from the machine-id difference by design). Stdlib only.
+disk, and print what a user cares about: what the script did at boot, the
+real `status` of the booted system, what was kept and what was wiped, the
+fresh root's owners and modes, and the time the script took. Exit status 0
+only if everything came out as the config says. Stdlib only.
 
     python3 vm/demo.py [--out vm/build] [--timeout SECONDS]
 """
@@ -43,6 +41,14 @@ def owner(e: dict) -> str:
     return f"{NAMES_U.get(e['uid'], e['uid'])}:{NAMES_G.get(e['gid'], e['gid'])}"
 
 
+def status_lines(status: dict) -> list:
+    """status --json as `status` prints it."""
+    lines = [f"{r['state']:<19} storage   {r['storage']}  ({r['detail']})" for r in status["storage"]]
+    lines += [f"{r['state']:<19} {r['kind']:<9} {r['target']}  ({r['detail']})" for r in status["entries"]]
+    in_place = sum(1 for r in status["entries"] if r["state"] == "ok")
+    return lines + [f"{in_place} of {len(status['entries'])} entries in place"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="boot the demo machine twice under QEMU")
     ap.add_argument("--out", type=Path, default=HERE / "build")
@@ -51,7 +57,8 @@ def main() -> int:
     out = a.out
     problems: list[str] = []
 
-    print("== building the initramfs (Debian kernel, busybox-static, the distribution's python3, the script)")
+    print(f"== building the initramfs (Debian kernel, busybox-static, python{build_initramfs.python().version}, "
+          "the script)")
     try:
         m = build_initramfs.build(out)
     except build_initramfs.BuildError as e:
@@ -68,56 +75,31 @@ def main() -> int:
     disk = machine.make_disk(out / "demo-persist.img", "persist")
     reports = []
     for n in (1, 2):
-        print(f"== boot {n} (QEMU, {'KVM' if machine.use_kvm() else 'TCG'}), persistent disk {disk}")
-        # the shell approach's storage: a copy of the disk as it is now
-        shell_disk = machine.copy_disk(disk, out / f"demo-shell-{n}.img", sc.SHELL_LABEL)
-        r = machine.Boot(out, out / "demo", machine.overlay(checks=sc.main_checks(n), measure=True,
-                                                            shell_device=sc.SHELL_DEVICE),
-                         [disk, shell_disk], timeout=a.timeout, name=f"demo-{n}").run()
-        shell_disk.unlink()
+        print(f"\n== boot {n} (QEMU, {'KVM' if machine.use_kvm() else 'TCG'}), persistent disk {disk}")
+        r = machine.Boot(out, out / "demo", machine.overlay(checks=sc.main_checks(n), measure=True),
+                         [disk], timeout=a.timeout, name=f"demo-{n}").run()
         if r.report is None:
             print(r.describe())
             print(f"demo: boot {n} did not reach stage 2 (console: {out / 'demo' / f'demo-{n}.console.log'})",
                   file=sys.stderr)
             return 1
         s1 = r.report["stage1"]
-        print(f"   {r.seconds:.1f} s in QEMU; impermanence_boot.py apply exited {s1['exit']} after "
-              f"{ms(s1['t_script'])}")
-        print(f"   for comparison, the bare 'python3 -I -S -c pass' just before: "
-              f"{ms(s1['t_python_pass'])} the first time in this boot, {ms(s1['t_python_pass2'])} the second")
+        print(f"   stage 1 ran: impermanence_boot.py --root /mnt-root apply -> exit {s1['exit']} "
+              f"in {ms(s1['t_script'])}")
         for line in s1["stderr"].splitlines():
             print(f"   | {line}")
         if s1["exit"] != 0:
             problems.append(f"boot {n}: the script exited {s1['exit']}")
-        print(f"   the same config by the per-entry shell approach ({m['shell_approach_commands']} "
-              f"commands, busybox sh), after it in the same stage 1, on its own root and a copy of "
-              f"the storage: exited {s1['shell_exit']} after {ms(s1['t_shell'])} "
-              f"(+ {ms(s1['t_shell_mount'])} for stage 1 to mount its storage)")
-        for line in s1["shell_stderr"].splitlines():
-            print(f"   | {line}")
-        if s1["shell_exit"] != 0:
-            problems.append(f"boot {n}: the shell approach exited {s1['shell_exit']}")
-        diffs = sc.shell_tree_differences(r.report)
-        expected = sc.SHELL_DIFFERENCES_FRESH_STORAGE if n == 1 else set()
-        for part, path, mine, theirs in diffs:
-            by_design = (part, path) in expected
-            print(f"   {'differs by design' if by_design else 'DIFFERS'}: {part} {path}: "
-                  f"script {mine}, shell approach {theirs}")
-        if {(part, path) for part, path, *_ in diffs} != expected:
-            problems.append(f"boot {n}: the shell approach left another tree than the script")
-        else:
-            print("   same tree as the script's (root and storage, as the booted system sees them)"
-                  + (", apart from the above" if diffs else ""))
         reports.append(r)
 
     first, second = reports
-    print("\n== what is kept (impermanence_boot.py status on the booted system, boot 2)")
+    print("\n== impermanence_boot.py status, on the booted system (boot 2)")
     try:
         status = json.loads(second.report["status"]["stdout"])
-        for row in status["storage"]:
-            print(f"   {row['state']:<12} storage    {row['storage']}  ({row['detail']})")
-        for row in status["entries"]:
-            print(f"   {row['state']:<12} {row['kind']:<10} {row['target']:<36} <- {row['source']}  ({row['detail']})")
+        for line in status_lines(status):
+            print(f"   {line}")
+        if status["drift"]:
+            problems.append("status found drift on boot 2")
     except (ValueError, KeyError):
         problems.append("status --json gave no usable output")
         print(second.report["status"])
@@ -126,12 +108,12 @@ def main() -> int:
     ins2 = second.report["inspect"]
     for path, content in sc.KEPT_WRITES.items():
         ok = ins2[path].get("content") == content
-        print(f"   {'kept   ' if ok else 'LOST   '} {path}")
+        print(f"   {'kept' if ok else 'LOST':<6} {path}")
         if not ok:
             problems.append(f"{path} was not kept")
     for path in sc.UNKEPT_WRITES:
         gone = not ins2[path]["exists"]
-        print(f"   {'gone   ' if gone else 'STAYED '} {path} (not in the config)")
+        print(f"   {'gone' if gone else 'STAYED':<6} {path} (not in the config)")
         if not gone:
             problems.append(f"{path} survived a reboot")
 
@@ -149,28 +131,19 @@ def main() -> int:
         mode = "" if e["type"] == "symlink" else e["mode"]
         print(f"   {e['path']:<36} {e['type']:<8} {owner(e):<14} {mode:<5} {how}")
 
-    print("\n== time")
+    print("\n== time in stage 1 (TCG emulation: a real machine is several times faster)")
+    print(f"   {'boot':<5} {'apply':>8} {'bare interpreter start':>23} {'/init -> switch_root':>21} "
+          f"{'whole boot':>11}")
     for n, r in enumerate(reports, 1):
         s1 = r.report["stage1"]
-        print(f"   boot {n}: kernel start -> /init {s1['t_init'] / 1e9:.2f} s, script {ms(s1['t_script'])}, "
-              f"/init -> switch_root {(s1['t_switch'] - s1['t_init']) / 1e9:.2f} s, "
-              f"whole boot in QEMU {r.seconds:.1f} s")
-    print("   script vs the per-entry shell approach, same config, same boot (wall time in stage 1):")
-    for n, r in enumerate(reports, 1):
-        s1 = r.report["stage1"]
-        print(f"   boot {n}: impermanence_boot.py apply {ms(s1['t_script'])} (interpreter start and "
-              f"mounting the storage included); shell approach {ms(s1['t_shell'])} "
-              f"+ {ms(s1['t_shell_mount'])} mounting its storage")
-    print("   (TCG emulation, no KVM: a real machine runs the same code several times faster;")
-    print("   the first Python start in a boot also pays TCG's one-time translation of the")
-    print("   interpreter's code, which is why the script, started after the baselines, is")
-    print("   faster here than as the first Python process of a boot, as in the tests)")
+        print(f"   {n:<5} {ms(s1['t_script']):>8} {ms(s1['t_python_pass2']):>23} "
+              f"{(s1['t_switch'] - s1['t_init']) / 1e9:>19.2f} s {r.seconds:>9.1f} s")
+    print("   apply: starting the interpreter, mounting the storage and every entry. Bare")
+    print("   interpreter start: `python3 -I -S -c pass`, the second one in the boot (the first")
+    print("   also pays the emulator's one-time translation of the interpreter's code).")
 
     summary = {"manifest": m, "boots": [{"qemu_seconds": r.seconds, "stage1": r.report["stage1"],
-                                        "stage2_ns": r.report["stage2_ns"],
-                                        "script_ms": r.script_ms, "shell_ms": r.shell_ms,
-                                        "shell_mount_ms": r.shell_mount_ms,
-                                        "shell_differences": sc.shell_tree_differences(r.report)}
+                                        "stage2_ns": r.report["stage2_ns"], "script_ms": r.script_ms}
                                        for r in reports],
                "problems": problems}
     (out / "demo-report.json").write_text(json.dumps(summary, indent=1) + "\n")
