@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -92,11 +93,12 @@ def main(argv: list[str]) -> int:
                   file=sys.stderr)
             return 2
     roots, summary, failed = {}, [], False
+    # The chroots are built side by side (mostly downloads and dpkg).
+    with ThreadPoolExecutor(len(releases)) as pool:
+        built = dict(zip(releases, pool.map(chroots.ensure, releases)))
     for release in releases:
-        start = time.monotonic()
-        roots[release], built = chroots.ensure(release)
-        took = time.monotonic() - start
-        summary.append(f"{release} chroot: " + (f"built in {took:.0f} s" if built is not None
+        roots[release], seconds = built[release]
+        summary.append(f"{release} chroot: " + (f"built in {seconds:.0f} s" if seconds is not None
                                                 else f"cached ({roots[release].name})"))
     if not build_only:
         for release in releases:
