@@ -15,6 +15,7 @@ mkdir -p "$(dirname "$dest")"
 debs="$(dirname "$dest")/debs/$release"
 mkdir -p "$debs"
 tmp=$(mktemp -d "$dest.partial.XXXXXX")
+chmod 755 "$tmp"  # the tree's /, which mktemp makes 0700: other users run programs in it too
 unmount() { umount -R -l "$tmp/proc" "$tmp/var/cache/apt/archives" 2>/dev/null || true; }
 # On failure, debootstrap's log is kept beside DEST.
 trap 'cp "$tmp/debootstrap/debootstrap.log" "$dest.failed.log" 2>/dev/null
