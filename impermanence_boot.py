@@ -1699,6 +1699,7 @@ class Tree:
         self.binds: dict = {}        # planned: target -> source
         self.pending_binds: list = []
         self.pending_created: list = []
+        self.kept: frozenset = frozenset()  # every kept target (host paths): the config's own mounts
 
     def host(self, comps: tuple) -> str:
         return self.prefix + "/" + "/".join(comps) if comps else self.root
@@ -2200,6 +2201,9 @@ class Executor:
         self.clone_binds = True  # until open_tree(2) is found missing
         self.slave_clones = True  # until mount_setattr(2) is found missing
         self.utab_records: list = []  # (target, userspace options) of the binds made
+        # target -> (fd of the directory a move's bind covers, what the copy
+        # read): for DropMoved
+        self.covered: dict = {}
 
     def __enter__(self) -> "Executor":
         return self
@@ -2207,6 +2211,9 @@ class Executor:
     def __exit__(self, *exc_info) -> None:
         self.sources.truncate(0)
         self.targets.truncate(0)
+        for fd, _ in self.covered.values():
+            if fd is not None:
+                os.close(fd)
         os.close(self.root_fd)
 
     def run(self, actions: list) -> None:
@@ -2686,109 +2693,503 @@ class MountFilesystem(Action):
         raise EntryError(host, f"cannot mount {fs.device} ({device}) as {tried}: {exc.strerror}{hint}")
 
 
+# A move into storage on the running system goes through two names that
+# apply recognises: the copy is made in storage under TEMP and renamed
+# into place complete; on the root, ASIDE (made just before that rename,
+# so that it also says the rename may have happened) then receives the
+# originals, which are removed once they match the copy. A later run that
+# finds TEMP discards it (the originals were not touched yet) and copies
+# again; one that finds only ASIDE finishes the move.
+MOVE_TEMP_SUFFIX = ".impermanence-move"
+MOVE_ASIDE_SUFFIX = ".impermanence-moved"
+NOT_MOVED = "not moved into storage (unmount it, or keep it apart, then apply again)"
+WRITER_HINT = "left in place: stop the program that writes it, then apply again"
+
+
+def move_temp(path: tuple) -> tuple:
+    return path[:-1] + (f".{path[-1]}{MOVE_TEMP_SUFFIX}",)
+
+
+def move_aside(path: tuple) -> tuple:
+    return path[:-1] + (f".{path[-1]}{MOVE_ASIDE_SUFFIX}",)
+
+
+def movable_name(path: tuple) -> bool:
+    """Whether the names of the move's temporaries fit NAME_MAX."""
+    return len(os.fsencode(path[-1])) + len(MOVE_ASIDE_SUFFIX) + 1 <= 255
+
+
+def kept_mounts_below(tree: Tree, target: tuple) -> frozenset:
+    """The mount points below target that a move leaves where they are: the
+    config's own kept paths (bound again on top of the new bind, as at
+    boot). EntryError naming it if target is a mount point, or if any other
+    mount is below it: the move never leaves the root's own filesystem."""
+    mounts = MountTable()
+    host = tree.host(target)
+    found = mounts.points.get(host)
+    if found is not None:
+        raise EntryError(host, f"is another filesystem's mount point ({found[0]}, {found[2]}); {NOT_MOVED}")
+    kept: list = []
+    for point in sorted(mounts.points):
+        if not point.startswith(host + "/") or any(point.startswith(k + "/") for k in kept):
+            continue
+        if point in tree.kept:
+            kept.append(point)
+            continue
+        source, _, fs_type, _ = mounts.points[point]
+        raise EntryError(host, f"holds {point}, another filesystem mounted there ({source}, {fs_type}); "
+                               f"{NOT_MOVED}")
+    return frozenset(kept)
+
+
+def mount_id(fd: int) -> int | None:
+    """The id of the mount fd was opened on: a rename succeeds only within one."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def exists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def open_aside(dir_fd: int, name: str, shown: str, euid: int) -> int:
+    """The ASIDE directory a move made: root's, else not apply's to use."""
+    fd = open_dir_at(dir_fd, name, shown)
+    if os.fstat(fd).st_uid != euid:
+        os.close(fd)
+        raise EntryError(shown, "is named as apply names a move's originals but is not apply's; "
+                                "left as it is")
+    return fd
+
+
 class MoveIntoStorage(Action):
     """On the running system, what a target holds, which its bind mount or
     link would hide, moved into storage, which holds nothing there: for
-    kind "dir" the directory's contents, for "file" the file itself. Owner,
-    mode, times and extended attributes go with it."""
+    kind "dir" the directory's contents, for "file" the file itself. On
+    one mount, renamed; across two, copied with holes, owner, mode,
+    extended attributes and times into a temporary, checked unchanged and
+    written by no one, then renamed into place (see MOVE_TEMP_SUFFIX). For
+    "file" with `mount_file`, the original is then put aside and an empty
+    mount point made in its place; DropMoved (after the bind) puts a
+    directory's originals aside and removes what was put aside."""
+    __slots__ = ("target", "source", "kind", "mount_file")
+
+    def __init__(self, target: tuple, source: tuple, kind: str, mount_file: bool = False):
+        self.target, self.source, self.kind, self.mount_file = target, source, kind, mount_file
+
+    def describe(self, tree: Tree) -> str:
+        what = "the contents of " if self.kind == "dir" else ""
+        then = ", an empty mount point made in its place" if self.mount_file else ""
+        return f"move {what}{tree.host(self.target)} into {tree.host(self.source)}{then}"
+
+    def execute(self, ex: Executor) -> None:
+        shown = ex.tree.host(self.target)
+        try:
+            self.move(ex, shown)
+        except RecursionError:
+            # The copy that failed is removed; the original is untouched.
+            raise EntryError(shown, "holds directories nested too deeply to move; move them "
+                                    "into storage by hand") from None
+        finally:
+            ex.sources.forget(self.source)  # what is there now is the copy, or nothing new
+            ex.tree.forget(self.source)
+
+    def move(self, ex: Executor, shown: str) -> None:
+        tree, is_dir = ex.tree, self.kind == "dir"
+        into, name = ex.sources.open(self.source[:-1]), self.source[-1]
+        at, temp = ex.targets.open(self.target[:-1]), move_temp(self.source)[-1]
+        aside = move_aside(self.target)
+        aside_shown = tree.host(aside)
+        held = open_dir_at(at, self.target[-1], shown) if is_dir else None
+        try:
+            aside_made = exists_at(at, aside[-1])
+            if aside_made:
+                with opened(open_aside(at, aside[-1], aside_shown, ex.euid)):
+                    pass  # a planted one fails the entry before anything is done
+            kept = kept_mounts_below(tree, self.target)
+            if aside_made and not exists_at(into, temp) and self.in_place(into, held, kept, shown):
+                # Renamed into place by a run that was stopped: finish.
+                if is_dir:
+                    ex.covered[self.target], held = (held, None), None
+                else:
+                    self.put_file_aside(ex, at, aside_shown, shown)
+                return
+            if aside_made:
+                # Made, but no rename into place followed (ASIDE goes
+                # first, TEMP after it, wherever a move is undone).
+                call("rmdir", aside_shown, os.rmdir, aside[-1], dir_fd=at)
+            top = held if is_dir else at
+            if mount_id(top) is not None and mount_id(top) == mount_id(into):
+                # One mount: renames (a TEMP here holds originals: go on).
+                self.rename_into_storage(ex, top, into, temp, kept, shown)
+                if is_dir:  # for what a writer makes there before the bind
+                    ex.covered[self.target], held = (held, {}), None
+                return
+            if exists_at(into, temp):
+                # A copy a stopped run left; the originals were not touched.
+                discard_copy(into, temp)
+                if exists_at(into, temp):
+                    raise EntryError(tree.host(move_temp(self.source)), "cannot be removed; left as it is")
+            copying = Copying(os.fstat(top).st_dev, kept)
+            try:
+                if is_dir:
+                    call("mkdir", shown, os.mkdir, temp, 0, dir_fd=into)
+                    with opened(open_dir_at(into, temp, shown)) as copy:
+                        copying.note(os.fstat(held), ())
+                        for child in sorted(os.listdir(held)):
+                            copy_node(held, child, copy, child, f"{shown}/{child}", copying, (child,))
+                        give_owner_and_mode_of(copy, into, name, shown)
+                        call("fsync", shown, os.fsync, copy)
+                else:
+                    copy_node(at, self.target[-1], into, temp, shown, copying, (self.target[-1],))
+                # Last before the rename, the quicker last: a write after
+                # it is found when the originals are compared (DropMoved).
+                writer = open_for_writing(copying.files)
+                if writer is not None:
+                    raise EntryError(writer[0], f"is open for writing (process {writer[1]}); {WRITER_HINT}")
+                changed = copying.changed(top, shown if is_dir else tree.host(self.target[:-1]).rstrip("/"))
+                if changed is not None:
+                    raise EntryError(changed, f"was written while it was being moved into storage; "
+                                              f"{WRITER_HINT}")
+                call("mkdir", aside_shown, os.mkdir, aside[-1], 0o700, dir_fd=at)
+            except BaseException:
+                discard_copy(into, temp)  # storage as it was: no half-made copy left in it
+                raise
+            try:
+                if is_dir:
+                    # Over the empty source (made for this entry): one rename.
+                    call("rename", shown, os.rename, temp, name, src_dir_fd=into, dst_dir_fd=into)
+                else:
+                    rename_noreplace(into, temp, into, name, shown)
+            except BaseException:
+                discard_copy(at, aside[-1])
+                discard_copy(into, temp)
+                raise
+            ex.covered[self.target], held = (held, copying.copied()), None
+            if not is_dir:
+                self.put_file_aside(ex, at, aside_shown, shown)
+        finally:
+            if held is not None:
+                os.close(held)
+
+    def in_place(self, into: int, held: int | None, kept: frozenset, shown: str) -> bool:
+        """Whether the copy is in storage: the source file exists; the
+        source directory holds something, or the target nothing to move."""
+        name = self.source[-1]
+        if held is None:
+            return exists_at(into, name)
+        with opened(open_dir_at(into, name, shown)) as source:
+            if os.listdir(source):
+                return True
+        return all(f"{shown}/{child}" in kept for child in os.listdir(held))
+
+    def rename_into_storage(self, ex: Executor, top: int, into: int, temp: str, kept: frozenset,
+                            shown: str) -> None:
+        """On one mount: renames, which the data's writers follow. A
+        directory's children go into TEMP (where a stopped run left some,
+        it goes on), which then replaces the empty source."""
+        if self.kind != "dir":
+            rename_noreplace(top, self.target[-1], into, self.source[-1], shown)
+            if self.mount_file:
+                CreateMountFile(self.target).execute(ex)
+            return
+        if not exists_at(into, temp):
+            call("mkdir", shown, os.mkdir, temp, 0, dir_fd=into)
+        with opened(open_dir_at(into, temp, shown)) as copy:
+            for child in sorted(os.listdir(top)):
+                if f"{shown}/{child}" not in kept:
+                    rename_noreplace(top, child, copy, child, f"{shown}/{child}")
+            give_owner_and_mode_of(copy, into, self.source[-1], shown)
+        call("rename", shown, os.rename, temp, self.source[-1], src_dir_fd=into, dst_dir_fd=into)
+        call("fsync", shown, os.fsync, into)
+
+    def put_file_aside(self, ex: Executor, at: int, aside_shown: str, shown: str) -> None:
+        """A kept file's original into ASIDE, an empty mount point (if
+        wanted) in its place; as far as a stopped run did not get."""
+        name = self.target[-1]
+        with opened(open_aside(at, move_aside(self.target)[-1], aside_shown, ex.euid)) as aside:
+            if not exists_at(aside, name):
+                rename_noreplace(at, name, aside, name, shown)
+            elif exists_at(at, name) and os.stat(name, dir_fd=at, follow_symlinks=False).st_size:
+                raise EntryError(shown, f"was made again while it was being moved into storage; "
+                                        f"{WRITER_HINT}")
+        if self.mount_file and not exists_at(at, name):
+            CreateMountFile(self.target).execute(ex)
+
+
+class DropMoved(Action):
+    """After a move and its bind: a directory's originals (through the fd
+    MoveIntoStorage kept from before the bind) go into ASIDE, which is
+    then removed if everything in it matches storage; if not, it is kept
+    (those are writes the copy missed) and the entry fails naming it."""
     __slots__ = ("target", "source", "kind")
 
     def __init__(self, target: tuple, source: tuple, kind: str):
         self.target, self.source, self.kind = target, source, kind
 
     def describe(self, tree: Tree) -> str:
-        what = "the contents of " if self.kind == "dir" else ""
-        return f"move {what}{tree.host(self.target)} into {tree.host(self.source)}"
+        return (f"remove the originals of {tree.host(self.target)} moved into storage, "
+                f"once they match {tree.host(self.source)}")
 
     def execute(self, ex: Executor) -> None:
-        shown = ex.tree.host(self.target)
+        tree = ex.tree
+        aside = move_aside(self.target)
+        aside_shown = tree.host(aside)
+        at = ex.targets.open(self.target[:-1])
+        held, copied = ex.covered.pop(self.target, (None, None))
+        if not exists_at(at, aside[-1]):
+            # Moved by renames (one mount): nothing was put aside, but a
+            # program may have made a file there since, under the bind now.
+            if held is None or not os.listdir(held):
+                if held is not None:
+                    os.close(held)
+                return
+            try:
+                call("mkdir", aside_shown, os.mkdir, aside[-1], 0o700, dir_fd=at)
+            except BaseException:
+                os.close(held)
+                raise
         try:
-            if self.kind == "dir":
-                held, into = ex.targets.open(self.target), ex.sources.open(self.source)
-                for name in sorted(os.listdir(held)):
-                    move_node(held, name, into, name, f"{shown}/{name}")
-            else:
-                move_node(ex.targets.open(self.target[:-1]), self.target[-1],
-                          ex.sources.open(self.source[:-1]), self.source[-1], shown)
+            with opened(open_aside(at, aside[-1], aside_shown, ex.euid)) as put:
+                # The rename into place made durable before an original goes.
+                call("fsync", ex.tree.host(self.source), os.fsync, ex.sources.open(self.source[:-1]))
+                kept_in = ex.sources.open(self.source if self.kind == "dir" else self.source[:-1])
+                if held is not None:
+                    for child in sorted(os.listdir(held)):
+                        try:
+                            rename_noreplace(held, child, put, child, f"{aside_shown}/{child}")
+                        except OSError as exc:
+                            if exc.errno != errno.EBUSY:  # a kept path's mount point stays
+                                raise
+                for child in sorted(os.listdir(put)):
+                    differs = first_difference(put, kept_in, child, f"{aside_shown}/{child}", (child,), copied)
+                    if differs is not None:
+                        raise EntryError(differs, "was written after its move into storage began: "
+                                                  "kept here with those writes; stop the program that writes "
+                                                  f"it, then put it into {tree.host(self.source)} by hand")
         except RecursionError:
-            # What was moved before stays in storage, complete; the copy
-            # that failed is removed (move_node); nothing is lost.
-            raise EntryError(shown, "holds directories nested too deeply to move; move them "
-                                    "into storage by hand") from None
+            raise EntryError(aside_shown, "holds directories nested too deeply to compare; "
+                                          "left as it is") from None
+        finally:
+            if held is not None:
+                os.close(held)
+        discard_copy(at, aside[-1])
+        if exists_at(at, aside[-1]):
+            raise EntryError(aside_shown, "cannot be removed; left as it is")
 
 
-def move_node(old_dir: int, name: str, new_dir: int, new: str, shown: str) -> None:
-    """Move name in old_dir to new in new_dir, which must not exist: a
-    rename on one filesystem; across two, a copy made under a temporary
-    name, renamed into place complete, and only then the original removed."""
-    try:
-        rename_noreplace(old_dir, name, new_dir, new, shown)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    temp = f".{new}.impermanence-move" if len(new) < 200 else new
-    if temp != new:
+def first_difference(a_dir: int, b_dir: int | None, name: str, shown: str, where: tuple,
+                     copied: dict | None) -> str | None:
+    """Where an original put aside (name in a_dir; where, its names below
+    the move's top) is not as the copy read it: type, size and mtime as in
+    copied (the copy's reading), or, for a run that did not copy it, as
+    its copy in storage (name in b_dir) has them. Its path, or None."""
+    a = call("lstat", shown, os.stat, name, dir_fd=a_dir, follow_symlinks=False)
+    if copied is not None:
+        seen = copied.get(where)
+    else:
         try:
-            remove_node(new_dir, temp, shown)  # a copy a killed run left unfinished
+            b = os.stat(name, dir_fd=b_dir, follow_symlinks=False)
         except FileNotFoundError:
-            pass
+            return shown
+        seen = (stat.S_IFMT(b.st_mode), b.st_size, b.st_mtime_ns)
+    if seen is None or seen[0] != stat.S_IFMT(a.st_mode):
+        return shown  # made after the copy, or replaced
+    if not stat.S_ISDIR(a.st_mode):
+        return None if seen[1:] == (a.st_size, a.st_mtime_ns) else shown
+    with opened(open_dir_at(a_dir, name, shown)) as ad:
+        bd = open_dir_at(b_dir, name, shown) if copied is None else None
+        try:
+            for child in sorted(os.listdir(ad)):
+                differs = first_difference(ad, bd, child, f"{shown}/{child}", where + (child,), copied)
+                if differs is not None:
+                    return differs
+        finally:
+            if bd is not None:
+                os.close(bd)
+    return None
+
+
+class Copying:
+    """One move's copy: the filesystem it stays on, the kept mount points it
+    leaves alone, and what it read of each node (to see a write after)."""
+    __slots__ = ("dev", "kept", "read", "files")
+
+    def __init__(self, dev: int, kept: frozenset):
+        self.dev, self.kept = dev, kept
+        self.read: list = []    # (names below the move's top, (type, size, mtime, ctime)) in walk order
+        self.files: set = set()  # paths of the regular files copied
+
+    def note(self, st, where: tuple) -> None:
+        self.read.append((where, (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+
+    def copied(self) -> dict:
+        """names below the top -> (type, size, mtime) as the copy read them."""
+        return {where: seen[:3] for where, seen in self.read}
+
+    def changed(self, top: int, top_shown: str) -> str | None:
+        """The first node (path) whose size, mtime or ctime is not what was
+        read: a write during the copy, which the copy may have missed."""
+        chain: list = []  # (name, fd) down to the directory of the node looked at
+        try:
+            for where, seen in self.read:
+                if not where:
+                    st = os.fstat(top)
+                else:
+                    depth = 0
+                    while depth < len(chain) and depth < len(where) - 1 and chain[depth][0] == where[depth]:
+                        depth += 1
+                    while len(chain) > depth:
+                        os.close(chain.pop()[1])
+                    try:
+                        while len(chain) < len(where) - 1:
+                            parent = chain[-1][1] if chain else top
+                            chain.append((where[len(chain)], os.open(where[len(chain)], O_DIR, dir_fd=parent)))
+                        st = os.stat(where[-1], dir_fd=chain[-1][1] if chain else top, follow_symlinks=False)
+                    except OSError:
+                        return top_shown + "/" + "/".join(where)
+                if (stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns) != seen:
+                    return top_shown + "/" + "/".join(where) if where else top_shown
+            return None
+        finally:
+            for _, fd in chain:
+                os.close(fd)
+
+
+def open_for_writing(paths: set) -> tuple | None:
+    """(path, pid) of one of paths that a process holds open for writing,
+    from /proc/*/fd (None where /proc is not mounted)."""
+    if not paths:
+        return None
     try:
-        copy_node(old_dir, name, new_dir, temp, shown)
-    except BaseException:
-        discard_copy(new_dir, temp)  # storage as it was: no half-made copy left in it
-        raise
-    if temp != new:
-        rename_noreplace(new_dir, temp, new_dir, new, shown)
-    remove_node(old_dir, name, shown)
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to see
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") not in paths:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                    for line in f:
+                        if line.startswith(b"flags:") and int(line.split()[1], 8) & 3:
+                            return os.readlink(f"/proc/{pid}/fd/{fd}"), int(pid)
+            except (OSError, ValueError, IndexError):
+                continue
+    return None
 
 
-def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str) -> None:
-    """Copy what is at name (never following a link) to new, with its
-    owner, mode, times and extended attributes; a directory with all it holds."""
+def give_owner_and_mode_of(copy: int, dir_fd: int, name: str, shown: str) -> None:
+    """The copy of a directory's contents gets the owner and mode of the
+    source it replaces (made for the entry, as configured)."""
+    st = call("stat", shown, os.stat, name, dir_fd=dir_fd, follow_symlinks=False)
+    call("chown", shown, os.fchown, copy, st.st_uid, st.st_gid)
+    call("chmod", shown, os.fchmod, copy, stat.S_IMODE(st.st_mode))
+
+
+def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copying: Copying,
+              where: tuple) -> None:
+    """Copy what is at name (never following a link, never entering
+    another mount) to new, with its owner, mode, extended attributes and
+    times; a directory with all it holds, a regular file with its holes."""
+    if shown in copying.kept:
+        return  # the config's own kept path: stays in its storage
     st = call("lstat", shown, os.stat, name, dir_fd=old_dir, follow_symlinks=False)
     kind = stat.S_IFMT(st.st_mode)
+    if st.st_dev != copying.dev:
+        raise EntryError(shown, f"is on another filesystem (mounted there meanwhile); {NOT_MOVED}")
     if kind == stat.S_IFLNK:
+        copying.note(st, where)
         call("symlink", shown, os.symlink, os.readlink(name, dir_fd=old_dir), new, dir_fd=new_dir)
-        os.chown(new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
+        call("chown", shown, os.chown, new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
         os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=new_dir, follow_symlinks=False)
         return
     if kind == stat.S_IFDIR:
-        call("mkdir", shown, os.mkdir, new, 0, dir_fd=new_dir)
-        with opened(open_dir_at(old_dir, name, shown)) as source, \
-                opened(open_dir_at(new_dir, new, shown)) as copy:
-            for child in sorted(os.listdir(source)):
-                copy_node(source, child, copy, child, f"{shown}/{child}")
-            give_attributes(source, copy, st, shown)
+        with opened(open_dir_at(old_dir, name, shown)) as source:
+            st = os.fstat(source)
+            if st.st_dev != copying.dev:
+                raise EntryError(shown, f"is on another filesystem (mounted there meanwhile); {NOT_MOVED}")
+            copying.note(st, where)
+            call("mkdir", shown, os.mkdir, new, 0, dir_fd=new_dir)  # root's alone until it is complete
+            with opened(open_dir_at(new_dir, new, shown)) as copy:
+                for child in sorted(os.listdir(source)):
+                    copy_node(source, child, copy, child, f"{shown}/{child}", copying, where + (child,))
+                give_attributes(source, copy, st, shown)
+                call("fsync", shown, os.fsync, copy)
         return
     if kind != stat.S_IFREG:
-        # A FIFO, device or socket: made anew, owner and mode by name
-        # without following a link (the directory may be its user's).
-        call("mknod", shown, os.mknod, new, st.st_mode, st.st_rdev, dir_fd=new_dir)
-        os.chown(new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
-        call("chmod", shown, os.chmod, new, stat.S_IMODE(st.st_mode), dir_fd=new_dir,
-             follow_symlinks=False)
+        # A FIFO, device or socket: made anew in a directory that is root's
+        # alone until its copy is complete, so changed by name (chmod by an
+        # fd cannot be had without opening the node).
+        copying.note(st, where)
+        call("mknod", shown, os.mknod, new, kind | 0o600, st.st_rdev, dir_fd=new_dir)
+        call("chown", shown, os.chown, new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
+        call("chmod", shown, os.chmod, new, stat.S_IMODE(st.st_mode), dir_fd=new_dir)
         os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=new_dir, follow_symlinks=False)
         return
     read_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     write_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with opened(call("open", shown, os.open, name, read_flags, dir_fd=old_dir)) as source, \
             opened(call("create", shown, os.open, new, write_flags, 0o600, dir_fd=new_dir)) as copy:
-        if not stat.S_ISREG(os.fstat(source).st_mode):
+        st = os.fstat(source)
+        if not stat.S_ISREG(st.st_mode):
             raise EntryError(shown, "was replaced while moving it; left as it is")
-        while chunk := call("read", shown, os.read, source, 1 << 20):
+        copying.note(st, where)
+        copying.files.add(shown)
+        copy_data(source, copy, st.st_size, shown)
+        give_attributes(source, copy, st, shown)
+        call("fsync", shown, os.fsync, copy)
+
+
+def copy_data(source: int, copy: int, size: int, shown: str) -> None:
+    """The first size bytes of source to copy, its holes left holes."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(source, offset, os.SEEK_DATA)
+            end = min(os.lseek(source, start, os.SEEK_HOLE), size)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break  # a hole up to the end
+            if exc.errno != errno.EINVAL:
+                raise oserror("lseek", shown, exc.errno) from None
+            start, end = offset, size  # no holes known here
+        os.lseek(source, start, os.SEEK_SET)
+        os.lseek(copy, start, os.SEEK_SET)
+        while start < end:
+            chunk = call("read", shown, os.read, source, min(1 << 20, end - start))
+            if not chunk:
+                break  # shorter now: the check after the copy finds out
             view = memoryview(chunk)
             while view:
                 view = view[call("write", shown, os.write, copy, view):]
-        give_attributes(source, copy, st, shown)
+            start += len(chunk)
+        offset = max(end, offset + 1)
+    call("truncate", shown, os.ftruncate, copy, size)
 
 
 def give_attributes(source: int, copy: int, st, shown: str) -> None:
-    """Extended attributes, owner, mode and times of source to copy (fds)."""
-    for attribute in call("listxattr", shown, os.listxattr, source):
-        call("setxattr", shown, os.setxattr, copy, attribute, os.getxattr(source, attribute))
+    """Owner, then mode (chown clears set-id bits), then extended
+    attributes (chown clears security.capability), times last: source to
+    copy, both fds."""
     call("chown", shown, os.fchown, copy, st.st_uid, st.st_gid)
     call("chmod", shown, os.fchmod, copy, stat.S_IMODE(st.st_mode))
+    for attribute in call("listxattr", shown, os.listxattr, source):
+        call("setxattr", shown, os.setxattr, copy, attribute, os.getxattr(source, attribute))
     os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
@@ -2822,19 +3223,6 @@ def discard_copy(dir_fd: int, name: str) -> None:
     finally:
         for fd in held:
             os.close(fd)
-
-
-def remove_node(dir_fd: int, name: str, shown: str) -> None:
-    """Remove name from dir_fd, a directory with all it holds; never
-    following a link."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISDIR(st.st_mode):
-        with opened(open_dir_at(dir_fd, name, shown)) as inner:
-            for child in os.listdir(inner):
-                remove_node(inner, child, f"{shown}/{child}")
-        call("rmdir", shown, os.rmdir, name, dir_fd=dir_fd)
-    else:
-        call("unlink", shown, os.unlink, name, dir_fd=dir_fd)
 
 
 class RecordMountOptions(Action):
@@ -3057,20 +3445,60 @@ def plan_directory_target(entry: Entry, tree: Tree, actions: list) -> None:
         # for a bind made now (a kept directory nested in this one is then
         # found already in place, not made twice).
         tree.record_bind(source, target)
+        if tree.root == "/" and moved_aside(tree, target):
+            actions.append(DropMoved(target, source, "dir"))  # a move a stopped run did not finish
         return
-    elif tree.root == "/" and held_names(tree, target):
-        # The running system's data, which the mount would hide: into
-        # storage if it has nothing there. (A freshly wiped root at boot
-        # holds nothing worth keeping.)
-        if source in tree.created or not held_names(tree, source):
-            actions.append(MoveIntoStorage(target, source, "dir"))
-        else:
-            raise Refused(target, f"holds data, and so does {tree.host(source)} in storage; "
-                                  "left as they are (move one away, then apply again)")
+    moving = node is not None and tree.root == "/" and plan_directory_move(tree, source, target)
+    if moving:
+        actions.append(MoveIntoStorage(target, source, "dir"))
     actions.append(Bind(source, target, "dir"))
     if entry.options:
         actions.append(RecordMountOptions(target, entry.options))
+    if moving:
+        actions.append(DropMoved(target, source, "dir"))
     tree.record_bind(source, target)
+
+
+def moved_aside(tree: Tree, target: tuple) -> bool:
+    """Whether a move of target was renamed into place, by a run that then
+    stopped (ASIDE is there, TEMP is not), or is to be finished."""
+    node = tree.look(move_aside(target))
+    return node is not None and node.kind == "dir" and node.uid == 0
+
+
+def planned_kept_mounts(tree: Tree, target: tuple) -> frozenset:
+    """kept_mounts_below, its refusal the entry's (Refused)."""
+    try:
+        return kept_mounts_below(tree, target)
+    except EntryError as exc:
+        raise Refused(target, exc.cause) from None
+
+
+def plan_directory_move(tree: Tree, source: tuple, target: tuple) -> bool:
+    """Whether the running system's data in target, which the mount would
+    hide, is to be moved into storage (only if storage has nothing there;
+    a freshly wiped root at boot holds nothing worth keeping). Refused for
+    a target that is a mount point or has another mount inside."""
+    temp = tree.look(move_temp(source))
+    if temp is None and moved_aside(tree, target):
+        return True  # renamed into place by a run that stopped: finished now
+    if temp is not None and temp.dev == tree.look(target).dev and not held_names(tree, source):
+        return True  # renames into TEMP on one filesystem, which a run that stopped began
+    if tree.look(target).dev != tree.look(target[:-1]).dev:
+        planned_kept_mounts(tree, target)  # another filesystem's mount point: refused, not entered
+    names = held_names(tree, target)
+    if not names:
+        return False
+    if not movable_name(target):
+        raise Refused(target, "has a name too long to move into storage under a temporary name; "
+                              "move it by hand")
+    kept = planned_kept_mounts(tree, target)
+    if all(f"{tree.host(target)}/{name}" in kept for name in names):
+        return False  # only the config's own kept paths, bound again on top
+    if source not in tree.created and held_names(tree, source):
+        raise Refused(target, f"holds data, and so does {tree.host(source)} in storage; "
+                              "left as they are (move one away, then apply again)")
+    return True
 
 
 def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: bool) -> None:
@@ -3084,21 +3512,36 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
         return
     node = tree.look(target)
     wanted_link = link_text(entry)
+    finishing = (tree.root == "/" and source_exists and moved_aside(tree, target)
+                 and tree.look(move_temp(source)) is None)
     if node is not None and node.kind == "link" and node.link == wanted_link:
+        if finishing:
+            actions.append(DropMoved(target, source, "file"))
         return  # linked by an earlier run (for auto: while the source was missing)
-    if (tree.root == "/" and not source_exists and node is not None and node.kind == "file"
-            and node.size != 0):
+    if finishing and node is not None and tree.same(source, target):
+        actions.append(DropMoved(target, source, "file"))
+        return
+    if finishing or (tree.root == "/" and not source_exists and node is not None and node.kind == "file"
+                     and node.size != 0):
         # The running system's file, which the link or mount would hide:
-        # into storage, which has none, and kept from there.
-        actions.append(MoveIntoStorage(target, source, "file"))
-        tree.record(source, Node("file", node.uid, node.gid, node.mode, node.size, None, None, None))
+        # into storage, which has none, and kept from there (or the rest of
+        # such a move, which a run that stopped renamed into place).
+        if not finishing:
+            if not movable_name(target):
+                raise Refused(target, "has a name too long to move into storage under a temporary "
+                                      "name; move it by hand")
+            planned_kept_mounts(tree, target)
+        actions.append(MoveIntoStorage(target, source, "file", entry.method != "symlink"))
+        if not finishing:
+            tree.record(source, Node("file", node.uid, node.gid, node.mode, node.size, None, None, None))
         if entry.method == "symlink":
             actions.append(Symlink(target, wanted_link))
             tree.record(target, Node("link", 0, 0, 0o777, 0, None, None, wanted_link))
         else:
-            actions += [CreateMountFile(target), Bind(source, target, "file")]
+            actions.append(Bind(source, target, "file"))
             tree.record(target, Node("file", 0, 0, 0o644, 0, None, None, None))
             tree.record_bind(source, target)
+        actions.append(DropMoved(target, source, "file"))
         return
     if entry.method == "symlink" or not source_exists:
         if node is None:
@@ -3229,6 +3672,7 @@ def apply_config(config: Config, tree: Tree, runner, log: Log) -> tuple:
     """Storage first, then every entry whose storage is usable, through
     runner: (entries that failed, entries skipped for their storage)."""
     state = prepare_storage(config, tree, runner, log)
+    tree.kept = frozenset(tree.host(entry.target) for entry in config.entries)
     accounts = Accounts(config, tree, [s for s, why in state.items() if why is None])
     usable, skipped = [], {}
     for entry in config.entries:

@@ -25,8 +25,8 @@
 #     locations are left out;
 #   - directories: user root, group root, mode 0755 at system level;
 #     at users.<name> level the user, the user's primary group, 0755;
-#   - files: method "auto"; parentDirectory only when it was set, with the
-#     fields that were left out filled with the level's defaults (so that a
+#   - files: method "auto"; parentDirectory only when it differs from the
+#     level's defaults, the fields that do not filled with those (so that a
 #     file directly in a home directory leaves the home's own 0700 alone);
 #   - users.<name>.home defaults to users.users.<name>.home, else
 #     /home/<name>, and must agree with users.users.<name>.home;
@@ -210,14 +210,14 @@ let
         let p = item.parentDirectory or null; in
         if p == null then { }
         else checkKeys pwhere internalParentKeys (attrs pwhere p);
-      # Only what was set (the module leaves unset fields null; NixOS
-      # impermanence fills in its defaultPerms: the same as those is the
-      # same as none given).
+      # Only what differs from the level's defaults (both modules fill
+      # them in; NixOS impermanence keeps its own as defaultPerms): the
+      # same as those is the same as none given.
       defaults = parent.defaultPerms or null;
       sameAsDefaults = isAttrs defaults
         && builtins.all (k: (parent.${k} or null) == (defaults.${k} or null)) [ "user" "group" "mode" ];
       parentSet = if sameAsDefaults then [ ]
-        else filter (k: (parent.${k} or null) != null) [ "user" "group" "mode" ];
+        else filter (k: (parent.${k} or null) != null && parent.${k} != (ctx.defaults.${k} or null)) [ "user" "group" "mode" ];
     in
     {
       kind = "files";

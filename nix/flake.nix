@@ -3,8 +3,10 @@
 
   # No inputs: the module takes lib and pkgs from the system that imports it.
   outputs = { self }: {
-    nixosModules.default = ./module.nix;
-    nixosModules.impermanence-boot = ./module.nix;
+    # A module (not a path): `nix flake check` wants a function or an
+    # attribute set.
+    nixosModules.default = { imports = [ ./module.nix ]; };
+    nixosModules.impermanence-boot = self.nixosModules.default;
 
     # The JSON generator, usable without nixpkgs:
     #   builtins.toJSON (impermanence-boot.lib.mkConfig { persistence = ...; users = ...; })

@@ -10,14 +10,17 @@
 # is merged in under users.<name>.  Instead of fileSystems bind mounts and
 # systemd services in stage 2, the whole tree is written as JSON
 # (nix/config.nix) and applied in the initrd:
-#   - scripted initrd: boot.initrd.postMountCommands, --root /mnt-root;
-#   - systemd initrd (boot.initrd.systemd.enable): a oneshot service
-#     ordered before initrd-nixos-activation.service, --root /sysroot;
+#   - systemd initrd (boot.initrd.systemd.enable, the default since
+#     nixpkgs 26.05): a oneshot service ordered before
+#     initrd-nixos-activation.service, --root /sysroot;
+#   - scripted initrd (deprecated; its options may not exist at all):
+#     boot.initrd.postMountCommands, --root /mnt-root.
 # With boot.initrd.impermanence.rotateRoot, `rotate-root` runs before the
-# root is mounted (boot.initrd.postResumeCommands; in the systemd initrd
-# impermanence-rotate-root.service, after the device, before sysroot.mount).
-# and again by an activation script (after users and groups), so that
-# `nixos-rebuild switch` applies new entries at once.
+# root is mounted (in the systemd initrd impermanence-rotate-root.service,
+# after the device, before sysroot.mount; else boot.initrd.postResumeCommands).
+# `nixos-rebuild switch` applies new entries at once: an activation
+# snippet after users and groups, or, when userborn or systemd-sysusers
+# make the accounts, impermanence-boot-activate.service after theirs.
 # Extra options live under `boot.initrd.impermanence`.
 { config, options, lib, pkgs, utils, ... }:
 
@@ -35,6 +38,19 @@ let
   # neither "." nor ".." (a leading "/" means the top level, as in subvol=/root).
   subvolumePath = let c = "([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+)"; in types.strMatching "/?${c}(/${c})*";
   accounts = config.users.users;
+
+  systemdInitrd = config.boot.initrd.systemd.enable;
+  # stage-1.nix's scripted options are deprecated since nixpkgs 26.05 and
+  # go away after it: never define one that is not declared.
+  hasInitrdOption = name: options.boot.initrd ? ${name};
+  scriptedAvailable = hasInitrdOption "postMountCommands" && hasInitrdOption "extraFiles";
+  whenInitrdOption = name: value: lib.optionalAttrs (hasInitrdOption name) value;
+  # With these, NixOS's `users` activation snippet is empty: the accounts
+  # are made by a unit in stage 2, after activation.
+  accountsFromUnits = lib.attrByPath [ "services" "userborn" "enable" ] false config
+    || lib.attrByPath [ "systemd" "sysusers" "enable" ] false config;
+  accountUnits = optional (lib.attrByPath [ "services" "userborn" "enable" ] false config) "userborn.service"
+    ++ optional (lib.attrByPath [ "systemd" "sysusers" "enable" ] false config) "systemd-sysusers.service";
 
   persistenceOptions = import ./persistence-options.nix { inherit lib; };
   inherit (persistenceOptions) paths;
@@ -263,17 +279,46 @@ let
     exec ${python} -I -B ${script} "$@"
   '';
 
-  # At activation (every boot, and `nixos-rebuild switch`), after users
-  # and groups exist: new entries take effect at once, and entries whose
-  # owner got its id only now (no fixed uid) are finished.  Everything
-  # the initrd set up is left as it is.  In a dry activation: `plan`.
+  applyCommand = "${tool}/bin/impermanence-boot --root / --config ${configFile} apply";
+
+  # Owners that have no fixed id: the initrd resolves them only from a
+  # kept /var/lib/nixos (not on the first boot), so their entries may be
+  # left for the accounts' creation to finish.
+  ownerNames = unique (filter (n: n != null) (concatMap
+    (item: [ (item.user or null) (item.group or null) ]
+      ++ lib.optionals (item ? parentDirectory && item.parentDirectory != null)
+        [ (item.parentDirectory.user or null) (item.parentDirectory.group or null) ])
+    allItems));
+  dynamicOwners = filter
+    (n: (accounts.${n}.uid or null) == null && (config.users.groups.${n}.gid or null) == null)
+    ownerNames;
+
+  # At activation, after users and groups exist: new entries take effect
+  # at once at `nixos-rebuild switch`, and entries whose owner got its id
+  # only now are finished.  Everything the initrd set up is left as it is.
+  # In a dry activation: `plan`.  The systemd initrd runs the activation
+  # itself (initrd-nixos-activation.service, IN_NIXOS_SYSTEMD_STAGE1=true)
+  # right after impermanence-boot.service: there apply runs only when an
+  # owner without a fixed id may just have been created by the users
+  # snippet.  When userborn or systemd-sysusers make the accounts, they do
+  # not exist yet during activation: impermanence-boot-activate.service
+  # applies after them.
+  inInitrdActivation = dynamicOwners != [ ] && !accountsFromUnits;
   activationScript = ''
     if [ "''${NIXOS_ACTION-}" = dry-activate ]; then
       ${tool}/bin/impermanence-boot --root / --config ${configFile} plan
+  '' + optionalString (!inInitrdActivation) ''
+    elif [ "''${IN_NIXOS_SYSTEMD_STAGE1-}" = true ]; then
+      : # impermanence-boot.service has applied in this initrd
+  '' + (if accountsFromUnits then ''
     else
-      ${tool}/bin/impermanence-boot --root / --config ${configFile} apply
+      : # impermanence-boot-activate.service applies after ${concatStringsSep " " accountUnits}
     fi
-  '';
+  '' else ''
+    else
+      ${applyCommand}
+    fi
+  '');
 
   # ---- checks ----------------------------------------------------------------
 
@@ -470,8 +515,11 @@ in
           instead of at the next boot.  What is already in place is left
           alone; a new target that already holds data is moved into
           storage when storage has nothing there yet (if both hold data,
-          that entry fails and names both).  At boot it finishes entries
-          whose owner has no fixed uid (created by the users script).
+          that entry fails and names both).  In the systemd initrd's own
+          activation it runs only when an owner has no fixed uid/gid (the
+          users script creates it there).  With services.userborn or
+          systemd.sysusers, impermanence-boot-activate.service does this
+          instead, after the unit that creates the accounts.
         '';
       };
 
@@ -526,7 +574,7 @@ in
 
     # The interpreter, the script and the JSON in the initrd, for apply
     # and for the root rotation.
-    (mkIf ((active || rcfg.enable) && !config.boot.initrd.systemd.enable) {
+    (whenInitrdOption "extraFiles" (mkIf ((active || rcfg.enable) && !systemdInitrd) {
       # extraFiles puts them (with their closures) into the initrd;
       # /etc/impermanence.json there is the default config for a manual
       # run from the emergency shell.
@@ -536,9 +584,20 @@ in
         "/etc/impermanence-boot/script".source = icfg.package;
         "/etc/impermanence-boot/impermanence_boot.pyc".source = compiledScript;
       };
+    }))
+
+    (mkIf ((active || rcfg.enable) && !systemdInitrd) {
+      assertions = [{
+        assertion = scriptedAvailable;
+        message = ''
+          boot.initrd.impermanence: this nixpkgs has no scripted stage 1
+          (boot.initrd.postMountCommands, extraFiles): set
+          boot.initrd.systemd.enable = true.
+        '';
+      }];
     })
 
-    (mkIf ((active || rcfg.enable) && config.boot.initrd.systemd.enable) {
+    (mkIf ((active || rcfg.enable) && systemdInitrd) {
       boot.initrd.systemd.storePaths = [ initrdPython icfg.package compiledScript configFile ];
       boot.initrd.systemd.contents."/etc/impermanence.json".source = configFile;
     })
@@ -546,13 +605,13 @@ in
     (mkIf rcfg.enable (mkMerge [
       { boot.initrd.supportedFilesystems = [ "btrfs" ]; }
 
-      (mkIf (!config.boot.initrd.systemd.enable) {
+      (whenInitrdOption "postResumeCommands" (mkIf (!systemdInitrd) {
         # After resuming from hibernation was tried (a resumed system
         # still uses the old root), before stage 1 mounts the root.
         boot.initrd.postResumeCommands = mkAfter (stageOneRun "rotate-root" rotateCommand);
-      })
+      }))
 
-      (mkIf config.boot.initrd.systemd.enable {
+      (mkIf systemdInitrd {
         boot.initrd.systemd.services.impermanence-rotate-root = {
           description = "Fresh btrfs root subvolume (impermanence)";
           wantedBy = [ "initrd.target" ];
@@ -640,19 +699,44 @@ in
         };
       })
 
+      # userborn / systemd-sysusers: the accounts exist only once their
+      # unit has run (in stage 2, after activation), at every boot and,
+      # restarted by sysinit-reactivation.target, at a switch.  This unit
+      # is ordered after it in both, and restarted at a switch that
+      # changes the configuration.
+      (mkIf (icfg.applyOnActivation && accountsFromUnits) {
+        systemd.services.impermanence-boot-activate = {
+          description = "Persistent state for accounts made by ${concatStringsSep " and " accountUnits} (impermanence)";
+          wantedBy = [ "sysinit.target" ];
+          requiredBy = [ "sysinit-reactivation.target" ];
+          after = accountUnits ++ [ "local-fs.target" ];
+          before = [ "sysinit.target" "sysinit-reactivation.target" "shutdown.target" ];
+          conflicts = [ "shutdown.target" ];
+          restartTriggers = [ configFile ];
+          unitConfig.DefaultDependencies = false;
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = applyCommand;
+            # 1: some entries failed, the rest is applied.
+            SuccessExitStatus = "1";
+            Environment = "IMPERMANENCE_NO_KMSG=1";
+          };
+        };
+      })
+
+      # systemd-machine-id-commit.service is not a unit of the initrd
+      # (suppressing it there would do nothing); in stage 2 it commits
+      # the id into the kept file on the first boot.
       (mkIf machineIdPersisted {
         systemd.services.systemd-machine-id-commit.unitConfig.ConditionFirstBoot = true;
       })
 
-      (mkIf (machineIdPersisted && config.boot.initrd.systemd.enable) {
-        boot.initrd.systemd.suppressedUnits = [ "systemd-machine-id-commit.service" ];
-      })
-
-      (mkIf (!config.boot.initrd.systemd.enable) {
+      (whenInitrdOption "postMountCommands" (mkIf (!systemdInitrd) {
         boot.initrd.postMountCommands = mkAfter (stageOneRun "impermanence_boot.py" (command "/mnt-root"));
-      })
+      }))
 
-      (mkIf config.boot.initrd.systemd.enable {
+      (mkIf systemdInitrd {
         boot.initrd.systemd.services.impermanence-boot = {
           description = "Persistent state for the wiped root (impermanence)";
           wantedBy = [ "initrd.target" ];
@@ -663,7 +747,8 @@ in
                      "initrd-switch-root.target" ];
           conflicts = [ "initrd-switch-root.target" ];
           unitConfig.DefaultDependencies = false;
-          unitConfig.RequiresMountsFor = "/sysroot";
+          # A list: what else is set there is added (unitOption's merge).
+          unitConfig.RequiresMountsFor = [ "/sysroot" ];
           serviceConfig = {
             Type = "oneshot";
             RemainAfterExit = true;

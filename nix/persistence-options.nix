@@ -147,10 +147,10 @@ let
             it in storage; `symlink` always creates a symlink.
           '';
         };
-        # Unset fields are filled with the level's defaults when any
-        # field is set; when none is, the parent is created like any other
-        # missing parent (a home directory itself: 0700).
-        parentDirectory = permOptions { user = null; group = null; mode = null; nullable = true; };
+        # As NixOS impermanence: the level's owner and 0755 (the JSON
+        # carries it only where it differs, so a home directory itself
+        # keeps its 0700).
+        parentDirectory = permOptions { inherit (level) user group; mode = "0755"; nullable = true; };
         filePath = mkOption {
           type = types.str;
           default = inHome home config.file;

@@ -27,6 +27,7 @@ APT_TESTS=(
     python3-venv git
     btrfs-progs xfsprogs dosfstools
     cpio zstd xz-utils strace debootstrap
+    fuse2fs libcap2-bin
     nix-bin
     gcc libc6-dev
     dracut-core initramfs-tools systemd

@@ -44,10 +44,14 @@ ITEMS_NIX = harness.NIX_TESTS / "impermanence-items.nix"
 # --- evaluating both modules ---------------------------------------------------------
 
 def ours(lib, modules: str, **kw) -> dict:
-    return harness.evaluate(harness.system(
-        f"{harness.MODULE_NIX} {modules}",
-        "{ settings = config.boot.initrd.impermanence.settings; failed = e.failedAssertions; }",
-        lib=lib, **kw))
+    """Our evaluation (the systemd initrd, nixpkgs' default); the scripted
+    stage 1 must give the same JSON and the same failed assertions."""
+    select = "{ settings = config.boot.initrd.impermanence.settings; failed = e.failedAssertions; }"
+    mine = harness.evaluate(harness.system(f"{harness.MODULE_NIX} {modules}", select, lib=lib, **kw))
+    scripted = harness.evaluate(harness.system(
+        f"{harness.MODULE_NIX} {modules} {{ boot.initrd.systemd.enable = lib.mkForce false; }}", select, lib=lib, **kw))
+    assert scripted == mine
+    return mine
 
 
 STRIP = r'''
@@ -552,3 +556,27 @@ def test_mk_config_reads_impermanences_evaluated_option(lib, imp, tmp_path):
         f"import {harness.NIX_DIR}/config.nix {{ persistence = config.environment.persistence; "
         "users = config.users.users; groups = config.users.groups; }", lib=lib))
     assert their == mine["settings"]
+
+
+PARENT_DIRECTORIES = r'''
+lib.concatLists (lib.mapAttrsToList (name: location:
+  map (f: { location = name; user = null; file = f.file; parent = { inherit (f.parentDirectory) user group mode; }; })
+    location.files
+  ++ lib.concatLists (lib.mapAttrsToList (user: u:
+    map (f: { location = name; inherit user; file = f.file; parent = { inherit (f.parentDirectory) user group mode; }; })
+      u.files) location.users))
+  config.environment.persistence)
+'''
+
+
+@pytest.mark.parametrize("name", ["parent-directory", "wiki"])
+def test_file_parent_directory_option_values_are_impermanences(lib, imp, name):
+    """A file's evaluated parentDirectory: the user, group and mode NixOS
+    impermanence's option gives, set or not (the level's owner, 0755)."""
+    configuration = COMBINATIONS["parent-directory"] if name == "parent-directory" else f"({WIKI_EXAMPLE})"
+    modules = f"{ACCOUNTS} {configuration}"
+    mine = harness.evaluate(harness.system(f"{harness.MODULE_NIX} {modules}", PARENT_DIRECTORIES, lib=lib))
+    their = harness.evaluate(harness.system(f"{imp}/nixos.nix {modules}", PARENT_DIRECTORIES, lib=lib))
+    key = lambda f: (f["location"], f["user"] or "", f["file"])  # noqa: E731
+    assert sorted(mine, key=key) == sorted(their, key=key)
+    assert len(mine) >= 2

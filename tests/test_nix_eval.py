@@ -46,15 +46,18 @@ REPORT = r'''
     extraFiles = lib.mapAttrs (_: f: "${f.source}") config.boot.initrd.extraFiles;
     systemd = {
       inherit (config.boot.initrd.systemd) services suppressedUnits;
-      storePaths = map toString config.boot.initrd.systemd.storePaths;
+      storePaths = map (p: "${p.source}") config.boot.initrd.systemd.storePaths;
       contents = lib.mapAttrs (_: c: "${c.source}") config.boot.initrd.systemd.contents;
     };
   };
   etc = lib.mapAttrs (_: f: "${f.source}") config.environment.etc;
   services = config.systemd.services;
   activation = e.activation;
-  activationScripts = lib.mapAttrs (_: s: { inherit (s) deps text supportsDryActivation; })
-    config.system.activationScripts;
+  activationScripts = lib.mapAttrs (_: s: if lib.isString s then { deps = [ ]; text = s; supportsDryActivation = false; }
+    else { inherit (s) deps text supportsDryActivation; })
+    (removeAttrs config.system.activationScripts [ "script" ]);
+  # The whole activation script (the option's `apply`).
+  activationScript = config.system.activationScripts.script;
   systemPackages = map toString config.environment.systemPackages;
   initrdPython = {
     path = "${config.boot.initrd.impermanence.initrdPython}";
@@ -68,6 +71,12 @@ REPORT = r'''
 }
 '''.replace("FIND_MODULES", str(PROJECT / "vm" / "find_modules.py")).replace(
     "INITRD_PYTHON", str(harness.NIX_DIR / "initrd-python.py"))
+
+
+# The scripted stage 1 (deprecated, off by default since nixpkgs 26.05)
+# and the systemd initrd, explicitly.
+SCRIPTED = "{ boot.initrd.systemd.enable = false; }"
+SYSTEMD = "{ boot.initrd.systemd.enable = true; }"
 
 
 def evaluate(lib, configuration: str, select: str = REPORT, *more: str, **kw):
@@ -166,7 +175,7 @@ def test_module_option_defaults_match_impermanence(lib):
                                 "allowTrash": False, "dirPath": "/var/log", "home": None}
     assert got["file"] == {"method": "auto", "persistentStoragePath": "/persistent",
                            "filePath": "/etc/machine-id",
-                           "parentDirectory": {"user": None, "group": None, "mode": None}}
+                           "parentDirectory": {"user": "root", "group": "root", "mode": "0755"}}
     # users.<name> level: the user and the primary group from users.users.
     assert got["userDirectory"] == {"user": "bird", "group": "users", "mode": "0700",
                                     "dirPath": "/home/bird/.ssh", "home": "/home/bird"}
@@ -303,21 +312,21 @@ def test_generated_json_is_config_nix_of_the_evaluated_option(lib, tmp_path):
 def test_to_json_of_the_evaluated_option(lib, tmp_path):
     """`builtins.toJSON { persistence = config.environment.persistence; }`
     (the option wrapped as the config's `persistence` table): nothing in
-    it throws, and the script accepts it (null parentDirectory fields)."""
+    it throws, and the script accepts it."""
     got = evaluate(lib, BASIC, r'''builtins.toJSON {
       persistence = config.environment.persistence;
       users = lib.mapAttrs (_: u: { inherit (u) uid group home; }) config.users.users;
     }''', '{ environment.persistence."/persistent".files = [ { file = "/etc/nix/id_rsa"; parentDirectory.mode = "0700"; } ]; }')
     data = json.loads(got)
     files = {f["file"]: f for f in data["persistence"]["/persistent"]["files"]}
-    assert files["/etc/machine-id"]["parentDirectory"] == {"user": None, "group": None, "mode": None}
-    assert files["/etc/nix/id_rsa"]["parentDirectory"] == {"user": None, "group": None, "mode": "0700"}
+    assert files["/etc/machine-id"]["parentDirectory"] == {"user": "root", "group": "root", "mode": "0755"}
+    assert files["/etc/nix/id_rsa"]["parentDirectory"] == {"user": "root", "group": "root", "mode": "0700"}
     proc = check(tmp_path, got)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_module_checks_the_config_at_build_time(lib):
-    out = evaluate(lib, BASIC)
+    out = evaluate(lib, BASIC, REPORT, SCRIPTED)
     # The build step runs `check` on the generated JSON and copies it unchanged.
     step = out["checkStep"]
     assert f" -I -B " in step and f"--config {out['unchecked']} check\n" in step, step
@@ -327,6 +336,10 @@ def test_module_checks_the_config_at_build_time(lib):
     assert out["etc"]["impermanence.json"] == out["configFile"]
     assert out["initrd"]["extraFiles"]["/etc/impermanence.json"] == out["configFile"]
     assert f"--config {out['configFile']} apply" in out["initrd"]["postMountCommands"]
+    systemd = evaluate(lib, BASIC)
+    assert systemd["initrd"]["systemd"]["contents"]["/etc/impermanence.json"] == systemd["configFile"]
+    assert f"--config {systemd['configFile']} apply" in (
+        systemd["initrd"]["systemd"]["services"]["impermanence-boot"]["serviceConfig"]["ExecStart"])
     # Without checkConfig: the JSON as generated, no build step.
     plain = evaluate(lib, BASIC, REPORT, "{ boot.initrd.impermanence.checkConfig = false; }")
     assert plain["checkStep"] is None
@@ -334,10 +347,13 @@ def test_module_checks_the_config_at_build_time(lib):
     assert plain["configFile"] == plain["unchecked"]
 
 
-def test_nothing_is_set_without_an_enabled_location(lib):
-    out = evaluate(lib, '{ environment.persistence."/off" = { enable = false; directories = [ "/srv" ]; }; }')
+@pytest.mark.parametrize("initrd", [SYSTEMD, SCRIPTED], ids=["systemd", "scripted"])
+def test_nothing_is_set_without_an_enabled_location(lib, initrd):
+    out = evaluate(lib, '{ environment.persistence."/off" = { enable = false; directories = [ "/srv" ]; }; }',
+                   REPORT, initrd)
     assert out["initrd"]["postMountCommands"] == ""
     assert out["initrd"]["extraFiles"] == {}
+    assert out["initrd"]["systemd"]["services"] == {} and out["initrd"]["systemd"]["storePaths"] == []
     assert "impermanence.json" not in out["etc"]
     assert "impermanence-boot" not in out["activationScripts"]
     assert out["failed"] == [] and out["warnings"] == []
@@ -346,7 +362,7 @@ def test_nothing_is_set_without_an_enabled_location(lib):
 # --- the initrd -----------------------------------------------------------------------------
 
 def test_module_scripted_initrd_runs_apply_from_post_mount_commands(lib, tmp_path):
-    out = evaluate(lib, BASIC)
+    out = evaluate(lib, BASIC, REPORT, SCRIPTED)
     initrd = out["initrd"]
     commands = initrd["postMountCommands"]
     assert "--root /mnt-root" in commands
@@ -362,7 +378,7 @@ def test_module_scripted_initrd_runs_apply_from_post_mount_commands(lib, tmp_pat
 
 
 def test_module_systemd_initrd_service(lib):
-    out = evaluate(lib, BASIC, REPORT, "{ boot.initrd.systemd.enable = true; }")
+    out = evaluate(lib, BASIC)  # the default since nixpkgs 26.05
     initrd = out["initrd"]
     assert initrd["postMountCommands"] == ""
     assert initrd["extraFiles"] == {}
@@ -383,41 +399,59 @@ def test_module_systemd_initrd_service(lib):
 
 def test_module_emergency_on_error(lib):
     extra = "{ boot.initrd.impermanence.emergencyOnError = true; }"
-    scripted = evaluate(lib, BASIC, REPORT, extra)
+    scripted = evaluate(lib, BASIC, REPORT, extra, SCRIPTED)
     assert 'if [ "$impermanence_status" -ge 2 ]; then fail; fi' in scripted["initrd"]["postMountCommands"]
-    assert "fail" not in evaluate(lib, BASIC)["initrd"]["postMountCommands"]
-    systemd = evaluate(lib, BASIC, REPORT, extra, "{ boot.initrd.systemd.enable = true; }")
+    assert "fail" not in evaluate(lib, BASIC, REPORT, SCRIPTED)["initrd"]["postMountCommands"]
+    systemd = evaluate(lib, BASIC, REPORT, extra)
     service = systemd["initrd"]["systemd"]["services"]["impermanence-boot"]
     assert service["requiredBy"] == ["initrd.target"]
     assert service["serviceConfig"]["SuccessExitStatus"] == "1"
 
 
-def test_module_verbose_flag(lib):
-    assert "--verbose" not in evaluate(lib, BASIC)["initrd"]["postMountCommands"]
-    loud = evaluate(lib, BASIC, REPORT, "{ boot.initrd.impermanence.verbose = true; }")
-    assert "--verbose apply" in loud["initrd"]["postMountCommands"]
-    debug = evaluate(lib, '{ environment.persistence."/p" = { enableDebugging = true; directories = [ "/a" ]; }; }')
-    assert "--verbose apply" in debug["initrd"]["postMountCommands"]
+def initrd_command(out: dict) -> str:
+    """The initrd's apply command, of either initrd."""
+    unit = out["initrd"]["systemd"]["services"].get("impermanence-boot")
+    return unit["serviceConfig"]["ExecStart"] if unit else out["initrd"]["postMountCommands"]
 
 
-def test_module_kept_machine_id_commits_on_the_first_boot_only(lib):
+@pytest.mark.parametrize("initrd", [SYSTEMD, SCRIPTED], ids=["systemd", "scripted"])
+def test_module_verbose_flag(lib, initrd):
+    assert "--verbose" not in initrd_command(evaluate(lib, BASIC, REPORT, initrd))
+    loud = evaluate(lib, BASIC, REPORT, "{ boot.initrd.impermanence.verbose = true; }", initrd)
+    assert "--verbose apply" in initrd_command(loud)
+    debug = evaluate(lib, '{ environment.persistence."/p" = { enableDebugging = true; directories = [ "/a" ]; }; }',
+                     REPORT, initrd)
+    assert "--verbose apply" in initrd_command(debug)
+
+
+@pytest.mark.parametrize("initrd", [SYSTEMD, SCRIPTED], ids=["systemd", "scripted"])
+def test_module_kept_machine_id_commits_on_the_first_boot_only(lib, initrd):
     # A bind-mounted machine-id is not on a temporary filesystem: the
     # commit service would fail on every later boot (as NixOS impermanence
-    # does, it runs on the first boot only, and not in a systemd initrd).
-    scripted = evaluate(lib, BASIC)
-    assert scripted["services"]["systemd-machine-id-commit"]["unitConfig"]["ConditionFirstBoot"] is True
-    systemd = evaluate(lib, BASIC, REPORT, "{ boot.initrd.systemd.enable = true; }")
-    assert systemd["initrd"]["systemd"]["suppressedUnits"] == ["systemd-machine-id-commit.service"]
-    plain = evaluate(lib, '{ environment.persistence."/p".files = [ "/etc/adjtime" ]; boot.initrd.systemd.enable = true; }')
+    # does, it runs on the first boot only).
+    out = evaluate(lib, BASIC, REPORT, initrd)
+    assert out["services"]["systemd-machine-id-commit"]["unitConfig"]["ConditionFirstBoot"] is True
+    plain = evaluate(lib, '{ environment.persistence."/p".files = [ "/etc/adjtime" ]; }', REPORT, initrd)
     assert plain["services"] == {}
-    assert plain["initrd"]["systemd"]["suppressedUnits"] == []
 
 
-def test_module_file_systems_add_kernel_support(lib):
+def test_machine_id_commit_is_not_suppressed_in_the_initrd(lib):
+    """systemd-machine-id-commit.service is not among the systemd initrd's
+    units: suppressing it there does nothing, so the module does not, and
+    the docs do not claim it."""
+    out = evaluate(lib, BASIC)
+    assert out["initrd"]["systemd"]["suppressedUnits"] == []
+    for doc in (PROJECT / "docs" / "nixos.md", PROJECT / "README.md"):
+        text = " ".join(doc.read_text().split())
+        assert "suppress" not in text.lower(), doc
+
+
+@pytest.mark.parametrize("initrd", [SYSTEMD, SCRIPTED], ids=["systemd", "scripted"])
+def test_module_file_systems_add_kernel_support(lib, initrd):
     out = evaluate(lib, r'''{
       environment.persistence."/persistent".directories = [ "/var/log" ];
       boot.initrd.impermanence.fileSystems."/persistent" = { label = "persist"; fsType = "btrfs"; options = [ "subvol=persist" ]; };
-    }''')
+    }''', REPORT, initrd)
     assert out["initrd"]["supportedFilesystems"] == {"btrfs": True}
     assert out["settings"]["fileSystems"]["/persistent"] == {
         "device": "LABEL=persist", "fsType": "btrfs", "options": ["subvol=persist"]}
@@ -586,7 +620,7 @@ def shell_glue(lib, tmp_path, sandbox, extra: str = "") -> str:
     """postMountCommands with the real interpreter (the initrd's, built by
     the module's command from the distribution's python3), script and JSON."""
     python = distro_python().path
-    out = evaluate(lib, BASIC, REPORT, local_packages(tmp_path, python), f"{{ {extra} }}")
+    out = evaluate(lib, BASIC, REPORT, local_packages(tmp_path, python), f"{{ {extra} }}", SCRIPTED)
     commands = out["initrd"]["postMountCommands"]
     generated = tmp_path / "impermanence.json"
     generated.write_text(json.dumps(out["settings"]))

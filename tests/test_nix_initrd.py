@@ -46,7 +46,7 @@ SELECT = r'''{
   helper = "${HELPER}";
   postMountCommands = config.boot.initrd.postMountCommands;
   extraFiles = lib.mapAttrs (_: f: "${f.source}") config.boot.initrd.extraFiles;
-  storePaths = map toString config.boot.initrd.systemd.storePaths;
+  storePaths = map (p: "${p.source}") config.boot.initrd.systemd.storePaths;
   services = config.boot.initrd.systemd.services;
   systemPackages = map (p: p.text or "") config.environment.systemPackages;
 }'''.replace("FIND_MODULES", str(FIND_MODULES)).replace("HELPER", str(HELPER))

@@ -28,7 +28,7 @@ SELECT = r'''
     inherit (config.boot.initrd) postMountCommands postResumeCommands postDeviceCommands supportedFilesystems;
     extraFiles = lib.mapAttrs (_: f: "${f.source}") config.boot.initrd.extraFiles;
     services = config.boot.initrd.systemd.services;
-    storePaths = map toString config.boot.initrd.systemd.storePaths;
+    storePaths = map (p: "${p.source}") config.boot.initrd.systemd.storePaths;
     contents = lib.mapAttrs (_: c: "${c.source}") config.boot.initrd.systemd.contents;
   };
 }
@@ -36,7 +36,8 @@ SELECT = r'''
 
 PERSISTENCE = '{ environment.persistence."/persistent".directories = [ "/var/log" ]; }'
 ROTATE = '{ boot.initrd.impermanence.rotateRoot = { enable = true; device = "LABEL=nixos"; }; }'
-SYSTEMD = "{ boot.initrd.systemd.enable = true; }"
+SYSTEMD = "{ boot.initrd.systemd.enable = true; }"  # the default since nixpkgs 26.05
+SCRIPTED = "{ boot.initrd.systemd.enable = false; }"
 
 
 def evaluate(lib, *modules: str, select: str = SELECT):
@@ -85,7 +86,7 @@ def test_the_generated_json_is_the_file_the_initrd_reads(lib):
 
 
 def test_scripted_stage_1_rotates_in_post_resume_commands(lib):
-    out = evaluate(lib, PERSISTENCE, ROTATE)
+    out = evaluate(lib, PERSISTENCE, ROTATE, SCRIPTED)
     initrd = out["initrd"]
     commands = initrd["postResumeCommands"]
     compiled = initrd["extraFiles"]["/etc/impermanence-boot/impermanence_boot.pyc"]
@@ -97,7 +98,8 @@ def test_scripted_stage_1_rotates_in_post_resume_commands(lib):
     assert initrd["postDeviceCommands"] == ""
     assert initrd["services"] == {}
     assert initrd["supportedFilesystems"].get("btrfs") is True
-    loud = evaluate(lib, PERSISTENCE, ROTATE, "{ boot.initrd.impermanence = { verbose = true; emergencyOnError = true; }; }")
+    loud = evaluate(lib, PERSISTENCE, ROTATE, SCRIPTED,
+                    "{ boot.initrd.impermanence = { verbose = true; emergencyOnError = true; }; }")
     assert "--verbose rotate-root" in loud["initrd"]["postResumeCommands"]
     assert 'if [ "$impermanence_status" -ge 2 ]; then fail; fi' in loud["initrd"]["postResumeCommands"]
 
@@ -164,7 +166,7 @@ def test_device_unit_names_are_systemd_escape_of_the_udev_link(lib):
 
 
 def test_the_rotation_alone_gets_the_interpreter_and_the_json_into_the_initrd(lib):
-    out = evaluate(lib, ROTATE)
+    out = evaluate(lib, ROTATE, SCRIPTED)
     assert "rotate-root" in out["initrd"]["postResumeCommands"]
     assert out["initrd"]["extraFiles"]["/etc/impermanence.json"] == out["configFile"]
     assert out["initrd"]["postMountCommands"] == ""  # nothing to apply

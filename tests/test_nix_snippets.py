@@ -76,6 +76,9 @@ let
     postMountCommands = config.boot.initrd.postMountCommands;
     postResumeCommands = config.boot.initrd.postResumeCommands;
     services = builtins.attrNames config.boot.initrd.systemd.services;
+    initrdSystemd = config.boot.initrd.systemd.enable;
+    storePaths = map (p: "${p.source}") config.boot.initrd.systemd.storePaths;
+    execStart = lib.mapAttrs (_: s: s.serviceConfig.ExecStart or null) config.boot.initrd.systemd.services;
     settings = if config.environment.etc ? "impermanence.json" || (config.boot.initrd.impermanence.rotateRoot.enable or false)
       then config.boot.initrd.impermanence.settings else null;
     activation = e.activation;
@@ -106,8 +109,15 @@ def test_nix_block(lib, tmp_path, text):
     assert summary["warnings"] == [], summary["warnings"]
     for source in summary["extraFiles"].values():
         assert source.startswith("/nix/store/"), source
+    # Every block evaluates with nixpkgs' default, the systemd initrd; a
+    # block for the scripted stage 1 says so itself.
+    scripted = "boot.initrd.systemd.enable = false;" in text
+    assert summary["initrdSystemd"] is (not scripted)
     if "rotateRoot" in text:  # the rotation runs before the root is mounted
-        assert "rotate-root" in summary["postResumeCommands"]
+        if scripted:
+            assert "rotate-root" in summary["postResumeCommands"]
+        else:
+            assert "impermanence-rotate-root" in summary["services"]
         assert summary["settings"]["root"]["device"]
     if summary["settings"] is not None:
         check_json(tmp_path, summary["settings"])
@@ -136,8 +146,26 @@ in
     return summary
 
 
+def wiring_blocks() -> list:
+    return [p.values[0] for p in NIX_BLOCKS if "impermanenceJson" in p.values[0]]
+
+
+def test_the_systemd_wiring_by_hand_block_runs_a_unit_before_activation(lib, tmp_path):
+    text = next(t for t in wiring_blocks() if "boot.initrd.systemd.enable = false;" not in t)
+    path = write_block(tmp_path, text)
+    summary = harness.evaluate(harness.system(str(path), SUMMARY, lib=lib))
+    assert summary["initrdSystemd"] is True and summary["failed"] == []
+    assert summary["extraFiles"] == {} and summary["postMountCommands"] == ""
+    exec_start = summary["execStart"]["impermanence-boot"]
+    assert "--root /sysroot" in exec_start and exec_start.endswith(" apply")
+    # Everything the command names is copied into the initrd.
+    for word in exec_start.split():
+        if word.startswith("/nix/store/"):
+            assert any(word.startswith(p) for p in summary["storePaths"]), word
+
+
 def test_the_wiring_by_hand_block_puts_store_paths_into_the_initrd(lib, tmp_path):
-    text = next(p.values[0] for p in NIX_BLOCKS if "impermanenceJson" in p.values[0])
+    text = next(t for t in wiring_blocks() if "boot.initrd.systemd.enable = false;" in t)
     path = write_block(tmp_path, text)
     summary = harness.evaluate(harness.system(str(path), SUMMARY, lib=lib))
     files = summary["extraFiles"]

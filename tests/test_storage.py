@@ -96,3 +96,24 @@ def test_apply_on_other_storage_filesystems(sandbox, loop_disk, fs):
     assert owner_mode(S / "home/bird/.local") == (BIRD, USERS_GID, 0o755)
     assert same_inode(sandbox.path("/home/bird/.local/share/x"), S / "home/bird/.local/share/x")
     assert sandbox.run("apply").returncode == 0
+
+
+@pytest.mark.parametrize("planted", ["link", "file"])
+def test_mount_point_that_is_not_a_directory_is_refused_when_planned(sandbox, disk, planted):
+    # A link (or a file) where the fileSystems mount point should be: plan
+    # says so, mounting nothing; apply mounts nothing anywhere and exits 3.
+    point = sandbox.path("/persistent")
+    sandbox.path("/srv").mkdir()
+    if planted == "link":
+        point.symlink_to("srv")
+    else:
+        point.write_text("not a directory\n")
+    cfg = base_config(disk.label, {"directories": ["/var/log"]})
+    plan = sandbox.run("plan", config=cfg)
+    kind = "a symbolic link to srv" if planted == "link" else "a non-empty file"
+    assert plan.stdout.splitlines()[0] == f"fail {point}: is {kind}, not a directory", plan.stdout
+    assert not [line for line in plan.stdout.splitlines() if line.startswith(("mount ", "bind "))]
+    result = sandbox.run("apply")
+    assert result.returncode == 3, result.stderr
+    assert [point for point, *_ in mountinfo_under(sandbox.root)] == ["/"]  # the root's own
+    assert sandbox.path("/srv").is_dir() and not any(sandbox.path("/srv").iterdir())

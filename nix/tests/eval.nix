@@ -5,6 +5,7 @@
 #     modules = [ ../module.nix ./my-configuration.nix ];
 #     homeManager = true;  # also declare home-manager's NixOS options
 #     vm = true;           # also declare what NixOS's test driver declares
+#     scriptedInitrd = false;  # a nixpkgs without stage-1.nix's scripted options
 #   }
 #
 # `lib.evalModules` runs on nixos-options.nix (the NixOS options the
@@ -18,6 +19,7 @@
 , modules
 , homeManager ? false
 , vm ? false
+, scriptedInitrd ? true
 }:
 
 let
@@ -41,6 +43,7 @@ let
       ./nixos-options.nix
       { _module.args = { inherit pkgs utils; }; }
     ]
+    ++ lib.optional scriptedInitrd ./scripted-initrd-options.nix
     ++ lib.optional homeManager ./home-manager-options.nix
     ++ lib.optional vm ./vm-options.nix
     ++ modules;
@@ -52,8 +55,9 @@ let
   # snippets in this order (textClosureMap over all names).
   activation =
     let
-      scripts = config.system.activationScripts;
-      marked = lib.mapAttrs (name: s: s // { text = name; }) scripts;
+      # Without the whole script that the option's `apply` adds.
+      scripts = removeAttrs config.system.activationScripts [ "script" ];
+      marked = lib.mapAttrs (name: s: (if lib.isString s then lib.noDepEntry s else s) // { text = name; }) scripts;
     in
     lib.textClosureList marked (lib.attrNames marked);
 in

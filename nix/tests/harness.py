@@ -156,10 +156,11 @@ def nix_string(value: str) -> str:
 
 
 def system(modules: str, select: str, *, lib: Path, home_manager: bool = False,
-           vm: bool = False, bindings: str = "") -> str:
+           vm: bool = False, scripted_initrd: bool = True, bindings: str = "") -> str:
     """An expression evaluating `modules` (Nix list elements, `lib` and
     the bindings in scope) with nix/tests/eval.nix, returning `select`
-    (in scope: e = the evaluation, config = e.config, lib)."""
+    (in scope: e = the evaluation, config = e.config, lib).  Without
+    `scripted_initrd`, stage-1.nix's scripted options are not declared."""
     return f'''
 let
   lib = import {lib};
@@ -168,6 +169,7 @@ let
     inherit lib;
     homeManager = {"true" if home_manager else "false"};
     vm = {"true" if vm else "false"};
+    scriptedInitrd = {"true" if scripted_initrd else "false"};
     modules = [ {modules} ];
   }};
   inherit (e) config;

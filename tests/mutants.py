@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""The standing mutation check: does the suite fail when a safety guard of
+impermanence_boot.py breaks?
+
+Each mutation below is one small, realistic regression of a safety- or
+correctness-critical line (a flag dropped, a guard turned off, an order
+reversed), written as the exact text it changes and what it becomes. One
+at a time, it is applied to a copy of the project and the test files that
+should catch it are run there (pytest -x). A mutation is KILLED when a
+test fails, and SURVIVED when every test passes: the suite does not guard
+that line. A mutation whose text is no longer found exactly once in the
+script fails the check too, so the list follows the code.
+
+    tests/mutants.py                      every mutation
+    tests/mutants.py --only NAME[,NAME]   those
+    tests/mutants.py --changed-since REV  those in functions of the script
+                                          changed since REV (CI)
+    tests/mutants.py --list               the mutations and where they are
+
+Run as root (the tests mount), with the suite's interpreter
+(.venv/bin/python). Stdlib only. Prints one line per mutation and the
+counts; exits 1 if any survived or was not found. The unmutated copy is
+tested first with every selected test file; it must pass.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+SCRIPT_NAME = "impermanence_boot.py"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str      # the regression, in words
+    text: str      # exact text in the script, found exactly once
+    becomes: str
+    tests: tuple   # test files (under tests/) that must catch it
+
+
+M = Mutation
+MUTATIONS = [
+    # --- links: never followed -------------------------------------------------------
+    M("o-path-follows", "O_PATH opens of files and mount points follow links",
+      "O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC",
+      "O_PATH_NOFOLLOW = os.O_PATH | os.O_CLOEXEC", ("test_late_swaps.py",)),
+    M("dir-open-follows", "directory opens follow links",
+      "O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC",
+      "O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC", ("test_late_swaps.py",)),
+    M("bind-any-kind", "a bind source or target of the wrong kind (a link) is mounted",
+      "    if not (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)):",
+      "    if False:", ("test_late_swaps.py", "test_adversarial.py")),
+    M("look-through-links", "Tree.look walks through a symlinked component",
+      "                if node.kind != \"dir\":\n                    what = \"a symbolic link\"",
+      "                if node.kind not in (\"dir\", \"link\"):\n                    what = \"a symbolic link\"",
+      ("test_late_swaps.py",)),
+    M("open-tree-follows", "open_tree clones follow a link at the source",
+      "OPEN_TREE_CLONE | os.O_CLOEXEC | AT_SYMLINK_NOFOLLOW,",
+      "OPEN_TREE_CLONE | os.O_CLOEXEC,", ("test_adversarial.py",)),
+    # --- hard links and swapped directories ---------------------------------------------
+    M("bind-time-hard-link", "the hard-link refusal at bind time is off",
+      "                if st.st_uid != owner:\n                    raise EntryError(source_shown, hard_link_refusal(",
+      "                if False:\n                    raise EntryError(source_shown, hard_link_refusal(",
+      ("test_late_swaps.py",)),
+    M("plan-time-hard-link", "a hard-linked source is refused only when binding, after the root was changed",
+      "        if folder is not None and folder.uid != node.uid:\n            raise Refused(source, hard_link_refusal(",
+      "        if False:\n            raise Refused(source, hard_link_refusal(",
+      ("test_adversarial.py", "test_files.py")),
+    M("made-dir-not-checked", "a directory swapped between mkdir and open is taken as ours",
+      "            if st.st_uid != ex.euid:\n                raise EntryError(shown, \"was replaced while applying; not changed\")",
+      "            if False:\n                raise EntryError(shown, \"was replaced while applying; not changed\")",
+      ("test_late_swaps.py",)),
+    M("made-dir-full-mode", "a directory is made with its final mode instead of 0000",
+      "os.mkdir(name, self.mode & 0o1777 if self.mark else 0, dir_fd=parent)",
+      "os.mkdir(name, self.mode & 0o1777, dir_fd=parent)", ("test_faults.py", "test_idempotence.py")),
+    M("rename-replaces", "renameat2 without RENAME_NOREPLACE replaces what appeared",
+      "RENAME_NOREPLACE = 1", "RENAME_NOREPLACE = 0", ("test_late_swaps.py",)),
+    # --- unmount, status -------------------------------------------------------------------
+    M("unmount-any-mount", "unmount removes whatever is mounted at a kept target",
+      "if mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):",
+      "if mounts.is_mountpoint(host):", ("test_late_swaps.py", "test_unmount.py")),
+    M("unmount-unmarked-point", "unmount removes mount points apply did not make",
+      "    if marked and empty:", "    if empty:", ("test_unmount.py",)),
+    M("unmount-nonempty-point", "unmount removes a mount point that is not empty",
+      "    if marked and empty:", "    if marked:", ("test_late_swaps.py", "test_unmount.py")),
+    M("unmount-other-link", "unmount removes a link that points elsewhere",
+      "        if not in_storage and node.link == link_text(entry):",
+      "        if not in_storage:", ("test_late_swaps.py", "test_unmount.py")),
+    M("status-any-mount-ok", "status calls any mount at a directory target ok",
+      "    if tgt is None or not tree.same(source, target):\n        if tgt is not None and mounts.is_mountpoint(host_target):",
+      "    if tgt is None:\n        if tgt is not None and mounts.is_mountpoint(host_target):",
+      ("test_status.py",)),
+    M("status-ignores-owner", "status does not compare the source's owner",
+      "    if (src.uid, src.gid) != (uid, gid):", "    if False:", ("test_status.py",)),
+    # --- names, owners, modes ---------------------------------------------------------------
+    M("names-root-first", "the root's /etc/passwd wins over the config's users table",
+      "        if configured is not None:\n            return configured\n        for s in self._storages_for(storage):",
+      "        fields = self._root_file(database).get(name)\n"
+      "        if fields and parse_id(fields[2]) is not None:\n"
+      "            return parse_id(fields[2])\n"
+      "        if configured is not None:\n            return configured\n"
+      "        for s in self._storages_for(storage):",
+      ("test_late_swaps.py", "test_accounts.py")),
+    M("mode-before-owner", "a made directory's mode is set before its owner (chown clears set-id bits)",
+      "    if st.st_uid != uid or st.st_gid != gid:\n        call(\"chown\", shown, os.fchown, fd, uid, gid)\n"
+      "    # mkdir cannot set set-id bits, and a set-gid parent passes its own.\n"
+      "    if mode & 0o6000 or stat.S_IMODE(st.st_mode) != mode:\n        call(\"chmod\", shown, os.fchmod, fd, mode)\n",
+      "    if mode & 0o6000 or stat.S_IMODE(st.st_mode) != mode:\n        call(\"chmod\", shown, os.fchmod, fd, mode)\n"
+      "    if st.st_uid != uid or st.st_gid != gid:\n        call(\"chown\", shown, os.fchown, fd, uid, gid)\n",
+      ("test_faults.py", "test_directories.py")),
+    M("mode-umask", "symbolic modes ignore the umask mkdir runs under",
+      "MKDIR_UMASK = 0o022", "MKDIR_UMASK = 0o000", ("test_modes.py",)),
+    M("octal-four-digits", "octal modes of five digits are accepted",
+      "        if text.strip(\"01234567\") or len(text) > 4:",
+      "        if text.strip(\"01234567\"):", ("test_modes.py", "test_config_load.py")),
+    M("private-dirs-open", "/var/lib/private and its kin are made 0755, not root's 0700",
+      "PRIVATE_PERMS = Perms(\"root\", \"root\", 0o700)", "PRIVATE_PERMS = Perms(\"root\", \"root\", 0o755)",
+      ("test_directories.py", "test_nix.py")),
+    M("path-max-unchecked", "paths longer than PATH_MAX are walked",
+      "        if len(os.fsencode(tree.host(path))) >= PATH_MAX:", "        if False:",
+      ("test_limits.py",)),
+    # --- config checks ----------------------------------------------------------------------
+    M("target-twice", "the same target listed twice is accepted",
+      "        if entries[k].target == entries[k - 1].target:", "        if False:",
+      ("test_config_load.py", "test_faults.py")),
+    M("inside-kept-file", "an entry inside a kept file is accepted",
+      "            if holder is not None:\n                raise ConfigError(e.where, f\"{as_path(e.target)} is inside the kept file \"",
+      "            if False:\n                raise ConfigError(e.where, f\"{as_path(e.target)} is inside the kept file \"",
+      ("test_config_load.py", "test_faults.py")),
+    M("overlap-storage", "an entry overlapping a storage path is accepted",
+      "        if hit is not None:\n            raise ConfigError(e.where, f\"{as_path(e.target)} overlaps the",
+      "        if False:\n            raise ConfigError(e.where, f\"{as_path(e.target)} overlaps the",
+      ("test_config_load.py", "test_faults.py")),
+    M("dotdot-path", "'..' components are accepted",
+      "        if \".\" not in comps and \"..\" not in comps and (comps or not absolute):",
+      "        if \".\" not in comps and (comps or not absolute):", ("test_config_load.py",)),
+    M("unkeepable-paths", "/proc, /sys, /dev, /run, /nix/store may be kept",
+      "            if is_under(e.target, prefix):\n                raise ConfigError(e.where, f\"{as_path(e.target)} cannot be kept: {why}\")",
+      "            if False:\n                raise ConfigError(e.where, f\"{as_path(e.target)} cannot be kept: {why}\")",
+      ("test_cli.py",)),
+    M("unknown-keys", "unknown config keys are accepted",
+      "        raise ConfigError(key_path(where, key), f\"unknown key{hint}\")",
+      "        pass", ("test_config_load.py",)),
+    # --- files, machine-id, targets ------------------------------------------------------------
+    M("nonempty-target-replaced", "a non-empty file at a target is mounted over",
+      "    elif node.size != 0:\n        raise Refused(target, \"target exists and is not empty; not overwritten\"",
+      "    elif False:\n        raise Refused(target, \"target exists and is not empty; not overwritten\"",
+      ("test_files.py", "test_faults.py")),
+    M("machine-id-not-uninitialized", "a missing machine-id is linked, not created 'uninitialized'",
+      "MACHINE_ID = (\"etc\", \"machine-id\")", "MACHINE_ID = (\"etc\", \"no-such-file\")",
+      ("test_files.py",)),
+    M("mount-point-not-a-dir", "a fileSystems mount point that is a file or link is used",
+      "        elif node.kind != \"dir\":\n            raise EntryError(tree.host(path[:depth]), f\"is {describe_kind(node)}, not a directory\")",
+      "        elif False:\n            raise EntryError(tree.host(path[:depth]), f\"is {describe_kind(node)}, not a directory\")",
+      ("test_storage.py", "test_faults.py", "test_adversarial.py")),
+    # --- order, storage, devices ----------------------------------------------------------------
+    M("order-unsorted", "entries are applied in config order, not parents first",
+      "    entries.sort(key=lambda e: e.target)\n", "", ("test_planning.py", "test_apply.py")),
+    M("missing-storage-bound", "entries of a storage path that does not exist are bound",
+      "        if node is None:\n            state[storage] = \"storage path does not exist (and no fileSystems entry mounts it)\"",
+      "        if False:\n            state[storage] = \"storage path does not exist (and no fileSystems entry mounts it)\"",
+      ("test_storage.py", "test_faults.py")),
+    M("unavailable-fs-bound", "entries of a fileSystems entry that failed to mount are bound",
+      "        if fs is not None and fs.mountpoint in unavailable:\n            state[storage] = f\"storage unavailable:",
+      "        if False:\n            state[storage] = f\"storage unavailable:",
+      ("test_storage.py", "test_faults.py")),
+    M("label-prefix", "a LABEL matches a label that only starts with it",
+      "                      or (tag == \"LABEL\" and found[2] == value)):",
+      "                      or (tag == \"LABEL\" and found[2].startswith(value))):",
+      ("test_probe.py",)),
+    M("uuid-case", "UUIDs compare case-sensitively",
+      "(tag == \"UUID\" and found[1].lower() == value.lower())",
+      "(tag == \"UUID\" and found[1] == value)", ("test_probe.py",)),
+    # --- utab ----------------------------------------------------------------------------------------
+    M("utab-unlocked", "utab is rewritten without libmount's lock",
+      "        if libc().flock(lock, LOCK_EX) < 0:", "        if False:", ("test_late_swaps.py",)),
+    M("utab-not-atomic", "utab is rewritten in place, not by rename",
+      "            call(\"rename\", path, os.rename, temp, path)",
+      "            call(\"rename\", path, os.rename, temp, path + \".unused\")", ("test_utab.py",)),
+    # --- propagation -----------------------------------------------------------------------------------
+    M("bind-two-way", "binds stay peers of their storage",
+      "            one_way = clone is not None and ex.slave_clones and slave_detached(clone, source_shown)",
+      "            one_way = True", ("test_propagation.py",)),
+    # --- messages -------------------------------------------------------------------------------------
+    M("control-chars-raw", "control characters reach the terminal unescaped",
+      "        line = \"impermanence: \" + text.translate(UNPRINTABLE)",
+      "        line = \"impermanence: \" + text", ("test_messages.py",)),
+    M("no-privilege-check", "apply without root fails entry by entry instead of at once",
+      "    if euid != 0 and opts.command in NEEDS_ROOT:", "    if False:", ("test_privilege.py",)),
+    M("diff-errors-exit-0", "diff exits 0 when it could not read a path",
+      "    return EXIT_FAILED if walk.errors else EXIT_OK", "    return EXIT_OK", ("test_privilege.py",)),
+]
+
+
+def script_text() -> str:
+    return (PROJECT / SCRIPT_NAME).read_text(encoding="utf-8")
+
+
+def locate(mutation: Mutation, text: str) -> int | None:
+    """The line (1-based) where the mutation's text starts, if it is found
+    exactly once."""
+    if text.count(mutation.text) != 1:
+        return None
+    return text[:text.index(mutation.text)].count("\n") + 1
+
+
+def functions(text: str) -> list:
+    """(first line, last line, name) of every top-level function and class."""
+    return [(n.lineno, n.end_lineno, n.name) for n in ast.parse(text).body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+
+
+def changed_lines(rev: str) -> set | None:
+    """Lines of the script (as it is now) that changed since rev; None if
+    git cannot tell (no such revision, a shallow clone)."""
+    r = subprocess.run(["git", "-C", str(PROJECT), "diff", "-U0", rev, "--", SCRIPT_NAME],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    lines: set = set()
+    for m in re.finditer(r"^@@ -\S+ \+(\d+)(?:,(\d+))? @@", r.stdout, re.M):
+        start, count = int(m.group(1)), int(m.group(2) or 1)
+        lines.update(range(start, start + max(count, 1)))
+    return lines
+
+
+def select_changed(rev: str, text: str) -> list | None:
+    changed = changed_lines(rev)
+    if changed is None:
+        return None
+    spans = functions(text)
+    chosen = []
+    for m in MUTATIONS:
+        line = locate(m, text)
+        if line is None:
+            chosen.append(m)  # not found: always reported
+            continue
+        span = next(((a, b) for a, b, _ in spans if a <= line <= b), (line, line))
+        if changed & set(range(span[0], span[1] + 1)):
+            chosen.append(m)
+    return chosen
+
+
+def copy_project(dest: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", ".venv", "build", "__pycache__", ".pytest_cache",
+                                    "results", "*.img")
+    shutil.copytree(PROJECT, dest, ignore=ignore, symlinks=True)
+
+
+def run_tests(copy: Path, files: list, timeout: float) -> tuple:
+    """(passed, the first failing test or the last lines) of pytest -x."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o",
+           "addopts=", *[f"tests/{f}" for f in files]]
+    try:
+        r = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    except subprocess.TimeoutExpired:
+        return False, "timed out"
+    if r.returncode == 0:
+        return True, ""
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", r.stdout, re.M)
+    return False, failed.group(1) if failed else r.stdout.strip().splitlines()[-1:]
+
+
+def main(argv: list) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated mutation names")
+    ap.add_argument("--changed-since", metavar="REV")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--timeout", type=float, default=900, help="per test run, seconds")
+    a = ap.parse_args(argv)
+    text = script_text()
+    names = [m.name for m in MUTATIONS]
+    assert len(set(names)) == len(names), "duplicate mutation names"
+    chosen = MUTATIONS
+    if a.only:
+        wanted = set(a.only.split(","))
+        unknown = wanted - set(names)
+        if unknown:
+            print(f"mutants: unknown mutation {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        chosen = [m for m in MUTATIONS if m.name in wanted]
+    if a.changed_since:
+        selected = select_changed(a.changed_since, text)
+        if selected is None:
+            print(f"mutants: git cannot compare with {a.changed_since}; running every mutation")
+        else:
+            chosen = [m for m in chosen if m in selected]
+    if a.list:
+        for m in chosen:
+            line = locate(m, text)
+            print(f"{m.name:28} {'line ' + str(line) if line else 'NOT FOUND':>10}  {m.what}")
+        return 0
+    if not chosen:
+        print("mutants: no mutation in the functions changed; nothing to run")
+        print("0 mutations: 0 killed, 0 survived")
+        return 0
+    bad = 0
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mutants.") as tmp:
+        os.chmod(tmp, 0o755)  # the privilege tests run the copy as nobody
+        copy = Path(tmp) / "project"
+        copy_project(copy)
+        every = sorted({f for m in chosen for f in m.tests})
+        ok, why = run_tests(copy, every, a.timeout * 2)
+        if not ok:
+            print(f"mutants: the unmutated project fails its tests ({why}); nothing to measure")
+            return 2
+        killed = survived = 0
+        for m in chosen:
+            if locate(m, text) is None:
+                print(f"NOT FOUND {m.name}: its text is not in {SCRIPT_NAME} exactly once")
+                bad += 1
+                continue
+            (copy / SCRIPT_NAME).write_text(text.replace(m.text, m.becomes), encoding="utf-8")
+            t0 = time.monotonic()
+            passed, why = run_tests(copy, list(m.tests), a.timeout)
+            took = time.monotonic() - t0
+            if passed:
+                print(f"SURVIVED  {m.name}: {m.what} ({', '.join(m.tests)}; {took:.0f} s)")
+                survived += 1
+                bad += 1
+            else:
+                print(f"killed    {m.name} by {why} ({took:.0f} s)")
+                killed += 1
+            sys.stdout.flush()
+        (copy / SCRIPT_NAME).write_text(text, encoding="utf-8")
+    print(f"{len(chosen)} mutations: {killed} killed, {survived} survived, "
+          f"{len(chosen) - killed - survived} not found; {time.monotonic() - start:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
