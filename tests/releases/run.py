@@ -38,8 +38,13 @@ NIX_2_3 = ("Debian 11's nix-bin is Nix 2.3.7, which lacks builtins.groupBy (Nix 
 EXCLUDED: dict[str, dict[str, str]] = {
     "bullseye": {
         **HOST_ONLY,
-        **{f"tests/test_nix{part}.py": NIX_2_3
-           for part in ("", "_diff", "_eval", "_home_manager", "_initrd", "_rotate_root", "_snippets")},
+        **{f"tests/{f.name}": NIX_2_3 for f in sorted((PROJECT / "tests").glob("test_nix*.py"))},
+        **{f"tests/test_running_system.py::{test}":
+           "Debian 11's mke2fs gives the suite's small ext4 loop disks 128-byte inodes, whose "
+           "timestamps have whole seconds, and the test compares nanosecond mtimes of the moved "
+           "data with its copy in storage" for test in (
+               "test_data_a_new_kept_directory_holds_is_moved_into_storage",
+               "test_killed_at_every_step_of_a_move_then_applied_again[copy-")},
         **{f"tests/test_propagation.py::{test}":
            "Debian 11's strace 5.10 does not know mount_setattr (Linux 5.12), which the test's "
            "fault injection names" for test in ("test_older_kernels_give_the_same_propagation",
