@@ -92,6 +92,15 @@ def suite_command(release: str, root: Path, pytest_args: list[str]) -> list[str]
     lines += [f"mount -t tmpfs tmpfs {r}{d}" for d in ("/run", "/tmp", "/var/tmp")]
     for b in binds:
         lines += [f"mkdir -p {r}{q(str(b))}", f"mount --bind {q(str(b))} {r}{q(str(b))}"]
+    # A git worktree's repository lies outside it (tests list the project's
+    # files with git): seen, never changed.
+    git = PROJECT / ".git"
+    if git.is_file() and git.read_text().startswith("gitdir: "):
+        gitdir = Path(git.read_text()[len("gitdir: "):].strip())
+        common = gitdir / "commondir"
+        repo = q(str((gitdir / common.read_text().strip()).resolve() if common.is_file() else gitdir))
+        lines += [f"mkdir -p {r}{repo}", f"mount --bind {repo} {r}{repo}",
+                  f"mount -o remount,bind,ro {r}{repo}"]
     # The host's .venv (its interpreter is the host's): seen, never changed.
     venv = q(str(PROJECT / ".venv"))
     lines.append(f"if [ -d {venv} ]; then mount --bind {venv} {r}{venv} && "
