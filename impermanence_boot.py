@@ -288,6 +288,14 @@ class EntryError(Exception):
 UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0))}
 UNPRINTABLE.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029)})
 UNPRINTABLE.update({c: f"\\x{c - 0xdc00:02x}" for c in range(0xdc80, 0xdd00)})
+# Format characters (Unicode category Cf: bidi overrides such as U+202E,
+# zero-width ones such as U+200B) reorder or hide what a line shows.
+FORMAT_CHARS = (0xad, *range(0x600, 0x606), 0x61c, 0x6dd, 0x70f, 0x890, 0x891, 0x8e2, 0x180e,
+                *range(0x200b, 0x2010), *range(0x202a, 0x202f), *range(0x2060, 0x2065),
+                *range(0x2066, 0x2070), 0xfeff, *range(0xfff9, 0xfffc), 0x110bd, 0x110cd,
+                *range(0x13430, 0x13440), *range(0x1bca0, 0x1bca4), *range(0x1d173, 0x1d17b),
+                0xe0001, *range(0xe0020, 0xe0080))
+UNPRINTABLE.update({c: f"\\u{c:04x}" if c <= 0xffff else f"\\U{c:08x}" for c in FORMAT_CHARS})
 
 
 def describe_oserror(exc: OSError) -> str:
@@ -562,6 +570,7 @@ NIXOS_INTERNAL = frozenset({"dirPath", "filePath", "home", "defaultPerms",
 HIDE_OPTION, TRASH_OPTION = "x-gvfs-hide", "x-gvfs-trash"
 # And of a fileSystems mount apply made: unmount unmounts only those.
 MOUNTED_OPTION = "x-impermanence-boot"
+OUR_OPTIONS = frozenset((HIDE_OPTION, TRASH_OPTION, MOUNTED_OPTION))
 
 TOP_KEYS = ("fileSystems", "deviceTimeout", "users", "groups", "persistence", "root")
 ROOT_KEYS = ("device", "subvolume", "oldRoots", "keep", "blank")
@@ -612,15 +621,25 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
+SHOWN_KEY_MAX = 64  # characters of an unknown key a message shows
+
+
 def check_keys(obj: dict, where: str, known: tuple, tolerated=NIXOS_INTERNAL) -> None:
     for key in obj:
         if key in known or key in tolerated:
             continue
         hint = ""
         if isinstance(key, str):
-            best = min(known, key=lambda k: edit_distance(key, k))
-            if edit_distance(key, best) <= max(2, len(best) // 3):
+            # Only keys whose length is close enough can be meant: the
+            # distance is at least the difference in length, and a huge
+            # key costs no quadratic search.
+            near = [k for k in known if abs(len(key) - len(k)) <= max(2, len(k) // 3)]
+            best = min(near, key=lambda k: edit_distance(key, k)) if near else None
+            if best is not None and edit_distance(key, best) <= max(2, len(best) // 3):
                 hint = f"; did you mean '{best}'?"
+            if len(key) > SHOWN_KEY_MAX:
+                hint = f" ({len(key)} characters, shown cut){hint}"
+                key = key[:SHOWN_KEY_MAX] + "..."
         raise ConfigError(key_path(where, key), f"unknown key{hint}")
 
 
@@ -736,27 +755,39 @@ def load_config_file(path: str) -> Config:
 
 
 class _JsonContext:
-    """What _json's C scanner reads from json.JSONDecoder: the defaults."""
+    """What _json's C scanner reads from json.JSONDecoder: the defaults,
+    but objects built by object_pairs_hook, which notes a key given twice
+    in one object (json.loads keeps the last one silently)."""
     strict = True
     object_hook = None
-    object_pairs_hook = None
     parse_float = float
     parse_int = int
     parse_constant = float  # NaN, Infinity, -Infinity, as json.loads reads them
-    memo: dict = {}
+
+    def __init__(self):
+        self.memo: dict = {}
+        self.duplicated = False
+
+    def object_pairs_hook(self, pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            self.duplicated = True
+        return obj
 
 
 JSON_SPACE = " \t\n\r"
 
 
-def parse_json(text: str):
+def parse_json(text: str, context: _JsonContext | None = None):
     """json.loads, through the C scanner json uses, without importing json:
     that module brings re, enum, functools and more into every boot.
-    Any error is raised again by json.loads itself, for its message."""
+    Any error is raised again by json.loads itself, for its message.
+    context.duplicated tells afterwards whether an object gave a key twice."""
+    context = context or _JsonContext()
     try:
         import _json
 
-        scan = _json.make_scanner(_JsonContext)
+        scan = _json.make_scanner(context)
         start = len(text) - len(text.lstrip(JSON_SPACE))
         value, end = scan(text, start)
         if not text[end:].strip(JSON_SPACE):
@@ -765,12 +796,53 @@ def parse_json(text: str):
         pass           # C scanner even fails with SystemError
     import json
 
-    return json.loads(text)
+    context.duplicated = False
+    return json.loads(text, object_pairs_hook=context.object_pairs_hook)
+
+
+def duplicate_key_error(text: str) -> ConfigError:
+    """The first key given twice in one object of a valid JSON text, as a
+    config error at its key path naming the lines of both. Only run once
+    parse_json has found one: it walks the text itself, for the lines."""
+    from json.decoder import scanstring
+
+    stack: list = []  # per open container: [where, key -> line (None in a list), expecting a key, index]
+    where, line, i = "", 1, 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            value, i = scanstring(text, i + 1)
+            frame = stack[-1] if stack else None
+            if frame is not None and frame[2]:
+                at = key_path(frame[0], value)
+                if value in frame[1]:
+                    return ConfigError(at, f"key given twice in one object, at line {frame[1][value]} "
+                                           f"and line {line}; only one may be kept")
+                frame[1][value], frame[2], where = line, False, at
+            continue
+        if c == "\n":
+            line += 1
+        elif c in "{[":
+            stack.append([where, {} if c == "{" else None, c == "{", 0])
+            if c == "[":
+                where = key_path(where, 0)
+        elif c in "}]":
+            stack.pop()
+        elif c == "," and stack:
+            frame = stack[-1]
+            if frame[1] is not None:
+                frame[2] = True
+            else:
+                frame[3] += 1
+                where = key_path(frame[0], frame[3])
+        i += 1
+    return ConfigError("(top level)", "a key is given twice in one object")
 
 
 def load_config(text: str, name: str = "config") -> Config:
+    context = _JsonContext()
     try:
-        data = parse_json(text)
+        data = parse_json(text, context)
     except ValueError as exc:  # JSONDecodeError, or a number too large
         line, col = getattr(exc, "lineno", None), getattr(exc, "colno", None)
         at = f" at line {line} column {col}" if line else ""
@@ -778,6 +850,8 @@ def load_config(text: str, name: str = "config") -> Config:
         raise ConfigFileError(name, f"invalid JSON{at}: {msg}") from None
     except RecursionError:
         raise ConfigFileError(name, "invalid JSON: nested too deeply") from None
+    if context.duplicated:
+        raise duplicate_key_error(text)
     # Text decoded from UTF-8 holds no lone surrogate; only a \u escape
     # can make one.
     return parse_config(data, escapes="\\u" in text)
@@ -827,7 +901,9 @@ def parse_config(data, escapes: bool = True) -> Config:
     entries, storages, homes = parse_locations(
         expect(data.get("persistence", {}), dict, "persistence", "an object"), accounts)
     for account in accounts.values():
-        if account.home:
+        # An account table lists every account (system ones too): a system
+        # directory there is no home, and gives no one the entries in it.
+        if account.home and not is_system_dir(account.home):
             homes.setdefault(account.home, account.name)
     # Target order, parents first: a nested entry is never hidden by its
     # parent's bind mount, and each path's neighbours are what it can clash with.
@@ -984,8 +1060,10 @@ def parse_locations(locations: dict, accounts: dict) -> tuple:
             account = accounts.get(user)
             if uspec.get("home") is not None:
                 home = parse_components(uspec["home"], key_path(uwhere, "home"), absolute=True)
+                check_home(home, user, key_path(uwhere, "home"))
             elif account and account.home:
                 home = account.home
+                check_home(home, user, key_path(key_path("users", user), "home"))
             else:
                 home = ("root",) if user == "root" else ("home", user)
             homes.setdefault(home, user)
@@ -995,6 +1073,27 @@ def parse_locations(locations: dict, accounts: dict) -> tuple:
         if storage not in storages:
             storages.append(storage)
     return entries, storages, homes
+
+
+# Directories of the system that are no one's home: a user's entries there
+# would make the user owner of /etc/ssh or of storage's /etc. Also every
+# path under the second set (kernel filesystems, the Nix store).
+SYSTEM_DIRS = frozenset(tuple(p.split("/")) for p in (
+    "bin", "boot", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "mnt", "media", "nix",
+    "nix/var", "opt", "run", "sbin", "srv", "tmp", "usr", "usr/bin", "usr/lib", "usr/lib64",
+    "usr/libexec", "usr/local", "usr/sbin", "usr/share", "var", "var/cache", "var/db", "var/lib",
+    "var/log", "var/spool", "var/tmp"))
+SYSTEM_TREES = (("proc",), ("sys",), ("dev",), ("nix", "store"))
+
+
+def is_system_dir(path: tuple) -> bool:
+    return path in SYSTEM_DIRS or any(is_under(path, tree) for tree in SYSTEM_TREES)
+
+
+def check_home(home: tuple, user: str, where: str) -> None:
+    if is_system_dir(home):
+        raise ConfigError(where, f"{as_path(home)} is a system directory, not a home: "
+                                 f"{user}'s entries would make {user} own it")
 
 
 def mount_options(spec: dict, where: str, hide_key: str, default: tuple) -> tuple:
@@ -1264,8 +1363,10 @@ def udev_unescape(name: str) -> str:
 
 def lookup_device(spec: str) -> tuple:
     """(device path or None, probed fs type or None) for a device spec. A
-    /dev/disk/by-label/... path (NixOS's usual form) that does not exist,
-    as in an initramfs without udev, is looked up as LABEL=... would be."""
+    path is honoured as written; a /dev/disk/by-label/... path (NixOS's
+    usual form) that does not exist, as in an initramfs without udev, is
+    looked up as LABEL=... would be. A tag that more than one device
+    answers is never guessed (udev's link would be its guess): EntryError."""
     if spec.startswith("/"):
         if os.path.exists(spec):
             return spec, None
@@ -1274,20 +1375,38 @@ def lookup_device(spec: str) -> tuple:
             return lookup_device(f"{UDEV_LINKS[parts[3]]}={udev_unescape(parts[4])}")
         return None, None
     tag, value = spec.split("=", 1)
+    found = scan_devices(tag, value)
+    if len(found) > 1:
+        raise EntryError(spec, f"matches {len(found)} devices: {', '.join(d for d, _ in found)}; "
+                               "refusing to guess (give the device by path, or make the "
+                               f"{tag.lower()} unique)")
+    if found:
+        return found[0]
     link = f"/dev/disk/by-{tag.lower()}/{value}"
-    if os.path.exists(link):
+    if os.path.exists(link):  # a filesystem udev knows and the probe does not
         return os.path.realpath(link), None
-    # No udev (a minimal initramfs): read the superblocks ourselves.
+    return None, None
+
+
+def scan_devices(tag: str, value: str) -> list:
+    """[(device, fs type or None)] of every block device whose superblock
+    or partition entry has this tag. A device another one is built on (a
+    member of a RAID, a multipath leg, what device mapper maps) is not one
+    of them; the devices of one multi-device btrfs count once."""
     try:
         names = sorted(os.listdir("/sys/class/block"))
     except OSError:
-        return None, None
+        return []
+    found: list = []
+    btrfs_ids: dict = {}  # fs uuid -> devids of that btrfs seen
     for name in names:
         device = f"/dev/{name}"
         try:
             with open(f"/sys/class/block/{name}/size", "rb") as f:
                 if int(f.read()) == 0:
                     continue
+            if os.listdir(f"/sys/class/block/{name}/holders"):
+                continue
         except (OSError, ValueError):
             continue
         if not os.path.exists(device):
@@ -1296,20 +1415,29 @@ def lookup_device(spec: str) -> tuple:
             ids = probe_partition(name)
             if ids and ((tag == "PARTUUID" and ids[0].lower() == value.lower())
                         or (tag == "PARTLABEL" and ids[1] == value)):
-                return device, None
+                found.append((device, None))
             continue
         try:
             fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             continue
         try:
-            found = probe_filesystem(fd)
+            probed = probe_filesystem(fd)
+            devid = None
+            if probed and probed[0] == "btrfs":  # dev_item.devid: which device of the btrfs
+                devid = int.from_bytes(read_at(fd, 0x10000 + 0xc9, 8), "little")
         finally:
             os.close(fd)
-        if found and ((tag == "UUID" and found[1].lower() == value.lower())
-                      or (tag == "LABEL" and found[2] == value)):
-            return device, found[0]
-    return None, None
+        if probed and ((tag == "UUID" and probed[1].lower() == value.lower())
+                       or (tag == "LABEL" and probed[2] == value)):
+            if devid is not None:
+                seen = btrfs_ids.setdefault(probed[1], set())
+                if seen and devid not in seen:
+                    seen.add(devid)
+                    continue  # another device of the same btrfs
+                seen.add(devid)
+            found.append((device, probed[0]))
+    return found
 
 
 def wait_for_device(spec: str, timeout: float) -> tuple:
@@ -1390,6 +1518,7 @@ class MountTable:
         self.points: dict[str, tuple] = {}
         self.groups: dict[str, str] = {}  # mount id -> peer group, of the shared mounts
         self.parents: dict[str, str] = {}  # mount id -> id of the mount it is attached to
+        self.stacks: dict[str, list] = {}  # every mount at each point, the top one last
         try:
             with open("/proc/self/mountinfo", "rb") as f:
                 data = f.read().decode("utf-8", "surrogateescape")
@@ -1408,12 +1537,25 @@ class MountTable:
             self.parents[fields[0]] = fields[1]
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
                                   unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
+            self.stacks.setdefault(point, []).append(self.points[point])
 
     def is_mountpoint(self, host_path: str) -> bool:
         return host_path in self.points
 
     def remove(self, host_path: str) -> None:
-        self.points.pop(host_path, None)
+        """The top mount at host_path taken off: the one below, if any, is
+        on top now (what it is, the tree tells)."""
+        stack = self.stacks.get(host_path)
+        if stack:
+            stack.pop()
+        if stack:
+            self.points[host_path] = stack[-1]
+        else:
+            self.points.pop(host_path, None)
+            self.stacks.pop(host_path, None)
+
+    def layers(self, host_path: str) -> int:
+        return len(self.stacks.get(host_path, ()))
 
     def holding(self, host_path: str) -> str | None:
         """The id of the mount host_path lies on (the one on top at the
@@ -1587,7 +1729,7 @@ class Accounts:
 # carried into the booted system, so TARGET is the path it will see.
 
 def utab_path() -> str:
-    return os.environ.get("LIBMOUNT_UTAB") or "/run/mount/utab"
+    return _utab or os.environ.get("LIBMOUNT_UTAB") or "/run/mount/utab"
 
 
 def mangle(text: str) -> str:
@@ -1598,27 +1740,65 @@ def mangle(text: str) -> str:
     return text
 
 
-def utab_fields(line: str) -> dict:
+def utab_fields(line: bytes) -> dict:
+    text = line.decode("utf-8", "surrogateescape")
     return {key: unescape_mountinfo(value) for key, _, value in
-            (field.partition("=") for field in line.split(" ") if "=" in field)}
+            (field.partition("=") for field in text.split(" ") if "=" in field)}
 
 
-def utab_target(line: str) -> str | None:
-    return utab_fields(line).get("TARGET")
+class UtabKey(Record):
+    """What names one mount's line in utab, as util-linux matches them:
+    the mount ID, and for a line without one SRC, TARGET and ROOT."""
+    __slots__ = _fields = ("id", "source", "target", "root")
+
+    def names(self, fields: dict) -> bool:
+        if "ID" in fields:
+            return fields["ID"] == self.id
+        return (fields.get("SRC"), fields.get("TARGET"), fields.get("ROOT")) == (
+            self.source, self.target, self.root)
 
 
 def read_utab() -> list:
-    """utab's lines; none where it is missing or unreadable."""
+    """utab's lines, bytes without their newline (a line ends at a newline
+    only: a TARGET may hold a carriage return); none where it is missing
+    or unreadable."""
     try:
-        with open(utab_path(), encoding="utf-8", errors="surrogateescape") as f:
-            return f.read().splitlines()
+        with open(utab_path(), "rb") as f:
+            data = f.read()
     except OSError:
         return []
+    lines = data.split(b"\n")
+    return lines[:-1] if not lines[-1] else lines
 
 
-def update_utab(added: list, removed: set) -> None:
-    """Replace the lines of the targets in `removed`, and of those `added`
-    names (lines of utab, without their newline), by the added lines."""
+_utab: str | None = None  # the utab this run keeps, once choose_utab chose
+
+
+def choose_utab(root: str, log: Log) -> None:
+    """Which utab this run keeps. libmount's, for the root the system runs
+    on, in an initramfs (whose /run the booted system gets: as systemd
+    tells, /etc/initrd-release, or else the initramfs's rootfs at /), or
+    where $LIBMOUNT_UTAB names one. Another --root on a running system is
+    no root that utab describes: its lines go to a utab of that root's
+    own under /run, named by its device and inode, and the host's is left
+    alone."""
+    global _utab
+    if (root == "/" or os.environ.get("LIBMOUNT_UTAB") or os.path.exists("/etc/initrd-release")
+            or MountTable().points.get("/", ("", "", ""))[2] == "rootfs"):
+        _utab = None
+        return
+    st = os.stat(root)
+    _utab = f"{LOCK_DIR}/impermanence-boot.{st.st_dev}.{st.st_ino}.utab"
+    log.info(f"/run/mount/utab: left alone, as {root} is not / and this is no initramfs; "
+             f"the mount options are kept in {_utab}")
+
+
+def update_utab(added: list, removed: list) -> None:
+    """Add lines (str, without their newline) to utab, and take out the
+    lines of the mounts `removed` (UtabKey) names, any line with the ID of
+    an added one (left from a mount that is gone: an ID names one live
+    mount), and lines with no options but apply's whose mount is gone.
+    Every other line stays as it is, byte for byte."""
     path = utab_path()
     directory = os.path.dirname(path)
     try:
@@ -1627,20 +1807,34 @@ def update_utab(added: list, removed: set) -> None:
         pass
     except OSError as exc:
         raise oserror("mkdir", directory, exc.errno) from None
-    replaced = removed | {utab_target(line) for line in added}
+    new = [line.encode("utf-8", "surrogateescape") for line in added]
+    gone = list(removed) + [UtabKey(utab_fields(line).get("ID"), None, None, None) for line in new]
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     with opened(call("open", path + ".lock", os.open, path + ".lock", flags, 0o644)) as lock:
         if libc().flock(lock, LOCK_EX) < 0:
             raise oserror("flock", path + ".lock")
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                kept = [line.rstrip("\n") for line in f if utab_target(line.rstrip("\n")) not in replaced]
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
         except FileNotFoundError:
-            kept = []
+            lines = []
         except OSError as exc:
             raise oserror("read", path, exc.errno) from None
+        if lines and not lines[-1]:
+            lines.pop()
+        live = {mount[3] for mount in MountTable().points.values()}
+        kept = []
+        for line in lines:
+            fields = utab_fields(line)
+            if any(key.names(fields) for key in gone):
+                continue
+            # A line of ours (only options apply writes) whose mount is gone.
+            if "ID" in fields and fields["ID"] not in live and set(
+                    fields.get("OPTS", "").split(",")) <= OUR_OPTIONS:
+                continue
+            kept.append(line)
         temp = f"{path}.{os.getpid()}"
-        data = "".join(line + "\n" for line in kept + added).encode("utf-8", "surrogateescape")
+        data = b"".join(line + b"\n" for line in kept + new)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             with opened(call("create", temp, os.open, temp, flags, 0o644)) as fd:
@@ -1979,6 +2173,12 @@ class Walk:
         try:
             with os.scandir(fd) as it:
                 for e in it:
+                    path = comps + (e.name,)
+                    if path in self.mount_types and path not in self.own_fs and path not in self.through:
+                        # Another mount, per the table: never looked at (a
+                        # stalled FUSE daemon would hang the lstat).
+                        entries.append((e.name, None))
+                        continue
                     try:
                         entries.append((e.name, e.stat(follow_symlinks=False)))
                     except FileNotFoundError:
@@ -1996,6 +2196,9 @@ class Walk:
                 continue
             if path in self.skipped and path not in self.through:
                 self.not_walked.append((path, self.skipped[path]))
+                continue
+            if st is None:
+                self.mounts.append((path, self.mount_types[path]))
                 continue
             mode = st.st_mode
             if stat.S_ISDIR(mode):
@@ -2051,6 +2254,12 @@ class Walk:
             try:
                 with os.scandir(fd_here) as it:
                     for e in it:
+                        if e.name in self.mount_names and path_here + (e.name,) in self.mount_types:
+                            # Another mount: named, never looked at (a
+                            # stalled FUSE daemon would hang the lstat).
+                            count += 1
+                            self.mounts.append((path_here + (e.name,), self.mount_types[path_here + (e.name,)]))
+                            continue
                         try:
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
@@ -2244,7 +2453,7 @@ class Executor:
                 lines.append(f"ID={mount_id} SRC={mangle(source)} TARGET={mangle(as_path(target))} "
                              f"ROOT={mangle(fs_root)} OPTS={mangle(','.join(options))}")
         try:
-            update_utab(lines, set())
+            update_utab(lines, [])
         except OSError as exc:
             self.log.error(f"{exc.filename}: cannot record mount options: {describe_oserror(exc)}")
             return False
@@ -3347,11 +3556,43 @@ def link_text(entry: Entry) -> str:
     return as_path(entry.source)
 
 
+_fuse_mounts: dict = {}  # root -> {components: (fs type, source)}
+
+
+def fuse_mounts(root: str, mounts: MountTable | None = None) -> dict:
+    """The FUSE mounts below root, read from the mount table (mounts, if
+    the caller has read it) once a run (apply makes none): a user's daemon
+    answers for them, and a stopped one hangs every lstat there."""
+    if root not in _fuse_mounts:
+        prefix = root.rstrip("/") + "/"
+        _fuse_mounts[root] = {
+            tuple(point[len(prefix):].split("/")): (fs_type, source)
+            for point, (source, _fs_root, fs_type, _id) in (mounts or MountTable()).points.items()
+            if point.startswith(prefix) and (fs_type in ("fuse", "fuseblk") or fs_type.startswith("fuse."))}
+    return _fuse_mounts[root]
+
+
+def fuse_refusal(tree: Tree, entry: Entry, mounts: MountTable | None = None) -> tuple | None:
+    """(path, cause) when the entry's target or source lies on a FUSE
+    mount: never looked at, nor into; None otherwise."""
+    fuse = fuse_mounts(tree.root, mounts)
+    for path in (entry.target, entry.source) if fuse else ():
+        for depth in range(1, len(path) + 1):
+            if path[:depth] in fuse:
+                fs_type, source = fuse[path[:depth]]
+                return path[:depth], (f"is a {fs_type} mount ({source}), not apply's; "
+                                      "left as it is, not looked into")
+    return None
+
+
 def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is
     now (and as the actions planned before it leave it)."""
     actions: list = []
     tree.enter(entry.target)
+    on_fuse = fuse_refusal(tree, entry)
+    if on_fuse is not None:
+        return [Fail(*on_fuse)]
     for path in (entry.source, entry.target):
         if len(os.fsencode(tree.host(path))) >= PATH_MAX:
             # The lookups of its parents would each fail alike, after a
@@ -3685,6 +3926,47 @@ def apply_config(config: Config, tree: Tree, runner, log: Log) -> tuple:
     return run_entries(usable, tree, accounts, runner), sum(skipped.values())
 
 
+LOCK_NB = 4
+LOCK_WAIT = 60.0  # seconds a second apply or unmount of a root waits for the first
+LOCK_DIR = "/run"
+
+
+class Busy(Exception):
+    """Another apply or unmount of the same root holds its lock."""
+
+
+def lock_root(root: str, log: Log) -> int:
+    """Hold, for the rest of this process, the lock that lets one apply or
+    unmount of this root run at a time (two at once could stack binds):
+    an flock on /run/impermanence-boot.<dev>.<inode>.lock, named by the
+    root's device and inode. Without a /run to write in, the root
+    directory itself is locked. Waits up to $IMPERMANENCE_LOCK_WAIT
+    seconds (default LOCK_WAIT), then raises Busy."""
+    st = os.stat(root)
+    path = f"{LOCK_DIR}/impermanence-boot.{st.st_dev}.{st.st_ino}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.info(f"{path}: {describe_oserror(exc)}; locking {root} itself")
+        path, fd = root, os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        wait = float(os.environ.get("IMPERMANENCE_LOCK_WAIT") or LOCK_WAIT)
+    except ValueError:
+        wait = LOCK_WAIT
+    deadline = time.monotonic() + wait
+    while libc().flock(fd, LOCK_EX | LOCK_NB) < 0:
+        err = libc().get_errno()
+        if err != errno.EWOULDBLOCK:
+            log.warn(f"{path}: flock: {os.strerror(err)}; running without the lock")
+            break
+        if time.monotonic() >= deadline:
+            os.close(fd)
+            raise Busy(f"{root}: another apply or unmount of this root is running (lock {path}, "
+                       f"waited {wait:g} s); run again when it has finished")
+        time.sleep(0.05)
+    return fd
+
+
 def command_apply(config: Config, root: str, log: Log) -> int:
     started = time.monotonic()
     tree = Tree(root)
@@ -3719,6 +4001,9 @@ STATES = ("ok", "not-mounted", "wrong-source", "not-linked", "source-missing",
 def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Accounts) -> tuple:
     """(state, detail) of one entry on the live system."""
     source, target = entry.source, entry.target
+    on_fuse = fuse_refusal(tree, entry, mounts)
+    if on_fuse is not None:
+        return "error", f"{tree.host(on_fuse[0])} {on_fuse[1]}"
     src = tree.look(source)
     tgt = tree.look(target)
     host_target = tree.host(target)
@@ -3847,7 +4132,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     chain = DirChain(root_fd, tree)
     kept_dirs = {entry.target for entry in config.entries if entry.kind == "directory"}
-    unmounted: set = set()  # the targets, as utab names them
+    unmounted: list = []  # UtabKey of each mount taken off
     try:
         for entry in reversed(config.entries):
             host = tree.host(entry.target)
@@ -3856,8 +4141,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             # itself): left there.
             in_storage = any(entry.target[:depth] in kept_dirs for depth in range(1, len(entry.target)))
             try:
-                if unmount_entry(entry, tree, mounts, chain, log, in_storage):
-                    unmounted.add(as_path(entry.target))
+                unmounted += unmount_entry(entry, tree, mounts, chain, log, in_storage)
             except Exception as exc:  # this entry stays, the others are undone
                 failed += 1
                 log.error(failure_text(exc, host))
@@ -3882,7 +4166,7 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
             try:
                 umount2(host, UMOUNT_NOFOLLOW, host)
                 log.info(f"unmounted {host}")
-                unmounted.add(as_path(fs.mountpoint))
+                unmounted.append(UtabKey(mount_id, source, as_path(fs.mountpoint), fs_root))
             except OSError as exc:
                 failed += 1
                 log.error(failure_text(exc, host))
@@ -3899,33 +4183,43 @@ def command_unmount(config: Config, root: str, log: Log) -> int:
 
 
 def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
-                  log: Log, in_storage: bool) -> bool:
+                  log: Log, in_storage: bool) -> list:
     """Unmount one entry's bind mount; remove the link or the empty mount
     point apply made for it, unless it lies in storage (in_storage).
-    Whether it unmounted one."""
+    The UtabKey of each mount taken off."""
     target = entry.target
     host = tree.host(target)
+    if fuse_refusal(tree, entry, mounts) is not None:
+        return []  # not apply's: left as it is, never looked at
     node = tree.look(target)
     if node is None:
-        return False
+        return []
     if node.kind == "link":
         if not in_storage and node.link == link_text(entry):
             parent = chain.open(target[:-1])
             call("unlink", host, os.unlink, target[-1], dir_fd=parent)
             log.info(f"removed link {host}")
-        return False
+        return []
     src = tree.look(entry.source)
-    unmounted = False
-    if mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
+    unmounted = []
+    # Every layer that binds the source: two runs of an older version at
+    # once could stack them.
+    while mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
         parent = chain.open(target[:-1])
         # Through the pinned parent, never following a link at the leaf; an
         # fd on the mount itself would keep it busy.
         umount2(f"/proc/self/fd/{parent}/{target[-1]}", UMOUNT_NOFOLLOW, host)
         log.info(f"unmounted {host}")
+        source, fs_root, _, mount_id = mounts.points[host]
+        unmounted.append(UtabKey(mount_id, source, as_path(target), fs_root))
         mounts.remove(host)
         tree.forget(target)
         node = tree.look(target)
-        unmounted = True
+    if mounts.layers(host) > 1 and src is not None:
+        # Another mount on top, with more below it: apply's bind may be one
+        # of them, and cannot be taken off from under that mount.
+        raise EntryError(host, f"covered by another mount ({mounts.layers(host)} mounts there); "
+                               "unmount those above apply's first, then run unmount again")
     # Remove the mount point only if apply created it and it is empty.
     if node is None or in_storage or mounts.is_mountpoint(host) or node.kind not in ("dir", "file"):
         return unmounted
@@ -4294,10 +4588,12 @@ def mounted_below(top: BtrfsTop, comps: tuple) -> str | None:
 
 
 def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
-    """([(line, step)] that rotate the root, essential: a failure stops the
-    rotation; [(line, step)] that delete old roots beyond the retention)."""
+    """([(line, step, undo)] that rotate the root, essential: a failure
+    stops the rotation, and the undo of the last step done that has one
+    (None ends one) takes back what it made; [(line, step)] that delete
+    old roots beyond the retention; [warning] about the retention)."""
     old, rotating, root = spec.old_roots, spec.old_roots + (ROTATING,), spec.subvolume
-    steps, deletions = [], []
+    steps, deletions, notes = [], [], []
     subvols = read_subvolumes(top.fd, top.shown(()))
     for comps, what in ((root, "root.subvolume"), (old, "root.oldRoots"), (rotating, None),
                         (spec.blank, "root.blank")):
@@ -4314,7 +4610,7 @@ def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
                                           "root is mounted")
     taken, ours = set(), []
     if top.look(old) is None:
-        steps.append((f"mkdir {top.shown(old)} (0:0 0700)", lambda: make_dirs(top, old)))
+        steps.append((f"mkdir {top.shown(old)} (0:0 0700)", lambda: make_dirs(top, old), None))
     else:
         with opened(top.open(old)) as fd:
             place = (ino_lookup(fd, 0, BTRFS_FIRST_FREE_OBJECTID, top.shown(old))[0],
@@ -4336,33 +4632,50 @@ def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
         taken.add(name)
         moved.append((name, ident))
         steps.append((f"move {top.shown(rotating)} ({why}) to {top.shown(old + (name,))}",
-                      lambda: rename_in(top, rotating, old + (name,), 0)))
+                      lambda: rename_in(top, rotating, old + (name,), 0), None))
 
     if top.look(rotating) is not None:
         to_old_roots(rotating, "left by an interrupted rotation")
     fresh = (f"snapshot {top.shown(spec.blank)} as" if spec.blank else "create empty subvolume")
     if top.look(root) is None:
         steps.append((f"{fresh} {top.shown(root)} (there is no root subvolume)",
-                      lambda: make_root(top, spec.blank, root)))
+                      lambda: make_root(top, spec.blank, root), None))
     else:
+        # A fresh root that does not take the root's place is deleted
+        # again: a failing rotation leaves nothing for the next to keep.
         steps.append((f"{fresh} {top.shown(rotating)} (the fresh root)",
-                      lambda: make_root(top, spec.blank, rotating)))
+                      lambda: make_root(top, spec.blank, rotating),
+                      lambda: destroy_subvolume(top, rotating)))
         steps.append((f"exchange {top.shown(root)} and {top.shown(rotating)} (the fresh root "
                       "takes the root's place)",
-                      lambda: rename_in(top, root, rotating, RENAME_EXCHANGE)))
+                      lambda: rename_in(top, root, rotating, RENAME_EXCHANGE), None))
         to_old_roots(root, "the old root, named by the time of its last change")
     ours += [(rotation_name(name), name, ident) for name, ident in moved]
+    ours.sort(reverse=True)
     cutoff = time_name(now - spec.keep_days * 86400)
-    for rank, (stamp, name, ident) in enumerate(sorted(ours, reverse=True)):
-        if rank >= spec.keep_count and stamp[0] < cutoff:
+    why = f"older than {spec.keep_days} days and not among the {spec.keep_count} newest"
+    if spec.keep_days == 0:
+        cutoff, why = None, f"not among the {spec.keep_count} newest"
+    elif ours and time_name(now) < ours[0][0][0]:
+        # The clock is behind (a board without RTC starts at 1970): no age
+        # can be told, and keep.count alone still holds.
+        clock = f"the clock ({time_name(now)}) is before the newest old root's time ({ours[0][0][0]})"
+        if spec.keep_count == 0:
+            notes.append(f"{top.shown(old)}: {clock}; keep.count is 0, so nothing deleted")
+            ours = []
+        else:
+            notes.append(f"{top.shown(old)}: {clock}; keep.days ignored, the {spec.keep_count} "
+                         "newest kept")
+            cutoff, why = None, f"not among the {spec.keep_count} newest; keep.days ignored"
+    for rank, (stamp, name, ident) in enumerate(ours):
+        if rank >= spec.keep_count and (cutoff is None or stamp[0] < cutoff):
             nested = descendants(subvols, ident)
-            line = (f"delete old root {top.shown(old + (name,))} (older than {spec.keep_days} days "
-                    f"and not among the {spec.keep_count} newest)")
+            line = f"delete old root {top.shown(old + (name,))} ({why})"
             if nested:
                 line += f", first the {len(nested)} subvolumes nested in it"
             deletions.append((line, lambda name=name, ident=ident, nested=nested:
                               delete_old_root(top, old + (name,), ident, nested, subvols)))
-    return steps, deletions
+    return steps, deletions, notes
 
 
 def descendants(subvols: dict, ident: int) -> list:
@@ -4413,8 +4726,25 @@ def make_root(top: BtrfsTop, blank: tuple | None, comps: tuple) -> None:
             return
         btrfs_ioctl(parent, BTRFS_IOC_SUBVOL_CREATE, "BTRFS_IOC_SUBVOL_CREATE",
                     vol_args(comps[-1], 0, 8, shown), shown)
-    with opened(top.open(comps)) as fd:
-        call("chmod", shown, os.fchmod, fd, 0o755)
+    try:
+        with opened(top.open(comps)) as fd:
+            call("chmod", shown, os.fchmod, fd, 0o755)
+    except OSError:
+        destroy_subvolume(top, comps)  # not left half made
+        raise
+
+
+def destroy_subvolume(top: BtrfsTop, comps: tuple) -> None:
+    """Delete the (empty, fresh) subvolume this run made at comps, if it
+    is still one; best effort: the error that stopped the run is the one
+    reported."""
+    try:
+        if top.look(comps) == "subvolume":
+            with opened(top.open(comps[:-1])) as parent:
+                btrfs_ioctl(parent, BTRFS_IOC_SNAP_DESTROY, "BTRFS_IOC_SNAP_DESTROY",
+                            vol_args(comps[-1], 0, 8, top.shown(comps)), top.shown(comps))
+    except (EntryError, OSError):
+        pass
 
 
 def delete_old_root(top: BtrfsTop, comps: tuple, ident: int, nested: list, subvols: dict) -> None:
@@ -4462,22 +4792,28 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
     failed = 0
     with top:
         try:
-            steps, deletions = plan_rotation(spec, top, time.time())
+            steps, deletions, notes = plan_rotation(spec, top, time.time())
         except (EntryError, OSError) as exc:
             log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; the root is not rotated")
             return EXIT_STORAGE
+        for note in notes:
+            log.warn(note)
         if dry_run:
-            lines = [line for line, _ in steps + deletions]
+            lines = [step[0] for step in steps + deletions]
             out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
             return EXIT_OK
-        for line, step in steps:
+        undo = None
+        for line, step, undoes in steps:
             log.info(line)
             try:
                 step()
             except (EntryError, OSError) as exc:
+                if undo is not None:
+                    undo()
                 log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; rotation stopped, "
                           f"{top.shown(spec.subvolume)} is left as it is")
                 return EXIT_STORAGE
+            undo = undoes
         for line, step in deletions:
             log.info(line)
             try:
@@ -4627,7 +4963,7 @@ def main(argv: list | None = None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
-        sys.stderr.write(f"impermanence: {exc}\n{usage().splitlines()[0]}\n")
+        sys.stderr.write(f"impermanence: {str(exc).translate(UNPRINTABLE)}\n{usage().splitlines()[0]}\n")
         return EXIT_CONFIG
     if opts.help:
         sys.stdout.write(usage())
@@ -4657,7 +4993,13 @@ def main(argv: list | None = None) -> int:
     if not os.path.isdir(root):
         log.error(f"{opts.root}: --root is not a directory")
         return EXIT_CONFIG
+    _fuse_mounts.clear()  # read again by each run, as the mount table is
+    lock = -1
     try:
+        if opts.command in ("apply", "unmount"):
+            lock = lock_root(root, log)
+        if opts.command in ("apply", "unmount", "plan"):
+            choose_utab(root, log)
         if opts.command == "apply":
             # Directories are made with their final mode; nothing is
             # created with a mode not set explicitly.
@@ -4676,6 +5018,9 @@ def main(argv: list | None = None) -> int:
         if opts.command == "unmount":
             return command_unmount(config, root, log)
         raise AssertionError(f"no dispatch for command {opts.command}")
+    except Busy as exc:
+        log.error(str(exc))
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_FAILED
@@ -4686,6 +5031,9 @@ def main(argv: list | None = None) -> int:
 
             traceback.print_exc()
         return EXIT_FAILED
+    finally:
+        if lock >= 0:
+            os.close(lock)  # the lock goes with it (main may run in a longer process)
 
 
 if __name__ == "__main__":

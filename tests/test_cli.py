@@ -109,3 +109,13 @@ def test_quiet_check_prints_nothing(tmp_path):
     r = run("-q", "--config", str(cfg), "check")
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
     assert run("--config", str(cfg), "check").stdout.startswith("config OK")
+
+
+def test_usage_errors_escape_control_characters():
+    # An argument holding a carriage return or escape sequence stays on
+    # the one line that names it.
+    r = run("-\r0")
+    assert r.returncode == 2
+    assert r.stderr.split("\n")[0] == "impermanence: unknown option -\\x0d0", r.stderr
+    r = run("check", "\x1b[2Jx")
+    assert "\x1b" not in r.stderr and r.stderr.count("\n") == 2, r.stderr

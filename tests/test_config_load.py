@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import SCRIPT, config, error_of, load
+from support import SCRIPT, config, error_of, load, run
 
 sys.path.insert(0, str(SCRIPT.parent))
 import impermanence_boot as ib  # noqa: E402
@@ -283,3 +284,97 @@ def test_mount_options_come_from_the_location_unless_the_item_says():
     assert options == {("a",): ("x-gvfs-hide", "x-gvfs-trash"), ("b",): ("x-gvfs-trash",),
                        ("c",): ("x-gvfs-hide",), ("f",): (),
                        ("home", "bird", "d"): ("x-gvfs-hide", "x-gvfs-trash")}
+
+
+DUPLICATE_TWO_BLOCKS = """{
+  "persistence": {
+    "/persistent": {
+      "directories": ["/var/log"]
+    },
+    "/persistent": {
+      "directories": ["/srv"]
+    }
+  }
+}"""
+
+DUPLICATE_LIST = """{"persistence": {"/persistent": {
+  "directories": ["/var/log"],
+  "files": [],
+  "directories": ["/srv"]}}}"""
+
+DUPLICATE_DEEP = """{"persistence": {"/p": {"directories": [
+  "/a", {"directory": "/b", "mode": "0700",
+  "mode": "0755"}]}}}"""
+
+
+@pytest.mark.parametrize("text,where,lines", [
+    (DUPLICATE_TWO_BLOCKS, 'persistence["/persistent"]', (3, 6)),
+    (DUPLICATE_LIST, 'persistence["/persistent"].directories', (2, 4)),
+    (DUPLICATE_DEEP, 'persistence["/p"].directories[1].mode', (2, 3)),
+    ('{"users": {}, "users": {}}', "users", (1, 1)),
+    ('[{"a": 1}, {"b": 1, "b": 2}]', "[1].b", (1, 1)),
+])
+def test_duplicate_keys_are_a_config_error_naming_both_places(text, where, lines):
+    # json.loads keeps the last of two equal keys: the first block (or
+    # list) would vanish without a word.
+    with pytest.raises(ib.ConfigError) as info:
+        ib.load_config(text, "/etc/impermanence.json")
+    assert info.value.where == where, str(info.value)
+    assert f"line {lines[0]}" in info.value.cause and f"line {lines[1]}" in info.value.cause, str(info.value)
+    assert "twice" in info.value.cause and "\n" not in str(info.value)
+
+
+def test_duplicate_keys_through_the_cli(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(DUPLICATE_TWO_BLOCKS)
+    for command in ("check", "plan"):
+        result = run("--config", str(path), "--root", str(tmp_path), command)
+        assert result.returncode == 2, result
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f'impermanence: {path}: persistence["/persistent"]: '), line
+        assert "line 3" in line and "line 6" in line, line
+
+
+def test_equal_keys_in_different_objects_are_not_duplicates():
+    cfg = ib.load_config('{"persistence": {"/a": {"directories": ["/x"]}, "/b": {"directories": ["/y"]}}}')
+    assert sorted(e.target for e in cfg.entries) == [("x",), ("y",)]
+
+
+def test_did_you_mean_is_bounded_for_a_huge_key():
+    # A 200 KB key: the search for a close known key must not take
+    # seconds, and the message must not carry the whole key.
+    key = "directorie" + "x" * 200_000
+    start = time.monotonic()
+    exc = error_of(config(**{key: []}))
+    assert time.monotonic() - start < 0.5
+    assert len(str(exc)) < 400, len(str(exc))
+    assert "unknown key" in exc.cause
+    # a near miss still gets its hint
+    assert "did you mean 'directories'" in error_of(config(directorys=[])).cause
+
+
+@pytest.mark.parametrize("home", ["/etc", "/usr", "/var", "/nix/store", "/nix", "/run", "/var/lib",
+                                  "/proc", "/sys/fs", "/nix/store/abc-x", "/bin"])
+def test_a_home_that_is_a_system_directory_is_refused(home):
+    for data, where in [
+        (config(users={"bird": {"home": home, "directories": ["Downloads"]}}),
+         'persistence["/persistent"].users.bird.home'),
+        ({"users": {"bird": {"uid": 1000, "home": home}},
+          **config(users={"bird": {"files": [".bashrc"]}})}, "users.bird.home"),
+    ]:
+        exc = error_of(data)
+        assert exc.where == where, str(exc)
+        assert "system directory" in exc.cause and "\n" not in str(exc)
+
+
+def test_an_account_home_that_is_a_system_directory_owns_nothing():
+    # An account table lists every account (NixOS: nobody's home is
+    # /var/empty, some services' is /run/x): a system directory there is
+    # no home, so /etc/ssh is never created as bird's.
+    cfg = load({"users": {"bird": {"uid": 1000, "home": "/etc"}, "nobody": {"home": "/var/empty"}},
+                **config(directories=["/etc/ssh", "/var/empty/x"])})
+    ssh = next(e for e in cfg.entries if e.target == ("etc", "ssh"))
+    assert ssh.home is None and ssh.home_owner is None
+    # an ordinary home still gives its rules
+    empty = next(e for e in cfg.entries if e.target == ("var", "empty", "x"))
+    assert empty.home_owner == "nobody"

@@ -2,10 +2,14 @@
 escaped, one line per entry."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+import unicodedata
 
-from support import BIRD, USERS_GID, base_config, require, tmpfs_at, unique_label
+import impermanence_boot as ib
+from support import BIRD, USERS_GID, base_config, require, run, tmpfs_at, unique_label
 
 
 def test_messages_reach_kmsg(sandbox, disk):
@@ -70,3 +74,19 @@ def test_output_escapes_what_a_planted_link_says(sandbox):
     lines = status.stdout.splitlines()
     assert len(lines) == 1 + 2 + 1, status.stdout  # storage, two entries, the summary
     assert escaped in status.stdout
+
+
+def test_format_characters_are_escaped(tmp_path):
+    # A bidi override (U+202E) or a zero-width space (U+200B) in a path
+    # would make a message read as something else: written escaped, as the
+    # other control characters are.
+    path = "/srv/a\u202ebad\u200bx\U000e0041"
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"persistence": {"/persistent": {"directories": [path, path]}}}))
+    result = run("--config", str(config_file), "--root", str(tmp_path), "check")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "/srv/a\\u202ebad\\u200bx\\U000e0041 is listed twice" in line, line
+    every_cf = "".join(chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf")
+    escaped = every_cf.translate(ib.UNPRINTABLE)
+    assert not any(unicodedata.category(c) == "Cf" for c in escaped), escaped

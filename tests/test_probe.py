@@ -187,3 +187,71 @@ def test_device_appearing_late_is_waited_for(sandbox, loop_disk, tmp_path):
     finally:
         subprocess.run(["umount", "-R", str(sandbox.root)], capture_output=True)
         subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+def clone_image(tmp_path: Path, image: Path, name: str) -> Path:
+    copy = tmp_path / name
+    shutil.copyfile(image, copy)
+    return copy
+
+
+def test_a_tag_two_devices_answer_is_refused(sandbox, loop_image, tmp_path):
+    # A cloned disk (or a USB stick labelled like the storage, an LVM
+    # snapshot): which one is storage is not guessed, whatever the kernel's
+    # order of names; each device named by path is still used as written.
+    label = "dup" + secrets.token_hex(4)
+    image = make_image(tmp_path, "ext4", label)
+    first = loop_image(image)
+    second = loop_image(clone_image(tmp_path, image, "clone.img"))
+    uuid = blkid(first)["UUID"]
+    for spec in (f"LABEL={label}", f"UUID={uuid}", f"/dev/disk/by-label/{label}"):
+        with pytest.raises(ib.EntryError) as info:
+            ib.lookup_device(spec)
+        assert first in info.value.cause and second in info.value.cause, info.value
+    cfg = {"fileSystems": {"/persistent": {"device": f"LABEL={label}"}}, "deviceTimeout": 20,
+           "persistence": {"/persistent": {"directories": ["/var/log"]}}}
+    result = sandbox.run("apply", config=cfg, timeout=60)
+    assert result.returncode == 3, result
+    # the device's line, then the storage's usual "not applied" line
+    line, summary = result.stderr.splitlines()
+    assert "storage unavailable" in summary, summary
+    assert f"LABEL={label}: matches 2 devices: " in line and first in line and second in line, line
+    assert not os.path.ismount(sandbox.path("/persistent"))
+    assert not sandbox.path("/var/log").exists()
+    # by path: honoured as written
+    cfg["fileSystems"]["/persistent"]["device"] = second
+    result = sandbox.run("apply", config=cfg)
+    assert result.returncode == 0, result.stderr
+    assert os.stat(sandbox.path("/persistent")).st_dev == os.stat(second).st_rdev
+
+
+def test_partlabel_two_partitions_answer_is_refused(loop_image, tmp_path):
+    name = "dup-" + secrets.token_hex(3)
+    first, second = partitioned(loop_image, tmp_path / "gpt.img", 48,
+                                f'label: gpt\nsize=16M, type=L, name="{name}"\nsize=16M, type=L, name="{name}"\n', 2)
+    with pytest.raises(ib.EntryError) as info:
+        ib.lookup_device(f"PARTLABEL={name}")
+    assert f"{first}, {second}" in info.value.cause
+
+
+def test_a_label_is_not_a_prefix(loop_image, tmp_path):
+    # LABEL=X is not the device labelled Xx.
+    label = "px" + secrets.token_hex(4)
+    device = loop_image(make_image(tmp_path, "ext4", label + "x"))
+    assert ib.lookup_device(f"LABEL={label}") == (None, None)
+    assert ib.lookup_device(f"LABEL={label}x")[0] == device
+
+
+def test_the_devices_of_one_btrfs_are_one_match(loop_image, tmp_path):
+    # A two-device btrfs: both superblocks carry its label and UUID.
+    require(shutil.which("mkfs.btrfs") is not None, "mkfs.btrfs is not installed")
+    label = "pb" + secrets.token_hex(4)
+    images = [tmp_path / "b1.img", tmp_path / "b2.img"]
+    for image in images:
+        with open(image, "wb") as f:
+            f.truncate(128 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", "-L", label, "-d", "raid1", "-m", "raid1",
+                    *map(str, images)], check=True, capture_output=True)
+    devices = [loop_image(image) for image in images]
+    found, fs_type = ib.lookup_device(f"LABEL={label}")
+    assert found in devices and fs_type == "btrfs"

@@ -498,3 +498,70 @@ def test_two_boots_the_root_subvolume_is_rotated_at_each(rotated_boots):
     assert list(rotated_boots["lost"]) == [old[1]]  # the newer one: boot 1's root
     assert rotated_boots["kept"] == "kept\n"
     assert {"root", "persistent"} <= rotated_boots["subvols"]
+
+
+# --- a clock that is behind, and a failed rotation ------------------------------------
+
+def faketime(when: str) -> tuple:
+    require(shutil.which("faketime") is not None, "faketime is not installed (Debian package faketime)")
+    return ("faketime", "-f", when)
+
+
+RECENT = [stamp(time.time() - d * 86400) for d in (5, 4, 3, 2, 1)]
+
+
+@pytest.mark.parametrize("days", [30, 0])
+def test_a_clock_behind_still_keeps_count_alone(fs, days):
+    # A board without RTC starts at 1970: no old root is "older than
+    # keep.days", yet only keep.count of them may stay.
+    make_old_roots(fs, RECENT)
+    fs.config(keep={"days": days, "count": 2})
+    result = fs.rotate(prefix=faketime("@1970-01-01 00:00:00"))
+    assert result.returncode == 0, result.stderr
+    kept = fs.old_roots()
+    assert len(kept) == 2, kept
+    assert RECENT[-1] in kept  # the newest old one, and the root just rotated
+    if days:
+        (line,) = result.stderr.splitlines()
+        assert "1970-01-01T00-00-0" in line and "keep.days ignored" in line, line
+    else:
+        assert result.stderr == ""  # by count alone: the clock does not matter
+
+
+def test_keep_days_zero_is_by_count_alone(fs):
+    make_old_roots(fs, RECENT)
+    fs.config(keep={"days": 0, "count": 3})
+    assert fs.rotate().returncode == 0
+    assert fs.old_roots()[:2] == RECENT[-2:] and len(fs.old_roots()) == 3
+
+
+def test_a_clock_behind_with_count_zero_deletes_nothing(fs):
+    # keep.count = 0 keeps by age alone; an age the clock cannot tell
+    # deletes nothing.
+    make_old_roots(fs, RECENT)
+    fs.config(keep={"days": 30, "count": 0})
+    result = fs.rotate(prefix=faketime("@1970-01-01 00:00:00"))
+    assert result.returncode == 0, result.stderr
+    assert len(fs.old_roots()) == len(RECENT) + 1
+    assert "nothing deleted" in result.stderr
+
+
+@pytest.mark.parametrize("syscall,blank", [("renameat2", None), ("fchmod", None), ("renameat2", "blank")])
+def test_a_failed_rotation_leaves_no_new_subvolume(fs, syscall, blank):
+    # renameat2: the exchange fails after the fresh root (empty, or a
+    # snapshot of blank) was made; fchmod: the fresh root's mode cannot be
+    # set. Run twice: no run leaves a subvolume for the next to keep.
+    require(shutil.which("strace") is not None, "strace is not installed")
+    if blank:
+        with fs.top() as top:
+            subvolume(top / "blank")
+        fs.config(blank=blank)
+    before = fs.ids()
+    trace = fs.work / "trace"
+    for attempt in range(2):
+        result = fs.rotate(prefix=strace_prefix(trace, syscall, f"inject={syscall}:error=EIO:when=1"))
+        assert result.returncode == 3, result.stderr
+        assert fs.ids() == before, (attempt, result.stderr, set(fs.ids()) - set(before))
+        with fs.top() as top:
+            assert os.listdir(top / "old_roots") == []
+            assert sorted(os.listdir(top / "root")) == ["etc", "srv"]

@@ -161,3 +161,63 @@ def test_findmnt_shows_the_options_in_the_root_as_booted(sandbox, disk):
     assert "x-gvfs-hide" in options["/home/bird/Documents"]
     assert not {"x-gvfs-hide", "x-gvfs-trash"} & set(options["/persistent"])
     assert os.stat(R / "home/bird/Documents").st_uid == BIRD
+
+
+OTHERS = (b"ID=7 SRC=/dev/sdz TARGET=/mnt/a\rb ROOT=/ OPTS=x-foo\n"  # a carriage return in TARGET
+          b"ID=99999 SRC=tmpfs TARGET=/var/log ROOT=/ OPTS=x-mine=keep\n"  # another mount, same TARGET
+          b"ID=88888 SRC=/dev/sdy TARGET=/srv/plain ROOT=/ OPTS=x-other\n"
+          b"SRC=/dev/sdx TARGET=/srv/shared ROOT=/ OPTS=x-old-libmount\n")  # no ID: an older libmount's
+
+
+def test_other_programs_lines_stay_byte_identical(sandbox, disk):
+    # Lines are bytes split at newlines only, and ours are told apart by
+    # mount ID (and SRC, TARGET, ROOT where a line has no ID): a line for
+    # another mount at one of our TARGETs is not ours.
+    utab, env = utab_env(sandbox)
+    utab.write_bytes(OTHERS)
+    cfg = base_config(disk.label, HIDDEN)
+    result = sandbox.run("apply", config=cfg, env=env)
+    assert result.returncode == 0, result.stderr
+    data = utab.read_bytes()
+    assert data.startswith(OTHERS), data
+    ours = data[len(OTHERS):].splitlines()
+    assert len(ours) == 6 and all(l.startswith(b"ID=") for l in ours), data
+    assert sandbox.run("apply", env=env).returncode == 0
+    assert utab.read_bytes() == data
+    result = sandbox.run("unmount", env=env)
+    assert result.returncode == 0, result.stderr
+    assert utab.read_bytes() == OTHERS
+    assert mount_points_under(sandbox.root) == [str(sandbox.root)]
+
+
+def test_a_scratch_root_leaves_the_hosts_utab_alone(sandbox, disk):
+    # apply --root <dir> on a running system (not an initramfs, no
+    # LIBMOUNT_UTAB): TARGETs of the scratch root do not belong in the
+    # host's /run/mount/utab; -v says so.
+    host_run = Path("/run/mount")
+    made = not host_run.exists()
+    host_run.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "host-run-mount", str(host_run)], check=True)
+    try:
+        (host_run / "utab").write_bytes(OTHERS)
+        env = {k: v for k, v in os.environ.items() if k != "LIBMOUNT_UTAB"}
+        env.pop("IMPERMANENCE_CONFIG", None)
+        env["IMPERMANENCE_NO_KMSG"] = "1"
+        sandbox.write_config(base_config(disk.label, HIDDEN))
+        import sys
+        from support import SCRIPT
+        args = [sys.executable, str(SCRIPT), "--root", str(sandbox.root), "--config", str(sandbox.config_path)]
+        result = subprocess.run([*args, "-v", "apply"], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert any("utab" in l and "left alone" in l for l in result.stderr.splitlines()), result.stderr
+        assert sorted(os.listdir(host_run)) == ["utab"]
+        assert (host_run / "utab").read_bytes() == OTHERS
+        result = subprocess.run([*args, "unmount"], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert (host_run / "utab").read_bytes() == OTHERS
+        # the scratch root's own record: the storage apply mounted is unmounted too
+        assert mount_points_under(sandbox.root) == [str(sandbox.root)]
+    finally:
+        subprocess.run(["umount", "-l", str(host_run)])
+        if made:
+            host_run.rmdir()
