@@ -55,6 +55,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 MNT_DETACH = 2
 LOCK_EX = 2
+LOCK_NB = 4
 # linux/btrfs.h: _IOW/_IOWR(0x94, nr, args), every args struct 4096 bytes.
 BTRFS_IOC_SUBVOL_CREATE = 0x5000940E
 BTRFS_IOC_SNAP_DESTROY = 0x5000940F
@@ -87,7 +88,7 @@ MARK_TIMES = (MARK_TIME_NS, MARK_TIME_NS)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE, EXIT_PRIVILEGE = 0, 1, 2, 3, 4
 # Commands that mount, unmount or change owners: root only, said at once.
-NEEDS_ROOT = ("apply", "unmount", "rotate-root")
+NEEDS_ROOT = ("apply", "unmount", "rotate-root", "save")
 VERSION = "0.1.0"
 
 DEFAULT_CONFIG = "/etc/impermanence.json"
@@ -3953,18 +3954,26 @@ def lock_root(root: str, log: Log) -> int:
         wait = float(os.environ.get("IMPERMANENCE_LOCK_WAIT") or LOCK_WAIT)
     except ValueError:
         wait = LOCK_WAIT
+    err = wait_for_flock(fd, wait)
+    if err == errno.EWOULDBLOCK:
+        os.close(fd)
+        raise Busy(f"{root}: another apply or unmount of this root is running (lock {path}, "
+                   f"waited {wait:g} s); run again when it has finished")
+    if err:
+        log.warn(f"{path}: flock: {os.strerror(err)}; running without the lock")
+    return fd
+
+
+def wait_for_flock(fd: int, wait: float) -> int:
+    """flock(LOCK_EX) on fd, tried again for up to `wait` seconds: 0 once
+    held, else the errno (EWOULDBLOCK: another process still holds it)."""
     deadline = time.monotonic() + wait
     while libc().flock(fd, LOCK_EX | LOCK_NB) < 0:
         err = libc().get_errno()
-        if err != errno.EWOULDBLOCK:
-            log.warn(f"{path}: flock: {os.strerror(err)}; running without the lock")
-            break
-        if time.monotonic() >= deadline:
-            os.close(fd)
-            raise Busy(f"{root}: another apply or unmount of this root is running (lock {path}, "
-                       f"waited {wait:g} s); run again when it has finished")
+        if err != errno.EWOULDBLOCK or time.monotonic() >= deadline:
+            return err
         time.sleep(0.05)
-    return fd
+    return 0
 
 
 def command_apply(config: Config, root: str, log: Log) -> int:
@@ -3995,7 +4004,8 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
 
 
 STATES = ("ok", "not-mounted", "wrong-source", "not-linked", "source-missing",
-          "owner-differs", "mode-differs", "error", "storage-unavailable")
+          "owner-differs", "mode-differs", "error", "storage-unavailable", "replaced")
+REPLACED = "a program replaced the link or bind with a file on the root; save moves it into storage"
 
 
 def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Accounts) -> tuple:
@@ -4019,6 +4029,8 @@ def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Account
             if src is None:
                 return "ok", "linked; the source is created on first write"
             return "ok", "linked"
+        if replaced_file(entry, tgt, src, tree, mounts):
+            return "replaced", REPLACED
         if entry.method == "symlink":
             return "not-linked", f"target is {describe_kind(tgt) if tgt else 'missing'}; expected a link to {wanted}"
         if src is None:
@@ -4236,6 +4248,505 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
             call("unlink", host, os.unlink, target[-1], dir_fd=parent)
         log.info(f"removed mount point {host}")
     return unmounted
+
+
+# --- save: kept files that programs replaced by rename() ----------------------------
+#
+# A program that saves a file atomically (fish's history, dconf, KConfig,
+# editors) writes a temporary beside it and renames it over the name: a
+# link apply made is then replaced by a plain file on the wiped root, and
+# a bind-mounted file cannot be replaced at all (EBUSY). `save` copies such
+# a file into storage under a temporary name, fsyncs it, renames it over
+# the source, and only then puts the link (or the mount point and its
+# bind) back in place of the root's copy. Killed at any step, storage
+# holds the old content or the new, and the root's copy stays until the
+# new content is in storage: the next save finishes or discards what the
+# killed one left.
+
+SAVE_TEMP = ".impermanence-save"   # .NAME.impermanence-save beside the source
+SWAP_TEMP = ".impermanence-swap"   # .NAME.impermanence-swap beside the target
+CONFLICT = ".impermanence-conflict-"
+
+
+def save_temp_name(name: str, suffix: str) -> str | None:
+    """The name of a temporary beside `name`; None where it would be too long."""
+    temp = f".{name}{suffix}"
+    return temp if len(os.fsencode(temp)) <= 255 else None
+
+
+def is_mount_mark(host: str) -> bool:
+    """Whether the file at host is an empty mount point apply made."""
+    try:
+        st = os.lstat(host)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_mtime_ns == MARK_TIME_NS
+
+
+def replaced_file(entry: Entry, tgt: Node | None, src: Node | None, tree: Tree,
+                  mounts: MountTable) -> bool:
+    """Whether a kept file's target is a regular file where apply made a
+    link (method symlink, or auto while the source was missing) or a bind
+    (auto): a program replaced it by rename(), or wrote where the bind was
+    gone. An empty mount point apply made, whose bind is missing, is not."""
+    if tgt is None or tgt.kind != "file":
+        return False
+    host = tree.host(entry.target)
+    if mounts.is_mountpoint(host) or (src is not None and tree.same(entry.source, entry.target)):
+        return False
+    if entry.method == "auto" and src is not None and tgt.size == 0 and is_mount_mark(host):
+        return False
+    return True
+
+
+def save_refusal(st, dir_sts: tuple, root_dev: int) -> str | None:
+    """Why the file st (opened at a kept file's target) must not go into
+    storage, or None. Whoever may make names in a directory on the way
+    could have planted it there (a hard link to another's file, or a file
+    of another owner): storage must never receive a file that gives more
+    than its planter could give themselves."""
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file; not saved"
+    if st.st_dev != root_dev:
+        return "is not on the root's own filesystem; not saved"
+    if st.st_nlink != 1:
+        return f"is a hard link ({st.st_nlink} names); not saved"
+    if st.st_mode & 0o6000:
+        return "is set-user-ID or set-group-ID; not saved"
+    for folder in dir_sts:
+        if st.st_uid != folder.st_uid and (folder.st_uid != 0 or folder.st_mode & 0o022):
+            writer = f"uid {folder.st_uid}" if folder.st_uid != 0 else "others"
+            return f"is owned by uid {st.st_uid} in a directory {writer} may write; not saved"
+    return None
+
+
+def same_content(a: int, b: int) -> bool:
+    """Whether the regular files open at fds a and b hold the same bytes."""
+    if os.fstat(a).st_size != os.fstat(b).st_size:
+        return False
+    offset = 0
+    while True:
+        chunk = os.pread(a, 1 << 20, offset)
+        if chunk != os.pread(b, len(chunk) or 1, offset):
+            return False
+        if not chunk:
+            return True
+        offset += len(chunk)
+
+
+def open_file_at(dir_fd: int, name: str, shown: str) -> int | None:
+    """A regular file at name, opened read-only without following a link;
+    None if nothing is there."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise EntryError(shown, "is a symbolic link; not read") from None
+        raise oserror("open", shown, exc.errno) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise EntryError(shown, "is not a regular file; not read")
+    return fd
+
+
+def saved_already(storage_dir: int, name: str, fd: int) -> str | None:
+    """The name in storage_dir (the source, or a conflict copy an earlier
+    save made) that holds what fd holds, or None."""
+    prefix = name + CONFLICT
+    for candidate in [name] + sorted(n for n in os.listdir(storage_dir) if n.startswith(prefix)):
+        try:
+            other = open_file_at(storage_dir, candidate, candidate)
+        except EntryError:
+            if candidate == name:
+                raise
+            continue  # not a copy save made: not compared
+        if other is None:
+            continue
+        with opened(other):
+            if same_content(fd, other):
+                return candidate
+    return None
+
+
+def rename_exchange(dir_fd: int, a: str, b: str, shown: str) -> bool:
+    """renameat2(RENAME_EXCHANGE) of a and b in dir_fd; False where the
+    kernel, filesystem or C library lacks it."""
+    function = libc().renameat2
+    if function is None:
+        return False
+    if function(dir_fd, os.fsencode(a), dir_fd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = libc().get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS):
+        return False
+    raise oserror("rename", shown, err)
+
+
+def fingerprint(st) -> tuple:
+    """What changes when a file is written or replaced (its ctime moves
+    with every write, chmod, chown and rename)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class SaveFile(Action):
+    """The root's copy of a kept file, which a program put in place of the
+    link or bind: copied into storage (over the source, or beside it as a
+    conflict copy when storage changed too), then the link, or an empty
+    mount point and the bind, put back in its place."""
+    __slots__ = ("entry", "found", "conflict", "restore", "held")
+
+    def __init__(self, entry: Entry, found: tuple, conflict: str | None, restore: str,
+                 held: str | None):
+        # found: fingerprint of the root's copy when planned; conflict: the
+        # name of the copy beside the source, or None to replace the
+        # source; restore: "link" or "bind"; held: the name in storage
+        # that holds the root's bytes already (a killed save's work).
+        self.entry, self.found, self.conflict, self.restore = entry, found, conflict, restore
+        self.held = held
+
+    def describe(self, tree: Tree) -> str:
+        entry = self.entry
+        again = "link it again" if self.restore == "link" else "bind it again"
+        if self.held is not None:
+            return (f"{again.split()[0]} {tree.host(entry.target)} again "
+                    f"({tree.host(entry.source[:-1] + (self.held,))} holds its content already)")
+        if self.conflict is None:
+            return (f"save {tree.host(entry.target)} into {tree.host(entry.source)} (a program "
+                    f"replaced it), then {again}")
+        copy = tree.host(entry.source[:-1] + (self.conflict,))
+        return (f"save {tree.host(entry.target)} as {copy} ({tree.host(entry.source)} changed too: "
+                f"both kept), then {again}")
+
+    def execute(self, ex: Executor) -> None:
+        entry, tree = self.entry, ex.tree
+        target_dir = ex.targets.open(entry.target[:-1])
+        storage_dir = ex.sources.open(entry.source[:-1])
+        name, shown = entry.target[-1], tree.host(entry.target)
+        source_name, source_shown = entry.source[-1], tree.host(entry.source)
+        fd = open_file_at(target_dir, name, shown)
+        if fd is None:
+            raise EntryError(shown, "disappeared while saving; nothing saved")
+        with opened(fd):
+            st = os.fstat(fd)
+            if fingerprint(st) != self.found:
+                raise EntryError(shown, "changed while saving; saved at the next save")
+            refusal = save_refusal(st, (os.fstat(target_dir), os.fstat(storage_dir)),
+                                   os.fstat(ex.root_fd).st_dev)
+            if refusal:
+                raise EntryError(shown, refusal)
+            before = source_state(storage_dir, source_name)
+            if saved_already(storage_dir, source_name, fd) is None:
+                if self.conflict is None and before is not None and before[4] > st.st_ctime_ns:
+                    raise EntryError(source_shown, "changed while saving; saved at the next save")
+                write_saved(fd, st, storage_dir, source_name, shown, source_shown,
+                            self.conflict, before)
+                if self.conflict is not None:
+                    ex.log.warn(f"{source_shown}: changed in storage and at {shown}: kept both, "
+                                f"the root's copy as {self.conflict}")
+            self.put_back(ex, target_dir, name, shown, st)
+
+    def put_back(self, ex: Executor, target_dir: int, name: str, shown: str, st) -> None:
+        """Swap the link (or an empty mount point) in for the root's copy,
+        now in storage; what comes out must be that copy, unchanged."""
+        swap = save_temp_name(name, SWAP_TEMP)
+        if swap is None:
+            raise EntryError(shown, "has a name too long for a temporary beside it; saved, "
+                                    "not linked again")
+        if self.restore == "link":
+            call("symlink", shown, os.symlink, link_text(self.entry), swap, dir_fd=target_dir)
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with opened(call("create", shown, os.open, swap, flags, 0o644, dir_fd=target_dir)) as made:
+                mark(made)
+        if rename_exchange(target_dir, swap, name, shown):
+            out = os.stat(swap, dir_fd=target_dir, follow_symlinks=False)
+            if fingerprint(out)[:4] != fingerprint(st)[:4]:
+                # Replaced again meanwhile: the newer copy goes back.
+                rename_exchange(target_dir, swap, name, shown)
+                os.unlink(swap, dir_fd=target_dir)
+                raise EntryError(shown, "changed while saving; saved at the next save")
+            call("unlink", shown, os.unlink, swap, dir_fd=target_dir)
+        else:
+            now_there = call("lstat", shown, os.stat, name, dir_fd=target_dir, follow_symlinks=False)
+            if fingerprint(now_there)[:4] != fingerprint(st)[:4]:
+                os.unlink(swap, dir_fd=target_dir)
+                raise EntryError(shown, "changed while saving; saved at the next save")
+            call("rename", shown, os.rename, swap, name, src_dir_fd=target_dir, dst_dir_fd=target_dir)
+        if self.restore == "bind":
+            Bind(self.entry.source, self.entry.target, "file").execute(ex)
+
+
+def source_state(storage_dir: int, name: str) -> tuple | None:
+    try:
+        return fingerprint(os.stat(name, dir_fd=storage_dir, follow_symlinks=False))
+    except FileNotFoundError:
+        return None
+
+
+def write_saved(fd: int, st, storage_dir: int, name: str, shown: str, source_shown: str,
+                conflict: str | None, before: tuple | None) -> None:
+    """The content of fd into storage: a temporary written, given fd's
+    owner, mode, xattrs and times, fsynced, then renamed over the source
+    (or to the conflict name) and the directory fsynced. Killed at any
+    point, the source is whole, old or new."""
+    temp = save_temp_name(name, SAVE_TEMP)
+    if temp is None:
+        raise EntryError(source_shown, "has a name too long for a temporary beside it; not saved")
+    try:
+        os.unlink(temp, dir_fd=storage_dir)  # left by a killed save
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    copy = call("create", source_shown, os.open, temp, flags, 0o600, dir_fd=storage_dir)
+    try:
+        try:
+            offset = 0
+            while True:
+                chunk = call("read", shown, os.pread, fd, 1 << 20, offset)
+                if not chunk:
+                    break
+                view = memoryview(chunk)
+                while view:
+                    view = view[call("write", source_shown, os.write, copy, view):]
+                offset += len(chunk)
+            give_attributes(fd, copy, st, source_shown)
+            call("fsync", source_shown, os.fsync, copy)
+        finally:
+            os.close(copy)
+        if fingerprint(os.fstat(fd)) != fingerprint(st):
+            raise EntryError(shown, "changed while saving; saved at the next save")
+        if conflict is None:
+            if source_state(storage_dir, name) != before:
+                raise EntryError(source_shown, "changed while saving; saved at the next save")
+            call("rename", source_shown, os.rename, temp, name, src_dir_fd=storage_dir,
+                 dst_dir_fd=storage_dir)
+        else:
+            rename_noreplace(storage_dir, temp, storage_dir, conflict, source_shown)
+    except BaseException:
+        try:
+            os.unlink(temp, dir_fd=storage_dir)
+        except OSError:
+            pass
+        raise
+    call("fsync", source_shown, os.fsync, storage_dir)
+
+
+class DiscardTemp(Action):
+    """A temporary a killed save left. In storage: an unfinished copy of
+    the root's copy (removed only if the root's file starts with its
+    bytes, or storage holds them already; otherwise it may be the only
+    copy left by a crash, and stays). Beside the target: the link or
+    empty mount point about to be swapped in, or the root's copy swapped
+    out (removed only if storage holds its bytes)."""
+    __slots__ = ("path", "entry", "in_storage")
+
+    def __init__(self, path: tuple, entry: Entry, in_storage: bool):
+        self.path, self.entry, self.in_storage = path, entry, in_storage
+
+    def describe(self, tree: Tree) -> str:
+        return f"remove {tree.host(self.path)} (left by an interrupted save)"
+
+    def execute(self, ex: Executor) -> None:
+        entry = self.entry
+        chain = ex.sources if self.in_storage else ex.targets
+        parent = chain.open(self.path[:-1])
+        name, shown = self.path[-1], ex.tree.host(self.path)
+        st = call("lstat", shown, os.stat, name, dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode) and not self.in_storage:
+            if os.readlink(name, dir_fd=parent) != link_text(entry):
+                raise EntryError(shown, "has the name of a save's temporary but is not one; left as it is")
+        elif not stat.S_ISREG(st.st_mode):
+            raise EntryError(shown, "has the name of a save's temporary but is not one; left as it is")
+        elif self.in_storage or st.st_size:
+            # (An empty file beside the target holds nothing to lose: the
+            # mount point, marked or not yet.)
+            fd = open_file_at(parent, name, shown)
+            if fd is not None:
+                with opened(fd):
+                    storage_dir = ex.sources.open(entry.source[:-1])
+                    if not (self.in_storage and self.copy_of_root(ex, fd)
+                            or saved_already(storage_dir, entry.source[-1], fd) is not None):
+                        raise EntryError(shown, "was left by an interrupted save and holds what "
+                                                "neither storage nor the root holds; left as it is")
+        call("unlink", shown, os.unlink, name, dir_fd=parent)
+
+    def copy_of_root(self, ex: Executor, fd: int) -> bool:
+        """Whether the root's file at the target starts with fd's bytes."""
+        target_dir = ex.targets.open(self.entry.target[:-1])
+        try:
+            root_copy = open_file_at(target_dir, self.entry.target[-1], ex.tree.host(self.entry.target))
+        except EntryError:
+            return False  # the link, or no file: nothing there to copy
+        if root_copy is None:
+            return False
+        with opened(root_copy):
+            offset = 0
+            while True:
+                chunk = os.pread(fd, 1 << 20, offset)
+                if not chunk:
+                    return True
+                if os.pread(root_copy, len(chunk), offset) != chunk:
+                    return False
+                offset += len(chunk)
+
+
+def plan_save(entry: Entry, tree: Tree, mounts: MountTable, now: float) -> list:
+    """What save does for one kept file: the temporaries a killed save
+    left, then the root's copy that took the place of the link or bind."""
+    actions: list = []
+    if entry.kind != "file" or (tree.same(entry.source[:-1], entry.target[:-1])):
+        return actions  # a kept directory, or a file inside one: in storage already
+    tree.enter(entry.target)
+    try:
+        for path, in_storage in ((entry.source, True), (entry.target, False)):
+            temp = save_temp_name(path[-1], SAVE_TEMP if in_storage else SWAP_TEMP)
+            if temp is not None and tree.look(path[:-1] + (temp,)) is not None:
+                actions.append(DiscardTemp(path[:-1] + (temp,), entry, in_storage))
+        tgt, src = tree.look(entry.target), tree.look(entry.source)
+        if tgt is None:
+            return actions
+        if tgt.kind == "link":
+            if tgt.link != link_text(entry):
+                raise Refused(entry.target, f"is {describe_kind(tgt)}, not the link apply made; "
+                                            "not saved")
+            return actions
+        if tgt.kind != "file":
+            raise Refused(entry.target, f"is {describe_kind(tgt)}; not saved")
+        host = tree.host(entry.target)
+        if not replaced_file(entry, tgt, src, tree, mounts):
+            if (entry.method == "auto" and src is not None and not mounts.is_mountpoint(host)
+                    and is_mount_mark(host)):
+                # A save killed between the swap and the bind.
+                actions.append(Bind(entry.source, entry.target, "file"))
+            return actions
+        if src is not None and src.kind != "file":
+            raise Refused(entry.source, f"source is {describe_kind(src)}, not a regular file")
+        actions.append(plan_save_file(entry, tree, src, now))
+    except Refused as refused:
+        actions.append(Fail(refused.path, refused.cause))
+    return actions
+
+
+def plan_save_file(entry: Entry, tree: Tree, src: Node | None, now: float) -> SaveFile:
+    """SaveFile for a replaced target, refused as save_refusal says. The
+    storage copy changed too when its ctime is later than the root copy's:
+    the root's copy took the link's place by a rename, which sets its
+    ctime, so storage was written after that, by someone who did not go
+    through the link. (A program that replaces a file reads it through
+    the link first: changes before its rename are in its copy.) Where a
+    bind was, the program could not have read storage's copy through a
+    link at all: a source that differs is always kept."""
+    with opened(open_dir_path(tree, entry.target[:-1])) as target_dir:
+        fd = open_file_at(target_dir, entry.target[-1], tree.host(entry.target))
+        if fd is None:
+            raise Refused(entry.target, "disappeared while planning; nothing saved")
+        with opened(fd):
+            st = os.fstat(fd)
+            with opened(open_dir_path(tree, entry.source[:-1])) as storage_dir:
+                refusal = save_refusal(st, (os.fstat(target_dir), os.fstat(storage_dir)),
+                                       os.stat(tree.root).st_dev)
+                if refusal:
+                    raise Refused(entry.target, refusal)
+                conflict = None
+                source = entry.source[-1]
+                sst = source_state(storage_dir, source)
+                held = saved_already(storage_dir, source, fd) if sst is not None else None
+                restore = "bind" if entry.method == "auto" and src is not None else "link"
+                if held is None and sst is not None and (sst[4] > st.st_ctime_ns or restore == "bind"):
+                    conflict = source + CONFLICT + time.strftime(TIME_FORMAT, time.gmtime(now))
+    return SaveFile(entry, fingerprint(st), conflict, restore, held)
+
+
+def usable_storages(config: Config, tree: Tree, mounts: MountTable, log: Log) -> set:
+    """The storages save may write into: existing directories, and where a
+    fileSystems entry holds one, that filesystem mounted. save mounts
+    nothing: a storage that is gone (unmounted at shutdown) gets nothing
+    on the bare mount point."""
+    usable = set()
+    for storage in config.storages:
+        fs = covering_filesystem(config, storage)
+        try:
+            node = tree.look(storage)
+        except EntryError as exc:
+            log.error(f"{exc.path}: {exc.cause}; its entries not saved")
+            continue
+        if node is None or node.kind != "dir":
+            log.error(f"{tree.host(storage)}: storage is missing; its entries not saved")
+        elif fs is not None and not mounts.is_mountpoint(tree.host(fs.mountpoint)):
+            log.error(f"{tree.host(fs.mountpoint)}: not mounted; its entries not saved")
+        else:
+            usable.add(storage)
+    return usable
+
+
+SAVE_LOCK = "/run/impermanence-save.lock"
+SAVE_LOCK_WAIT = 30.0  # seconds a second save waits for the first
+
+
+def save_lock() -> int | None:
+    """An fd holding the one-save-at-a-time lock (two saves would each
+    remove the other's temporary), or None after waiting SAVE_LOCK_WAIT.
+    Root's file under /run: no user can hold it."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = call("open", SAVE_LOCK, os.open, SAVE_LOCK, flags, 0o600)
+    if wait_for_flock(fd, SAVE_LOCK_WAIT):
+        os.close(fd)
+        return None
+    return fd
+
+
+def command_save(config: Config, root: str, log: Log, out, dry_run: bool) -> int:
+    if not dry_run:
+        try:
+            lock = save_lock()
+        except OSError as exc:
+            log.error(failure_text(exc, SAVE_LOCK) + "; nothing was saved")
+            return EXIT_CONFIG
+        if lock is None:
+            log.error(f"{SAVE_LOCK}: another save is running (waited {SAVE_LOCK_WAIT:g} s); "
+                      "nothing was saved")
+            return EXIT_CONFIG
+        try:
+            return saved(config, root, log, out, dry_run)
+        finally:
+            os.close(lock)
+    return saved(config, root, log, out, dry_run)
+
+
+def saved(config: Config, root: str, log: Log, out, dry_run: bool) -> int:
+    """save, under its lock unless dry_run."""
+    tree = Tree(root)
+    mounts = MountTable()
+    usable = usable_storages(config, tree, mounts, log)
+    now = time.time()
+    failed = len(set(config.storages) - usable)
+    entries = [e for e in config.entries if e.kind == "file" and e.storage in usable]
+    if dry_run:
+        printer = Printer(tree)
+        failed += save_entries(entries, tree, mounts, now, printer)
+        lines = printer.lines or ["nothing to save"]
+        out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
+    else:
+        with Executor(tree, log) as executor:
+            failed += save_entries(entries, tree, mounts, now, executor)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def save_entries(entries: list, tree: Tree, mounts: MountTable, now: float, runner) -> int:
+    """Plan and run save for each kept file; the number that failed."""
+    failed = 0
+    for entry in entries:
+        try:
+            actions = plan_save(entry, tree, mounts, now)
+            runner.run(actions)
+            # (run by the executor, a Fail raises; the printer only prints it)
+            failed += any(isinstance(action, Fail) for action in actions)
+        except Exception as exc:  # the other entries are still saved
+            failed += 1
+            runner.report(failure_text(exc, tree.host(entry.target)))
+    return failed
 
 
 def command_check(path: str, log: Log, out) -> int:
@@ -4850,6 +5361,9 @@ commands (default: apply):
            root subvolume to old_roots/<time of its last change>, delete
            old roots beyond the config's "root".keep, create a fresh root
            (--dry-run: print what it would do)
+  save     at shutdown: move kept files that programs replaced by
+           rename() (a file where the link or bind was) into storage,
+           then link or bind them again (--dry-run: print what it would do)
 
 options:
   --config PATH  config file (default: $IMPERMANENCE_CONFIG, else
@@ -4860,14 +5374,14 @@ options:
   --json         with status, diff, orphans: JSON output
   --tree         with diff, orphans: a tree, not largest first
   --include PATH with diff: walk PATH too (repeatable)
-  --dry-run      with rotate-root: change nothing
+  --dry-run      with rotate-root, save: change nothing
   -h, --help     show this help
   --version      show the version
 
 exit status: 0 all in place; 1 an entry failed (others applied), status
 found drift or diff could not read a path; 2 usage or config error, nothing
 changed; 3 a persistent storage location was unavailable, nothing bound from
-it; 4 apply, unmount or rotate-root run without root, nothing changed.
+it; 4 apply, unmount, rotate-root or save run without root, nothing changed.
 """
 
 
@@ -4881,10 +5395,10 @@ def usage() -> str:
         prog = "impermanence_boot.py"
     return USAGE.replace("{prog}", prog)
 
-COMMANDS = ("apply", "plan", "status", "unmount", "check", "diff", "orphans", "rotate-root")
+COMMANDS = ("apply", "plan", "status", "unmount", "check", "diff", "orphans", "rotate-root", "save")
 # The options a command takes besides --config, --root, -v, -q.
 COMMAND_OPTIONS = {"--json": ("status", "diff", "orphans"), "--tree": ("diff", "orphans"),
-                   "--include": ("diff",), "--dry-run": ("rotate-root",)}
+                   "--include": ("diff",), "--dry-run": ("rotate-root", "save")}
 
 
 class Options(Record):
@@ -5017,6 +5531,9 @@ def main(argv: list | None = None) -> int:
             return command_rotate_root(config, log, sys.stdout, opts.dry_run)
         if opts.command == "unmount":
             return command_unmount(config, root, log)
+        if opts.command == "save":
+            os.umask(0)
+            return command_save(config, root, log, sys.stdout, opts.dry_run)
         raise AssertionError(f"no dispatch for command {opts.command}")
     except Busy as exc:
         log.error(str(exc))

@@ -14,7 +14,9 @@ script fails the check too, so the list follows the code.
     tests/mutants.py                      every mutation
     tests/mutants.py --only NAME[,NAME]   those
     tests/mutants.py --changed-since REV  those in functions of the script
-                                          changed since REV (CI)
+                                          changed since REV
+    tests/mutants.py --since-recorded     those changed since the full run
+                                          docs/reliability.md records (CI)
     tests/mutants.py --list               the mutations and where they are
 
 Run as root (the tests mount), with the suite's interpreter
@@ -187,7 +189,8 @@ MUTATIONS = [
       "    if False:\n        raise EntryError(spec, f\"matches {len(found)} devices:", ("test_probe.py",)),
     # --- one run at a time, config, rotation, FUSE ----------------------------------------------
     M("no-run-lock", "two applies on one root run at once",
-      "    while libc().flock(fd, LOCK_EX | LOCK_NB) < 0:", "    while False:", ("test_concurrency.py",)),
+      "    err = wait_for_flock(fd, wait)\n    if err == errno.EWOULDBLOCK:",
+      "    err = 0\n    if err == errno.EWOULDBLOCK:", ("test_concurrency.py",)),
     M("duplicate-keys-kept", "a key given twice in one JSON object silently keeps the last",
       "        if len(obj) != len(pairs):\n            self.duplicated = True",
       "        if False:\n            self.duplicated = True", ("test_config_load.py", "test_config_items.py")),
@@ -245,6 +248,34 @@ MUTATIONS = [
       "    if euid != 0 and opts.command in NEEDS_ROOT:", "    if False:", ("test_privilege.py",)),
     M("diff-errors-exit-0", "diff exits 0 when it could not read a path",
       "    return EXIT_FAILED if walk.errors else EXIT_OK", "    return EXIT_OK", ("test_privilege.py",)),
+    # --- save ---------------------------------------------------------------------------------------
+    M("save-unlocked", "two saves run at once (each removes the other's temporary)",
+      "    if wait_for_flock(fd, SAVE_LOCK_WAIT):", "    if False:", ("test_save.py",)),
+    M("save-in-place", "save writes the root's copy straight over the source, no temporary",
+      "    copy = call(\"create\", source_shown, os.open, temp, flags, 0o600, dir_fd=storage_dir)",
+      "    temp = name if conflict is None else temp\n"
+      "    copy = call(\"create\", source_shown, os.open, temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC"
+      " | os.O_NOFOLLOW, 0o600, dir_fd=storage_dir)", ("test_save.py",)),
+    M("save-no-conflict", "save overwrites a source that changed in storage too",
+      "                    conflict = source + CONFLICT", "                    conflict = None and source + CONFLICT",
+      ("test_save.py",)),
+    M("save-hard-link", "save takes a hard link planted at the target",
+      "    if st.st_nlink != 1:", "    if st.st_nlink == 0:", ("test_save.py",)),
+    M("save-owner", "save takes a file of another owner from a directory a user may write",
+      "        if st.st_uid != folder.st_uid and (folder.st_uid != 0", "        if False and (folder.st_uid != 0",
+      ("test_save.py",)),
+    M("save-setid", "save takes a set-user-ID file", "    if st.st_mode & 0o6000:", "    if False:",
+      ("test_save.py",)),
+    M("save-other-fs", "save takes a file from another filesystem",
+      "    if st.st_dev != root_dev:", "    if False:", ("test_save.py",)),
+    M("save-swap-unchecked", "save's swap drops a copy replaced again meanwhile",
+      "            if fingerprint(out)[:4] != fingerprint(st)[:4]:", "            if False:", ("test_save.py",)),
+    M("save-discards-unsaved", "save removes a temporary-named file that storage does not hold",
+      "        elif self.in_storage or st.st_size:", "        elif False:", ("test_save.py",)),
+    M("save-discards-only-copy", "save removes a complete copy in storage that the root no longer has",
+      "        \"\"\"Whether the root's file at the target starts with fd's bytes.\"\"\"",
+      "        \"\"\"Whether the root's file at the target starts with fd's bytes.\"\"\"\n        return True",
+      ("test_save.py",)),
 ]
 
 
@@ -297,6 +328,15 @@ def select_changed(rev: str, text: str) -> list | None:
     return chosen
 
 
+RECORDED = re.compile(r"^Last full run: .*commit `([0-9a-f]{7,40})`", re.M)
+
+
+def recorded_run() -> str | None:
+    """The commit of the last full run, as docs/reliability.md records it."""
+    found = RECORDED.search((PROJECT / "docs/reliability.md").read_text(encoding="utf-8"))
+    return found.group(1) if found else None
+
+
 def copy_project(dest: Path) -> None:
     ignore = shutil.ignore_patterns(".git", ".venv", "build", "__pycache__", ".pytest_cache",
                                     "results", "*.img")
@@ -322,6 +362,8 @@ def main(argv: list) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated mutation names")
     ap.add_argument("--changed-since", metavar="REV")
+    ap.add_argument("--since-recorded", action="store_true",
+                    help="--changed-since the commit of the full run in docs/reliability.md")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--timeout", type=float, default=900, help="per test run, seconds")
     a = ap.parse_args(argv)
@@ -336,6 +378,10 @@ def main(argv: list) -> int:
             print(f"mutants: unknown mutation {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
         chosen = [m for m in MUTATIONS if m.name in wanted]
+    if a.since_recorded:
+        a.changed_since = recorded_run()
+        if a.changed_since is None:
+            print("mutants: docs/reliability.md records no full run; running every mutation")
     if a.changed_since:
         selected = select_changed(a.changed_since, text)
         if selected is None:

@@ -45,7 +45,7 @@ def config(tmp_path):
     return cfg
 
 
-@pytest.mark.parametrize("command", ["apply", "unmount", "rotate-root"])
+@pytest.mark.parametrize("command", ["apply", "unmount", "rotate-root", "save"])
 def test_mounting_commands_need_root_and_say_so_at_once(tmp_path, config, command):
     root = tmp_path / "root"
     root.mkdir(mode=0o755)
