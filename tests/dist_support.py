@@ -6,7 +6,11 @@ A boot has two disks: a root filesystem made fresh for every boot
 reports what it sees on the second serial port and powers off) and the
 persistent disk (LABEL=persist). The config in the initramfs can be replaced
 per boot by a cpio appended to it (the kernel unpacks concatenated archives
-in order)."""
+in order).
+
+The builders run on this machine's Debian or, given a Chroot, inside
+another release's tree (tests/releases), with that release's own builder,
+kernel and python3."""
 from __future__ import annotations
 
 import os
@@ -42,9 +46,68 @@ DRACUT_MODULES = ("systemd", "systemd-initrd", "dracut-systemd", "base", "rootfs
                   "fs-lib", "kernel-modules", "udev-rules")
 
 
+class Chroot:
+    """A Debian tree the builders run inside: /proc, /sys, /dev and every
+    path bound with bind() (at the same path inside) are mounted in it, so
+    the project's files and the work directory have one name in and out.
+    The caller must be in a private mount namespace."""
+
+    PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._mounted: set[str] = set()
+        self._bound: set[str] = set()
+        for point, cmd in (("/proc", ["-t", "proc", "proc"]), ("/sys", ["--rbind", "/sys"]),
+                           ("/dev", ["--rbind", "/dev"]), ("/run", ["-t", "tmpfs", "run"]),
+                           ("/tmp", ["-t", "tmpfs", "tmp"]), ("/var/tmp", ["-t", "tmpfs", "tmp"])):
+            self._mount(point, cmd)
+
+    def _mount(self, point: str, args: list[str]) -> None:
+        if point in self._mounted:
+            return
+        target = self.root / point.lstrip("/")
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", *args, str(target)], check=True)
+        self._mounted.add(point)
+
+    def bind(self, path: Path) -> None:
+        """The host's path, at the same path inside."""
+        path = Path(path).resolve()
+        if not any(str(path) == m or str(path).startswith(m + "/") for m in self._bound):
+            self._mount(str(path), ["--bind", str(path)])
+            self._bound.add(str(path))
+
+    def run(self, cmd: list[str], env: dict | None = None, cwd: Path | None = None,
+            **kw) -> subprocess.CompletedProcess:
+        """cmd inside the tree, in a clean environment plus env."""
+        full = {"PATH": self.PATH, "HOME": "/root", "LANG": "C.UTF-8", **(env or {})}
+        argv = ["chroot", str(self.root), "/usr/bin/env", "-i",
+                *(f"{k}={v}" for k, v in full.items()),
+                "/bin/sh", "-c", 'cd "$0" && exec "$@"', str(cwd or "/"), *cmd]
+        return subprocess.run(argv, **kw)
+
+    def python(self) -> str:
+        """The release's python3, as a path inside the tree."""
+        return self.run(["readlink", "-f", "/usr/bin/python3"], capture_output=True,
+                        text=True, check=True).stdout.strip()
+
+    def kver(self) -> str:
+        """The release's one installed kernel."""
+        (kver,) = sorted(p.name for p in (self.root / "lib/modules").iterdir())
+        return kver
+
+
 class Built:
-    def __init__(self, chain: str, image: Path, kver: str, log: str, seconds: float):
+    def __init__(self, chain: str, image: Path, kver: str, log: str, seconds: float,
+                 chroot: Chroot | None = None):
         self.chain, self.image, self.kver, self.log, self.seconds = chain, image, kver, log, seconds
+        self.chroot = chroot
+
+    @property
+    def kernel(self) -> Path:
+        base = self.chroot.root if self.chroot else Path("/")
+        return base / f"boot/vmlinuz-{self.kver}"
 
     @property
     def size(self) -> int:
@@ -59,34 +122,52 @@ class Built:
 
     def listing(self) -> list[str]:
         tool = ["lsinitrd", str(self.image)] if self.chain == "dracut" else ["lsinitramfs", str(self.image)]
-        out = subprocess.run(tool, capture_output=True, check=True).stdout
+        if self.chroot:
+            out = self.chroot.run(tool, capture_output=True, check=True).stdout
+        else:
+            out = subprocess.run(tool, capture_output=True, check=True).stdout
         return out.decode("utf-8", "replace").splitlines()  # lsinitrd shows binary bits too
 
 
-def dracut_base(work: Path, with_module: bool) -> Path:
+def dracut_base(work: Path, with_module: bool, chroot: Chroot | None = None) -> Path:
     """A copy of /usr/lib/dracut made of links, with dist's module added:
     dracut finds modules only in its base directory, and the host's stays
-    untouched."""
+    untouched. The links name paths as dracut sees them (in the chroot)."""
     base = work / "dracut-base"
     (base / "modules.d").mkdir(parents=True)
-    for entry in Path("/usr/lib/dracut").iterdir():
+    lib = Path("/usr/lib/dracut")
+    seen = (chroot.root / "usr/lib/dracut") if chroot else lib
+    for entry in seen.iterdir():
         if entry.name != "modules.d":
-            (base / entry.name).symlink_to(entry)
-    for module in Path("/usr/lib/dracut/modules.d").iterdir():
-        (base / "modules.d" / module.name).symlink_to(module)
+            (base / entry.name).symlink_to(lib / entry.name)
+    for module in (seen / "modules.d").iterdir():
+        (base / "modules.d" / module.name).symlink_to(lib / "modules.d" / module.name)
     if with_module:
         (base / "modules.d/90impermanence").symlink_to(DIST / "dracut/90impermanence")
     return base
 
 
-def build_dracut(work: Path, kver: str, config: Path | None, extra_conf: str = "") -> Built:
-    """dracut (systemd initrd) for kver; with dist's module when config is given."""
+def _run_builder(cmd: list[str], work: Path, env: dict, chroot: Chroot | None,
+                 config: Path | None):
+    if chroot is None:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=work,
+                              env=dict(os.environ, **env))
+    for path in (PROJECT, work, *([config.parent] if config else [])):
+        chroot.bind(path)
+    return chroot.run(cmd, env, cwd=work, capture_output=True, text=True)
+
+
+def build_dracut(work: Path, kver: str, config: Path | None, extra_conf: str = "",
+                 chroot: Chroot | None = None) -> Built:
+    """dracut (systemd initrd) for kver; with dist's module when config is
+    given; the chroot's dracut and python3 when a chroot is given."""
     work.mkdir(parents=True, exist_ok=True)
-    base = dracut_base(work, config is not None)
+    base = dracut_base(work, config is not None, chroot)
+    interpreter = chroot.python() if chroot else python()
     conf = work / "dracut.conf"
     conf.write_text(
         (f"impermanence_script={SCRIPT}\nimpermanence_files={FILES_HELPER}\n"
-         f"impermanence_config={config}\nimpermanence_python={python()}\n" if config else "")
+         f"impermanence_config={config}\nimpermanence_python={interpreter}\n" if config else "")
         + extra_conf)
     (work / "dracut.conf.d").mkdir(exist_ok=True)
     modules = DRACUT_MODULES + (("impermanence",) if config else ())
@@ -95,40 +176,42 @@ def build_dracut(work: Path, kver: str, config: Path | None, extra_conf: str = "
            "--no-hostonly", "--kver", kver, "-m", " ".join(modules),
            "--drivers", " ".join(DRIVERS), "--compress", "zstd", "--force", str(image)]
     start = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=work,
-                       env=dict(os.environ, dracutbasedir=str(base)))
+    r = _run_builder(cmd, work, {"dracutbasedir": str(base)}, chroot, config)
     seconds = time.monotonic() - start
     if r.returncode != 0:
         raise RuntimeError(f"dracut failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return Built("dracut", image, kver, r.stdout + r.stderr, seconds)
+    return Built("dracut", image, kver, r.stdout + r.stderr, seconds, chroot)
 
 
-def build_mkinitramfs(work: Path, kver: str, config: Path | None, env: dict | None = None) -> Built:
+def build_mkinitramfs(work: Path, kver: str, config: Path | None, env: dict | None = None,
+                      chroot: Chroot | None = None) -> Built:
     """initramfs-tools' mkinitramfs for kver, from a configuration directory
     of its own (never /etc/initramfs-tools); with dist's hook and
-    local-bottom script when config is given."""
+    local-bottom script when config is given; the chroot's mkinitramfs and
+    python3 when a chroot is given."""
     confdir = work / "initramfs-tools"
     for d in ("hooks", "scripts/local-bottom", "conf.d"):
         (confdir / d).mkdir(parents=True, exist_ok=True)
     (confdir / "initramfs.conf").write_text(
         "MODULES=list\nBUSYBOX=n\nCOMPRESS=zstd\nDEVICE=\nNFSROOT=auto\nRUNSIZE=10%\nFSTYPE=ext4\n")
     (confdir / "modules").write_text("".join(f"{m}\n" for m in DRIVERS))
-    full_env = dict(os.environ)
+    full_env: dict = {}
     if config is not None:
         shutil.copy(DIST / "initramfs-tools/hooks/impermanence", confdir / "hooks/impermanence")
         shutil.copy(DIST / "initramfs-tools/scripts/local-bottom/impermanence",
                     confdir / "scripts/local-bottom/impermanence")
         full_env.update(IMPERMANENCE_SCRIPT=str(SCRIPT), IMPERMANENCE_FILES=str(FILES_HELPER),
-                        IMPERMANENCE_CONFIG=str(config), IMPERMANENCE_PYTHON=python())
+                        IMPERMANENCE_CONFIG=str(config),
+                        IMPERMANENCE_PYTHON=chroot.python() if chroot else python())
     full_env.update(env or {})
     image = work / "initrd.img"
     start = time.monotonic()
-    r = subprocess.run(["mkinitramfs", "-d", str(confdir), "-o", str(image), kver],
-                       capture_output=True, text=True, cwd=work, env=full_env)
+    r = _run_builder(["mkinitramfs", "-d", str(confdir), "-o", str(image), kver], work,
+                     full_env, chroot, config)
     seconds = time.monotonic() - start
     if r.returncode != 0:
         raise RuntimeError(f"mkinitramfs failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return Built("initramfs-tools", image, kver, r.stdout + r.stderr, seconds)
+    return Built("initramfs-tools", image, kver, r.stdout + r.stderr, seconds, chroot)
 
 
 # --- the fresh root and its small init -----------------------------------------
@@ -291,7 +374,7 @@ class Boot:
 
 
 def boot(built: Built, work: Path, name: str, disks: list[Path], overlay: bytes = b"",
-         timeout: float = TIMEOUT) -> Boot:
+         timeout: float = TIMEOUT, cmdline: str | None = None) -> Boot:
     work.mkdir(parents=True, exist_ok=True)
     initrd = work / f"{name}.initrd"
     with open(initrd, "wb") as out:
@@ -307,8 +390,8 @@ def boot(built: Built, work: Path, name: str, disks: list[Path], overlay: bytes 
         f.write_bytes(b"")
     cmd = [machine.QEMU, "-nodefaults", "-no-user-config", "-display", "none",
            "-machine", "pc", "-m", "768", "-smp", "1", "-no-reboot",
-           "-kernel", f"/boot/vmlinuz-{built.kver}", "-initrd", str(initrd),
-           "-append", CMDLINE[built.chain],
+           "-kernel", str(built.kernel), "-initrd", str(initrd),
+           "-append", cmdline or CMDLINE[built.chain],
            "-serial", f"file:{console}", "-serial", f"file:{report}"]
     cmd += ["-accel", "kvm", "-cpu", "host"] if machine.use_kvm() else ["-accel", "tcg"]
     for disk in disks:

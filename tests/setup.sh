@@ -26,7 +26,7 @@ APT_DEMO=(
 APT_TESTS=(
     python3-venv git
     btrfs-progs xfsprogs dosfstools
-    cpio zstd xz-utils strace faketime
+    cpio zstd xz-utils strace faketime debootstrap
     fuse2fs libcap2-bin
     nix-bin
     gcc libc6-dev

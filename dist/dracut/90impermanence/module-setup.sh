@@ -19,10 +19,20 @@ _impermanence_settings() {
     imp_emergency=${impermanence_emergency_on_error:-${IMPERMANENCE_EMERGENCY_ON_ERROR:-no}}
 }
 
+# A shared library: dracut-ng (Debian 13's dracut 106) has no inst_library;
+# its inst installs a library as any other file.
+_impermanence_inst_lib() {
+    if declare -F inst_library >/dev/null; then
+        inst_library "$1"
+    else
+        inst "$1"
+    fi
+}
+
 _impermanence_libs() {
     local lib
     for lib in $(ldd "$1" | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p'); do
-        inst_library "$lib" || return 1
+        _impermanence_inst_lib "$lib" || return 1
     done
 }
 
@@ -57,7 +67,7 @@ install() {
             bin) inst_binary "$src" && interpreter=$src ;;
             # dracut resolves the libraries of executables only; an
             # extension module is not one.
-            lib) inst_library "$src" && _impermanence_libs "$src" ;;
+            lib) _impermanence_inst_lib "$src" && _impermanence_libs "$src" ;;
             file) inst_simple "$src" "$dest" ;;
         esac || { derror "impermanence: cannot install $src"; rm -rf "$tmp"; return 1; }
     done < "$tmp/list"
