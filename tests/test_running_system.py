@@ -536,6 +536,24 @@ def test_a_live_writer_loses_no_line(sandbox, running, tmp_path, how, kind, paus
         assert set(outcomes) == ({"refused"} if how == "copy" else {"moved"}), "a writer holding the file open is not waited for"
 
 
+def with_rename_held(running, ready, log, persistence: dict, others: dict | None = None):
+    """apply (running) with its first renameat held up 0.5 s by strace; once
+    ready() holds, a line is appended to log, in that moment."""
+    results: list = []
+    apply = threading.Thread(target=lambda: results.append(running(
+        persistence, others=others,
+        prefix=("strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=renameat",
+                "-e", "inject=renameat:delay_enter=500000:when=1"))))
+    apply.start()
+    deadline = time.monotonic() + 30
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with open(log, "a") as f:
+        f.write("late\n")
+    apply.join()
+    return results[0]
+
+
 def test_a_write_between_the_check_and_the_bind_is_kept_aside(sandbox, running):
     # The rename into place held up for 0.5 s (strace delay); a line is
     # appended to the original in that moment, after the copy was checked.
@@ -547,19 +565,8 @@ def test_a_write_between_the_check_and_the_bind_is_kept_aside(sandbox, running):
     data.mkdir(parents=True)
     (data / "other").write_text("unchanged\n")
     (data / "log").write_text("early\n")
-    results: list = []
-    apply = threading.Thread(target=lambda: results.append(running(
-        {"directories": ["/var/log", "/var/lib/app"]},
-        prefix=("strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=renameat",
-                "-e", "inject=renameat:delay_enter=500000:when=1"))))
-    apply.start()
-    deadline = time.monotonic() + 30
-    while not moved.exists() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    with open(data / "log", "a") as f:
-        f.write("late\n")
-    apply.join()
-    result = results[0]
+    result = with_rename_held(running, lambda: moved.exists(), data / "log",
+                              {"directories": ["/var/log", "/var/lib/app"]})
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         "impermanence: /var/lib/.app.impermanence-moved/log: was written after its move into "
@@ -694,19 +701,9 @@ def test_a_file_made_between_the_renames_and_the_bind_is_kept_aside(sandbox, run
     data, moved = R / "var/lib/app", R / "var/lib/.app.impermanence-moved"
     data.mkdir(parents=True)
     (data / "log").write_text("early\n")
-    results: list = []
-    apply = threading.Thread(target=lambda: results.append(running(
-        {"directories": ["/var/log"]}, others={"/state": {"directories": ["/var/lib/app"]}},
-        prefix=("strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=renameat",
-                "-e", "inject=renameat:delay_enter=500000:when=1"))))
-    apply.start()
-    deadline = time.monotonic() + 30
-    while (data / "log").exists() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    with open(data / "log", "a") as f:
-        f.write("late\n")
-    apply.join()
-    result = results[0]
+    result = with_rename_held(running, lambda: not (data / "log").exists(), data / "log",
+                              {"directories": ["/var/log"]},
+                              others={"/state": {"directories": ["/var/lib/app"]}})
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines()[-1] == (
         "impermanence: /var/lib/.app.impermanence-moved/log: was written after its move into storage "
