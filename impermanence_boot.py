@@ -2401,9 +2401,11 @@ class Executor:
     """Runs actions (apply), each as it is planned; -v logs each with the
     line plan prints for it."""
 
-    def __init__(self, tree: Tree, log: Log):
+    def __init__(self, tree: Tree, log: Log, mounts: MountTable | None = None):
         self.tree = tree
         self.log = log
+        self.mounts = mounts  # the run's mount table, for those actions that read it
+        self.unmounted: list = []  # UtabKey of each mount unmount took off
         self.root_fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.sources = DirChain(self.root_fd, tree)  # walks in storage
         self.targets = DirChain(self.root_fd, tree)  # walks on the root
@@ -4160,70 +4162,81 @@ def foreign_mount_rows(config: Config, tree: Tree, mounts: MountTable, storages:
     return rows
 
 
-def command_unmount(config: Config, root: str, log: Log) -> int:
+def command_unmount(config: Config, root: str, log: Log, out, dry_run: bool) -> int:
     """Undo apply, children first: unmount our bind mounts, remove the links
-    and the empty mount points apply made. Storage is never written to."""
+    and the empty mount points apply made. Storage is never written to.
+    --dry-run prints the plan; the real run logs (-v) the same lines."""
     tree = Tree(root)
     mounts = MountTable()
+    groups = plan_unmount(config, tree, mounts, log)
+    if dry_run:
+        printer = Printer(tree)
+        for _, actions in groups:
+            printer.run(actions)
+        lines = printer.lines or ["nothing to do: nothing apply made is in place"]
+        out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
+        return EXIT_OK
     failed = 0
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    chain = DirChain(root_fd, tree)
-    kept_dirs = {entry.target for entry in config.entries if entry.kind == "directory"}
-    unmounted: list = []  # UtabKey of each mount taken off
-    try:
-        for entry in reversed(config.entries):
-            host = tree.host(entry.target)
-            # Inside another kept directory, a link or mount point apply
-            # made lies in that directory's storage (or is the source
-            # itself): left there.
-            in_storage = any(entry.target[:depth] in kept_dirs for depth in range(1, len(entry.target)))
+    with Executor(tree, log, mounts) as executor:
+        for target, actions in groups:
             try:
-                unmounted += unmount_entry(entry, tree, mounts, chain, log, in_storage)
+                executor.run(actions)
             except Exception as exc:  # this entry stays, the others are undone
                 failed += 1
-                log.error(failure_text(exc, host))
-        # A persistent filesystem is unmounted only if apply mounted it
-        # (its utab line, with the id of the mount there now); one stage 1,
-        # fstab or a person mounted stays. On a running system (--root /)
-        # they are the system's own, whoever mounted them: they stay.
-        ours = {f.get("TARGET"): (f.get("SRC"), f.get("ROOT"), f.get("ID"))
-                for f in map(utab_fields, read_utab())
-                if MOUNTED_OPTION in f.get("OPTS", "").split(",")}
-        for fs in sorted(config.filesystems if root != "/" else (), key=lambda f: f.mountpoint,
-                         reverse=True):
-            host = tree.host(fs.mountpoint)
-            found = mounts.points.get(host)
-            if found is None:
-                continue
-            source, fs_root, _, mount_id = found
-            if ours.get(as_path(fs.mountpoint)) != (source, fs_root, mount_id):
-                log.info(f"{host}: not mounted by apply; left mounted")
-                continue
-            chain.truncate(0)
+                log.error(failure_text(exc, tree.host(target)))
+        if executor.unmounted and os.path.exists(utab_path()):
             try:
-                umount2(host, UMOUNT_NOFOLLOW, host)
-                log.info(f"unmounted {host}")
-                unmounted.append(UtabKey(mount_id, source, as_path(fs.mountpoint), fs_root))
-            except OSError as exc:
-                failed += 1
-                log.error(failure_text(exc, host))
-        if unmounted and os.path.exists(utab_path()):
-            try:
-                update_utab([], unmounted)
+                update_utab([], executor.unmounted)
             except OSError as exc:
                 failed += 1
                 log.error(f"{exc.filename}: cannot remove mount options: {describe_oserror(exc)}")
-    finally:
-        chain.truncate(0)
-        os.close(root_fd)
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
-                  log: Log, in_storage: bool) -> list:
+def plan_unmount(config: Config, tree: Tree, mounts: MountTable, log: Log) -> list:
+    """The actions that undo apply, as (path, actions) for each entry, last
+    entry first, then each fileSystems entry apply mounted. Planned from the system as it is; what
+    lies under a bind mount is looked at through a clone of its parent's
+    mount without the mounts on it, as the unmount will leave it."""
+    groups: list = []
+    kept_dirs = {entry.target for entry in config.entries if entry.kind == "directory"}
+    for entry in reversed(config.entries):
+        # Inside another kept directory, a link or mount point apply
+        # made lies in that directory's storage (or is the source
+        # itself): left there.
+        in_storage = any(entry.target[:depth] in kept_dirs for depth in range(1, len(entry.target)))
+        try:
+            actions = plan_unmount_entry(entry, tree, mounts, in_storage)
+        except Exception as exc:  # this entry stays, the others are undone
+            host = tree.host(entry.target)
+            text = failure_text(exc, host)
+            actions = [Fail(entry.target, text[len(host) + 2:] if text.startswith(host + ": ") else text)]
+        if actions:
+            groups.append((entry.target, actions))
+    # A persistent filesystem is unmounted only if apply mounted it (its
+    # utab line, with the id of the mount there now); one stage 1, fstab
+    # or a person mounted stays. On a running system (--root /) they are
+    # the system's own, whoever mounted them: they stay.
+    ours = {f.get("TARGET"): (f.get("SRC"), f.get("ROOT"), f.get("ID"))
+            for f in map(utab_fields, read_utab())
+            if MOUNTED_OPTION in f.get("OPTS", "").split(",")}
+    for fs in sorted(config.filesystems if tree.root != "/" else (), key=lambda f: f.mountpoint,
+                     reverse=True):
+        found = mounts.points.get(tree.host(fs.mountpoint))
+        if found is None:
+            continue
+        source, fs_root, _, mount_id = found
+        if ours.get(as_path(fs.mountpoint)) != (source, fs_root, mount_id):
+            log.info(f"{tree.host(fs.mountpoint)}: not mounted by apply; left mounted")
+            continue
+        key = UtabKey(mount_id, source, as_path(fs.mountpoint), fs_root)
+        groups.append((fs.mountpoint, [UnmountFilesystem(fs.mountpoint, key)]))
+    return groups
+
+
+def plan_unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, in_storage: bool) -> list:
     """Unmount one entry's bind mount; remove the link or the empty mount
-    point apply made for it, unless it lies in storage (in_storage).
-    The UtabKey of each mount taken off."""
+    point apply made for it, unless it lies in storage (in_storage)."""
     target = entry.target
     host = tree.host(target)
     if fuse_refusal(tree, entry, mounts) is not None:
@@ -4233,46 +4246,162 @@ def unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, chain: DirChain,
         return []
     if node.kind == "link":
         if not in_storage and node.link == link_text(entry):
-            parent = chain.open(target[:-1])
-            call("unlink", host, os.unlink, target[-1], dir_fd=parent)
-            log.info(f"removed link {host}")
+            return [RemoveLink(target)]
         return []
     src = tree.look(entry.source)
-    unmounted = []
-    # Every layer that binds the source: two runs of an older version at
-    # once could stack them.
-    while mounts.is_mountpoint(host) and src is not None and tree.same(entry.source, target):
-        parent = chain.open(target[:-1])
-        # Through the pinned parent, never following a link at the leaf; an
-        # fd on the mount itself would keep it busy.
-        umount2(f"/proc/self/fd/{parent}/{target[-1]}", UMOUNT_NOFOLLOW, host)
-        log.info(f"unmounted {host}")
-        source, fs_root, _, mount_id = mounts.points[host]
-        unmounted.append(UtabKey(mount_id, source, as_path(target), fs_root))
-        mounts.remove(host)
-        tree.forget(target)
-        node = tree.look(target)
-    if mounts.layers(host) > 1 and src is not None:
+    actions: list = []
+    if src is not None and mounts.is_mountpoint(host) and tree.same(entry.source, target):
+        actions.append(UnmountBind(target, entry.source))
+        node = node_beneath(tree, target, node.kind)
+    elif mounts.layers(host) > 1 and src is not None:
         # Another mount on top, with more below it: apply's bind may be one
         # of them, and cannot be taken off from under that mount.
         raise EntryError(host, f"covered by another mount ({mounts.layers(host)} mounts there); "
                                "unmount those above apply's first, then run unmount again")
-    # Remove the mount point only if apply created it and it is empty.
-    if node is None or in_storage or mounts.is_mountpoint(host) or node.kind not in ("dir", "file"):
-        return unmounted
-    parent = chain.open(target[:-1])
-    flags = (O_DIR if node.kind == "dir" else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    with opened(call("open", host, os.open, target[-1], flags, dir_fd=parent)) as fd:
-        st = os.fstat(fd)
-        marked = st.st_mtime_ns == MARK_TIME_NS
-        empty = (not os.listdir(fd)) if node.kind == "dir" else st.st_size == 0
-    if marked and empty:
-        if node.kind == "dir":
-            call("rmdir", host, os.rmdir, target[-1], dir_fd=parent)
+    elif mounts.is_mountpoint(host):
+        return []  # not apply's
+    else:
+        node = node_beneath_here(tree, target, node.kind)
+    if node is not None and not in_storage and node.marked and node.empty:
+        actions.append(RemoveMountPoint(target, node.kind))
+    return actions
+
+
+class Beneath(Record):
+    """What a mount point holds under the mounts on it: whether apply made
+    it (its mark) and whether it is empty."""
+    __slots__ = _fields = ("kind", "marked", "empty")
+
+
+def node_beneath(tree: Tree, target: tuple, kind: str):
+    """The Beneath of target once the mounts on it are taken off (None if
+    that cannot be seen, or it is neither a directory nor a file): looked
+    at in a clone of the mount its parent lies on, which has none of the
+    mounts on that one."""
+    host = tree.host(target)
+    with opened(open_dir_path(tree, target[:-1])) as parent:
+        clone = open_tree(parent, "", OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH, host)
+        if clone is None:
+            return None
+        with opened(clone):
+            return beneath_at(clone, target[-1], host)
+
+
+def node_beneath_here(tree: Tree, target: tuple, kind: str):
+    """The Beneath of target, which no mount covers."""
+    if kind not in ("dir", "file"):
+        return None
+    with opened(open_dir_path(tree, target[:-1])) as parent:
+        return beneath_at(parent, target[-1], tree.host(target))
+
+
+def beneath_at(dir_fd: int, name: str, host: str):
+    """The Beneath of name in dir_fd, or None if it is missing or neither
+    a directory nor a regular file."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        with opened(call("open", host, os.open, name, O_DIR, dir_fd=dir_fd)) as fd:
+            st = os.fstat(fd)
+            return Beneath("dir", st.st_mtime_ns == MARK_TIME_NS, not os.listdir(fd))
+    if stat.S_ISREG(st.st_mode):
+        return Beneath("file", st.st_mtime_ns == MARK_TIME_NS, st.st_size == 0)
+    return None
+
+
+class UnmountBind(Action):
+    """Take an entry's bind mount off its target: every layer that binds
+    the source (two runs of an older version at once could stack them)."""
+    __slots__ = ("target", "source")
+
+    def __init__(self, target: tuple, source: tuple):
+        self.target, self.source = target, source
+
+    def describe(self, tree: Tree) -> str:
+        return f"unmount {tree.host(self.target)}"
+
+    def execute(self, ex: Executor) -> None:
+        tree, mounts, target = ex.tree, ex.mounts, self.target
+        host = tree.host(target)
+        while mounts.is_mountpoint(host) and tree.same(self.source, target):
+            parent = ex.targets.open(target[:-1])
+            # Through the pinned parent, never following a link at the leaf;
+            # an fd on the mount itself would keep it busy.
+            umount2(f"/proc/self/fd/{parent}/{target[-1]}", UMOUNT_NOFOLLOW, host)
+            source, fs_root, _, mount_id = mounts.points[host]
+            ex.unmounted.append(UtabKey(mount_id, source, as_path(target), fs_root))
+            mounts.remove(host)
+            tree.forget(target)
+        if mounts.is_mountpoint(host):
+            raise EntryError(host, f"covered by another mount ({mounts.layers(host)} mounts there); "
+                                   "unmount those above apply's first, then run unmount again")
+
+
+class RemoveLink(Action):
+    """Remove the link apply made for a kept file."""
+    __slots__ = ("target",)
+
+    def __init__(self, target: tuple):
+        self.target = target
+
+    def describe(self, tree: Tree) -> str:
+        return f"remove link {tree.host(self.target)}"
+
+    def execute(self, ex: Executor) -> None:
+        host = ex.tree.host(self.target)
+        parent = ex.targets.open(self.target[:-1])
+        if not stat.S_ISLNK(call("lstat", host, os.stat, self.target[-1], dir_fd=parent,
+                                 follow_symlinks=False).st_mode):
+            raise EntryError(host, "is no longer a link; left as it is")
+        call("unlink", host, os.unlink, self.target[-1], dir_fd=parent)
+
+
+class RemoveMountPoint(Action):
+    """Remove the mount point apply made for an entry (its mark), if it is
+    still empty."""
+    __slots__ = ("target", "kind")
+
+    def __init__(self, target: tuple, kind: str):
+        self.target, self.kind = target, kind
+
+    def describe(self, tree: Tree) -> str:
+        return f"remove mount point {tree.host(self.target)}"
+
+    def execute(self, ex: Executor) -> None:
+        host = ex.tree.host(self.target)
+        if ex.mounts.is_mountpoint(host):
+            raise EntryError(host, "is a mount point again; left as it is")
+        parent = ex.targets.open(self.target[:-1])
+        found = beneath_at(parent, self.target[-1], host)
+        if found is None or found.kind != self.kind or not (found.marked and found.empty):
+            raise EntryError(host, "is no longer the empty mount point apply made; left as it is")
+        if self.kind == "dir":
+            call("rmdir", host, os.rmdir, self.target[-1], dir_fd=parent)
         else:
-            call("unlink", host, os.unlink, target[-1], dir_fd=parent)
-        log.info(f"removed mount point {host}")
-    return unmounted
+            call("unlink", host, os.unlink, self.target[-1], dir_fd=parent)
+        ex.tree.forget(self.target)
+
+
+class UnmountFilesystem(Action):
+    """Unmount a fileSystems entry that apply mounted (its utab line)."""
+    __slots__ = ("target", "key")
+
+    def __init__(self, target: tuple, key: UtabKey):
+        self.target, self.key = target, key
+
+    def describe(self, tree: Tree) -> str:
+        return f"unmount {tree.host(self.target)} (fileSystems, mounted by apply)"
+
+    def execute(self, ex: Executor) -> None:
+        host = ex.tree.host(self.target)
+        ex.sources.truncate(0)
+        ex.targets.truncate(0)
+        umount2(host, UMOUNT_NOFOLLOW, host)
+        ex.unmounted.append(self.key)
+        ex.mounts.remove(host)
+        ex.tree.forget(self.target)
 
 
 # --- save: kept files that programs replaced by rename() ----------------------------
@@ -5376,6 +5505,7 @@ commands (default: apply):
            (--json for machine-readable output); exit 1 on drift
   unmount  undo what apply set up (bind mounts, links), in reverse order;
            never deletes or modifies anything in persistent storage
+           (--dry-run: print what it would do)
   check    validate the config only
   diff     list what the next boot loses: every path on the root's own
            filesystem that no entry keeps, largest first (--tree, --json,
@@ -5399,7 +5529,7 @@ options:
   --json         with status, diff, orphans: JSON output
   --tree         with diff, orphans: a tree, not largest first
   --include PATH with diff: walk PATH too (repeatable)
-  --dry-run      with rotate-root, save: change nothing
+  --dry-run      with unmount, rotate-root, save: change nothing
   -h, --help     show this help
   --version      show the version
 
@@ -5423,7 +5553,7 @@ def usage() -> str:
 COMMANDS = ("apply", "plan", "status", "unmount", "check", "diff", "orphans", "rotate-root", "save")
 # The options a command takes besides --config, --root, -v, -q.
 COMMAND_OPTIONS = {"--json": ("status", "diff", "orphans"), "--tree": ("diff", "orphans"),
-                   "--include": ("diff",), "--dry-run": ("rotate-root", "save")}
+                   "--include": ("diff",), "--dry-run": ("unmount", "rotate-root", "save")}
 
 
 class Options(Record):
@@ -5535,7 +5665,7 @@ def main(argv: list | None = None) -> int:
     _fuse_mounts.clear()  # read again by each run, as the mount table is
     lock = -1
     try:
-        if opts.command in ("apply", "unmount"):
+        if opts.command == "apply" or (opts.command == "unmount" and not opts.dry_run):
             lock = lock_root(root, log)
         if opts.command in ("apply", "unmount", "plan"):
             choose_utab(root, log)
@@ -5555,7 +5685,7 @@ def main(argv: list | None = None) -> int:
         if opts.command == "rotate-root":
             return command_rotate_root(config, log, sys.stdout, opts.dry_run)
         if opts.command == "unmount":
-            return command_unmount(config, root, log)
+            return command_unmount(config, root, log, sys.stdout, opts.dry_run)
         if opts.command == "save":
             os.umask(0)
             return command_save(config, root, log, sys.stdout, opts.dry_run)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import SCRIPT, base_config, config, load, main_config, mount_points_under
+from support import SCRIPT, base_config, config, load, main_config, mount_points_under, populate
 
 sys.path.insert(0, str(SCRIPT.parent))
 import impermanence_boot as ib  # noqa: E402
@@ -146,3 +146,39 @@ def test_plan_lists_what_apply_does(sandbox, disk, case):
     result = sandbox.run("-v", "apply")
     assert result.returncode == (1 if case == "failed-entry" else 0), result.stderr
     assert planned == [re.sub(r"^(user ghost: .*)", r"fail \1", l) for l in apply_actions(result)]
+
+
+def plan_actions(result) -> list:
+    """plan's lines without its notes (what it assumed), as apply logs them."""
+    return [l.removeprefix("fail ") for l in result.stdout.splitlines() if not l.startswith("note ")]
+
+
+def test_plan_looks_into_storage_not_mounted_yet(sandbox, disk):
+    # Storage holds a file where the config keeps a directory: apply, which
+    # mounts it first, refuses the entry; plan, run before the mount,
+    # looks through a private read-only mount and says the same.
+    populate(disk, {"var/log": b"not a directory\n", "srv/data/kept": b"x\n"})
+    cfg = base_config(disk.label, {"directories": ["/srv/data", "/var/log"]})
+    sandbox.path("/persistent").mkdir()
+    plan = sandbox.run("plan", config=cfg)
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    assert lines[0].startswith(f"note {sandbox.path('/persistent')}: not mounted") and \
+        "private read-only mount" in lines[0], lines
+    assert not any(l.startswith("bind") and l.endswith(str(sandbox.path("/var/log"))) for l in lines), lines
+    assert any(l.startswith("fail ") and "persistent/var/log" in l for l in lines), lines
+    # It changed nothing: no mount left, nothing made on the root.
+    assert mount_points_under(sandbox.root) == [str(sandbox.root)]
+    assert os.listdir(sandbox.root) == ["persistent"]
+    result = sandbox.run("-v", "apply")
+    assert result.returncode == 1, result.stderr
+    assert plan_actions(plan) == apply_actions(result)
+
+
+def test_plan_says_when_it_cannot_look_into_storage(sandbox):
+    # The device is not there: planned as if empty, and plan says so.
+    cfg = base_config("nosuchlabel0", {"directories": ["/var/log"]})
+    sandbox.path("/persistent").mkdir()
+    lines = sandbox.run("plan", config=cfg).stdout.splitlines()
+    assert lines[0].startswith(f"note {sandbox.path('/persistent')}: not mounted") and \
+        "planned as if empty" in lines[0], lines

@@ -58,3 +58,36 @@ def test_status_reads_mountinfo_once(sandbox, disk):
     _, calls = sandbox.traced("open,openat", "status")
     opens = [l for l in calls.splitlines() if "/proc/self/mountinfo" in l]
     assert len(opens) == 1, opens
+
+
+def test_status_with_storage_not_mounted(sandbox, disk):
+    """After unmount the storage's filesystem is gone from its mount point:
+    status names the storage not mounted and every entry
+    storage-unavailable (never source-missing, as if the data were lost),
+    exit 3 as orphans; the JSON says the same."""
+    cfg = main_config(disk.label)
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    assert sandbox.run("unmount").returncode == 0
+    code, entries, data = status_json(sandbox)
+    assert code == 3, data
+    assert [s["state"] for s in data["storage"]] == ["not-mounted"], data["storage"]
+    assert {e["state"] for e in entries.values()} == {"storage-unavailable"}, entries
+    lines = sandbox.run("status").stdout.splitlines()
+    assert lines[0].startswith("not-mounted") and f"LABEL={disk.label}" in lines[0], lines
+    assert all(l.startswith("storage-unavailable") for l in lines[1:-1]), lines
+    orphans = sandbox.run("orphans")
+    assert orphans.returncode == 3 and "not mounted" in orphans.stderr, orphans.stderr
+
+
+def test_status_with_storage_device_missing(sandbox):
+    cfg = base_config("nosuchlabel0", {"directories": ["/var/log"], "files": ["/etc/machine-id"]})
+    sandbox.path("/persistent").mkdir()
+    code, entries, data = status_json_with(sandbox, cfg)
+    assert code == 3
+    assert [s["state"] for s in data["storage"]] == ["not-mounted"], data["storage"]
+    assert {e["state"] for e in entries.values()} == {"storage-unavailable"}, entries
+
+
+def status_json_with(sandbox, cfg) -> tuple:
+    sandbox.write_config(cfg)
+    return status_json(sandbox)

@@ -89,3 +89,28 @@ def test_unmount_keeps_directories_it_did_not_create(sandbox, disk):
     assert sandbox.run("unmount").returncode == 0
     assert (R / "srv").is_dir()
     assert not (R / "var/log").exists()
+
+
+def test_unmount_dry_run_prints_what_unmount_does(sandbox, disk):
+    """unmount --dry-run: one line per action, changing nothing; the real
+    unmount -v then logs exactly those lines."""
+    populate(disk, {"etc/adjtime": b"x\n"})
+    cfg = main_config(disk.label)
+    assert sandbox.run("apply", config=cfg).returncode == 0
+    applied_mounts = mountinfo_under(sandbox.root)
+    applied_tree = tree_digest(sandbox.root)
+    dry = sandbox.run("unmount", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    planned = dry.stdout.splitlines()
+    R = sandbox.root
+    assert f"unmount {R}/var/log" in planned, planned
+    assert f"remove link {R}/etc/ssh/ssh_host_ed25519_key.pub" in planned, planned
+    assert f"unmount {R}/persistent (fileSystems, mounted by apply)" == planned[-1], planned
+    assert planned.index(f"unmount {R}/home/bird/.ssh") < planned.index(f"unmount {R}/persistent "
+                                                                         "(fileSystems, mounted by apply)")
+    assert mountinfo_under(R) == applied_mounts and tree_digest(R) == applied_tree
+    real = sandbox.run("-v", "unmount")
+    assert real.returncode == 0, real.stderr
+    logged = [l.removeprefix("impermanence: ") for l in real.stderr.splitlines()]
+    assert logged == planned
+    assert sandbox.run("unmount", "--dry-run").stdout == "nothing to do: nothing apply made is in place\n"
