@@ -4323,20 +4323,28 @@ class UnmountBind(Action):
         return f"unmount {tree.host(self.target)}"
 
     def execute(self, ex: Executor) -> None:
-        tree, mounts, target = ex.tree, ex.mounts, self.target
+        tree, mounts, target, source = ex.tree, ex.mounts, self.target, self.source
         host = tree.host(target)
-        while mounts.is_mountpoint(host) and tree.same(self.source, target):
+        kept = call("lstat", tree.host(source), os.stat, source[-1], dir_fd=ex.sources.open(source[:-1]),
+                    follow_symlinks=False)
+        while True:
+            # Looked at now, not as planned: a mount made on top since is
+            # someone's, and stays.
             parent = ex.targets.open(target[:-1])
+            st = call("lstat", host, os.stat, target[-1], dir_fd=parent, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != (kept.st_dev, kept.st_ino):
+                break
             # Through the pinned parent, never following a link at the leaf;
             # an fd on the mount itself would keep it busy.
             umount2(f"/proc/self/fd/{parent}/{target[-1]}", UMOUNT_NOFOLLOW, host)
-            source, fs_root, _, mount_id = mounts.points[host]
-            ex.unmounted.append(UtabKey(mount_id, source, as_path(target), fs_root))
+            found = mounts.points.get(host)
+            if found is not None:
+                ex.unmounted.append(UtabKey(found[3], found[0], as_path(target), found[1]))
             mounts.remove(host)
             tree.forget(target)
-        if mounts.is_mountpoint(host):
-            raise EntryError(host, f"covered by another mount ({mounts.layers(host)} mounts there); "
-                                   "unmount those above apply's first, then run unmount again")
+        if mounts.is_mountpoint(host) or st.st_dev != os.fstat(parent).st_dev:
+            raise EntryError(host, f"covered by another mount ({max(mounts.layers(host), 1)} mounts "
+                                   "there); unmount those above apply's first, then run unmount again")
 
 
 class RemoveLink(Action):

@@ -202,6 +202,28 @@ def test_unmount_leaves_a_foreign_mount_at_a_kept_target(sandbox, ib, monkeypatc
     assert (store / "var/log/kept.log").read_text() == "kept\n"
 
 
+def test_unmount_leaves_a_mount_made_on_the_bind_after_planning(sandbox, ib, monkeypatch, capfd):
+    """Guard: unmount takes off a layer at a target only while it shows the
+    entry's source; an admin's tmpfs mounted on top of apply's bind after
+    unmount planned stays, and so does the bind under it."""
+    store = tmpfs_at(sandbox.path("/persistent"))
+    (store / "var/log").mkdir(parents=True)
+    sandbox.write_config({"persistence": {"/persistent": {"directories": ["/var/log"]}}})
+    assert in_process(ib, sandbox, capfd)[0] == 0
+    target = sandbox.path("/var/log")
+
+    def mount_on_top():
+        tmpfs_at(target)
+        (target / "admin.txt").write_text("admin's\n")
+
+    calls = before(ib, monkeypatch, ib.UnmountBind, lambda a: True, mount_on_top)
+    status, _, err = in_process(ib, sandbox, capfd, "unmount")
+    assert calls and status == 1, err
+    assert "covered by another mount" in err, err
+    assert (target / "admin.txt").read_text() == "admin's\n"
+    assert [p for p in mountinfo_points() if p == str(target)] == [str(target)] * 2
+
+
 def test_status_and_unmount_with_a_link_in_the_middle_of_a_path(sandbox, ib, monkeypatch, capfd):
     """Guard: status and unmount walk a target's path without following a
     link; /home replaced by a link into storage is an error for the
