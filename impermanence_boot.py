@@ -3872,6 +3872,39 @@ def covering_filesystem(config: Config, storage: tuple) -> FileSystem | None:
     return best
 
 
+USABLE = ("mounted", "not-a-mount-point")
+
+
+def storage_state(config: Config, tree: Tree, mounts: MountTable, storage: tuple) -> tuple:
+    """(state, detail) of a storage on the system as it is now, the one
+    answer status, orphans, save and unmount's dry run give:
+      mounted            a filesystem is mounted there, or on the
+                         fileSystems entry holding it
+      not-a-mount-point  a plain directory, no fileSystems entry holds it:
+                         used as it is (the data lives where it lies)
+      not-mounted        the fileSystems entry holding it is not mounted:
+                         apply mounts it; until then nothing is kept
+      unavailable        missing, or not a directory
+    The first two are usable (USABLE)."""
+    fs = covering_filesystem(config, storage)
+    if fs is not None:
+        point = tree.host(fs.mountpoint)
+        if not mounts.is_mountpoint(point):
+            return "not-mounted", f"not mounted ({fs.device} at {point})"
+    try:
+        node = tree.look(storage)
+    except EntryError as exc:
+        return "unavailable", f"{exc.path} {exc.cause}"
+    if node is None:
+        return "unavailable", "missing"
+    if node.kind != "dir":
+        return "unavailable", f"is {describe_kind(node)}"
+    host = tree.host(storage)
+    if fs is not None or mounts.is_mountpoint(host):
+        return "mounted", "from " + mounts.points[tree.host(fs.mountpoint) if fs else host][0]
+    return "not-a-mount-point", "a plain directory"
+
+
 def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
     """Mount the fileSystems and make every storage path usable, through
     runner (apply's Executor, plan's Printer). Returns storage -> None if
@@ -4089,28 +4122,16 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
     storage_rows = []
     state_of: dict = {}
     for storage in config.storages:
-        host = tree.host(storage)
-        try:
-            node = tree.look(storage)
-        except EntryError as exc:
-            node, problem = None, exc.cause
-        else:
-            problem = None if node is not None and node.kind == "dir" else "missing"
-        if problem:
-            state, detail = "unavailable", problem
-        elif mounts.is_mountpoint(host):
-            state, detail = "mounted", "from " + mounts.points[host][0]
-        else:
-            state, detail = "not-a-mount-point", "a plain directory"
+        state, detail = state_of[storage] = storage_state(config, tree, mounts, storage)
         storage_rows.append({"storage": as_path(storage), "state": state, "detail": detail})
-        state_of[storage] = state
-    storage_rows += foreign_mount_rows(config, tree, mounts,
-                                       [s for s, st in state_of.items() if st != "unavailable"])
-    accounts = Accounts(config, tree, [s for s, st in state_of.items() if st != "unavailable"])
+    usable = [s for s, (state, _) in state_of.items() if state in USABLE]
+    storage_rows += foreign_mount_rows(config, tree, mounts, usable)
+    accounts = Accounts(config, tree, usable)
     rows = []
     for entry in config.entries:
-        if state_of.get(entry.storage) == "unavailable":
-            state, detail = "storage-unavailable", f"{as_path(entry.storage)} is unavailable"
+        if entry.storage not in usable:
+            state, detail = "storage-unavailable", f"storage {as_path(entry.storage)} " + (
+                "missing" if state_of[entry.storage][0] == "unavailable" else "not mounted")
         else:
             try:
                 state, detail = entry_status(entry, tree, mounts, accounts)
@@ -4126,7 +4147,7 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
         rows.append({"target": as_path(entry.target), "kind": entry.kind,
                      "source": as_path(entry.source), "state": state, "detail": detail})
     drift = sum(1 for r in rows if r["state"] != "ok")
-    drift += sum(1 for r in storage_rows if r["state"] in ("unavailable", "foreign-mount"))
+    drift += sum(1 for r in storage_rows if r["state"] not in USABLE)
     if as_json:
         import json
 
@@ -4138,6 +4159,8 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
         for r in rows:
             out.write(f"{r['state']:<19} {r['kind']:<9} {r['target']}  ({r['detail']})".translate(UNPRINTABLE) + "\n")
         out.write(f"{len(rows) - sum(1 for r in rows if r['state'] != 'ok')} of {len(rows)} entries in place\n")
+    if len(usable) < len(config.storages):
+        return EXIT_STORAGE
     return EXIT_FAILED if drift else EXIT_OK
 
 
@@ -4822,24 +4845,16 @@ def plan_save_file(entry: Entry, tree: Tree, src: Node | None, now: float) -> Sa
 
 
 def usable_storages(config: Config, tree: Tree, mounts: MountTable, log: Log) -> set:
-    """The storages save may write into: existing directories, and where a
-    fileSystems entry holds one, that filesystem mounted. save mounts
+    """The storages save may write into (storage_state). save mounts
     nothing: a storage that is gone (unmounted at shutdown) gets nothing
     on the bare mount point."""
     usable = set()
     for storage in config.storages:
-        fs = covering_filesystem(config, storage)
-        try:
-            node = tree.look(storage)
-        except EntryError as exc:
-            log.error(f"{exc.path}: {exc.cause}; its entries not saved")
-            continue
-        if node is None or node.kind != "dir":
-            log.error(f"{tree.host(storage)}: storage is missing; its entries not saved")
-        elif fs is not None and not mounts.is_mountpoint(tree.host(fs.mountpoint)):
-            log.error(f"{tree.host(fs.mountpoint)}: not mounted; its entries not saved")
-        else:
+        state, detail = storage_state(config, tree, mounts, storage)
+        if state in USABLE:
             usable.add(storage)
+        else:
+            log.error(f"{tree.host(storage)}: storage {detail}; its entries not saved")
     return usable
 
 
@@ -4958,10 +4973,9 @@ def command_orphans(config: Config, root: str, log: Log, out, as_json: bool, as_
     result, rows = EXIT_OK, []
     for storage in config.storages:
         host = tree.host(storage)
-        fs = covering_filesystem(config, storage)
-        if fs is not None and not mounts.is_mountpoint(tree.host(fs.mountpoint)):
-            log.error(f"{host}: storage not mounted ({fs.device} at {tree.host(fs.mountpoint)}); "
-                      "apply mounts it")
+        state, detail = storage_state(config, tree, mounts, storage)
+        if state not in USABLE:
+            log.error(f"{host}: storage {detail}" + ("; apply mounts it" if state == "not-mounted" else ""))
             result = EXIT_STORAGE
             rows.append({"storage": as_path(storage), "state": "unavailable"})
             continue

@@ -186,7 +186,7 @@ def test_orphans_of_storage_not_mounted_exits_3(sandbox):
 def test_diff_usage_errors(sandbox):
     for args, message in ((["status", "--tree"], "--tree goes with diff, orphans"),
                           (["diff", "--include", "tmp"], "--include needs an absolute path"),
-                          (["plan", "--dry-run"], "--dry-run goes with rotate-root"),
+                          (["plan", "--dry-run"], "--dry-run goes with unmount, rotate-root"),
                           (["plan", "--json"], "--json goes with status")):
         result = sandbox.run(*args, config=CFG)
         assert result.returncode == 2, args

@@ -367,7 +367,7 @@ def test_save_writes_nothing_into_an_unmounted_storage(sandbox, disk):
     subprocess.run(["umount", "-l", str(R / "persistent")], check=True)
     result = sandbox.run("save")
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [f"impermanence: {R}/persistent: not mounted; its entries not saved"]
+    assert result.stderr.splitlines() == [f"impermanence: {R}/persistent: storage not mounted (LABEL={disk.label} at {R}/persistent); its entries not saved"]
     assert os.listdir(R / "persistent") == []
     assert (R / "etc/new.conf").read_bytes() == b"new\n"
 
