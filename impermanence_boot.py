@@ -54,6 +54,8 @@ MOVE_MOUNT_T_EMPTY_PATH = 0x40
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 MNT_DETACH = 2
+MS_REC = 16384
+CLONE_NEWNS = 0x00020000
 LOCK_EX = 2
 LOCK_NB = 4
 # linux/btrfs.h: _IOW/_IOWR(0x94, nr, args), every args struct 4096 bytes.
@@ -143,6 +145,7 @@ class Libc:
         self.umount2 = bind("umount2", CharP, Int)
         self.renameat2 = bind("renameat2", Int, CharP, Int, CharP, UInt)  # glibc >= 2.28
         self.flock = bind("flock", Int, Int)
+        self.unshare = bind("unshare", Int)
         self.open_tree = bind("open_tree", Int, CharP, UInt)  # glibc >= 2.36
         self.move_mount = bind("move_mount", Int, CharP, Int, CharP, UInt)
         self.mount_setattr = bind("mount_setattr", Int, CharP, UInt, CharP, ULong)  # glibc >= 2.36
@@ -2466,12 +2469,17 @@ class Executor:
 class Printer:
     """Runs nothing (plan): keeps the line each action describes."""
 
-    def __init__(self, tree: Tree):
+    def __init__(self, tree: Tree, peek: bool = False):
         self.tree = tree
         self.lines: list = []
+        self.notes: list = []  # what plan assumed, said first
+        self.peek = peek  # look into the fileSystems to be mounted
 
     def run(self, actions: list) -> None:
-        self.lines += [action.describe(self.tree) for action in actions]
+        for action in actions:
+            self.lines.append(action.describe(self.tree))
+            if self.peek and isinstance(action, MountFilesystem):
+                self.notes.append(action.peek(self.tree))
 
     def report(self, text: str) -> None:
         self.lines.append("fail " + text)
@@ -2846,6 +2854,20 @@ def same_node(fd: int, st, shown: str) -> None:
         raise EntryError(shown, "replaced while it was being bind-mounted")
 
 
+def private_mount_namespace() -> None:
+    """Move this process into a mount namespace of its own, every mount in
+    it private: what it mounts then reaches no other process, and goes
+    with the process. Once per process."""
+    if not _private_namespace:
+        if libc().unshare(CLONE_NEWNS) < 0:
+            raise oserror("unshare", "mount namespace")
+        mount(None, "/", None, MS_REC | MS_PRIVATE, None, "/")
+        _private_namespace.append(True)
+
+
+_private_namespace: list = []  # [True] once in it, then the mount points plan looks through
+
+
 class MountFilesystem(Action):
     """A fileSystems entry mounted at its mount point; device and probed
     are what planning found (None: not there yet, waited for)."""
@@ -2860,17 +2882,51 @@ class MountFilesystem(Action):
         if self.device is None:
             shown += f" (not present now; apply waits up to {self.timeout:g} s)"
         options = ",".join(fs.options)
-        return (f"mount {shown} on {tree.host(fs.mountpoint)} (type {fs.fs_type}"
-                f"{', ' + options if options else ''}; not mounted yet, so its contents are "
-                "planned as if empty)")
+        return f"mount {shown} on {tree.host(fs.mountpoint)} (type {fs.fs_type}{', ' + options if options else ''})"
 
     def execute(self, ex: Executor) -> None:
         fs, point = self.fs, self.fs.mountpoint
-        host = ex.tree.host(point)
         device, probed = self.device, self.probed
         if device is None:
             device, probed = wait_for_device(fs.device, self.timeout)
+        parent = ex.targets.open(point[:-1])
+        fs_type = self.mount_on(parent, ex.tree.host(point), device, probed, 0)
+        ex.targets.forget(point)
+        ex.tree.forget(point)  # its contents are the kernel's to say now
+        ex.log.info(f"mounted {device} ({fs_type}) on {ex.tree.host(point)}")
+
+    def peek(self, tree: Tree) -> str:
+        """For plan, which changes nothing: mount the filesystem read-only
+        in a mount namespace of this process alone, so that what it holds
+        is planned from, as apply will find it; plan's note on it."""
+        host = tree.host(self.fs.mountpoint)
+        why = None
+        if os.geteuid() != 0:
+            why = "plan runs without root"
+        elif self.device is None:
+            why = "its device is not present now"
+        else:
+            try:
+                private_mount_namespace()  # first: an fd opened before it is of the other namespace's mounts
+                with opened(open_dir_path(tree, self.fs.mountpoint[:-1])) as parent:
+                    self.mount_on(parent, host, self.device, self.probed, MS_RDONLY)
+            except FileNotFoundError:
+                why = "its mount point does not exist yet"
+            except (EntryError, OSError) as exc:
+                why = failure_cause(exc)
+        if why is not None:
+            return f"note {host}: not mounted and not looked into ({why}); planned as if empty"
+        _private_namespace.append(host)  # unmounted when plan ends
+        tree.forget(self.fs.mountpoint)
+        return (f"note {host}: not mounted; planned from what it holds, read through a private "
+                f"read-only mount of {self.device}")
+
+    def mount_on(self, parent: int, host: str, device: str, probed: str | None, extra: int) -> str:
+        """Mount the filesystem on the directory named mount point's last
+        component in parent, never following a link; the type it mounted as."""
+        fs, point = self.fs, self.fs.mountpoint
         flags, data = split_mount_options(fs.options)
+        flags |= extra
         if fs.fs_type != "auto":
             candidates = [fs.fs_type]
         elif probed == "ext4":
@@ -2882,7 +2938,6 @@ class MountFilesystem(Action):
         if len(candidates) > 1:
             flags |= MS_SILENT
         errors = []
-        parent = ex.targets.open(point[:-1])
         with opened(call("open", host, os.open, point[-1], O_PATH_NOFOLLOW, dir_fd=parent)) as fd:
             checked_stat(fd, True, host)
             for fs_type in candidates:
@@ -2893,10 +2948,7 @@ class MountFilesystem(Action):
                     if exc.errno in (errno.EINVAL, errno.ENODEV, errno.ENOTBLK, errno.EIO):
                         continue  # not this type: the next one
                     break
-                ex.targets.forget(point)
-                ex.tree.forget(point)  # its contents are the kernel's to say now
-                ex.log.info(f"mounted {device} ({fs_type}) on {host}")
-                return
+                return fs_type
         if not errors:
             raise EntryError(host, f"cannot mount {fs.device}: no filesystem type to try")
         fs_type, exc = errors[-1] if len(errors) == 1 else errors[0]
@@ -4054,9 +4106,12 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
     for warning in config_warnings(config):
         log.warn(warning)
     tree = Tree(root)
-    printer = Printer(tree)
+    printer = Printer(tree, peek=True)
     apply_config(config, tree, printer, log)
-    lines = printer.lines or ["nothing to do: everything is in place"]
+    for host in reversed(_private_namespace[1:]):
+        umount2(host, MNT_DETACH, host)
+    del _private_namespace[1:]
+    lines = printer.notes + (printer.lines or ["nothing to do: everything is in place"])
     if config.root is not None:
         lines.insert(0, rotation_summary(config.root))
     out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
