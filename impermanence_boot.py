@@ -5330,10 +5330,10 @@ def mounted_below(top: BtrfsTop, comps: tuple) -> str | None:
 
 
 def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
-    """([(line, step, undo)] that rotate the root, essential: a failure
-    stops the rotation, and the undo of the last step done that has one
-    (None ends one) takes back what it made; [(line, step)] that delete
-    old roots beyond the retention; [warning] about the retention)."""
+    """([RotationStep] that rotate the root, essential: a failure stops the
+    rotation, and the last step done, if it can (undo), takes back what it
+    made; [DeleteOldRoot] beyond the retention; [warning] about the
+    retention)."""
     old, rotating, root = spec.old_roots, spec.old_roots + (ROTATING,), spec.subvolume
     steps, deletions, notes = [], [], []
     subvols = read_subvolumes(top.fd, top.shown(()))
@@ -5352,7 +5352,7 @@ def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
                                           "root is mounted")
     taken, ours = set(), []
     if top.look(old) is None:
-        steps.append((f"mkdir {top.shown(old)} (0:0 0700)", lambda: make_dirs(top, old), None))
+        steps.append(MakeOldRoots(old))
     else:
         with opened(top.open(old)) as fd:
             place = (ino_lookup(fd, 0, BTRFS_FIRST_FREE_OBJECTID, top.shown(old))[0],
@@ -5373,24 +5373,17 @@ def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
             name = f"{stamp}.{n}"
         taken.add(name)
         moved.append((name, ident))
-        steps.append((f"move {top.shown(rotating)} ({why}) to {top.shown(old + (name,))}",
-                      lambda: rename_in(top, rotating, old + (name,), 0), None))
+        steps.append(MoveToOldRoots(rotating, old + (name,), why))
 
     if top.look(rotating) is not None:
         to_old_roots(rotating, "left by an interrupted rotation")
-    fresh = (f"snapshot {top.shown(spec.blank)} as" if spec.blank else "create empty subvolume")
     if top.look(root) is None:
-        steps.append((f"{fresh} {top.shown(root)} (there is no root subvolume)",
-                      lambda: make_root(top, spec.blank, root), None))
+        steps.append(MakeRoot(spec.blank, root, "there is no root subvolume", False))
     else:
         # A fresh root that does not take the root's place is deleted
         # again: a failing rotation leaves nothing for the next to keep.
-        steps.append((f"{fresh} {top.shown(rotating)} (the fresh root)",
-                      lambda: make_root(top, spec.blank, rotating),
-                      lambda: destroy_subvolume(top, rotating)))
-        steps.append((f"exchange {top.shown(root)} and {top.shown(rotating)} (the fresh root "
-                      "takes the root's place)",
-                      lambda: rename_in(top, root, rotating, RENAME_EXCHANGE), None))
+        steps.append(MakeRoot(spec.blank, rotating, "the fresh root", True))
+        steps.append(ExchangeRoots(root, rotating))
         to_old_roots(root, "the old root, named by the time of its last change")
     ours += [(rotation_name(name), name, ident) for name, ident in moved]
     ours.sort(reverse=True)
@@ -5411,13 +5404,94 @@ def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
             cutoff, why = None, f"not among the {spec.keep_count} newest; keep.days ignored"
     for rank, (stamp, name, ident) in enumerate(ours):
         if rank >= spec.keep_count and (cutoff is None or stamp[0] < cutoff):
-            nested = descendants(subvols, ident)
-            line = f"delete old root {top.shown(old + (name,))} ({why})"
-            if nested:
-                line += f", first the {len(nested)} subvolumes nested in it"
-            deletions.append((line, lambda name=name, ident=ident, nested=nested:
-                              delete_old_root(top, old + (name,), ident, nested, subvols)))
+            deletions.append(DeleteOldRoot(old + (name,), ident, descendants(subvols, ident), subvols, why))
     return steps, deletions, notes
+
+
+class RotationStep:
+    """One change rotate-root makes on the btrfs top level: `describe` is
+    the line --dry-run prints (and -v logs), `execute` makes it, `undo`
+    takes back what it made if the rotation stops right after it."""
+    __slots__ = ()
+
+    def undo(self, top: "BtrfsTop") -> None:
+        pass
+
+
+class MakeOldRoots(RotationStep):
+    __slots__ = ("path",)
+
+    def __init__(self, path: tuple):
+        self.path = path
+
+    def describe(self, top: "BtrfsTop") -> str:
+        return f"mkdir {top.shown(self.path)} (0:0 0700)"
+
+    def execute(self, top: "BtrfsTop") -> None:
+        make_dirs(top, self.path)
+
+
+class MoveToOldRoots(RotationStep):
+    __slots__ = ("path", "to", "why")
+
+    def __init__(self, path: tuple, to: tuple, why: str):
+        self.path, self.to, self.why = path, to, why
+
+    def describe(self, top: "BtrfsTop") -> str:
+        return f"move {top.shown(self.path)} ({self.why}) to {top.shown(self.to)}"
+
+    def execute(self, top: "BtrfsTop") -> None:
+        rename_in(top, self.path, self.to, 0)
+
+
+class MakeRoot(RotationStep):
+    """A fresh root at path: a snapshot of blank, or an empty subvolume;
+    deleted again (undo) if it is the one rotated in and the exchange fails."""
+    __slots__ = ("blank", "path", "why", "undoable")
+
+    def __init__(self, blank: tuple | None, path: tuple, why: str, undoable: bool):
+        self.blank, self.path, self.why, self.undoable = blank, path, why, undoable
+
+    def describe(self, top: "BtrfsTop") -> str:
+        fresh = f"snapshot {top.shown(self.blank)} as" if self.blank else "create empty subvolume"
+        return f"{fresh} {top.shown(self.path)} ({self.why})"
+
+    def execute(self, top: "BtrfsTop") -> None:
+        make_root(top, self.blank, self.path)
+
+    def undo(self, top: "BtrfsTop") -> None:
+        if self.undoable:
+            destroy_subvolume(top, self.path)
+
+
+class ExchangeRoots(RotationStep):
+    __slots__ = ("root", "fresh")
+
+    def __init__(self, root: tuple, fresh: tuple):
+        self.root, self.fresh = root, fresh
+
+    def describe(self, top: "BtrfsTop") -> str:
+        return (f"exchange {top.shown(self.root)} and {top.shown(self.fresh)} (the fresh root "
+                "takes the root's place)")
+
+    def execute(self, top: "BtrfsTop") -> None:
+        rename_in(top, self.root, self.fresh, RENAME_EXCHANGE)
+
+
+class DeleteOldRoot(RotationStep):
+    __slots__ = ("path", "ident", "nested", "subvols", "why")
+
+    def __init__(self, path: tuple, ident: int, nested: list, subvols: dict, why: str):
+        self.path, self.ident, self.nested, self.subvols, self.why = path, ident, nested, subvols, why
+
+    def describe(self, top: "BtrfsTop") -> str:
+        line = f"delete old root {top.shown(self.path)} ({self.why})"
+        if self.nested:
+            line += f", first the {len(self.nested)} subvolumes nested in it"
+        return line
+
+    def execute(self, top: "BtrfsTop") -> None:
+        delete_old_root(top, self.path, self.ident, self.nested, self.subvols)
 
 
 def descendants(subvols: dict, ident: int) -> list:
@@ -5541,25 +5615,25 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
         for note in notes:
             log.warn(note)
         if dry_run:
-            lines = [step[0] for step in steps + deletions]
+            lines = [step.describe(top) for step in steps + deletions]
             out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
             return EXIT_OK
-        undo = None
-        for line, step, undoes in steps:
-            log.info(line)
+        done = None
+        for step in steps:
+            log.info(step.describe(top))
             try:
-                step()
+                step.execute(top)
             except (EntryError, OSError) as exc:
-                if undo is not None:
-                    undo()
+                if done is not None:
+                    done.undo(top)
                 log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; rotation stopped, "
                           f"{top.shown(spec.subvolume)} is left as it is")
                 return EXIT_STORAGE
-            undo = undoes
-        for line, step in deletions:
-            log.info(line)
+            done = step
+        for step in deletions:
+            log.info(step.describe(top))
             try:
-                step()
+                step.execute(top)
             except (EntryError, OSError) as exc:
                 log.error(rotation_error(exc, top.shown(spec.old_roots)) + "; tried again at the next run")
                 failed += 1

@@ -249,6 +249,10 @@ def test_dry_run_prints_the_steps_and_changes_nothing(fs):
     assert fs.ids() == before
     with fs.top() as top:
         assert (sorted(os.listdir(top)), sorted(os.listdir(top / "old_roots"))) == listing
+    # The real run logs (-v) exactly the lines the dry run printed.
+    real = fs.rotate("-v")
+    assert real.returncode == 0, real.stderr
+    assert [l.removeprefix("impermanence: ") for l in real.stderr.splitlines()] == lines
 
 
 def test_first_boot_without_a_root_subvolume_creates_one(fs):
