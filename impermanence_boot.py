@@ -1523,6 +1523,7 @@ class MountTable:
         self.groups: dict[str, str] = {}  # mount id -> peer group, of the shared mounts
         self.parents: dict[str, str] = {}  # mount id -> id of the mount it is attached to
         self.stacks: dict[str, list] = {}  # every mount at each point, the top one last
+        self._fuse: dict | None = None
         try:
             with open("/proc/self/mountinfo", "rb") as f:
                 data = f.read().decode("utf-8", "surrogateescape")
@@ -1545,6 +1546,18 @@ class MountTable:
 
     def is_mountpoint(self, host_path: str) -> bool:
         return host_path in self.points
+
+    def fuse_below(self, root: str) -> dict:
+        """The FUSE mounts below root, {components: (fs type, source)}: a
+        user's daemon answers for them, and a stopped one hangs every lstat
+        there."""
+        if self._fuse is None:
+            prefix = root.rstrip("/") + "/"
+            self._fuse = {
+                tuple(point[len(prefix):].split("/")): (fs_type, source)
+                for point, (source, _fs_root, fs_type, _id) in self.points.items()
+                if point.startswith(prefix) and (fs_type in ("fuse", "fuseblk") or fs_type.startswith("fuse."))}
+        return self._fuse
 
     def remove(self, host_path: str) -> None:
         """The top mount at host_path taken off: the one below, if any, is
@@ -1898,6 +1911,19 @@ class Tree:
         self.pending_binds: list = []
         self.pending_created: list = []
         self.kept: frozenset = frozenset()  # every kept target (host paths): the config's own mounts
+        self._mounts: MountTable | None = None
+
+    @property
+    def mounts(self) -> MountTable:
+        """The mount table, read once a run (refresh_mounts: after the run
+        mounted something, or where a check must see the kernel's now)."""
+        if self._mounts is None:
+            self._mounts = MountTable()
+        return self._mounts
+
+    def refresh_mounts(self) -> MountTable:
+        self._mounts = MountTable()
+        return self._mounts
 
     def host(self, comps: tuple) -> str:
         return self.prefix + "/" + "/".join(comps) if comps else self.root
@@ -2450,7 +2476,7 @@ class Executor:
         source, fs root and mount id mountinfo gives them; whether that worked."""
         if not self.utab_records:
             return True
-        mounts = MountTable()
+        mounts = self.tree.refresh_mounts()  # the binds made, with their ids
         lines = []
         for target, options in self.utab_records:
             found = mounts.points.get(self.tree.host(target))
@@ -2893,6 +2919,7 @@ class MountFilesystem(Action):
         fs_type = self.mount_on(parent, ex.tree.host(point), device, probed, 0)
         ex.targets.forget(point)
         ex.tree.forget(point)  # its contents are the kernel's to say now
+        ex.tree.refresh_mounts()
         ex.log.info(f"mounted {device} ({fs_type}) on {ex.tree.host(point)}")
 
     def peek(self, tree: Tree) -> str:
@@ -2918,6 +2945,7 @@ class MountFilesystem(Action):
             return f"note {host}: not mounted and not looked into ({why}); planned as if empty"
         _private_namespace.append(host)  # unmounted when plan ends
         tree.forget(self.fs.mountpoint)
+        tree.refresh_mounts()
         return (f"note {host}: not mounted; planned from what it holds, read through a private "
                 f"read-only mount of {self.device}")
 
@@ -2983,12 +3011,11 @@ def movable_name(path: tuple) -> bool:
     return len(os.fsencode(path[-1])) + len(MOVE_ASIDE_SUFFIX) + 1 <= 255
 
 
-def kept_mounts_below(tree: Tree, target: tuple) -> frozenset:
+def kept_mounts_below(tree: Tree, target: tuple, mounts: MountTable) -> frozenset:
     """The mount points below target that a move leaves where they are: the
     config's own kept paths (bound again on top of the new bind, as at
     boot). EntryError naming it if target is a mount point, or if any other
     mount is below it: the move never leaves the root's own filesystem."""
-    mounts = MountTable()
     host = tree.host(target)
     found = mounts.points.get(host)
     if found is not None:
@@ -3080,7 +3107,7 @@ class MoveIntoStorage(Action):
             if aside_made:
                 with opened(open_aside(at, aside[-1], aside_shown, ex.euid)):
                     pass  # a planted one fails the entry before anything is done
-            kept = kept_mounts_below(tree, self.target)
+            kept = kept_mounts_below(tree, self.target, tree.refresh_mounts())  # as it is now
             if aside_made and not exists_at(into, temp) and self.in_place(into, held, kept, shown):
                 # Renamed into place by a run that was stopped: finish.
                 if is_dir:
@@ -3636,26 +3663,10 @@ def link_text(entry: Entry) -> str:
     return as_path(entry.source)
 
 
-_fuse_mounts: dict = {}  # root -> {components: (fs type, source)}
-
-
-def fuse_mounts(root: str, mounts: MountTable | None = None) -> dict:
-    """The FUSE mounts below root, read from the mount table (mounts, if
-    the caller has read it) once a run (apply makes none): a user's daemon
-    answers for them, and a stopped one hangs every lstat there."""
-    if root not in _fuse_mounts:
-        prefix = root.rstrip("/") + "/"
-        _fuse_mounts[root] = {
-            tuple(point[len(prefix):].split("/")): (fs_type, source)
-            for point, (source, _fs_root, fs_type, _id) in (mounts or MountTable()).points.items()
-            if point.startswith(prefix) and (fs_type in ("fuse", "fuseblk") or fs_type.startswith("fuse."))}
-    return _fuse_mounts[root]
-
-
-def fuse_refusal(tree: Tree, entry: Entry, mounts: MountTable | None = None) -> tuple | None:
+def fuse_refusal(tree: Tree, entry: Entry) -> tuple | None:
     """(path, cause) when the entry's target or source lies on a FUSE
     mount: never looked at, nor into; None otherwise."""
-    fuse = fuse_mounts(tree.root, mounts)
+    fuse = tree.mounts.fuse_below(tree.root)
     for path in (entry.target, entry.source) if fuse else ():
         for depth in range(1, len(path) + 1):
             if path[:depth] in fuse:
@@ -3790,7 +3801,7 @@ def moved_aside(tree: Tree, target: tuple) -> bool:
 def planned_kept_mounts(tree: Tree, target: tuple) -> frozenset:
     """kept_mounts_below, its refusal the entry's (Refused)."""
     try:
-        return kept_mounts_below(tree, target)
+        return kept_mounts_below(tree, target, tree.mounts)
     except EntryError as exc:
         raise Refused(target, exc.cause) from None
 
@@ -3961,7 +3972,7 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
     """Mount the fileSystems and make every storage path usable, through
     runner (apply's Executor, plan's Printer). Returns storage -> None if
     usable, else the reason it is not."""
-    mounts = MountTable()
+    mounts = tree.mounts
     unavailable: dict = {}  # fileSystems mount point -> why it is not mounted
     for fs in sorted(config.filesystems, key=lambda f: f.mountpoint):
         ok = False
@@ -4007,7 +4018,7 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
 def run_entries(entries: list, tree: Tree, accounts: Accounts, runner) -> int:
     """Plan and run each entry in turn; the number that failed."""
     failed = 0
-    mounts = MountTable()
+    mounts = tree.mounts
     for entry in entries:
         ok = False
         try:
@@ -4126,7 +4137,7 @@ REPLACED = "a program replaced the link or bind with a file on the root; save mo
 def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Accounts) -> tuple:
     """(state, detail) of one entry on the live system."""
     source, target = entry.source, entry.target
-    on_fuse = fuse_refusal(tree, entry, mounts)
+    on_fuse = fuse_refusal(tree, entry)
     if on_fuse is not None:
         return "error", f"{tree.host(on_fuse[0])} {on_fuse[1]}"
     src = tree.look(source)
@@ -4173,7 +4184,7 @@ def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Account
 
 def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> int:
     tree = Tree(root)
-    mounts = MountTable()  # read once for the whole run
+    mounts = tree.mounts
     storage_rows = []
     state_of: dict = {}
     for storage in config.storages:
@@ -4245,7 +4256,7 @@ def command_unmount(config: Config, root: str, log: Log, out, dry_run: bool) -> 
     and the empty mount points apply made. Storage is never written to.
     --dry-run prints the plan; the real run logs (-v) the same lines."""
     tree = Tree(root)
-    mounts = MountTable()
+    mounts = tree.mounts
     groups = plan_unmount(config, tree, mounts, log)
     if dry_run:
         printer = Printer(tree)
@@ -4317,7 +4328,7 @@ def plan_unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, in_storage:
     point apply made for it, unless it lies in storage (in_storage)."""
     target = entry.target
     host = tree.host(target)
-    if fuse_refusal(tree, entry, mounts) is not None:
+    if fuse_refusal(tree, entry) is not None:
         return []  # not apply's: left as it is, never looked at
     node = tree.look(target)
     if node is None:
@@ -4950,7 +4961,7 @@ def command_save(config: Config, root: str, log: Log, out, dry_run: bool) -> int
 def saved(config: Config, root: str, log: Log, out, dry_run: bool) -> int:
     """save, under its lock unless dry_run."""
     tree = Tree(root)
-    mounts = MountTable()
+    mounts = tree.mounts
     usable = usable_storages(config, tree, mounts, log)
     now = time.time()
     failed = len(set(config.storages) - usable)
@@ -5006,7 +5017,7 @@ def command_diff(config: Config, root: str, log: Log, out, as_json: bool, as_tre
     kept.update(config.storages, (fs.mountpoint for fs in config.filesystems))
     skipped = {(name,): f"not walked (--include /{name} walks it)"
                for name in DIFF_SKIPPED if (name,) not in include}
-    walk = Walk(tree, MountTable(), kept, skipped, log, own_fs=include)
+    walk = Walk(tree, tree.mounts, kept, skipped, log, own_fs=include)
     walk.run(())
     if as_json:
         import json
@@ -5022,7 +5033,7 @@ def command_orphans(config: Config, root: str, log: Log, out, as_json: bool, as_
     """What each storage holds that no entry keeps (an entry removed from
     the config leaves its data there). Reads only; deletes nothing."""
     tree = Tree(root)
-    mounts = MountTable()
+    mounts = tree.mounts
     sources = {e.source for e in config.entries}
     guarded = set(config.storages) | {fs.mountpoint for fs in config.filesystems}
     result, rows = EXIT_OK, []
@@ -5813,7 +5824,6 @@ def main(argv: list | None = None) -> int:
     if not os.path.isdir(root):
         log.error(f"{opts.root}: --root is not a directory")
         return EXIT_CONFIG
-    _fuse_mounts.clear()  # read again by each run, as the mount table is
     lock = -1
     try:
         if opts.command == "apply" or (opts.command == "unmount" and not opts.dry_run):
