@@ -3676,6 +3676,28 @@ def fuse_refusal(tree: Tree, entry: Entry) -> tuple | None:
     return None
 
 
+def placement(entry: Entry, tree: Tree) -> str | None:
+    """Whether and how the entry is in place, on the system as it is (and
+    as the actions planned before leave it): the one answer planning,
+    status and unmount give.
+      inside   a file in a kept directory of its storage, bound already:
+               the target is the source
+      linked   the target is the link apply makes
+      mounted  the target shows the source (a bind, or the same path)
+    None when it is not in place."""
+    source, target = entry.source, entry.target
+    if entry.kind == "file" and tree.same(source[:-1], target[:-1]):
+        return "inside"
+    node = tree.look(target)
+    if node is None:
+        return None
+    if entry.kind == "file" and node.kind == "link":
+        return "linked" if node.link == link_text(entry) else None
+    if node.kind == ("dir" if entry.kind == "directory" else "file") and tree.same(source, target):
+        return "mounted"
+    return None
+
+
 def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is
     now (and as the actions planned before it leave it)."""
@@ -3772,7 +3794,7 @@ def plan_directory_target(entry: Entry, tree: Tree, actions: list) -> None:
         make_dir(actions, tree, target, twin.uid, twin.gid, twin.mode, "mount point", False, mark=True)
     elif node.kind != "dir":
         raise Refused(target, f"target is {describe_kind(node)}, not a directory; left as it is")
-    elif tree.same(source, target):
+    elif placement(entry, tree) == "mounted":
         # Mounted by an earlier run: what lies below is the source's, as
         # for a bind made now (a kept directory nested in this one is then
         # found already in place, not made twice).
@@ -3837,7 +3859,8 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
     """A kept file: a link to its source, or an empty mount point and a
     bind mount."""
     source, target = entry.source, entry.target
-    if tree.binds and tree.same(source[:-1], target[:-1]):
+    placed = placement(entry, tree)
+    if placed == "inside":
         # Inside a kept directory of the same storage, bound already: the
         # target is the source, in place as it is (and created in storage
         # by whoever writes it first). A link there would point to itself.
@@ -3846,11 +3869,11 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
     wanted_link = link_text(entry)
     finishing = (tree.root == "/" and source_exists and moved_aside(tree, target)
                  and tree.look(move_temp(source)) is None)
-    if node is not None and node.kind == "link" and node.link == wanted_link:
+    if placed == "linked":
         if finishing:
             actions.append(DropMoved(target, source, "file"))
         return  # linked by an earlier run (for auto: while the source was missing)
-    if finishing and node is not None and tree.same(source, target):
+    if finishing and placed == "mounted":
         actions.append(DropMoved(target, source, "file"))
         return
     if finishing or (tree.root == "/" and not source_exists and node is not None and node.kind == "file"
@@ -3896,7 +3919,7 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
         tree.record(target, Node("file", 0, 0, 0o644, 0, None, None, None))
     elif node.kind != "file":
         raise Refused(target, f"target is {describe_kind(node)}; left as it is")
-    elif tree.same(source, target):
+    elif placed == "mounted":
         return
     elif node.size != 0:
         raise Refused(target, "target exists and is not empty; not overwritten"
@@ -4135,51 +4158,40 @@ REPLACED = "a program replaced the link or bind with a file on the root; save mo
 
 
 def entry_status(entry: Entry, tree: Tree, mounts: MountTable, accounts: Accounts) -> tuple:
-    """(state, detail) of one entry on the live system."""
+    """(state, detail) of one entry on the live system: placement, and
+    for what is not in place, why."""
     source, target = entry.source, entry.target
     on_fuse = fuse_refusal(tree, entry)
     if on_fuse is not None:
         return "error", f"{tree.host(on_fuse[0])} {on_fuse[1]}"
+    placed = placement(entry, tree)
     src = tree.look(source)
+    if src is not None and src.kind != ("file" if entry.kind == "file" else "dir"):
+        return "error", f"source is {describe_kind(src)}"
+    if placed is not None:
+        detail = {"inside": "inside a kept directory", "linked": "linked", "mounted": "mounted"}[placed]
+        if src is None:
+            return "ok", detail + "; the source is created on first write"
+        if entry.kind == "directory":
+            uid, gid, mode = accounts.resolve(entry.perms, entry.storage)
+            if (src.uid, src.gid) != (uid, gid):
+                return "owner-differs", f"source is {src.uid}:{src.gid}, declared {uid}:{gid}"
+            if src.mode != mode:
+                return "mode-differs", f"source is {format_mode(src.mode)}, declared {format_mode(mode)}"
+        return "ok", detail
     tgt = tree.look(target)
     host_target = tree.host(target)
-    if entry.kind == "file":
-        if tree.same(source[:-1], target[:-1]):
-            if src is None:
-                return "ok", "inside a kept directory; the source is created on first write"
-            if src.kind != "file":
-                return "error", f"source is {describe_kind(src)}"
-            return "ok", "inside a kept directory"
-        wanted = link_text(entry)
-        if tgt is not None and tgt.kind == "link" and tgt.link == wanted:
-            if src is None:
-                return "ok", "linked; the source is created on first write"
-            return "ok", "linked"
-        if replaced_file(entry, tgt, src, tree, mounts):
-            return "replaced", REPLACED
-        if entry.method == "symlink":
-            return "not-linked", f"target is {describe_kind(tgt) if tgt else 'missing'}; expected a link to {wanted}"
-        if src is None:
-            return "source-missing", f"{tree.host(source)} does not exist and target is not a link to it"
-        if tgt is not None and tree.same(source, target):
-            return "ok", "mounted"
-        if tgt is not None and mounts.is_mountpoint(host_target):
-            return "wrong-source", "mounted from " + "".join(mounts.points[host_target][:2])
-        return "not-mounted", f"target is {describe_kind(tgt) if tgt else 'missing'}"
+    if entry.kind == "file" and replaced_file(entry, tgt, src, tree, mounts):
+        return "replaced", REPLACED
+    if entry.kind == "file" and entry.method == "symlink":
+        return "not-linked", (f"target is {describe_kind(tgt) if tgt else 'missing'}; expected a link "
+                              f"to {link_text(entry)}")
     if src is None:
-        return "source-missing", f"{tree.host(source)} does not exist"
-    if src.kind != "dir":
-        return "error", f"source is {describe_kind(src)}"
-    if tgt is None or not tree.same(source, target):
-        if tgt is not None and mounts.is_mountpoint(host_target):
-            return "wrong-source", "mounted from " + "".join(mounts.points[host_target][:2])
-        return "not-mounted", "target is " + (describe_kind(tgt) if tgt else "missing")
-    uid, gid, mode = accounts.resolve(entry.perms, entry.storage)
-    if (src.uid, src.gid) != (uid, gid):
-        return "owner-differs", f"source is {src.uid}:{src.gid}, declared {uid}:{gid}"
-    if src.mode != mode:
-        return "mode-differs", f"source is {format_mode(src.mode)}, declared {format_mode(mode)}"
-    return "ok", "mounted"
+        return "source-missing", f"{tree.host(source)} does not exist" + (
+            " and target is not a link to it" if entry.kind == "file" else "")
+    if tgt is not None and mounts.is_mountpoint(host_target):
+        return "wrong-source", "mounted from " + "".join(mounts.points[host_target][:2])
+    return "not-mounted", "target is " + (describe_kind(tgt) if tgt else "missing")
 
 
 def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> int:
@@ -4330,16 +4342,15 @@ def plan_unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, in_storage:
     host = tree.host(target)
     if fuse_refusal(tree, entry) is not None:
         return []  # not apply's: left as it is, never looked at
+    placed = placement(entry, tree)
+    if placed == "linked":
+        return [] if in_storage else [RemoveLink(target)]
     node = tree.look(target)
-    if node is None:
-        return []
-    if node.kind == "link":
-        if not in_storage and node.link == link_text(entry):
-            return [RemoveLink(target)]
-        return []
+    if node is None or node.kind == "link" or placed == "inside":
+        return []  # someone else's link; or the source itself
     src = tree.look(entry.source)
     actions: list = []
-    if src is not None and mounts.is_mountpoint(host) and tree.same(entry.source, target):
+    if placed == "mounted" and mounts.is_mountpoint(host):
         actions.append(UnmountBind(target, entry.source))
         node = node_beneath(tree, target, node.kind)
     elif mounts.layers(host) > 1 and src is not None:
