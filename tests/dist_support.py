@@ -29,7 +29,7 @@ import machine  # noqa: E402
 from cpio import Archive  # noqa: E402
 
 DIST = PROJECT / "dist"
-FILES_HELPER = DIST / "lib/initramfs-files"
+FILES_HELPER = DIST / "lib/initramfs_files.py"
 DRIVERS = ("virtio_pci", "virtio_blk", "ext4")
 TIMEOUT = float(os.environ.get("IMPERMANENCE_DIST_TIMEOUT", "300"))
 # Marks the stage-2 init's own console line, printed first thing after the switch.

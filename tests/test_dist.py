@@ -602,9 +602,10 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     assert r.returncode == 0 or not problems, r.stdout + r.stderr
 
 
-def test_files_helper_lists_what_vm_find_modules_computes(tmp_path):
-    """dist/lib/initramfs-files and the test machine's vm/find_modules.py
-    pick the same standard-library modules for the script."""
+def test_files_helper_installs_the_modules_its_json_form_finds(tmp_path):
+    """dist/lib/initramfs_files.py's two forms, the hooks' (SCRIPT OUTDIR)
+    and the one the NixOS module and the test machine read (--json), pick
+    the same standard-library modules for the script."""
     ds.python()  # require()s the interpreter
     out = subprocess.run([ds.python(), "-I", str(ds.FILES_HELPER), str(SCRIPT), str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout.splitlines()

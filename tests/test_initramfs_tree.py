@@ -1,4 +1,4 @@
-"""The script in exactly the tree dist/lib/initramfs-files lists, as an
+"""The script in exactly the tree dist/lib/initramfs_files.py lists, as an
 initramfs holds it: the interpreter under test (vm/distro_python.py), its
 shared libraries, the standard-library modules the helper computed and the
 byte-compiled script, nothing else; run with `env -i chroot`, so no
@@ -18,7 +18,7 @@ from pathlib import Path
 import build_initramfs
 from support import PROJECT, SCRIPT, base_config, distro_python, require
 
-FILES_HELPER = PROJECT / "dist/lib/initramfs-files"
+FILES_HELPER = PROJECT / "dist/lib/initramfs_files.py"
 
 
 def copy_into(tree: Path, src: str, dest: str) -> None:

@@ -29,6 +29,8 @@ sys.path.insert(0, str(PROJECT / "nix" / "tests"))
 import harness  # noqa: E402
 
 MODULE = harness.MODULE_NIX
+# The one stdlib-module finder, which the module's initrd interpreter is built with.
+FINDER = PROJECT / "dist" / "lib" / "initramfs_files.py"
 
 
 # What the tests read from an evaluation (derivations as their store paths).
@@ -69,7 +71,7 @@ REPORT = r'''
   findModules = "${FIND_MODULES}";
   initrdPythonHelper = "${INITRD_PYTHON}";
 }
-'''.replace("FIND_MODULES", str(PROJECT / "vm" / "find_modules.py")).replace(
+'''.replace("FIND_MODULES", str(FINDER)).replace(
     "INITRD_PYTHON", str(harness.NIX_DIR / "initrd-python.py"))
 
 
@@ -609,7 +611,7 @@ def build_initrd_python(out: dict, tmp_path):
     unchecked.write_text(json.dumps(out["settings"]))
     tree = tmp_path / "initrd-python"
     elf = harness.run_initrd_python_step(out["initrdPython"]["buildCommand"], {
-        out["findModules"]: PROJECT / "vm" / "find_modules.py",
+        out["findModules"]: FINDER,
         out["initrdPythonHelper"]: harness.NIX_DIR / "initrd-python.py",
         out["unchecked"]: unchecked,
     }, tree, tmp_path / "initrd-python-build")

@@ -1,6 +1,6 @@
 """The initrd's interpreter (boot.initrd.impermanence.initrdPython): the
 binary, its own libraries and only the standard-library modules the
-script imports, computed at build time by vm/find_modules.py — not the
+script imports, computed at build time by dist/lib/initramfs_files.py — not the
 whole python3Minimal closure.
 
 Nothing is built with Nix here.  The tests read the module's derivation
@@ -28,7 +28,7 @@ from support import distro_python
 sys.path.insert(0, str(PROJECT / "nix" / "tests"))
 import harness  # noqa: E402
 
-FIND_MODULES = PROJECT / "vm" / "find_modules.py"
+FIND_MODULES = PROJECT / "dist" / "lib" / "initramfs_files.py"
 HELPER = harness.NIX_DIR / "initrd-python.py"
 
 SELECT = r'''{
@@ -90,9 +90,9 @@ def test_the_build_command(lib):
     out = evaluate(lib)
     command = out["initrdPython"]["buildCommand"]
     python = out["python"]
-    # The modules are computed from the script by vm/find_modules.py, run
-    # by the interpreter itself, also exercising the script on its config.
-    assert f"{python}/bin/python3 -I {out['findModules']} {out['package']}/bin/impermanence_boot.py" in command
+    # The modules are computed from the script by dist/lib/initramfs_files.py,
+    # run by the interpreter itself, also exercising the script on its config.
+    assert f"{python}/bin/python3 -I {out['findModules']} --json {out['package']}/bin/impermanence_boot.py" in command
     assert f'--exercise \'["--config", "{out["unchecked"]}", "check"]\'' in command
     assert f"{python}/bin/python3 -I {out['helper']} modules.json $out > elf-files" in command
     # ELF: libpython from the interpreter's prefix, run paths into $out,

@@ -89,3 +89,33 @@ def test_mounting_loads_only_the_c_half_of_ctypes(sandbox, disk):
     assert same_inode(sandbox.path("/srv/a"), sandbox.path("/persistent/srv/a"))
     assert owner_mode(sandbox.path("/persistent/srv/a"))[0] == BIRD
     assert same_inode(sandbox.path("/etc/hostname"), sandbox.path("/persistent/etc/hostname"))
+
+
+def test_one_stdlib_module_finder_and_nothing_of_the_test_harness_shipped():
+    """The dracut module, the initramfs-tools hook and the NixOS module run
+    one stdlib-module finder, dist/lib/initramfs_files.py, and depend on
+    nothing under vm/ or tests/ (a file the Nix module names is copied into
+    every system that uses it)."""
+    import re
+    project = SCRIPT.parent
+    finder = project / "dist" / "lib" / "initramfs_files.py"
+    skip = {".git", ".venv", "__pycache__"}
+    users = sorted(str(p.relative_to(project)) for p in project.rglob("*.py")
+                   if not skip & set(p.relative_to(project).parts)
+                   and re.search(r"^\s*(import|from) modulefinder\b", p.read_text(), re.M))
+    assert users == ["dist/lib/initramfs_files.py"], users
+    shipped = [p for p in (project / "nix").iterdir() if p.is_file()]
+    shipped += [p for p in (project / "dist").rglob("*") if p.is_file()]
+    named = set()
+    for path in shipped:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.lstrip().startswith("#"):
+                continue  # a comment may point at the test that covers it
+            assert not re.search(r"(?<![\w.-])(\.\./)*(vm|tests)/", line), f"{path}:{n}: {line}"
+            if path.suffix == ".nix":
+                for literal in re.findall(r"(?<![\w/.-])\.\.?/[\w./-]+", line):
+                    named.add((path.parent / literal).resolve())
+    for target in named:
+        assert target.exists(), target
+        assert not {"vm", "tests"} & set(target.relative_to(project).parts), target
+    assert finder in named  # the NixOS module builds the initrd's Python with it
