@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from support import PROJECT, SCRIPT, distro_python
+from support import PROJECT, SCRIPT, distro_python, parse_mountinfo
 
 import build_initramfs  # noqa: E402
 import machine  # noqa: E402
@@ -349,14 +349,9 @@ class Boot:
             out[path] = base64.b64decode(data).decode("utf-8", "replace")
         return out
 
-    def mounts(self) -> list[dict]:
-        out = []
-        for line in self._kind("mountinfo"):
-            f = line.split()
-            sep = f.index("-", 6)
-            out.append({"point": f[4], "root": f[3], "fstype": f[sep + 1], "source": f[sep + 2],
-                        "options": f[5]})
-        return out
+    def mounts(self, kind: str = "mountinfo") -> list[dict]:
+        """The guest's mountinfo lines of that kind, as dicts of MountLine's fields."""
+        return [m._asdict() for m in parse_mountinfo(self._kind(kind))]
 
     def kmsg(self) -> list[str]:
         return self._kind("kmsg")

@@ -12,14 +12,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
 SCRIPT = PROJECT / "impermanence_boot.py"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-sys.path.insert(0, str(PROJECT))  # the script, imported as a module by the tests that call it
-sys.path.insert(0, str(PROJECT / "vm"))  # the harness: distro_python, build_initramfs, machine
 
 
 def require(condition: bool, why: str) -> None:
@@ -88,16 +87,42 @@ def unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+class MountLine(NamedTuple):
+    """One line of a mountinfo table (proc(5))."""
+    id: str
+    parent: str
+    root: str  # the directory of its filesystem that is mounted
+    point: str
+    options: str
+    shared: str | None  # peer group; None where not shared
+    master: str | None  # the group it receives from; None where not a slave
+    fstype: str
+    source: str
+
+
+def parse_mountinfo(lines) -> list[MountLine]:
+    """The tests' one mountinfo parser: this process's table (mount_table),
+    or the lines a booted machine reported."""
+    out = []
+    for line in lines:
+        f = line.split()
+        sep = f.index("-", 6)
+        tags = dict(t.split(":", 1) for t in f[6:sep] if ":" in t)
+        out.append(MountLine(f[0], f[1], unescape(f[3]), unescape(f[4]), f[5], tags.get("shared"),
+                             tags.get("master"), f[sep + 1], unescape(f[sep + 2])))
+    return out
+
+
+def mount_table() -> list[MountLine]:
+    """Every mount of this process's namespace, in mountinfo order."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return parse_mountinfo(f)
+
+
 def mounts() -> list[tuple]:
     """(mount point, fs root, fs type, source) of every mount of this
     process's namespace, in mountinfo order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-", 6)
-            out.append((unescape(fields[4]), unescape(fields[3]), fields[sep + 1], fields[sep + 2]))
-    return out
+    return [(m.point, m.root, m.fstype, m.source) for m in mount_table()]
 
 
 def mountinfo_points() -> list[str]:

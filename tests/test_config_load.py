@@ -3,7 +3,6 @@ a value is wrong. Pure tests, no root needed."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import pytest
@@ -12,8 +11,7 @@ from hypothesis import strategies as st
 
 from support import SCRIPT, config, error_of, load, run
 
-sys.path.insert(0, str(SCRIPT.parent))
-import impermanence_boot as ib  # noqa: E402
+import impermanence_boot as ib
 
 
 def test_spec_example_loads():

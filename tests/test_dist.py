@@ -385,18 +385,6 @@ def nested_init(boot_number: int) -> str:
     return init.replace("r end\n", LATER_MOUNT + "r end\n")
 
 
-def mount_lines(boot: ds.Boot, kind: str = "mountinfo") -> list[dict]:
-    """Mount point and peer group / master of each mount the booted system
-    reported (kind "later": after its own mount under a kept directory)."""
-    out = []
-    for line in boot._kind(kind):
-        f = line.split()
-        tags = dict(t.split(":", 1) for t in f[6:f.index("-", 6)] if ":" in t)
-        out.append({"point": f[4], "shared": tags.get("shared"), "master": tags.get("master"),
-                    "source": f[f.index("-", 6) + 2]})
-    return out
-
-
 @pytest.fixture(scope="module")
 def nested_run(kver, tmp_path_factory):
     work = tmp_path_factory.mktemp("dist-nested")
@@ -426,7 +414,7 @@ def test_nested_storages_no_mount_leaks_into_storage(nested_run):
         assert same_inode(ins["/var/lib/foo"], ins["/cache/var/lib/foo"]), n
         assert same_inode(ins["/var/lib/cached.conf"], ins["/cache/var/lib/cached.conf"]), n
         for kind in ("mountinfo", "later"):
-            table = mount_lines(boot, kind)
+            table = boot.mounts(kind)  # "later": after its own mount under a kept directory
             points = [m["point"] for m in table]
             # the booted system's own mount under /var/lib (a kept directory)
             assert ("/var/lib/usb" in points) == (kind == "later"), (n, kind, points)
@@ -434,7 +422,7 @@ def test_nested_storages_no_mount_leaks_into_storage(nested_run):
             assert inside == [], (n, kind, "mounts inside storage", inside)
             assert points.count("/persistent") == points.count("/cache") == 1, (n, kind, points)
         print(f"\nboot {n}, after switch-root:")
-        for m in mount_lines(boot):
+        for m in boot.mounts():
             print(f"  {m['point']:<22} shared:{m['shared']} master:{m['master']} ({m['source']})")
 
 

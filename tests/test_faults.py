@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -351,7 +350,6 @@ def test_a_name_of_non_ascii_digits_is_a_name(sandbox):
 def test_an_unexpected_error_in_one_entry_stops_no_other(sandbox, monkeypatch, capfd):
     # A bug (any exception) in one entry's work: that entry fails with one
     # line, every other entry is still applied, planned and reported.
-    sys.path.insert(0, str(SCRIPT.parent))
     import impermanence_boot as ib
     store = tmpfs_storage(sandbox)
     sandbox.write_config(config(None))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import string
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -16,8 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from reliability_support import assert_clean_messages
 from support import PROJECT, run
 
-sys.path.insert(0, str(PROJECT))
-import impermanence_boot as ib  # noqa: E402
+import impermanence_boot as ib
 
 LOADER = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 CLI = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -12,8 +11,7 @@ from hypothesis import strategies as st
 
 from support import SCRIPT, require
 
-sys.path.insert(0, str(SCRIPT.parent))
-import impermanence_boot as ib  # noqa: E402
+import impermanence_boot as ib
 
 
 @pytest.mark.parametrize("text,mode", [

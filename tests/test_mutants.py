@@ -3,12 +3,10 @@ the script exactly once and changes it, its test files exist, and the
 selection by changed functions picks the mutation of a changed line."""
 from __future__ import annotations
 
-import sys
 
 from support import PROJECT
 
-sys.path.insert(0, str(PROJECT / "tests"))
-import mutants  # noqa: E402
+import mutants
 
 
 def test_every_mutation_is_found_once_and_names_existing_tests():

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import PROJECT, SCRIPT, require
 from reliability_support import mountinfo_points, owner_mode
+from support import mount_table
 
 NIX_DIR = PROJECT / "nix"
 CONFIG_NIX = NIX_DIR / "config.nix"
@@ -554,14 +555,10 @@ def test_generated_file_systems_entry_mounts_by_label(sandbox, loop_disk, tmp_pa
     proc = sandbox.run("apply", config=data)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     storage = sandbox.path("/persistent")
-    with open("/proc/self/mountinfo") as f:
-        rows = [line.split() for line in f]
-    mounted = [r for r in rows if r[4] == str(storage)]
+    mounted = [m for m in mount_table() if m.point == str(storage)]
     assert mounted, "the persistent filesystem is not mounted"
-    fields = mounted[-1]
-    sep = fields.index("-")
-    assert fields[sep + 1] == "ext4"
-    assert "noatime" in fields[5].split(",")
+    assert mounted[-1].fstype == "ext4"
+    assert "noatime" in mounted[-1].options.split(",")
     assert str(sandbox.path("/var/lib/nixos")) in mountinfo_points()
     assert (storage / "var/lib/nixos").is_dir()
     assert disk.device  # the loop device stays attached until teardown

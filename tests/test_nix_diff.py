@@ -34,8 +34,7 @@ import pytest
 
 from conftest import PROJECT, SCRIPT
 
-sys.path.insert(0, str(PROJECT / "nix" / "tests"))
-import harness  # noqa: E402
+import harness
 
 DOCS = PROJECT / "docs" / "nixos.md"
 ITEMS_NIX = harness.NIX_TESTS / "impermanence-items.nix"

@@ -25,8 +25,7 @@ from conftest import PROJECT, SCRIPT, require
 from support import distro_python
 from reliability_support import mountinfo_points
 
-sys.path.insert(0, str(PROJECT / "nix" / "tests"))
-import harness  # noqa: E402
+import harness
 
 MODULE = harness.MODULE_NIX
 # The one stdlib-module finder, which the module's initrd interpreter is built with.

@@ -18,8 +18,7 @@ import pytest
 
 from conftest import PROJECT
 
-sys.path.insert(0, str(PROJECT / "nix" / "tests"))
-import harness  # noqa: E402
+import harness
 
 ACCOUNTS = r'''{
   users.users.bird = { isNormalUser = true; uid = 1000; };

@@ -25,8 +25,7 @@ import pytest
 from conftest import PROJECT, SCRIPT, require
 from support import distro_python
 
-sys.path.insert(0, str(PROJECT / "nix" / "tests"))
-import harness  # noqa: E402
+import harness
 
 FIND_MODULES = PROJECT / "dist" / "lib" / "initramfs_files.py"
 HELPER = harness.NIX_DIR / "initrd-python.py"

@@ -16,8 +16,7 @@ import pytest
 
 from conftest import PROJECT, SCRIPT
 
-sys.path.insert(0, str(PROJECT / "nix" / "tests"))
-import harness  # noqa: E402
+import harness
 
 SELECT = r'''
 {

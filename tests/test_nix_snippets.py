@@ -27,8 +27,7 @@ import pytest
 
 from conftest import PROJECT, SCRIPT, require
 
-sys.path.insert(0, str(PROJECT / "nix" / "tests"))
-import harness  # noqa: E402
+import harness
 
 DOCS = [PROJECT / "README.md", PROJECT / "docs" / "nixos.md", PROJECT / "docs" / "wiping.md"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)

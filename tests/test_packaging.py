@@ -7,8 +7,7 @@ import sys
 from reliability_support import owner_mode
 from support import BIRD, SCRIPT, base_config, populate, same_inode
 
-sys.path.insert(0, str(SCRIPT.parent))
-import impermanence_boot as ib  # noqa: E402
+import impermanence_boot as ib
 
 
 def test_script_parses_as_python_3_9():

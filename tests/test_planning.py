@@ -6,7 +6,6 @@ import json
 import os
 import random
 import re
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,8 +13,7 @@ from hypothesis import strategies as st
 
 from support import SCRIPT, base_config, config, load, main_config, mount_points_under
 
-sys.path.insert(0, str(SCRIPT.parent))
-import impermanence_boot as ib  # noqa: E402
+import impermanence_boot as ib
 
 
 NAMES = st.sampled_from(["var", "lib", "log", "etc", "ssh", "home", "cache", "a", "b", "c.d", "x y"])

@@ -6,15 +6,13 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from support import SCRIPT, require, start_on
 
-sys.path.insert(0, str(SCRIPT.parent))
-import impermanence_boot as ib  # noqa: E402
+import impermanence_boot as ib
 
 MKFS = {
     "ext4": (["mkfs.ext4", "-q", "-F", "-L"], 16),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support import Sandbox, require, strace_prefix, run_on
+from support import MountLine, Sandbox, mount_table, require, strace_prefix, run_on
 
 CLONE_NEWNS = 0x00020000
 
@@ -59,34 +59,15 @@ def shared_ns(namespace):
     yield from own_mount_namespace("shared")
 
 
-class Mount:
-    """One line of /proc/self/mountinfo: its id, parent id, point and peer
-    group / master (None where not shared / not a slave)."""
-
-    def __init__(self, line: str):
-        f = line.split()
-        self.id, self.parent, self.point = f[0], f[1], f[4].replace("\\040", " ")
-        tags = dict(t.split(":", 1) for t in f[6:f.index("-", 6)] if ":" in t)
-        self.shared, self.master = tags.get("shared"), tags.get("master")
-
-    def __repr__(self):
-        return f"<{self.point} shared:{self.shared} master:{self.master}>"
-
-
-def table() -> list:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return [Mount(line) for line in f]
-
-
 def under(path: Path) -> list:
     """The mounts strictly below path."""
     prefix = str(path) + "/"
-    return [m for m in table() if m.point.startswith(prefix)]
+    return [m for m in mount_table() if m.point.startswith(prefix)]
 
 
-def at(path: Path) -> Mount:
+def at(path: Path) -> MountLine:
     """The mount on top at path."""
-    return [m for m in table() if m.point == str(path)][-1]
+    return [m for m in mount_table() if m.point == str(path)][-1]
 
 
 class World:

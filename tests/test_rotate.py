@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from support import distro_python, mounted, require, run, strace_prefix, unique_label
+from support import distro_python, mounted, mountinfo_points, require, run, strace_prefix, unique_label
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ(\.[1-9]\d*)?$")
 MKFS = ("mkfs.btrfs", "-q", "-f", "-L")
@@ -92,9 +92,7 @@ class BtrfsDisk:
 
     def forget_mounts(self) -> None:
         """A killed run leaves its private mount of the top level."""
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
-        for point in points:
+        for point in mountinfo_points():
             if point.startswith("/run/impermanence-rotate.") or point.startswith("/tmp/impermanence-rotate."):
                 subprocess.run(["umount", "-l", point], check=False)
                 with contextlib.suppress(OSError):

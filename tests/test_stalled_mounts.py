@@ -17,13 +17,12 @@ import time
 
 import pytest
 
-from support import mount_points_under, require
+from support import mount_points_under, mountinfo_points, require
 from test_running_system import running  # noqa: F401  (the fixture)
 
 
 def is_mounted(point) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(point) for line in f)
+    return str(point) in mountinfo_points()
 
 
 @pytest.fixture

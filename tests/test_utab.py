@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support import BIRD, base_config, mount_points_under, require, unescape
+from support import BIRD, base_config, mount_points_under, mount_table, require, unescape
 
 
 def utab_env(sandbox) -> tuple:
@@ -25,15 +25,7 @@ def fields(line: str) -> dict:
 
 def mount_ids(root: Path) -> dict:
     """mount point -> (id, source, fs root) of the top mount there, from mountinfo."""
-    found = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split(" ")
-            sep = parts.index("-", 6)
-            point = unescape(parts[4])
-            if point.startswith(str(root)):
-                found[point] = (parts[0], unescape(parts[sep + 2]), unescape(parts[3]))
-    return found
+    return {m.point: (m.id, m.source, m.root) for m in mount_table() if m.point.startswith(str(root))}
 
 
 HIDDEN = {

@@ -44,12 +44,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cpio import Archive
+import shell_approach
+from distro_python import NoInterpreter, interpreter
+
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
-sys.path.insert(0, str(HERE))
-from cpio import Archive  # noqa: E402
-import shell_approach  # noqa: E402
-from distro_python import NoInterpreter, interpreter  # noqa: E402
 
 KERNEL_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 PYPREFIX = "/nix/python"

@@ -21,10 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import chroots
+
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-import chroots  # noqa: E402
 
 # Host set-up tests: what tests/setup.sh does on this machine.
 HOST_ONLY = {
