@@ -743,7 +743,7 @@ in
           wantedBy = [ "initrd.target" ];
           requiredBy = optional icfg.emergencyOnError "initrd.target";
           after = [ "initrd-root-fs.target" "initrd-fs.target" ];
-          # As dist/systemd/impermanence-boot.service (tests/test_dist.py).
+          # As dist/systemd/impermanence-boot.service (tests/boot/test_dist.py).
           before = [ "initrd-nixos-activation.service" "initrd.target" "initrd-cleanup.service"
                      "initrd-switch-root.target" ];
           conflicts = [ "initrd-switch-root.target" ];

@@ -1,5 +1,5 @@
 """The distributions' own initramfs builders with dist/'s integration, and
-QEMU boots of what they build (tests/test_dist.py).
+QEMU boots of what they build (tests/boot/test_dist.py).
 
 A boot has two disks: a root filesystem made fresh for every boot
 (LABEL=fresh, holding only busybox, os-release and a small /sbin/init that

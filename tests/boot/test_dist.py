@@ -7,7 +7,7 @@ one persistent disk (LABEL=persist), each time on a root filesystem made
 fresh by the test; then once with a non-empty file where a kept file goes
 (exit 1) and once without the persistent disk (exit 3). The fresh root's
 /sbin/init (busybox) reports what the booted system sees and powers off
-(tests/dist_support.py). With CI=true nothing here may skip.
+(tests/boot/dist_support.py). With CI=true nothing here may skip.
 """
 from __future__ import annotations
 

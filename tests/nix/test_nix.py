@@ -1,7 +1,7 @@
 """NixOS integration: nix/config.nix evaluated with nix-instantiate, the JSON
 fed to `impermanence_boot.py check` and to a real `apply` in a private mount
 namespace; every nix/ file parse-checked.  nix/module.nix itself is
-evaluated with nixpkgs' real module system in tests/test_nix_eval.py.
+evaluated with nixpkgs' real module system in tests/nix/test_nix_eval.py.
 
 The option sets are written the way NixOS configurations write
 `environment.persistence` and `users.users` (strings and attribute sets,

@@ -3,9 +3,6 @@ the script exactly once and changes it, its test files exist, and the
 selection by changed functions picks the mutation of a changed line."""
 from __future__ import annotations
 
-
-from support import PROJECT
-
 import mutants
 
 
@@ -17,7 +14,7 @@ def test_every_mutation_is_found_once_and_names_existing_tests():
         assert m.text != m.becomes, m.name
         compile(text.replace(m.text, m.becomes), "mutant", "exec")  # still Python
         for f in m.tests:
-            assert (PROJECT / "tests" / f).is_file(), (m.name, f)
+            assert mutants.test_path(f).is_file(), (m.name, f)
 
 
 def test_selection_by_changed_function():
