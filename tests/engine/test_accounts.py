@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from reliability_support import owner_mode
-from support import BIRD, USERS_GID, base_config, populate, same_inode, tmpfs_at
+from support import BIRD, USERS_GID, base_config, populate, same_inode, tmpfs_at, owner_mode
 
 
 def test_names_from_nixos_uid_map_and_root_passwd(sandbox, disk):

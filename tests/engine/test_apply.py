@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from reliability_support import owner_mode, tree_digest
 from support import (BIRD, USERS_GID, main_config, mount_points_under, mountinfo_under, populate,
-                     same_inode)
+                     same_inode, owner_mode, tree_digest)
 
 
 def test_apply_main_scenario(sandbox, disk):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from reliability_support import owner_mode
-from support import (BIRD, USERS_GID, base_config, main_config, mounted, mountinfo_points,
-                     populate, same_inode, unique_label)
+from support import (BIRD, USERS_GID, base_config, main_config, mounted, mountinfo_points, populate,
+                     same_inode, unique_label, owner_mode)
 
 
 def test_existing_directories_keep_owner_and_mode(sandbox, disk):

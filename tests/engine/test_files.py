@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from reliability_support import owner_mode
-from support import BIRD, USERS_GID, base_config, mount_points_under, mounted, populate, same_inode
+from support import (BIRD, USERS_GID, base_config, mount_points_under, mounted, populate,
+                     same_inode, owner_mode)
 
 
 def test_empty_target_is_replaced_nonempty_is_kept(sandbox, disk):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from reliability_support import owner_mode
-from support import BIRD, SCRIPT, base_config, populate, same_inode
+from support import BIRD, SCRIPT, base_config, populate, same_inode, owner_mode
 
 import impermanence_boot as ib
 

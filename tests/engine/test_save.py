@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from reliability_support import assert_clean_messages, tree_digest
 from support import (BIRD, PROJECT, SCRIPT, USERS_GID, mounts_under, require, run_on, script_env,
-                     strace_prefix, tmpfs_at)
+                     strace_prefix, tmpfs_at, assert_clean_messages, tree_digest)
 
 OLD_FISH = b"- cmd: ls\n  when: 1\n"
 OLD_APP = b"old app\n"

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from reliability_support import owner_mode
-from support import BIRD, USERS_GID, base_config, mountinfo_under, same_inode, unique_label
+from support import (BIRD, USERS_GID, base_config, mountinfo_under, same_inode, unique_label,
+                     owner_mode)
 
 
 def test_device_by_path_and_existing_mount_reused(sandbox, disk):

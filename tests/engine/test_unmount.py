@@ -5,9 +5,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from reliability_support import tree_digest
 from support import (base_config, main_config, mount_points_under, mounted, mountinfo_points,
-                     mountinfo_under, populate)
+                     mountinfo_under, populate, tree_digest)
 
 
 def test_unmount_round_trip_leaves_storage_identical(sandbox, disk):

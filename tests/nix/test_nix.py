@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PROJECT, SCRIPT, require
-from reliability_support import mountinfo_points, owner_mode
-from support import mount_table
+from support import mount_table, mountinfo_points, owner_mode
 
 NIX_DIR = PROJECT / "nix"
 CONFIG_NIX = NIX_DIR / "config.nix"

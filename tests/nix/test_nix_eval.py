@@ -22,8 +22,7 @@ import sys
 import pytest
 
 from conftest import PROJECT, SCRIPT, require
-from support import distro_python
-from reliability_support import mountinfo_points
+from support import distro_python, mountinfo_points
 
 import harness
 

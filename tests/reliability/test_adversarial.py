@@ -35,9 +35,9 @@ from pathlib import Path
 
 import pytest
 
-from reliability_support import (ChangeWatch, assert_clean_messages, deep_digest, host_snapshot,
-                                 make_deep, snapshot, storage_damage)
-from support import SCRIPT, distro_python, mountinfo_points, mounts_under, require, script_env, tmpfs_at
+from support import (SCRIPT, distro_python, mountinfo_points, mounts_under, require, script_env,
+                     tmpfs_at, ChangeWatch, assert_clean_messages, deep_digest, host_snapshot,
+                     make_deep, snapshot, storage_damage)
 
 MALLORY, ALICE, USERS_GID = 1000, 1001, 100
 

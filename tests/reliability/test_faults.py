@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from reliability_support import assert_clean_messages, snapshot, storage_damage, tree_digest
 from support import (SCRIPT, mounted, mountinfo_points, mounts_under, require, run_on,
-                     strace_prefix)
+                     strace_prefix, assert_clean_messages, snapshot, storage_damage, tree_digest)
 
 ALICE, USERS_GID = 1000, 100
 

@@ -12,8 +12,7 @@ import string
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from reliability_support import assert_clean_messages
-from support import PROJECT, run
+from support import PROJECT, run, assert_clean_messages
 
 import impermanence_boot as ib
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability_support import assert_clean_messages, snapshot, tree_digest
-from support import mounted, mounts_under
+from support import mounted, mounts_under, assert_clean_messages, snapshot, tree_digest
 
 BIRD, USERS_GID = 1000, 100
 

@@ -19,9 +19,8 @@ import time
 
 import pytest
 
-from reliability_support import content_view, snapshot
 from support import (BIRD, SCRIPT, USERS_GID, base_config, distro_python, mounts_under, require,
-                     same_inode, tmpfs_at, unique_label)
+                     same_inode, tmpfs_at, unique_label, content_view, snapshot)
 
 INSIDE = "/run/impermanence-test"  # the script and config, inside the root
 
