@@ -1,20 +1,19 @@
 """The initrd's Python: the interpreter and only the standard-library
-modules impermanence_boot.py imports.  Run at build time by that very
-interpreter (nix/module.nix), after vm/find_modules.py has listed the
-modules (computed from the script, never a hand-kept list):
+modules impermanence_boot.py imports, laid out as a prefix of its own.
+Run at build time by that very interpreter (nix/module.nix), after
+dist/lib/initramfs_files.py --json has listed the files (computed from the
+script, never a hand-kept list):
 
     python3 -I nix/initrd-python.py MODULES.json OUT
 
 Writes into OUT:
   bin/python3                     a copy of the interpreter binary
-  lib/pythonX.Y/os.py             the landmark by which the interpreter
-                                  finds its standard library (its prefix
-                                  is the directory above bin/)
-  lib/pythonX.Y/...               every module MODULES.json names that
-                                  comes from the standard library (frozen
-                                  ones aside: they are in the binary), the
-                                  __init__ of each package holding one, and
-                                  its extension modules in lib-dynload/
+  lib/pythonX.Y/...               every standard-library file MODULES.json
+                                  lists ("files": os.py, by which the
+                                  interpreter finds its library, the
+                                  prefix being the directory above bin/;
+                                  the modules' files, extension modules in
+                                  lib-dynload/; the packages' __init__)
   lib/pythonX.Y/**/__pycache__    unchecked-hash .pyc files of them, so no
                                   boot compiles a module
 and prints the ELF files written (the binary and the extension modules),
@@ -44,8 +43,7 @@ def main(modules_json, out):
         found = json.load(f)
     stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
     libdir = os.path.join(out, "lib", os.path.basename(stdlib))
-    frozen = set(found.get("frozen", ()))
-    missing = [m for m in found.get("missing", ())]
+    missing = found.get("missing", [])
     if missing:
         print(f"initrd-python: the script mentions modules this Python lacks: {missing}", file=sys.stderr)
 
@@ -64,17 +62,9 @@ def main(modules_json, out):
                 os.chmod(dest, 0o755)
                 elf.append(dest)
 
-    add(os.path.join(stdlib, "os.py"))
     os.makedirs(os.path.join(libdir, "lib-dynload"), exist_ok=True)
-    for name, path in sorted(found["modules"].items()):
-        if not path or name in frozen:
-            continue  # built in, or frozen into the binary
+    for path in found["files"]:
         add(path)
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            init = os.path.join(stdlib, *parts[:i], "__init__.py")
-            if os.path.exists(init):
-                add(init)
 
     if not compileall.compile_dir(libdir, quiet=1, workers=1,
                                   invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH):

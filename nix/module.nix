@@ -194,10 +194,11 @@ let
 
   # The interpreter the initrd gets: its binary, its own libraries
   # (libpython) and only the standard-library modules the script imports,
-  # computed here from the script by vm/find_modules.py (as vm/ builds its
-  # initramfs), byte-compiled; not the whole python closure.  Its run
-  # paths point into itself, and the references to the full interpreter
-  # that its files still spell (compiled-in prefixes) are erased:
+  # computed here from the script by dist/lib/initramfs_files.py (the
+  # finder the distributions' hooks run too), byte-compiled; not
+  # the whole python closure.  Its run paths point into itself, and the
+  # references to the full interpreter that its files still spell
+  # (compiled-in prefixes) are erased:
   # disallowedReferences makes sure nothing of it is left.  Other
   # libraries (glibc, libffi for _ctypes) stay what they are.
   initrdPython = pkgs.runCommand "impermanence-boot-python"
@@ -206,7 +207,7 @@ let
       disallowedReferences = [ icfg.python ];
     }
     ''
-      ${python} -I ${../vm/find_modules.py} ${script} \
+      ${python} -I ${../dist/lib/initramfs_files.py} --json ${script} \
         --exercise '["--help"]' --exercise '["check", "--help"]' \
         --exercise '["--config", "${uncheckedConfig}", "check"]' > modules.json
       ${python} -I ${./initrd-python.py} modules.json $out > elf-files
@@ -742,7 +743,7 @@ in
           wantedBy = [ "initrd.target" ];
           requiredBy = optional icfg.emergencyOnError "initrd.target";
           after = [ "initrd-root-fs.target" "initrd-fs.target" ];
-          # As dist/systemd/impermanence-boot.service (tests/test_dist.py).
+          # As dist/systemd/impermanence-boot.service (tests/boot/test_dist.py).
           before = [ "initrd-nixos-activation.service" "initrd.target" "initrd-cleanup.service"
                      "initrd-switch-root.target" ];
           conflicts = [ "initrd-switch-root.target" ];

@@ -11,7 +11,6 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,8 +18,6 @@ import pytest
 
 # PROJECT, SCRIPT and require are imported from here by some test files.
 from support import PROJECT, SCRIPT, Sandbox, require, unique_label  # noqa: F401
-
-sys.path.insert(0, str(PROJECT / "nix" / "tests"))  # harness, for the nix fixtures
 
 # The script records userspace mount options in libmount's utab, which
 # libmount (and the script) find through LIBMOUNT_UTAB: every run of the

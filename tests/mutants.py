@@ -48,7 +48,7 @@ class Mutation:
     what: str      # the regression, in words
     text: str      # exact text in the script, found exactly once
     becomes: str
-    tests: tuple   # test files (under tests/) that must catch it
+    tests: tuple   # names of the test files that must catch it (test_path finds them)
 
 
 M = Mutation
@@ -345,10 +345,19 @@ def copy_project(dest: Path) -> None:
     shutil.copytree(PROJECT, dest, ignore=ignore, symlinks=True)
 
 
+def test_path(name: str, project: Path = PROJECT) -> Path:
+    """The test file of that name, in whichever group under tests/ holds it
+    (test file names are unique across the groups)."""
+    found = sorted((project / "tests").rglob(name))
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} test files named {name} under {project / 'tests'}")
+    return found[0]
+
+
 def run_tests(copy: Path, files: list, timeout: float) -> tuple:
     """(passed, the first failing test or the last lines) of pytest -x."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o",
-           "addopts=", *[f"tests/{f}" for f in files]]
+           "addopts=", *[str(test_path(f, copy).relative_to(copy)) for f in files]]
     try:
         r = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout,
                            stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what it needs, then runs pytest as root.
 #   ./tests/run.sh                        every test (with CI=true: what CI runs, below)
-#   ./tests/run.sh tests/test_x.py -x     only those (any pytest arguments)
+#   ./tests/run.sh tests/engine/test_x.py -x   only those (any pytest arguments;
+#                                          tests/engine, ... a whole group)
 #   ./tests/run.sh --releases [ARGS]      also the release matrix
 # The release matrix: the Debian 11 and 13 chroots are built (or taken from
 # the cache), the host suite runs with their QEMU boots
-# (tests/test_releases.py), then the non-QEMU suite runs inside each chroot
+# (tests/boot/test_releases.py), then the non-QEMU suite runs inside each chroot
 # (tests/releases/run.py), with the same ARGS. With CI=true and no
 # arguments, the release matrix runs, and first the mutation check for the
 # script's functions changed since its recorded full run

@@ -16,7 +16,7 @@ Contents (see docs/vm.md):
   /nix/python/bin/python3    the distribution's interpreter (vm/distro_python.py:
                              readlink -f /usr/bin/python3, or $IMPERMANENCE_PYTHON)
   /nix/python/lib/pythonX.Y  only the stdlib modules computed by
-                             vm/find_modules.py from the scripts
+                             dist/lib/initramfs_files.py from the scripts
   /nix/impermanence/         impermanence_boot.py, its .pyc, config.json; the
                              per-entry shell approach for that config
                              (shell-approach.sh, shell-storage), generated
@@ -44,17 +44,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cpio import Archive
+import shell_approach
+from distro_python import NoInterpreter, interpreter
+
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
-sys.path.insert(0, str(HERE))
-from cpio import Archive  # noqa: E402
-import shell_approach  # noqa: E402
-from distro_python import NoInterpreter, interpreter  # noqa: E402
 
 KERNEL_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 PYPREFIX = "/nix/python"
-# read-only invocations used to catch imports done lazily inside the stdlib
-EXERCISES = (["--help"], ["check", "--help"], ["--config", "/nonexistent/impermanence.json", "check"])
+# The project's one stdlib-module finder, also the distributions' and NixOS's.
+FINDER = PROJECT / "dist" / "lib" / "initramfs_files.py"
 
 
 class BuildError(Exception):
@@ -169,11 +169,13 @@ def add_tools(arc: Archive, names, component: str = "harness-tools") -> None:
 
 
 def find_modules(scripts: list[Path], exercise_script: Path | None) -> dict:
-    cmd = [python().path, "-I", str(HERE / "find_modules.py"), *map(str, scripts)]
-    if exercise_script is not None:
-        for args in EXERCISES:
-            cmd += ["--exercise", json.dumps(args)]
-    return json.loads(run(cmd))
+    """The finder's JSON for the scripts, run by the target interpreter;
+    the first script is exercised (its read-only runs) unless
+    exercise_script is None."""
+    cmd = [python().path, "-I", str(FINDER), "--json"]
+    if exercise_script is None:
+        cmd.append("--no-exercise")
+    return json.loads(run(cmd + list(map(str, scripts))))
 
 
 def module_dest(name: str, path: str, stdlib: str) -> str | None:

@@ -15,11 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+import build_initramfs
+import machine
+import scenarios as sc
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import build_initramfs  # noqa: E402
-import machine  # noqa: E402
-import scenarios as sc  # noqa: E402
 
 NAMES_U = {0: "root"}
 NAMES_G = {0: "root"}

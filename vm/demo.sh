@@ -12,4 +12,6 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$HERE/../tests/setup.sh" --demo
-exec /usr/bin/python3 -I "$HERE/demo.py" "$@"
+# -E -s, not -I: -I also leaves demo.py's directory off sys.path, where
+# its sibling modules are.
+exec /usr/bin/python3 -E -s "$HERE/demo.py" "$@"

@@ -16,13 +16,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from cpio import Archive  # noqa: E402
+from cpio import Archive
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_TIMEOUT = float(os.environ.get("IMPERMANENCE_VM_TIMEOUT", "180"))

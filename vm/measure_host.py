@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distro_python import interpreter
+
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
-sys.path.insert(0, str(HERE))
-from distro_python import interpreter  # noqa: E402
 
 INNER = r'''
 set -e

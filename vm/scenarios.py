@@ -1,6 +1,6 @@
-"""The boots, as data shared by tests/test_vm.py and vm/demo.py: which config,
+"""The boots, as data shared by tests/boot/test_vm.py and vm/demo.py: which config,
 which disks, what stage 2 inspects and writes. The expectations are in
-tests/test_vm.py."""
+tests/boot/test_vm.py."""
 from __future__ import annotations
 
 import copy

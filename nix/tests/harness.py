@@ -1,5 +1,5 @@
 """The tests' way to the real nixpkgs module system (imported by
-tests/test_nix_*.py; stdlib only).
+tests/nix/test_nix_*.py; stdlib only).
 
 Where nixpkgs' `lib` comes from, in this order:
   1. $NIXPKGS_LIB: a `lib` directory (with modules.nix), or a nixpkgs

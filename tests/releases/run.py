@@ -21,14 +21,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import chroots
+
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-import chroots  # noqa: E402
 
 # Host set-up tests: what tests/setup.sh does on this machine.
 HOST_ONLY = {
-    "tests/test_demo.py::test_demo_installs_only_what_it_uses":
+    "tests/boot/test_demo.py::test_demo_installs_only_what_it_uses":
         "it sources tests/setup.sh, which checks and would remake the project's .venv, the "
         "host's (its interpreter is the host's); the host suite runs it",
 }
@@ -38,8 +38,8 @@ NIX_2_3 = ("Debian 11's nix-bin is Nix 2.3.7, which lacks builtins.groupBy (Nix 
 EXCLUDED: dict[str, dict[str, str]] = {
     "bullseye": {
         **HOST_ONLY,
-        **{f"tests/{f.name}": NIX_2_3 for f in sorted((PROJECT / "tests").glob("test_nix*.py"))},
-        **{f"tests/test_running_system.py::{test}":
+        **{f"tests/nix/{f.name}": NIX_2_3 for f in sorted((PROJECT / "tests" / "nix").glob("test_*.py"))},
+        **{f"tests/reliability/test_running_system.py::{test}":
            "Debian 11's mke2fs gives the suite's small ext4 loop disks 128-byte inodes, whose "
            "timestamps have whole seconds, and the test compares nanosecond mtimes of the moved "
            "data with its copy in storage" for test in (
@@ -47,13 +47,13 @@ EXCLUDED: dict[str, dict[str, str]] = {
                "test_killed_at_every_step_of_a_move_then_applied_again[copy-")},
         **{test: "Debian 11's strace 5.10 does not know mount_setattr (Linux 5.12), which the "
                  "test's fault injection names"
-           for test in ("tests/test_propagation.py::test_older_kernels_give_the_same_propagation",
-                        "tests/test_propagation.py::test_killed_between_attach_and_slave_then_apply_again",
-                        "tests/test_save.py::test_sigkill_at_every_write_rename_and_unlink_then_save_again")},
-        "tests/test_stalled_mounts.py":
+           for test in ("tests/reliability/test_propagation.py::test_older_kernels_give_the_same_propagation",
+                        "tests/reliability/test_propagation.py::test_killed_between_attach_and_slave_then_apply_again",
+                        "tests/engine/test_save.py::test_sigkill_at_every_write_rename_and_unlink_then_save_again")},
+        "tests/reliability/test_stalled_mounts.py":
             "Debian 11's mke2fs 1.46.2 stats every mount point in /proc/self/mounts, so the "
             "fixture's next mkfs.ext4 blocks on the test's own stopped FUSE server",
-        "tests/test_modes.py::test_symbolic_modes_match_mkdir":
+        "tests/engine/test_modes.py::test_symbolic_modes_match_mkdir":
             "its reference is coreutils 9's mkdir -m (NixOS's); Debian 11 has 8.32, whose "
             "mkdir -m applies the umask under explicit classes (u=wx gives 355, not 377)",
     },

@@ -1,5 +1,5 @@
 """Stage 2 of the test machine: look at the booted system from its own point
-of view and report what it sees; the host (tests/test_vm.py, vm/demo.py)
+of view and report what it sees; the host (tests/boot/test_vm.py, vm/demo.py)
 judges the report.
 
     python3 -I stage2.py CHECKS.json
