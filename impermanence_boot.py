@@ -1954,25 +1954,20 @@ class Tree:
         node = created.get(comps) or dirs.get(comps)
         if node is not None:
             return node
-        above = comps[:-1]
-        parent = created.get(above)
-        if parent is not None:
-            if parent.kind == "dir":
-                return None  # inside a directory only just planned: empty
-        elif above not in dirs:
-            # A known parent was only recorded once all of its own parents
-            # had been checked: only an unknown one needs the walk.
-            for depth in range(1, len(comps)):
-                prefix = comps[:depth]
-                if prefix in dirs or prefix in created:
-                    continue
-                node = self._lstat(prefix)
-                if node is None:
-                    return None
-                if node.kind != "dir":
-                    what = "a symbolic link" if node.kind == "link" else "not a directory"
-                    raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
-                dirs[prefix] = node
+        parent = created.get(comps[:-1])
+        if parent is not None and parent.kind == "dir":
+            return None  # inside a directory only just planned: empty
+        for depth in range(1, len(comps)):
+            prefix = comps[:depth]
+            if prefix in dirs or prefix in created:
+                continue  # recorded only once all of its own parents were checked
+            node = self._lstat(prefix)
+            if node is None:
+                return None
+            if node.kind != "dir":
+                what = "a symbolic link" if node.kind == "link" else "not a directory"
+                raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
+            dirs[prefix] = node
         node = self._lstat(comps) if comps else node_from_stat(os.stat(self.root))
         if node is None:
             return None
@@ -2007,14 +2002,6 @@ class Tree:
             return False
         return (ra.st_dev, ra.st_ino) == (rb.st_dev, rb.st_ino)
 
-    def is_dir(self, comps: tuple) -> bool:
-        """Known, without a system call, to be a directory whose every
-        parent was checked: the common case for shared parents."""
-        if self.binds:
-            comps = self.translate(comps)
-        node = self.created.get(comps) or self.dirs.get(comps)
-        return node is not None and node.kind == "dir"
-
     def record(self, comps: tuple, node: Node) -> None:
         key = self.translate(comps) if self.binds else comps
         self.created[key] = node
@@ -2029,13 +2016,6 @@ class Tree:
         the kernel's to say."""
         self.dirs.pop(comps, None)
         self.created.pop(comps, None)
-
-    def enter(self, target: tuple) -> None:
-        """Planning moves on to target. Entries come in path order, so a
-        bind mount behind target and not above it is above no later entry
-        either: dropping it keeps every lookup's translation short."""
-        if self.binds:
-            self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t or t > target}
 
     def settle(self, succeeded: bool) -> None:
         """After an entry ran. What it created stays recorded: a directory
@@ -3702,7 +3682,6 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is
     now (and as the actions planned before it leave it)."""
     actions: list = []
-    tree.enter(entry.target)
     on_fuse = fuse_refusal(tree, entry)
     if on_fuse is not None:
         return [Fail(*on_fuse)]
@@ -3727,7 +3706,7 @@ def plan_source(entry: Entry, tree: Tree, accounts: Accounts, actions: list) -> 
     """Storage side: the source's parents, then the source itself; whether
     the source exists once these have run."""
     source, storage = entry.source, entry.storage
-    for depth in range(len(storage) + 1, 0 if tree.is_dir(source[:-1]) else len(source)):
+    for depth in range(len(storage) + 1, len(source)):
         path = source[:depth]
         node = tree.look(path)
         if node is not None and node.kind != "dir":
@@ -3769,7 +3748,7 @@ def plan_source(entry: Entry, tree: Tree, accounts: Accounts, actions: list) -> 
 def plan_target_parents(entry: Entry, tree: Tree, actions: list) -> None:
     """Root side: the target's parents mirror their counterparts in storage."""
     target, storage = entry.target, entry.storage
-    for depth in range(1, 0 if tree.is_dir(target[:-1]) else len(target)):
+    for depth in range(1, len(target)):
         path = target[:depth]
         node = tree.look(path)
         if node is not None and node.kind != "dir":
@@ -4860,7 +4839,6 @@ def plan_save(entry: Entry, tree: Tree, mounts: MountTable, now: float) -> list:
     actions: list = []
     if entry.kind != "file" or (tree.same(entry.source[:-1], entry.target[:-1])):
         return actions  # a kept directory, or a file inside one: in storage already
-    tree.enter(entry.target)
     try:
         for path, in_storage in ((entry.source, True), (entry.target, False)):
             temp = save_temp_name(path[-1], SAVE_TEMP if in_storage else SWAP_TEMP)
