@@ -3974,17 +3974,12 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
     """Mount the fileSystems and make every storage path usable, through
     runner (apply's Executor, plan's Printer). Returns storage -> None if
     usable, else the reason it is not."""
-    mounts = tree.mounts
     unavailable: dict = {}  # fileSystems mount point -> why it is not mounted
     for fs in sorted(config.filesystems, key=lambda f: f.mountpoint):
-        ok = False
-        try:
-            runner.run(plan_filesystem(fs, tree, mounts, config.device_timeout, log))
-            ok = True
-        except Exception as exc:  # the other locations still apply
-            unavailable[fs.mountpoint] = failure_cause(exc)
-            runner.report(failure_text(exc, tree.host(fs.mountpoint)))
-        tree.settle(ok)
+        failure = run_planned(tree, runner, fs.mountpoint, lambda: plan_filesystem(
+            fs, tree, tree.mounts, config.device_timeout, log))
+        if failure is not None:  # the other locations still apply
+            unavailable[fs.mountpoint] = failure_cause(failure)
     state: dict = {}
     root_dev = os.stat(tree.root).st_dev
     for storage in config.storages:
@@ -3992,19 +3987,19 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
         if fs is not None and fs.mountpoint in unavailable:
             state[storage] = f"storage unavailable: {unavailable[fs.mountpoint]}"
             continue
-        ok = False
         try:
             node = tree.look(storage)
-            if node is None and fs is not None and fs.mountpoint != storage:
-                # Inside a persistent filesystem: made once it is mounted.
-                runner.run(plan_root_dirs(storage, len(fs.mountpoint) + 1, "storage path", tree))
-                node = tree.look(storage)
-            ok = True
         except Exception as exc:
             state[storage] = failure_cause(exc)
             continue
-        finally:
-            tree.settle(ok)
+        if node is None and fs is not None and fs.mountpoint != storage:
+            # Inside a persistent filesystem: made once it is mounted.
+            failure = run_planned(tree, runner, None, lambda: plan_root_dirs(
+                storage, len(fs.mountpoint) + 1, "storage path", tree))
+            if failure is not None:
+                state[storage] = failure_cause(failure)
+                continue
+            node = tree.look(storage)
         if node is None:
             state[storage] = "storage path does not exist (and no fileSystems entry mounts it)"
         elif node.kind != "dir":
@@ -4017,22 +4012,31 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
     return state
 
 
+def run_planned(tree: Tree, runner, shown: tuple | None, plan) -> Exception | None:
+    """Plan one part of the work (a filesystem, a storage path, an entry)
+    and run it through runner; what it planned stays in the tree's record
+    if it ran, and is forgotten if it failed (the real tree is then the
+    truth for the next part). The failure, reported through runner when
+    shown names its path (None: the caller reports it), or None."""
+    ok = False
+    try:
+        runner.run(plan())
+        ok = True
+    except Exception as exc:  # expected failures, and bugs: the other parts still run
+        if shown is not None:
+            runner.report(failure_text(exc, tree.host(shown)))
+        return exc
+    finally:
+        tree.settle(ok)
+    return None
+
+
 def run_entries(entries: list, tree: Tree, accounts: Accounts, runner) -> int:
     """Plan and run each entry in turn; the number that failed."""
-    failed = 0
     mounts = tree.mounts
-    for entry in entries:
-        ok = False
-        try:
-            runner.run(plan_one_way(entry, tree, mounts) + plan_entry(entry, tree, accounts))
-            ok = True
-        except Exception as exc:  # expected failures, and bugs: the others still run
-            runner.report(failure_text(exc, tree.host(entry.target)))
-        failed += not ok
-        # An entry that failed while planned or run: what it planned is
-        # forgotten, and the real tree is the truth for the next one.
-        tree.settle(ok)
-    return failed
+    return sum(run_planned(tree, runner, entry.target, lambda: plan_one_way(entry, tree, mounts)
+                           + plan_entry(entry, tree, accounts)) is not None
+               for entry in entries)
 
 
 def apply_config(config: Config, tree: Tree, runner, log: Log) -> tuple:
