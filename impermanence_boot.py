@@ -1891,25 +1891,18 @@ def node_from_stat(st) -> Node:
                 st.st_size, st.st_dev, st.st_ino, None, st.st_nlink)
 
 
-class Tree:
-    """Read-only view of <root>: every component is checked to be a real
-    directory before the next one is looked at, so a planted symlink is
-    reported, never followed.
-
-    Planned actions are recorded and lookups see them, so an entry's plan
-    (and `plan` as a whole) is computed as if the earlier actions had run;
-    paths below a recorded bind mount are looked up in its source, as the
-    kernel would after the mount. `apply` settles the record after each
-    entry has run (see `settle`)."""
+class View:
+    """The system as found under <root>, read only: every component is
+    checked to be a real directory before the next one is looked at, so a
+    planted symlink is reported, never followed. The real directories
+    seen are remembered (apply never changes one once it exists; what a
+    mount puts over one is dropped with `forget`), and so is the mount
+    table, read once a run."""
 
     def __init__(self, root: str):
         self.root = root
         self.prefix = "" if root == "/" else root
         self.dirs: dict = {}         # real directories seen: path -> Node
-        self.created: dict = {}      # planned: path -> Node
-        self.binds: dict = {}        # planned: target -> source
-        self.pending_binds: list = []
-        self.pending_created: list = []
         self.kept: frozenset = frozenset()  # every kept target (host paths): the config's own mounts
         self._mounts: MountTable | None = None
 
@@ -1928,14 +1921,6 @@ class Tree:
     def host(self, comps: tuple) -> str:
         return self.prefix + "/" + "/".join(comps) if comps else self.root
 
-    def translate(self, comps: tuple) -> tuple:
-        binds = self.binds
-        for depth in range(len(comps), 0, -1):
-            source = binds.get(comps[:depth])
-            if source is not None:
-                return source + comps[depth:]
-        return comps
-
     def _lstat(self, comps: tuple) -> Node | None:
         path = self.prefix + "/" + "/".join(comps)
         try:
@@ -1945,22 +1930,21 @@ class Tree:
         except OSError as exc:
             raise oserror("lstat", path, exc.errno) from None
 
+    def _known(self, comps: tuple) -> bool:
+        """Whether comps is a directory whose every parent was checked."""
+        return comps in self.dirs
+
     def look(self, comps: tuple) -> Node | None:
         """The node at comps, or None if missing. Raises EntryError if a
         parent component is a symlink or not a directory."""
-        if self.binds:
-            comps = self.translate(comps)
-        created, dirs = self.created, self.dirs
-        node = created.get(comps) or dirs.get(comps)
+        dirs = self.dirs
+        node = dirs.get(comps)
         if node is not None:
             return node
-        parent = created.get(comps[:-1])
-        if parent is not None and parent.kind == "dir":
-            return None  # inside a directory only just planned: empty
         for depth in range(1, len(comps)):
             prefix = comps[:depth]
-            if prefix in dirs or prefix in created:
-                continue  # recorded only once all of its own parents were checked
+            if self._known(prefix):
+                continue
             node = self._lstat(prefix)
             if node is None:
                 return None
@@ -1982,6 +1966,73 @@ class Tree:
                 link = None
             node = Node("link", node.uid, node.gid, node.mode, node.size, node.dev, node.ino, link)
         return node
+
+
+    def read_file(self, comps: tuple) -> str | None:
+        """Contents of a small regular file that only root can have written:
+        opened without following links, it and every directory on the way
+        below the root root's and writable by no one else (a directory
+        with the sticky bit may be: no one else can then rename root's
+        entries in it). None for any other."""
+        try:
+            fd = open_beneath(self.root, comps, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (OSError, EntryError):
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+                return None
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > 16 << 20:
+                    return None
+            return b"".join(chunks).decode("utf-8", "replace")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+
+class Tree(View):
+    """The view, with the actions planned so far recorded over it: lookups
+    see them, so an entry's plan (and `plan` as a whole) is computed as if
+    the earlier actions had run; paths below a recorded bind mount are
+    looked up in its source, as the kernel would after the mount. What one
+    part of the work planned is kept once it ran, and forgotten if it
+    failed (`settle`, called by run_planned)."""
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        self.created: dict = {}      # planned: path -> Node
+        self.binds: dict = {}        # planned: target -> source
+        self.pending_binds: list = []
+        self.pending_created: list = []
+
+    def translate(self, comps: tuple) -> tuple:
+        binds = self.binds
+        for depth in range(len(comps), 0, -1):
+            source = binds.get(comps[:depth])
+            if source is not None:
+                return source + comps[depth:]
+        return comps
+
+    def _known(self, comps: tuple) -> bool:
+        return comps in self.dirs or comps in self.created
+
+    def look(self, comps: tuple) -> Node | None:
+        if self.binds:
+            comps = self.translate(comps)
+        node = self.created.get(comps)
+        if node is not None:
+            return node
+        parent = self.created.get(comps[:-1])
+        if parent is not None and parent.kind == "dir":
+            return None  # inside a directory only just planned: empty
+        return View.look(self, comps)
 
     def same(self, a: tuple, b: tuple) -> bool:
         """Whether paths a and b are the same directory or file."""
@@ -2038,33 +2089,6 @@ class Tree:
         self.pending_created.clear()
         self.pending_binds.clear()
 
-    def read_file(self, comps: tuple) -> str | None:
-        """Contents of a small regular file that only root can have written:
-        opened without following links, it and every directory on the way
-        below the root root's and writable by no one else (a directory
-        with the sticky bit may be: no one else can then rename root's
-        entries in it). None for any other."""
-        try:
-            fd = open_beneath(self.root, comps, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except (OSError, EntryError):
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-                return None
-            chunks = []
-            while True:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if sum(map(len, chunks)) > 16 << 20:
-                    return None
-            return b"".join(chunks).decode("utf-8", "replace")
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
 
 
 def open_dir_at(dir_fd: int, name: str, shown: str) -> int:
