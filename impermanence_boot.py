@@ -2078,20 +2078,50 @@ def dir_open_error(exc: OSError, dir_fd: int, name: str, shown: str) -> Exceptio
     return oserror("open", shown, exc.errno)
 
 
+def open_dirs(start_fd: int, comps: tuple, shown_of, check=None, keep: list | None = None) -> int:
+    """The fd of directory comps below start_fd, every component opened
+    O_DIRECTORY|O_NOFOLLOW below the one before: a link or non-directory in
+    the way is refused (dir_open_error). shown_of(depth) names
+    comps[:depth] in messages; check(fd, depth), if given, may refuse each
+    directory opened by raising. Without keep the walk owns start_fd:
+    every fd on the way is closed but the one returned (start_fd itself
+    for no comps), all of them on failure. With keep, nothing is closed:
+    each fd opened is appended to keep, the caller's."""
+    fd = start_fd
+    try:
+        for depth, name in enumerate(comps, 1):
+            try:
+                next_fd = os.open(name, O_DIR, dir_fd=fd)
+            except OSError as exc:
+                raise dir_open_error(exc, fd, name, shown_of(depth)) from None
+            if keep is not None:
+                keep.append(next_fd)
+            else:
+                os.close(fd)
+            fd = next_fd
+            if check is not None:
+                check(fd, depth)
+    except BaseException:
+        if keep is None:
+            os.close(fd)
+        raise
+    return fd
+
+
 def open_beneath(root: str, comps: tuple, flags: int) -> int:
     """Open root/comps with every directory component opened O_NOFOLLOW,
     each of them root's and, unless sticky, writable by no one else
     (EntryError otherwise)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    prefix = "" if root == "/" else root
+
+    def roots_alone(fd: int, depth: int) -> None:
+        st = os.fstat(fd)
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise EntryError(prefix + as_path(comps[:depth]), "not root's alone")
+
+    fd = open_dirs(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), comps[:-1],
+                   lambda depth: prefix + as_path(comps[:depth]), roots_alone)
     try:
-        prefix = "" if root == "/" else root
-        for i, name in enumerate(comps[:-1]):
-            next_fd = open_dir_at(fd, name, prefix + as_path(comps[:i + 1]))
-            os.close(fd)
-            fd = next_fd
-            st = os.fstat(fd)
-            if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
-                raise EntryError(prefix + as_path(comps[:i + 1]), "not root's alone")
         return os.open(comps[-1], flags, dir_fd=fd)
     finally:
         os.close(fd)
@@ -2312,17 +2342,8 @@ class Walk:
 def open_dir_path(tree: Tree, comps: tuple) -> int:
     """An fd of the directory root/comps, every component opened
     O_NOFOLLOW below the one before."""
-    fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for i, name in enumerate(comps):
-        try:
-            next_fd = os.open(name, O_DIR, dir_fd=fd)
-        except OSError as exc:
-            error = dir_open_error(exc, fd, name, tree.host(comps[:i + 1]))
-            os.close(fd)
-            raise error from None
-        os.close(fd)
-        fd = next_fd
-    return fd
+    return open_dirs(os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), comps,
+                     lambda depth: tree.host(comps[:depth]))
 
 
 def format_size(size: int) -> str:
@@ -2370,15 +2391,12 @@ class DirChain:
             depth += 1
         self.truncate(depth)
         fds = self.fds
-        fd = fds[-1] if depth else self.root_fd
         try:
-            for name in comps[depth:]:
-                fd = os.open(name, O_DIR, dir_fd=fd)
-                fds.append(fd)
-        except OSError as exc:
-            depth = len(fds)
-            self.path = comps[:depth]
-            raise dir_open_error(exc, fd, comps[depth], self.tree.host(comps[:depth + 1])) from None
+            fd = open_dirs(fds[-1] if depth else self.root_fd, comps[depth:],
+                           lambda d: self.tree.host(comps[:depth + d]), keep=fds)
+        except BaseException:
+            self.path = comps[:len(fds)]
+            raise
         self.path = comps
         return fd
 
@@ -5072,14 +5090,7 @@ class BtrfsTop:
 
     def open(self, comps: tuple) -> int:
         """comps below the top level, each component opened O_NOFOLLOW."""
-        fd = os.dup(self.fd)
-        for i, name in enumerate(comps):
-            try:
-                next_fd = open_dir_at(fd, name, self.shown(comps[:i + 1]))
-            finally:
-                os.close(fd)
-            fd = next_fd
-        return fd
+        return open_dirs(os.dup(self.fd), comps, lambda depth: self.shown(comps[:depth]))
 
     def look(self, comps: tuple) -> str | None:
         """None if comps does not exist, else "subvolume" or what it is."""
