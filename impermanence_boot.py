@@ -2127,6 +2127,51 @@ def open_beneath(root: str, comps: tuple, flags: int) -> int:
         os.close(fd)
 
 
+# --- Tree walks ----------------------------------------------------------------------
+#
+# Copy, compare and removal of a move, diff and orphans walk a tree the same
+# way: depth first through directory fds, without recursion, so a tree as
+# deep as a user can make one is walked until the fds run out and no
+# path is ever spelled out to the kernel.
+
+def walk_tree(fd: int, data, entries, visit, leave) -> None:
+    """Depth first below the directory fd (the caller's, left open), one
+    frame per level of the path walked, each directory's entries read whole
+    before the walk goes into one of them: the fds held are bounded by the
+    depth, never by the width. visit(fd, data, entry) deals with an entry
+    of the directory fd and returns None, or (fd, data, entries) of a
+    directory to go into, which it opened with O_DIR (a link is never
+    followed) after making sure it may walk that filesystem.
+    leave(fd, data, done) is called for each directory gone into once its
+    entries are done, or, not done, as an exception unwinds the walk (then
+    it only lets go of what data holds); the walk then closes its fd."""
+    stack = [(fd, data, iter(entries))]
+    try:
+        while True:
+            fd, data, pending = stack[-1]
+            for entry in pending:
+                child = visit(fd, data, entry)
+                if child is not None:
+                    stack.append((child[0], child[1], iter(child[2])))
+                    break
+            else:
+                if len(stack) == 1:
+                    return
+                stack.pop()
+                try:
+                    leave(fd, data, True)
+                finally:
+                    os.close(fd)
+    except BaseException:
+        while len(stack) > 1:
+            fd, data, _ = stack.pop()
+            try:
+                leave(fd, data, False)
+            finally:
+                os.close(fd)
+        raise
+
+
 # --- The system as found: what is not kept (diff, orphans) ---------------------------
 #
 # A walk of one filesystem below a path, through directory fds (each one
@@ -2180,10 +2225,17 @@ class Walk:
             self.error(base, exc if isinstance(exc, OSError) else OSError(0, exc.cause))
             return False
         try:
-            self._partial(fd, base, os.fstat(fd).st_dev)
+            top = (base, os.fstat(fd).st_dev, False, None, False)
+            walk_tree(fd, top, self._entries(fd, top), self._visit, self._leave)
         finally:
             os.close(fd)
         return True
+
+    # A frame of the walk: (path, dev, through, totals, measured). totals is
+    # None for a directory holding kept paths (each other child reported;
+    # with through, a mount point passed on the way to an --include: only
+    # the children on that way), else [bytes, files] of the directory
+    # measured whole that it lies in, `measured` being that directory.
 
     def _mount(self, path: tuple, st, dev: int, name: bool = True) -> bool:
         """Whether path is a mount point (of another filesystem, or a bind
@@ -2196,75 +2248,119 @@ class Walk:
             self.mounts.append((path, self.mount_types.get(path, "?")))
         return True
 
-    def _partial(self, fd: int, comps: tuple, dev: int, through: bool = False) -> None:
-        """A directory holding kept paths: each other child reported (with
-        through, a mount point passed on the way to an --include: only the
-        children on that way)."""
+    def _entries(self, fd: int, frame: tuple) -> list:
+        """(name, lstat) of the children of a directory holding kept paths,
+        sorted; of one measured whole, its subdirectories (mount points in
+        it named, not walked), its files counted into totals."""
+        comps, dev, _through, totals, _measured = frame
         entries = []
+        if totals is None:
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        path = comps + (e.name,)
+                        if path in self.mount_types and path not in self.own_fs and path not in self.through:
+                            # Another mount, per the table: never looked at (a
+                            # stalled FUSE daemon would hang the lstat).
+                            entries.append((e.name, None))
+                            continue
+                        try:
+                            entries.append((e.name, e.stat(follow_symlinks=False)))
+                        except FileNotFoundError:
+                            continue  # removed meanwhile
+                        except OSError as exc:
+                            self.error(comps + (e.name,), exc)
+            except OSError as exc:
+                self.error(comps, exc)
+                return []
+            return sorted(entries, key=lambda e: e[0])
         try:
             with os.scandir(fd) as it:
                 for e in it:
-                    path = comps + (e.name,)
-                    if path in self.mount_types and path not in self.own_fs and path not in self.through:
-                        # Another mount, per the table: never looked at (a
-                        # stalled FUSE daemon would hang the lstat).
-                        entries.append((e.name, None))
+                    if e.name in self.mount_names and comps + (e.name,) in self.mount_types:
+                        # Another mount: named, never looked at.
+                        self.mounts.append((comps + (e.name,), self.mount_types[comps + (e.name,)]))
                         continue
                     try:
-                        entries.append((e.name, e.stat(follow_symlinks=False)))
+                        st = e.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # removed meanwhile
                     except OSError as exc:
                         self.error(comps + (e.name,), exc)
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        if not self._mount(comps + (e.name,), st, dev):
+                            entries.append((e.name, st))
+                    elif e.name in self.mount_names and self._mount(comps + (e.name,), st, dev):
+                        continue
+                    else:
+                        totals[1] += 1
+                        totals[0] += st.st_size if st.st_nlink == 1 else self._size(st)
         except OSError as exc:
             self.error(comps, exc)
-            return
-        for name, st in sorted(entries, key=lambda e: e[0]):
-            path = comps + (name,)
-            if path in self.kept:
-                continue
-            if through and path not in self.through and path not in self.own_fs:
-                continue
-            if path in self.skipped and path not in self.through:
-                self.not_walked.append((path, self.skipped[path]))
-                continue
-            if st is None:
-                self.mounts.append((path, self.mount_types[path]))
-                continue
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                asked = path in self.own_fs
-                child_dev = dev
-                # Walked in full if asked; only on the way to what was
-                # asked below a skipped path or another filesystem.
-                child_through = not asked and (through or path in self.skipped)
-                if self._mount(path, st, dev, name=not asked and path not in self.through):
-                    if not asked and path not in self.through:
-                        continue
-                    child_through = not asked
-                    child_dev = st.st_dev
-                try:
-                    child = os.open(name, O_DIR, dir_fd=fd)
-                except OSError as exc:
-                    self.error(path, exc)
-                    continue
-                try:
-                    found = os.fstat(child)
-                    if (found.st_dev, found.st_ino) != (st.st_dev, st.st_ino):
-                        continue  # replaced meanwhile
-                    if path in self.partial:
-                        self._partial(child, path, child_dev, child_through)
-                        continue
-                    size, files, count = self.measure(child, path, child_dev)
-                finally:
-                    os.close(child)
-                if files:  # directories alone hold nothing to lose
-                    self.found.append((path, "dir", size, files))
-            elif name in self.mount_names and self._mount(path, st, dev):
-                continue  # a file bind-mounted there: not the root's
-            else:
-                kind = KIND_OF_FORMAT.get(stat.S_IFMT(mode), "other")
-                self.found.append((path, kind, self._size(st), 1))
+        return entries
+
+    def _visit(self, fd: int, frame: tuple, entry: tuple):
+        comps, dev, through, totals, _measured = frame
+        name, st = entry
+        path = comps + (name,)
+        if totals is not None:  # a subdirectory of one measured whole
+            return self._open(fd, name, st, (path, dev, False, totals, False))
+        if path in self.kept:
+            return None
+        if through and path not in self.through and path not in self.own_fs:
+            return None
+        if path in self.skipped and path not in self.through:
+            self.not_walked.append((path, self.skipped[path]))
+            return None
+        if st is None:
+            self.mounts.append((path, self.mount_types[path]))
+            return None
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            asked = path in self.own_fs
+            child_dev = dev
+            # Walked in full if asked; only on the way to what was
+            # asked below a skipped path or another filesystem.
+            child_through = not asked and (through or path in self.skipped)
+            if self._mount(path, st, dev, name=not asked and path not in self.through):
+                if not asked and path not in self.through:
+                    return None
+                child_through = not asked
+                child_dev = st.st_dev
+            if path in self.partial:
+                return self._open(fd, name, st, (path, child_dev, child_through, None, False))
+            return self._open(fd, name, st, (path, child_dev, False, [0, 0], True))
+        if name in self.mount_names and self._mount(path, st, dev):
+            return None  # a file bind-mounted there: not the root's
+        kind = KIND_OF_FORMAT.get(stat.S_IFMT(mode), "other")
+        self.found.append((path, kind, self._size(st), 1))
+        return None
+
+    def _open(self, fd: int, name: str, st, frame: tuple):
+        """The directory name to walk next, unless it cannot be opened or
+        is not the one listed (replaced meanwhile)."""
+        try:
+            child = os.open(name, O_DIR, dir_fd=fd)
+        except OSError as exc:
+            # In a directory measured whole, one removed meanwhile is no error.
+            if frame[3] is None or frame[4] or not isinstance(exc, FileNotFoundError):
+                self.error(frame[0], exc)
+            return None
+        try:
+            found = os.fstat(child)
+            if (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino):
+                return child, frame, self._entries(child, frame)
+        except BaseException:
+            os.close(child)
+            raise
+        os.close(child)
+        return None
+
+    def _leave(self, fd: int, frame: tuple, done: bool) -> None:
+        path, _dev, _through, totals, measured = frame
+        if done and measured and totals[1]:  # directories alone hold nothing to lose
+            self.found.append((path, "dir", totals[0], totals[1]))
 
     def _size(self, st) -> int:
         if st.st_nlink > 1:
@@ -2273,70 +2369,6 @@ class Walk:
                 return 0
             self.seen.add(key)
         return st.st_size
-
-    def measure(self, fd: int, comps: tuple, dev: int) -> tuple:
-        """(bytes, files, entries) below the directory fd, depth first with
-        one fd per level open; mount points in it are named, not walked."""
-        size = files = count = 0
-        frames = []
-        fd_here, path_here = fd, comps
-        while True:
-            subdirs = []
-            try:
-                with os.scandir(fd_here) as it:
-                    for e in it:
-                        if e.name in self.mount_names and path_here + (e.name,) in self.mount_types:
-                            # Another mount: named, never looked at (a
-                            # stalled FUSE daemon would hang the lstat).
-                            count += 1
-                            self.mounts.append((path_here + (e.name,), self.mount_types[path_here + (e.name,)]))
-                            continue
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # removed meanwhile
-                        except OSError as exc:
-                            self.error(path_here + (e.name,), exc)
-                            continue
-                        count += 1
-                        if stat.S_ISDIR(st.st_mode):
-                            path = path_here + (e.name,)
-                            if not self._mount(path, st, dev):
-                                subdirs.append((e.name, path, st.st_dev, st.st_ino))
-                        elif e.name in self.mount_names and self._mount(path_here + (e.name,), st, dev):
-                            continue
-                        else:
-                            files += 1
-                            size += st.st_size if st.st_nlink == 1 else self._size(st)
-            except OSError as exc:
-                self.error(path_here, exc)
-            frames.append((fd_here, iter(subdirs)))
-            # The next directory to list: the next subdirectory of the
-            # deepest directory that has one left.
-            while frames:
-                parent, pending = frames[-1]
-                for name, path, ino_dev, ino in pending:
-                    try:
-                        child = os.open(name, O_DIR, dir_fd=parent)
-                    except FileNotFoundError:
-                        continue
-                    except OSError as exc:
-                        self.error(path, exc)
-                        continue
-                    found = os.fstat(child)
-                    if (found.st_dev, found.st_ino) != (ino_dev, ino):  # replaced meanwhile
-                        os.close(child)
-                        continue
-                    fd_here, path_here = child, path
-                    break
-                else:
-                    frames.pop()
-                    if parent != fd:
-                        os.close(parent)
-                    continue
-                break
-            else:
-                return size, files, count
 
 
 def open_dir_path(tree: Tree, comps: tuple) -> int:
@@ -3024,10 +3056,6 @@ class MoveIntoStorage(Action):
         shown = ex.tree.host(self.target)
         try:
             self.move(ex, shown)
-        except RecursionError:
-            # The copy that failed is removed; the original is untouched.
-            raise EntryError(shown, "holds directories nested too deeply to move; move them "
-                                    "into storage by hand") from None
         finally:
             ex.sources.forget(self.source)  # what is there now is the copy, or nothing new
             ex.tree.forget(self.source)
@@ -3205,9 +3233,6 @@ class DropMoved(Action):
                         raise EntryError(differs, "was written after its move into storage began: "
                                                   "kept here with those writes; stop the program that writes "
                                                   f"it, then put it into {tree.host(self.source)} by hand")
-        except RecursionError:
-            raise EntryError(aside_shown, "holds directories nested too deeply to compare; "
-                                          "left as it is") from None
         finally:
             if held is not None:
                 os.close(held)
@@ -3216,42 +3241,58 @@ class DropMoved(Action):
             raise EntryError(aside_shown, "cannot be removed; left as it is")
 
 
+class Difference(Exception):
+    """Ends a comparison's walk: the path found different."""
+
+
 def first_difference(a_dir: int, b_dir: int | None, name: str, shown: str, where: tuple,
                      copied: dict | None) -> str | None:
     """Where an original put aside (name in a_dir; where, its names below
     the move's top) is not as the copy read it: type, size and mtime as in
     copied (the copy's reading), or, for a run that did not copy it, as
     its copy in storage (name in b_dir) has them. Its path, or None."""
-    a = call("lstat", shown, os.stat, name, dir_fd=a_dir, follow_symlinks=False)
-    if copied is not None:
-        seen = copied.get(where)
-    else:
+
+    def visit(a_dir: int, b_dir: int | None, entry: tuple):
+        name, shown, where = entry
+        a = call("lstat", shown, os.stat, name, dir_fd=a_dir, follow_symlinks=False)
+        if copied is not None:
+            seen = copied.get(where)
+        else:
+            try:
+                b = os.stat(name, dir_fd=b_dir, follow_symlinks=False)
+            except FileNotFoundError:
+                raise Difference(shown) from None
+            seen = (stat.S_IFMT(b.st_mode), b.st_size, b.st_mtime_ns)
+        if seen is None or seen[0] != stat.S_IFMT(a.st_mode):
+            raise Difference(shown)  # made after the copy, or replaced
+        if not stat.S_ISDIR(a.st_mode):
+            if seen[1:] == (a.st_size, a.st_mtime_ns):
+                return None
+            # Storage may keep coarser times than the root (whole seconds on
+            # ext4 with 128-byte inodes, two on vfat): against storage, the
+            # same bytes are the same file.
+            if copied is None and seen[1] == a.st_size and same_bytes(a_dir, b_dir, name, a.st_mode, shown):
+                return None
+            raise Difference(shown)
+        ad = open_dir_at(a_dir, name, shown)
+        bd = None
         try:
-            b = os.stat(name, dir_fd=b_dir, follow_symlinks=False)
-        except FileNotFoundError:
-            return shown
-        seen = (stat.S_IFMT(b.st_mode), b.st_size, b.st_mtime_ns)
-    if seen is None or seen[0] != stat.S_IFMT(a.st_mode):
-        return shown  # made after the copy, or replaced
-    if not stat.S_ISDIR(a.st_mode):
-        if seen[1:] == (a.st_size, a.st_mtime_ns):
-            return None
-        # Storage may keep coarser times than the root (whole seconds on
-        # ext4 with 128-byte inodes, two on vfat): against storage, the
-        # same bytes are the same file.
-        if copied is None and seen[1] == a.st_size and same_bytes(a_dir, b_dir, name, a.st_mode, shown):
-            return None
-        return shown
-    with opened(open_dir_at(a_dir, name, shown)) as ad:
-        bd = open_dir_at(b_dir, name, shown) if copied is None else None
-        try:
-            for child in sorted(os.listdir(ad)):
-                differs = first_difference(ad, bd, child, f"{shown}/{child}", where + (child,), copied)
-                if differs is not None:
-                    return differs
-        finally:
+            bd = open_dir_at(b_dir, name, shown) if copied is None else None
+            return ad, bd, [(child, f"{shown}/{child}", where + (child,)) for child in sorted(os.listdir(ad))]
+        except BaseException:
+            os.close(ad)
             if bd is not None:
                 os.close(bd)
+            raise
+
+    def leave(_ad: int, bd: int | None, _done: bool) -> None:
+        if bd is not None:
+            os.close(bd)
+
+    try:
+        walk_tree(a_dir, b_dir, [(name, shown, where)], visit, leave)
+    except Difference as found:
+        return found.args[0]
     return None
 
 
@@ -3358,9 +3399,19 @@ def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copyi
               where: tuple) -> None:
     """Copy what is at name (never following a link, never entering
     another mount) to new, with its owner, mode, extended attributes and
-    times; a directory with all it holds, a regular file with its holes."""
+    times; a directory with all it holds (its own attributes once it is
+    complete), a regular file with its holes."""
+    walk_tree(old_dir, (new_dir, None, shown), [(name, new, shown, where)],
+              lambda fd, into, entry: copy_one(fd, into[0], *entry, copying), copied_dir)
+
+
+def copy_one(old_dir: int, new_dir: int, name: str, new: str, shown: str, where: tuple,
+             copying: Copying):
+    """copy_node's step for one node: made, unless it is a directory: then
+    made empty and, for walk_tree to fill, (its fd, (the copy's fd, its
+    stat, shown), its children)."""
     if shown in copying.kept:
-        return  # the config's own kept path: stays in its storage
+        return None  # the config's own kept path: stays in its storage
     st = call("lstat", shown, os.stat, name, dir_fd=old_dir, follow_symlinks=False)
     kind = stat.S_IFMT(st.st_mode)
     if st.st_dev != copying.dev:
@@ -3370,20 +3421,25 @@ def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copyi
         call("symlink", shown, os.symlink, os.readlink(name, dir_fd=old_dir), new, dir_fd=new_dir)
         call("chown", shown, os.chown, new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
         os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=new_dir, follow_symlinks=False)
-        return
+        return None
     if kind == stat.S_IFDIR:
-        with opened(open_dir_at(old_dir, name, shown)) as source:
+        source = open_dir_at(old_dir, name, shown)
+        copy = None
+        try:
             st = os.fstat(source)
             if st.st_dev != copying.dev:
                 raise EntryError(shown, f"is on another filesystem (mounted there meanwhile); {NOT_MOVED}")
             copying.note(st, where)
             call("mkdir", shown, os.mkdir, new, 0, dir_fd=new_dir)  # root's alone until it is complete
-            with opened(open_dir_at(new_dir, new, shown)) as copy:
-                for child in sorted(os.listdir(source)):
-                    copy_node(source, child, copy, child, f"{shown}/{child}", copying, where + (child,))
-                give_attributes(source, copy, st, shown)
-                call("fsync", shown, os.fsync, copy)
-        return
+            copy = open_dir_at(new_dir, new, shown)
+            children = [(child, child, f"{shown}/{child}", where + (child,))
+                        for child in sorted(os.listdir(source))]
+        except BaseException:
+            os.close(source)
+            if copy is not None:
+                os.close(copy)
+            raise
+        return source, (copy, st, shown), children
     if kind != stat.S_IFREG:
         # A FIFO, device or socket: made anew in a directory that is root's
         # alone until its copy is complete, so changed by name (chmod by an
@@ -3393,7 +3449,7 @@ def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copyi
         call("chown", shown, os.chown, new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
         call("chmod", shown, os.chmod, new, stat.S_IMODE(st.st_mode), dir_fd=new_dir)
         os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=new_dir, follow_symlinks=False)
-        return
+        return None
     read_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     write_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with opened(call("open", shown, os.open, name, read_flags, dir_fd=old_dir)) as source, \
@@ -3406,6 +3462,19 @@ def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copyi
         copy_data(source, copy, st.st_size, shown)
         give_attributes(source, copy, st, shown)
         call("fsync", shown, os.fsync, copy)
+    return None
+
+
+def copied_dir(source: int, copied: tuple, done: bool) -> None:
+    """A directory's copy, once all it holds is copied: its attributes
+    from source, made durable."""
+    copy, st, shown = copied
+    try:
+        if done:
+            give_attributes(source, copy, st, shown)
+            call("fsync", shown, os.fsync, copy)
+    finally:
+        os.close(copy)
 
 
 def copy_data(source: int, copy: int, size: int, shown: str) -> None:
@@ -3448,34 +3517,31 @@ def give_attributes(source: int, copy: int, st, shown: str) -> None:
 
 def discard_copy(dir_fd: int, name: str) -> None:
     """Remove what a failed copy_node made at name, a directory with all it
-    holds, as far as it can; without recursion and with one fd per level
-    open (the copy held two), so a tree whose copy ran out of either is
-    still removed. Errors are left for the copy's own to tell."""
-    path = [(dir_fd, name)]  # (fd of the parent, name) down to the entry being removed
-    held: list = []          # the fds opened on the way, the deepest last
+    holds, as far as it can; with one fd per level open (the copy held
+    two), so a tree whose copy ran out of fds is still removed, and never
+    below another filesystem. Errors are left for the copy's own to tell."""
+
+    def visit(parent: int, made: tuple, entry: str):
+        if not stat.S_ISDIR(os.stat(entry, dir_fd=parent, follow_symlinks=False).st_mode):
+            os.unlink(entry, dir_fd=parent)
+            return None
+        fd = os.open(entry, O_DIR, dir_fd=parent)
+        try:
+            if os.fstat(fd).st_dev != made[2]:
+                raise OSError(errno.EXDEV, "another filesystem is mounted there")
+            return fd, (parent, entry, made[2]), os.listdir(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def leave(_fd: int, made: tuple, done: bool) -> None:
+        if done:
+            os.rmdir(made[1], dir_fd=made[0])
+
     try:
-        while path:
-            parent, entry = path[-1]
-            st = os.stat(entry, dir_fd=parent, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                fd = os.open(entry, O_DIR, dir_fd=parent)
-                names = os.listdir(fd)
-                if names:
-                    held.append(fd)
-                    path.append((fd, names[0]))
-                    continue
-                os.close(fd)
-                os.rmdir(entry, dir_fd=parent)
-            else:
-                os.unlink(entry, dir_fd=parent)
-            path.pop()
-            if held and held[-1] == parent:
-                os.close(held.pop())
+        walk_tree(dir_fd, (None, None, os.fstat(dir_fd).st_dev), [name], visit, leave)
     except OSError:
         pass
-    finally:
-        for fd in held:
-            os.close(fd)
 
 
 class RecordMountOptions(Action):
