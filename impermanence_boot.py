@@ -853,9 +853,7 @@ def load_config(text: str, name: str = "config") -> Config:
         raise ConfigFileError(name, "invalid JSON: nested too deeply") from None
     if context.duplicated:
         raise duplicate_key_error(text)
-    # Text decoded from UTF-8 holds no lone surrogate; only a \u escape
-    # can make one.
-    return parse_config(data, escapes="\\u" in text)
+    return parse_config(data)
 
 
 def check_unicode(data) -> None:
@@ -883,12 +881,10 @@ def valid_unicode(text: str) -> bool:
         return False
 
 
-def parse_config(data, escapes: bool = True) -> Config:
-    """The checked config of a decoded JSON document; `escapes` whether its
-    text spelled any \\u escape (only those can make a lone surrogate)."""
+def parse_config(data) -> Config:
+    """The checked config of a decoded JSON document."""
     expect(data, dict, "(top level)", "a JSON object")
-    if escapes:
-        check_unicode(data)
+    check_unicode(data)
     check_keys(data, "", TOP_KEYS)
     timeout = 30.0
     if "deviceTimeout" in data:
@@ -1520,6 +1516,7 @@ class MountTable:
         self.groups: dict[str, str] = {}  # mount id -> peer group, of the shared mounts
         self.parents: dict[str, str] = {}  # mount id -> id of the mount it is attached to
         self.stacks: dict[str, list] = {}  # every mount at each point, the top one last
+        self.devices: dict[str, str] = {}  # mount id -> major:minor of its filesystem
         try:
             with open("/proc/self/mountinfo", "rb") as f:
                 data = f.read().decode("utf-8", "surrogateescape")
@@ -1536,6 +1533,7 @@ class MountTable:
                 if tag.startswith("shared:"):
                     self.groups[fields[0]] = tag[7:]
             self.parents[fields[0]] = fields[1]
+            self.devices[fields[0]] = fields[2]
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
                                   unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
             self.stacks.setdefault(point, []).append(self.points[point])
@@ -1585,6 +1583,19 @@ class MountTable:
         """Whether the mount at host_path is attached to a shared mount."""
         found = self.points.get(host_path)
         return found is not None and self.parents.get(found[3]) in self.groups
+
+    def mounted_from(self, host_path: str, fs_root: tuple) -> str | None:
+        """A mount point where the filesystem mounted at host_path is
+        mounted from fs_root or a path below it."""
+        found = self.points.get(host_path)
+        if found is None:
+            return None
+        device = self.devices[found[3]]
+        for point, stack in self.stacks.items():
+            for _source, root, _fs_type, mount_id in stack:
+                if self.devices[mount_id] == device and is_under(tuple(c for c in root.split("/") if c), fs_root):
+                    return point
+        return None
 
 
 # --- The system as found: accounts ---------------------------------------------------
@@ -2380,12 +2391,11 @@ def open_dir_path(tree: Tree, comps: tuple) -> int:
 
 def format_size(size: int) -> str:
     """Bytes as du -h writes them, in powers of 1024."""
-    value = float(size)
-    for unit in ("B", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}iB"
+    value, unit = float(size), 0
+    while value >= 1024 and unit < 4:
         value /= 1024
-    return f"{size} B"
+        unit += 1
+    return f"{size} B" if unit == 0 else f"{value:.1f} {'BKMGT'[unit]}iB"
 
 
 
@@ -4112,8 +4122,6 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
     return EXIT_OK
 
 
-STATES = ("ok", "not-mounted", "wrong-source", "not-linked", "source-missing",
-          "owner-differs", "mode-differs", "error", "storage-unavailable", "replaced")
 REPLACED = "a program replaced the link or bind with a file on the root; save moves it into storage"
 
 
@@ -5190,14 +5198,7 @@ def find_btrfs(spec: str, timeout: float) -> str:
 def mounted_below(top: BtrfsTop, comps: tuple) -> str | None:
     """A mount point of the same filesystem whose root is comps or below it:
     the root in use (rotate-root runs before it is mounted)."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        lines = [line.split(" ") for line in f.read().decode("utf-8", "surrogateescape").splitlines()]
-    ours = [f[2] for f in lines if len(f) > 4 and unescape_mountinfo(f[4]) == top.path]
-    for f in lines:
-        root = unescape_mountinfo(f[3]) if len(f) > 4 else ""
-        if ours and f[2] == ours[0] and is_under(tuple(c for c in root.split("/") if c), comps):
-            return unescape_mountinfo(f[4])
-    return None
+    return MountTable().mounted_from(top.path, comps)
 
 
 def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
