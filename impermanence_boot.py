@@ -2152,7 +2152,7 @@ def walk_tree(fd: int, data, entries, visit, leave) -> None:
     depth, never by the width. visit(fd, data, entry) deals with an entry
     of the directory fd and returns None, or (fd, data, entries) of a
     directory to go into, which it opened with O_DIR (a link is never
-    followed) after making sure it may walk that filesystem.
+    followed) and found on a filesystem the caller walks.
     leave(fd, data, done) is called for each directory gone into once its
     entries are done, or, not done, as an exception unwinds the walk (then
     it only lets go of what data holds); the walk then closes its fd."""
@@ -2351,12 +2351,13 @@ class Walk:
     def _open(self, fd: int, name: str, st, frame: tuple):
         """The directory name to walk next, unless it cannot be opened or
         is not the one listed (replaced meanwhile)."""
+        path, _dev, _through, totals, measured = frame
         try:
             child = os.open(name, O_DIR, dir_fd=fd)
         except OSError as exc:
-            # In a directory measured whole, one removed meanwhile is no error.
-            if frame[3] is None or frame[4] or not isinstance(exc, FileNotFoundError):
-                self.error(frame[0], exc)
+            # Below a directory measured whole, one removed meanwhile is no error.
+            if totals is None or measured or not isinstance(exc, FileNotFoundError):
+                self.error(path, exc)
             return None
         try:
             found = os.fstat(child)
@@ -3262,33 +3263,33 @@ def first_difference(a_dir: int, b_dir: int | None, name: str, shown: str, where
     copied (the copy's reading), or, for a run that did not copy it, as
     its copy in storage (name in b_dir) has them. Its path, or None."""
 
-    def visit(a_dir: int, b_dir: int | None, entry: tuple):
-        name, shown, where = entry
-        a = call("lstat", shown, os.stat, name, dir_fd=a_dir, follow_symlinks=False)
+    def visit(a_parent: int, b_parent: int | None, entry: tuple):
+        node, path, names = entry
+        a = call("lstat", path, os.stat, node, dir_fd=a_parent, follow_symlinks=False)
         if copied is not None:
-            seen = copied.get(where)
+            seen = copied.get(names)
         else:
             try:
-                b = os.stat(name, dir_fd=b_dir, follow_symlinks=False)
+                b = os.stat(node, dir_fd=b_parent, follow_symlinks=False)
             except FileNotFoundError:
-                raise Difference(shown) from None
+                raise Difference(path) from None
             seen = (stat.S_IFMT(b.st_mode), b.st_size, b.st_mtime_ns)
         if seen is None or seen[0] != stat.S_IFMT(a.st_mode):
-            raise Difference(shown)  # made after the copy, or replaced
+            raise Difference(path)  # made after the copy, or replaced
         if not stat.S_ISDIR(a.st_mode):
             if seen[1:] == (a.st_size, a.st_mtime_ns):
                 return None
             # Storage may keep coarser times than the root (whole seconds on
             # ext4 with 128-byte inodes, two on vfat): against storage, the
             # same bytes are the same file.
-            if copied is None and seen[1] == a.st_size and same_bytes(a_dir, b_dir, name, a.st_mode, shown):
+            if copied is None and seen[1] == a.st_size and same_bytes(a_parent, b_parent, node, a.st_mode, path):
                 return None
-            raise Difference(shown)
-        ad = open_dir_at(a_dir, name, shown)
+            raise Difference(path)
+        ad = open_dir_at(a_parent, node, path)
         bd = None
         try:
-            bd = open_dir_at(b_dir, name, shown) if copied is None else None
-            return ad, bd, [(child, f"{shown}/{child}", where + (child,)) for child in sorted(os.listdir(ad))]
+            bd = open_dir_at(b_parent, node, path) if copied is None else None
+            return ad, bd, [(child, f"{path}/{child}", names + (child,)) for child in sorted(os.listdir(ad))]
         except BaseException:
             os.close(ad)
             if bd is not None:
