@@ -856,9 +856,7 @@ def load_config(text: str, name: str = "config") -> Config:
         raise ConfigFileError(name, "invalid JSON: nested too deeply") from None
     if context.duplicated:
         raise duplicate_key_error(text)
-    # Text decoded from UTF-8 holds no lone surrogate; only a \u escape
-    # can make one.
-    return parse_config(data, escapes="\\u" in text)
+    return parse_config(data)
 
 
 def check_unicode(data) -> None:
@@ -886,12 +884,10 @@ def valid_unicode(text: str) -> bool:
         return False
 
 
-def parse_config(data, escapes: bool = True) -> Config:
-    """The checked config of a decoded JSON document; `escapes` whether its
-    text spelled any \\u escape (only those can make a lone surrogate)."""
+def parse_config(data) -> Config:
+    """The checked config of a decoded JSON document."""
     expect(data, dict, "(top level)", "a JSON object")
-    if escapes:
-        check_unicode(data)
+    check_unicode(data)
     check_keys(data, "", TOP_KEYS)
     timeout = 30.0
     if "deviceTimeout" in data:
@@ -1523,6 +1519,7 @@ class MountTable:
         self.groups: dict[str, str] = {}  # mount id -> peer group, of the shared mounts
         self.parents: dict[str, str] = {}  # mount id -> id of the mount it is attached to
         self.stacks: dict[str, list] = {}  # every mount at each point, the top one last
+        self.devices: dict[str, str] = {}  # mount id -> major:minor of its filesystem
         self._fuse: dict | None = None
         try:
             with open("/proc/self/mountinfo", "rb") as f:
@@ -1540,6 +1537,7 @@ class MountTable:
                 if tag.startswith("shared:"):
                     self.groups[fields[0]] = tag[7:]
             self.parents[fields[0]] = fields[1]
+            self.devices[fields[0]] = fields[2]
             self.points[point] = (unescape_mountinfo(fields[sep + 2]),
                                   unescape_mountinfo(fields[3]), fields[sep + 1], fields[0])
             self.stacks.setdefault(point, []).append(self.points[point])
@@ -1601,6 +1599,19 @@ class MountTable:
         """Whether the mount at host_path is attached to a shared mount."""
         found = self.points.get(host_path)
         return found is not None and self.parents.get(found[3]) in self.groups
+
+    def mounted_from(self, host_path: str, fs_root: tuple) -> str | None:
+        """A mount point where the filesystem mounted at host_path is
+        mounted from fs_root or a path below it."""
+        found = self.points.get(host_path)
+        if found is None:
+            return None
+        device = self.devices[found[3]]
+        for point, stack in self.stacks.items():
+            for _source, root, _fs_type, mount_id in stack:
+                if self.devices[mount_id] == device and is_under(tuple(c for c in root.split("/") if c), fs_root):
+                    return point
+        return None
 
 
 # --- The system as found: accounts ---------------------------------------------------
@@ -2111,23 +2122,98 @@ def dir_open_error(exc: OSError, dir_fd: int, name: str, shown: str) -> Exceptio
     return oserror("open", shown, exc.errno)
 
 
+def open_dirs(start_fd: int, comps: tuple, shown_of, check=None, keep: list | None = None) -> int:
+    """The fd of directory comps below start_fd, every component opened
+    O_DIRECTORY|O_NOFOLLOW below the one before: a link or non-directory in
+    the way is refused (dir_open_error). shown_of(depth) names
+    comps[:depth] in messages; check(fd, depth), if given, may refuse each
+    directory opened by raising. Without keep the walk owns start_fd:
+    every fd on the way is closed but the one returned (start_fd itself
+    for no comps), all of them on failure. With keep, nothing is closed:
+    each fd opened is appended to keep, the caller's."""
+    fd = start_fd
+    try:
+        for depth, name in enumerate(comps, 1):
+            try:
+                next_fd = os.open(name, O_DIR, dir_fd=fd)
+            except OSError as exc:
+                raise dir_open_error(exc, fd, name, shown_of(depth)) from None
+            if keep is not None:
+                keep.append(next_fd)
+            else:
+                os.close(fd)
+            fd = next_fd
+            if check is not None:
+                check(fd, depth)
+    except BaseException:
+        if keep is None:
+            os.close(fd)
+        raise
+    return fd
+
+
 def open_beneath(root: str, comps: tuple, flags: int) -> int:
     """Open root/comps with every directory component opened O_NOFOLLOW,
     each of them root's and, unless sticky, writable by no one else
     (EntryError otherwise)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    prefix = "" if root == "/" else root
+
+    def roots_alone(fd: int, depth: int) -> None:
+        st = os.fstat(fd)
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise EntryError(prefix + as_path(comps[:depth]), "not root's alone")
+
+    fd = open_dirs(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), comps[:-1],
+                   lambda depth: prefix + as_path(comps[:depth]), roots_alone)
     try:
-        prefix = "" if root == "/" else root
-        for i, name in enumerate(comps[:-1]):
-            next_fd = open_dir_at(fd, name, prefix + as_path(comps[:i + 1]))
-            os.close(fd)
-            fd = next_fd
-            st = os.fstat(fd)
-            if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
-                raise EntryError(prefix + as_path(comps[:i + 1]), "not root's alone")
         return os.open(comps[-1], flags, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+# --- Tree walks ----------------------------------------------------------------------
+#
+# Copy, compare and removal of a move, diff and orphans walk a tree the same
+# way: depth first through directory fds, without recursion, so a tree as
+# deep as a user can make one is walked until the fds run out and no
+# path is ever spelled out to the kernel.
+
+def walk_tree(fd: int, data, entries, visit, leave) -> None:
+    """Depth first below the directory fd (the caller's, left open), one
+    frame per level of the path walked, each directory's entries read whole
+    before the walk goes into one of them: the fds held are bounded by the
+    depth, never by the width. visit(fd, data, entry) deals with an entry
+    of the directory fd and returns None, or (fd, data, entries) of a
+    directory to go into, which it opened with O_DIR (a link is never
+    followed) and found on a filesystem the caller walks.
+    leave(fd, data, done) is called for each directory gone into once its
+    entries are done, or, not done, as an exception unwinds the walk (then
+    it only lets go of what data holds); the walk then closes its fd."""
+    stack = [(fd, data, iter(entries))]
+    try:
+        while True:
+            fd, data, pending = stack[-1]
+            for entry in pending:
+                child = visit(fd, data, entry)
+                if child is not None:
+                    stack.append((child[0], child[1], iter(child[2])))
+                    break
+            else:
+                if len(stack) == 1:
+                    return
+                stack.pop()
+                try:
+                    leave(fd, data, True)
+                finally:
+                    os.close(fd)
+    except BaseException:
+        while len(stack) > 1:
+            fd, data, _ = stack.pop()
+            try:
+                leave(fd, data, False)
+            finally:
+                os.close(fd)
+        raise
 
 
 # --- The system as found: what is not kept (diff, orphans) ---------------------------
@@ -2183,10 +2269,17 @@ class Walk:
             self.error(base, exc if isinstance(exc, OSError) else OSError(0, exc.cause))
             return False
         try:
-            self._partial(fd, base, os.fstat(fd).st_dev)
+            top = (base, os.fstat(fd).st_dev, False, None, False)
+            walk_tree(fd, top, self._entries(fd, top), self._visit, self._leave)
         finally:
             os.close(fd)
         return True
+
+    # A frame of the walk: (path, dev, through, totals, measured). totals is
+    # None for a directory holding kept paths (each other child reported;
+    # with through, a mount point passed on the way to an --include: only
+    # the children on that way), else [bytes, files] of the directory
+    # measured whole that it lies in, `measured` being that directory.
 
     def _mount(self, path: tuple, st, dev: int, name: bool = True) -> bool:
         """Whether path is a mount point (of another filesystem, or a bind
@@ -2199,75 +2292,120 @@ class Walk:
             self.mounts.append((path, self.mount_types.get(path, "?")))
         return True
 
-    def _partial(self, fd: int, comps: tuple, dev: int, through: bool = False) -> None:
-        """A directory holding kept paths: each other child reported (with
-        through, a mount point passed on the way to an --include: only the
-        children on that way)."""
+    def _entries(self, fd: int, frame: tuple) -> list:
+        """(name, lstat) of the children of a directory holding kept paths,
+        sorted; of one measured whole, its subdirectories (mount points in
+        it named, not walked), its files counted into totals."""
+        comps, dev, _through, totals, _measured = frame
         entries = []
+        if totals is None:
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        path = comps + (e.name,)
+                        if path in self.mount_types and path not in self.own_fs and path not in self.through:
+                            # Another mount, per the table: never looked at (a
+                            # stalled FUSE daemon would hang the lstat).
+                            entries.append((e.name, None))
+                            continue
+                        try:
+                            entries.append((e.name, e.stat(follow_symlinks=False)))
+                        except FileNotFoundError:
+                            continue  # removed meanwhile
+                        except OSError as exc:
+                            self.error(comps + (e.name,), exc)
+            except OSError as exc:
+                self.error(comps, exc)
+                return []
+            return sorted(entries, key=lambda e: e[0])
         try:
             with os.scandir(fd) as it:
                 for e in it:
-                    path = comps + (e.name,)
-                    if path in self.mount_types and path not in self.own_fs and path not in self.through:
-                        # Another mount, per the table: never looked at (a
-                        # stalled FUSE daemon would hang the lstat).
-                        entries.append((e.name, None))
+                    if e.name in self.mount_names and comps + (e.name,) in self.mount_types:
+                        # Another mount: named, never looked at.
+                        self.mounts.append((comps + (e.name,), self.mount_types[comps + (e.name,)]))
                         continue
                     try:
-                        entries.append((e.name, e.stat(follow_symlinks=False)))
+                        st = e.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # removed meanwhile
                     except OSError as exc:
                         self.error(comps + (e.name,), exc)
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        if not self._mount(comps + (e.name,), st, dev):
+                            entries.append((e.name, st))
+                    elif e.name in self.mount_names and self._mount(comps + (e.name,), st, dev):
+                        continue
+                    else:
+                        totals[1] += 1
+                        totals[0] += st.st_size if st.st_nlink == 1 else self._size(st)
         except OSError as exc:
             self.error(comps, exc)
-            return
-        for name, st in sorted(entries, key=lambda e: e[0]):
-            path = comps + (name,)
-            if path in self.kept:
-                continue
-            if through and path not in self.through and path not in self.own_fs:
-                continue
-            if path in self.skipped and path not in self.through:
-                self.not_walked.append((path, self.skipped[path]))
-                continue
-            if st is None:
-                self.mounts.append((path, self.mount_types[path]))
-                continue
-            mode = st.st_mode
-            if stat.S_ISDIR(mode):
-                asked = path in self.own_fs
-                child_dev = dev
-                # Walked in full if asked; only on the way to what was
-                # asked below a skipped path or another filesystem.
-                child_through = not asked and (through or path in self.skipped)
-                if self._mount(path, st, dev, name=not asked and path not in self.through):
-                    if not asked and path not in self.through:
-                        continue
-                    child_through = not asked
-                    child_dev = st.st_dev
-                try:
-                    child = os.open(name, O_DIR, dir_fd=fd)
-                except OSError as exc:
-                    self.error(path, exc)
-                    continue
-                try:
-                    found = os.fstat(child)
-                    if (found.st_dev, found.st_ino) != (st.st_dev, st.st_ino):
-                        continue  # replaced meanwhile
-                    if path in self.partial:
-                        self._partial(child, path, child_dev, child_through)
-                        continue
-                    size, files, count = self.measure(child, path, child_dev)
-                finally:
-                    os.close(child)
-                if files:  # directories alone hold nothing to lose
-                    self.found.append((path, "dir", size, files))
-            elif name in self.mount_names and self._mount(path, st, dev):
-                continue  # a file bind-mounted there: not the root's
-            else:
-                kind = KIND_OF_FORMAT.get(stat.S_IFMT(mode), "other")
-                self.found.append((path, kind, self._size(st), 1))
+        return entries
+
+    def _visit(self, fd: int, frame: tuple, entry: tuple):
+        comps, dev, through, totals, _measured = frame
+        name, st = entry
+        path = comps + (name,)
+        if totals is not None:  # a subdirectory of one measured whole
+            return self._open(fd, name, st, (path, dev, False, totals, False))
+        if path in self.kept:
+            return None
+        if through and path not in self.through and path not in self.own_fs:
+            return None
+        if path in self.skipped and path not in self.through:
+            self.not_walked.append((path, self.skipped[path]))
+            return None
+        if st is None:
+            self.mounts.append((path, self.mount_types[path]))
+            return None
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            asked = path in self.own_fs
+            child_dev = dev
+            # Walked in full if asked; only on the way to what was
+            # asked below a skipped path or another filesystem.
+            child_through = not asked and (through or path in self.skipped)
+            if self._mount(path, st, dev, name=not asked and path not in self.through):
+                if not asked and path not in self.through:
+                    return None
+                child_through = not asked
+                child_dev = st.st_dev
+            if path in self.partial:
+                return self._open(fd, name, st, (path, child_dev, child_through, None, False))
+            return self._open(fd, name, st, (path, child_dev, False, [0, 0], True))
+        if name in self.mount_names and self._mount(path, st, dev):
+            return None  # a file bind-mounted there: not the root's
+        kind = KIND_OF_FORMAT.get(stat.S_IFMT(mode), "other")
+        self.found.append((path, kind, self._size(st), 1))
+        return None
+
+    def _open(self, fd: int, name: str, st, frame: tuple):
+        """The directory name to walk next, unless it cannot be opened or
+        is not the one listed (replaced meanwhile)."""
+        path, _dev, _through, totals, measured = frame
+        try:
+            child = os.open(name, O_DIR, dir_fd=fd)
+        except OSError as exc:
+            # Below a directory measured whole, one removed meanwhile is no error.
+            if totals is None or measured or not isinstance(exc, FileNotFoundError):
+                self.error(path, exc)
+            return None
+        try:
+            found = os.fstat(child)
+            if (found.st_dev, found.st_ino) == (st.st_dev, st.st_ino):
+                return child, frame, self._entries(child, frame)
+        except BaseException:
+            os.close(child)
+            raise
+        os.close(child)
+        return None
+
+    def _leave(self, fd: int, frame: tuple, done: bool) -> None:
+        path, _dev, _through, totals, measured = frame
+        if done and measured and totals[1]:  # directories alone hold nothing to lose
+            self.found.append((path, "dir", totals[0], totals[1]))
 
     def _size(self, st) -> int:
         if st.st_nlink > 1:
@@ -2277,95 +2415,21 @@ class Walk:
             self.seen.add(key)
         return st.st_size
 
-    def measure(self, fd: int, comps: tuple, dev: int) -> tuple:
-        """(bytes, files, entries) below the directory fd, depth first with
-        one fd per level open; mount points in it are named, not walked."""
-        size = files = count = 0
-        frames = []
-        fd_here, path_here = fd, comps
-        while True:
-            subdirs = []
-            try:
-                with os.scandir(fd_here) as it:
-                    for e in it:
-                        if e.name in self.mount_names and path_here + (e.name,) in self.mount_types:
-                            # Another mount: named, never looked at (a
-                            # stalled FUSE daemon would hang the lstat).
-                            count += 1
-                            self.mounts.append((path_here + (e.name,), self.mount_types[path_here + (e.name,)]))
-                            continue
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # removed meanwhile
-                        except OSError as exc:
-                            self.error(path_here + (e.name,), exc)
-                            continue
-                        count += 1
-                        if stat.S_ISDIR(st.st_mode):
-                            path = path_here + (e.name,)
-                            if not self._mount(path, st, dev):
-                                subdirs.append((e.name, path, st.st_dev, st.st_ino))
-                        elif e.name in self.mount_names and self._mount(path_here + (e.name,), st, dev):
-                            continue
-                        else:
-                            files += 1
-                            size += st.st_size if st.st_nlink == 1 else self._size(st)
-            except OSError as exc:
-                self.error(path_here, exc)
-            frames.append((fd_here, iter(subdirs)))
-            # The next directory to list: the next subdirectory of the
-            # deepest directory that has one left.
-            while frames:
-                parent, pending = frames[-1]
-                for name, path, ino_dev, ino in pending:
-                    try:
-                        child = os.open(name, O_DIR, dir_fd=parent)
-                    except FileNotFoundError:
-                        continue
-                    except OSError as exc:
-                        self.error(path, exc)
-                        continue
-                    found = os.fstat(child)
-                    if (found.st_dev, found.st_ino) != (ino_dev, ino):  # replaced meanwhile
-                        os.close(child)
-                        continue
-                    fd_here, path_here = child, path
-                    break
-                else:
-                    frames.pop()
-                    if parent != fd:
-                        os.close(parent)
-                    continue
-                break
-            else:
-                return size, files, count
-
 
 def open_dir_path(tree: Tree, comps: tuple) -> int:
     """An fd of the directory root/comps, every component opened
     O_NOFOLLOW below the one before."""
-    fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for i, name in enumerate(comps):
-        try:
-            next_fd = os.open(name, O_DIR, dir_fd=fd)
-        except OSError as exc:
-            error = dir_open_error(exc, fd, name, tree.host(comps[:i + 1]))
-            os.close(fd)
-            raise error from None
-        os.close(fd)
-        fd = next_fd
-    return fd
+    return open_dirs(os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), comps,
+                     lambda depth: tree.host(comps[:depth]))
 
 
 def format_size(size: int) -> str:
     """Bytes as du -h writes them, in powers of 1024."""
-    value = float(size)
-    for unit in ("B", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}iB"
+    value, unit = float(size), 0
+    while value >= 1024 and unit < 4:
         value /= 1024
-    return f"{size} B"
+        unit += 1
+    return f"{size} B" if unit == 0 else f"{value:.1f} {'BKMGT'[unit]}iB"
 
 
 
@@ -2403,15 +2467,12 @@ class DirChain:
             depth += 1
         self.truncate(depth)
         fds = self.fds
-        fd = fds[-1] if depth else self.root_fd
         try:
-            for name in comps[depth:]:
-                fd = os.open(name, O_DIR, dir_fd=fd)
-                fds.append(fd)
-        except OSError as exc:
-            depth = len(fds)
-            self.path = comps[:depth]
-            raise dir_open_error(exc, fd, comps[depth], self.tree.host(comps[:depth + 1])) from None
+            fd = open_dirs(fds[-1] if depth else self.root_fd, comps[depth:],
+                           lambda d: self.tree.host(comps[:depth + d]), keep=fds)
+        except BaseException:
+            self.path = comps[:len(fds)]
+            raise
         self.path = comps
         return fd
 
@@ -3091,10 +3152,6 @@ class MoveIntoStorage(Action):
         shown = ex.tree.host(self.target)
         try:
             self.move(ex, shown)
-        except RecursionError:
-            # The copy that failed is removed; the original is untouched.
-            raise EntryError(shown, "holds directories nested too deeply to move; move them "
-                                    "into storage by hand") from None
         finally:
             ex.sources.forget(self.source)  # what is there now is the copy, or nothing new
             ex.tree.forget(self.source)
@@ -3272,9 +3329,6 @@ class DropMoved(Action):
                         raise EntryError(differs, "was written after its move into storage began: "
                                                   "kept here with those writes; stop the program that writes "
                                                   f"it, then put it into {tree.host(self.source)} by hand")
-        except RecursionError:
-            raise EntryError(aside_shown, "holds directories nested too deeply to compare; "
-                                          "left as it is") from None
         finally:
             if held is not None:
                 os.close(held)
@@ -3283,42 +3337,58 @@ class DropMoved(Action):
             raise EntryError(aside_shown, "cannot be removed; left as it is")
 
 
+class Difference(Exception):
+    """Ends a comparison's walk: the path found different."""
+
+
 def first_difference(a_dir: int, b_dir: int | None, name: str, shown: str, where: tuple,
                      copied: dict | None) -> str | None:
     """Where an original put aside (name in a_dir; where, its names below
     the move's top) is not as the copy read it: type, size and mtime as in
     copied (the copy's reading), or, for a run that did not copy it, as
     its copy in storage (name in b_dir) has them. Its path, or None."""
-    a = call("lstat", shown, os.stat, name, dir_fd=a_dir, follow_symlinks=False)
-    if copied is not None:
-        seen = copied.get(where)
-    else:
+
+    def visit(a_parent: int, b_parent: int | None, entry: tuple):
+        node, path, names = entry
+        a = call("lstat", path, os.stat, node, dir_fd=a_parent, follow_symlinks=False)
+        if copied is not None:
+            seen = copied.get(names)
+        else:
+            try:
+                b = os.stat(node, dir_fd=b_parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise Difference(path) from None
+            seen = (stat.S_IFMT(b.st_mode), b.st_size, b.st_mtime_ns)
+        if seen is None or seen[0] != stat.S_IFMT(a.st_mode):
+            raise Difference(path)  # made after the copy, or replaced
+        if not stat.S_ISDIR(a.st_mode):
+            if seen[1:] == (a.st_size, a.st_mtime_ns):
+                return None
+            # Storage may keep coarser times than the root (whole seconds on
+            # ext4 with 128-byte inodes, two on vfat): against storage, the
+            # same bytes are the same file.
+            if copied is None and seen[1] == a.st_size and same_bytes(a_parent, b_parent, node, a.st_mode, path):
+                return None
+            raise Difference(path)
+        ad = open_dir_at(a_parent, node, path)
+        bd = None
         try:
-            b = os.stat(name, dir_fd=b_dir, follow_symlinks=False)
-        except FileNotFoundError:
-            return shown
-        seen = (stat.S_IFMT(b.st_mode), b.st_size, b.st_mtime_ns)
-    if seen is None or seen[0] != stat.S_IFMT(a.st_mode):
-        return shown  # made after the copy, or replaced
-    if not stat.S_ISDIR(a.st_mode):
-        if seen[1:] == (a.st_size, a.st_mtime_ns):
-            return None
-        # Storage may keep coarser times than the root (whole seconds on
-        # ext4 with 128-byte inodes, two on vfat): against storage, the
-        # same bytes are the same file.
-        if copied is None and seen[1] == a.st_size and same_bytes(a_dir, b_dir, name, a.st_mode, shown):
-            return None
-        return shown
-    with opened(open_dir_at(a_dir, name, shown)) as ad:
-        bd = open_dir_at(b_dir, name, shown) if copied is None else None
-        try:
-            for child in sorted(os.listdir(ad)):
-                differs = first_difference(ad, bd, child, f"{shown}/{child}", where + (child,), copied)
-                if differs is not None:
-                    return differs
-        finally:
+            bd = open_dir_at(b_parent, node, path) if copied is None else None
+            return ad, bd, [(child, f"{path}/{child}", names + (child,)) for child in sorted(os.listdir(ad))]
+        except BaseException:
+            os.close(ad)
             if bd is not None:
                 os.close(bd)
+            raise
+
+    def leave(_ad: int, bd: int | None, _done: bool) -> None:
+        if bd is not None:
+            os.close(bd)
+
+    try:
+        walk_tree(a_dir, b_dir, [(name, shown, where)], visit, leave)
+    except Difference as found:
+        return found.args[0]
     return None
 
 
@@ -3425,9 +3495,19 @@ def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copyi
               where: tuple) -> None:
     """Copy what is at name (never following a link, never entering
     another mount) to new, with its owner, mode, extended attributes and
-    times; a directory with all it holds, a regular file with its holes."""
+    times; a directory with all it holds (its own attributes once it is
+    complete), a regular file with its holes."""
+    walk_tree(old_dir, (new_dir, None, shown), [(name, new, shown, where)],
+              lambda fd, into, entry: copy_one(fd, into[0], *entry, copying), copied_dir)
+
+
+def copy_one(old_dir: int, new_dir: int, name: str, new: str, shown: str, where: tuple,
+             copying: Copying):
+    """copy_node's step for one node: made, unless it is a directory: then
+    made empty and, for walk_tree to fill, (its fd, (the copy's fd, its
+    stat, shown), its children)."""
     if shown in copying.kept:
-        return  # the config's own kept path: stays in its storage
+        return None  # the config's own kept path: stays in its storage
     st = call("lstat", shown, os.stat, name, dir_fd=old_dir, follow_symlinks=False)
     kind = stat.S_IFMT(st.st_mode)
     if st.st_dev != copying.dev:
@@ -3437,20 +3517,25 @@ def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copyi
         call("symlink", shown, os.symlink, os.readlink(name, dir_fd=old_dir), new, dir_fd=new_dir)
         call("chown", shown, os.chown, new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
         os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=new_dir, follow_symlinks=False)
-        return
+        return None
     if kind == stat.S_IFDIR:
-        with opened(open_dir_at(old_dir, name, shown)) as source:
+        source = open_dir_at(old_dir, name, shown)
+        copy = None
+        try:
             st = os.fstat(source)
             if st.st_dev != copying.dev:
                 raise EntryError(shown, f"is on another filesystem (mounted there meanwhile); {NOT_MOVED}")
             copying.note(st, where)
             call("mkdir", shown, os.mkdir, new, 0, dir_fd=new_dir)  # root's alone until it is complete
-            with opened(open_dir_at(new_dir, new, shown)) as copy:
-                for child in sorted(os.listdir(source)):
-                    copy_node(source, child, copy, child, f"{shown}/{child}", copying, where + (child,))
-                give_attributes(source, copy, st, shown)
-                call("fsync", shown, os.fsync, copy)
-        return
+            copy = open_dir_at(new_dir, new, shown)
+            children = [(child, child, f"{shown}/{child}", where + (child,))
+                        for child in sorted(os.listdir(source))]
+        except BaseException:
+            os.close(source)
+            if copy is not None:
+                os.close(copy)
+            raise
+        return source, (copy, st, shown), children
     if kind != stat.S_IFREG:
         # A FIFO, device or socket: made anew in a directory that is root's
         # alone until its copy is complete, so changed by name (chmod by an
@@ -3460,7 +3545,7 @@ def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copyi
         call("chown", shown, os.chown, new, st.st_uid, st.st_gid, dir_fd=new_dir, follow_symlinks=False)
         call("chmod", shown, os.chmod, new, stat.S_IMODE(st.st_mode), dir_fd=new_dir)
         os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=new_dir, follow_symlinks=False)
-        return
+        return None
     read_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     write_flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with opened(call("open", shown, os.open, name, read_flags, dir_fd=old_dir)) as source, \
@@ -3473,6 +3558,19 @@ def copy_node(old_dir: int, name: str, new_dir: int, new: str, shown: str, copyi
         copy_data(source, copy, st.st_size, shown)
         give_attributes(source, copy, st, shown)
         call("fsync", shown, os.fsync, copy)
+    return None
+
+
+def copied_dir(source: int, copied: tuple, done: bool) -> None:
+    """A directory's copy, once all it holds is copied: its attributes
+    from source, made durable."""
+    copy, st, shown = copied
+    try:
+        if done:
+            give_attributes(source, copy, st, shown)
+            call("fsync", shown, os.fsync, copy)
+    finally:
+        os.close(copy)
 
 
 def copy_data(source: int, copy: int, size: int, shown: str) -> None:
@@ -3515,34 +3613,31 @@ def give_attributes(source: int, copy: int, st, shown: str) -> None:
 
 def discard_copy(dir_fd: int, name: str) -> None:
     """Remove what a failed copy_node made at name, a directory with all it
-    holds, as far as it can; without recursion and with one fd per level
-    open (the copy held two), so a tree whose copy ran out of either is
-    still removed. Errors are left for the copy's own to tell."""
-    path = [(dir_fd, name)]  # (fd of the parent, name) down to the entry being removed
-    held: list = []          # the fds opened on the way, the deepest last
+    holds, as far as it can; with one fd per level open (the copy held
+    two), so a tree whose copy ran out of fds is still removed, and never
+    below another filesystem. Errors are left for the copy's own to tell."""
+
+    def visit(parent: int, made: tuple, entry: str):
+        if not stat.S_ISDIR(os.stat(entry, dir_fd=parent, follow_symlinks=False).st_mode):
+            os.unlink(entry, dir_fd=parent)
+            return None
+        fd = os.open(entry, O_DIR, dir_fd=parent)
+        try:
+            if os.fstat(fd).st_dev != made[2]:
+                raise OSError(errno.EXDEV, "another filesystem is mounted there")
+            return fd, (parent, entry, made[2]), os.listdir(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def leave(_fd: int, made: tuple, done: bool) -> None:
+        if done:
+            os.rmdir(made[1], dir_fd=made[0])
+
     try:
-        while path:
-            parent, entry = path[-1]
-            st = os.stat(entry, dir_fd=parent, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                fd = os.open(entry, O_DIR, dir_fd=parent)
-                names = os.listdir(fd)
-                if names:
-                    held.append(fd)
-                    path.append((fd, names[0]))
-                    continue
-                os.close(fd)
-                os.rmdir(entry, dir_fd=parent)
-            else:
-                os.unlink(entry, dir_fd=parent)
-            path.pop()
-            if held and held[-1] == parent:
-                os.close(held.pop())
+        walk_tree(dir_fd, (None, None, os.fstat(dir_fd).st_dev), [name], visit, leave)
     except OSError:
         pass
-    finally:
-        for fd in held:
-            os.close(fd)
 
 
 class RecordMountOptions(Action):
@@ -4159,8 +4254,6 @@ def command_plan(config: Config, root: str, log: Log, out) -> int:
     return EXIT_OK
 
 
-STATES = ("ok", "not-mounted", "wrong-source", "not-linked", "source-missing",
-          "owner-differs", "mode-differs", "error", "storage-unavailable", "replaced")
 REPLACED = "a program replaced the link or bind with a file on the root; save moves it into storage"
 
 
@@ -5306,14 +5399,7 @@ class BtrfsTop:
 
     def open(self, comps: tuple) -> int:
         """comps below the top level, each component opened O_NOFOLLOW."""
-        fd = os.dup(self.fd)
-        for i, name in enumerate(comps):
-            try:
-                next_fd = open_dir_at(fd, name, self.shown(comps[:i + 1]))
-            finally:
-                os.close(fd)
-            fd = next_fd
-        return fd
+        return open_dirs(os.dup(self.fd), comps, lambda depth: self.shown(comps[:depth]))
 
     def look(self, comps: tuple) -> str | None:
         """None if comps does not exist, else "subvolume" or what it is."""
@@ -5347,14 +5433,7 @@ def find_btrfs(spec: str, timeout: float) -> str:
 def mounted_below(top: BtrfsTop, comps: tuple) -> str | None:
     """A mount point of the same filesystem whose root is comps or below it:
     the root in use (rotate-root runs before it is mounted)."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        lines = [line.split(" ") for line in f.read().decode("utf-8", "surrogateescape").splitlines()]
-    ours = [f[2] for f in lines if len(f) > 4 and unescape_mountinfo(f[4]) == top.path]
-    for f in lines:
-        root = unescape_mountinfo(f[3]) if len(f) > 4 else ""
-        if ours and f[2] == ours[0] and is_under(tuple(c for c in root.split("/") if c), comps):
-            return unescape_mountinfo(f[4])
-    return None
+    return MountTable().mounted_from(top.path, comps)
 
 
 def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:

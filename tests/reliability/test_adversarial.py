@@ -497,12 +497,11 @@ def test_deep_trees_walked_by_every_command(sandbox, tmp_path, fds):
     assert storage_before[("home", "mallory") + leaf][0] == "file"
 
 
-@pytest.mark.parametrize("fds", [64, 1024])
-def test_deep_tree_moved_into_storage_on_a_running_system(sandbox, tmp_path, fds):
+def move_deep_tree(sandbox, fds: int):
     """apply --root / (activation, in a chroot of R) of a new kept
-    directory whose target holds a DEEP_LEVELS-deep tree: the move copies
-    it level by level until the fds or the recursion limit run out, then
-    fails that entry with one line; both sides are as they were."""
+    directory whose target holds a DEEP_LEVELS-deep tree, with only `fds`
+    descriptors: (its result, R, the target, storage, deep_digest of both
+    before)."""
     python = distro_python().path  # the distribution's, as the booted system has it
     R = sandbox.root
     store = tmpfs_at(R / "persistent")  # another filesystem: a copy, not a rename
@@ -539,16 +538,38 @@ def test_deep_tree_moved_into_storage_on_a_running_system(sandbox, tmp_path, fds
                        env={"IMPERMANENCE_NO_KMSG": "1", "LIBMOUNT_UTAB": "/run/t/utab",
                             "PATH": "/usr/bin"}, preexec_fn=limit)
     assert time.monotonic() - start < 30
+    return r, R, home / "data", store, data_before, store_before
+
+
+@pytest.mark.parametrize("fds", [64, 1024])
+def test_deep_tree_moved_into_storage_on_a_running_system(sandbox, tmp_path, fds):
+    """The move of a DEEP_LEVELS-deep tree copies it level by level until
+    the fds run out, then fails that entry with one line; both sides are
+    as they were."""
+    r, R, data, store, data_before, store_before = move_deep_tree(sandbox, fds)
     lines = one_line_each(r)
     assert r.returncode == 1, r.stderr[:2000]
     assert len(lines) == 1 and lines[0].startswith("impermanence: /home/mallory/data"), \
         [line[:300] for line in lines]
-    assert os.path.ismount(R / "var/log") and not os.path.ismount(home / "data")
+    assert os.path.ismount(R / "var/log") and not os.path.ismount(data)
     # Nothing lost on the root; storage holds what apply made for the entry
     # (its directories, empty) and nothing else: no half-made copy.
-    assert deep_digest(home / "data") == data_before
+    assert deep_digest(data) == data_before
     after = deep_digest(store)
     added = {k: v for k, v in after.items() if k not in store_before}
     assert {k: v for k, v in store_before.items()} == {k: after[k] for k in store_before}
     assert set(added) <= {("home",), ("home", "mallory"), ("home", "mallory", "data")}, \
         sorted(added, key=len)[:10]
+
+
+def test_deep_tree_moved_whole_when_the_fds_allow(sandbox):
+    """With fds enough for the copy (two a level), a tree deeper than
+    Python's recursion limit is moved like any other: copied, compared,
+    its originals removed, the bind made."""
+    assert DEEP_LEVELS > sys.getrecursionlimit()
+    r, R, data, store, data_before, _ = move_deep_tree(sandbox, 4 * DEEP_LEVELS)
+    assert r.returncode == 0 and one_line_each(r) == [], r.stderr[:2000]
+    assert os.path.ismount(data) and os.path.ismount(R / "var/log")
+    assert deep_digest(data) == data_before  # through the bind: storage's copy
+    assert deep_digest(store / "home/mallory/data") == data_before
+    assert not [p for p in os.listdir(data.parent) if p != "data"]  # nothing put aside left
