@@ -277,12 +277,19 @@ class ConfigFileError(ConfigError):
     path, shown as given."""
 
 
-class EntryError(Exception):
-    """One entry (or storage location) cannot be applied: path and cause."""
+class Failure(Exception):
+    """What could not be done, and where: the path as the user knows it
+    (or a user or group name) and the cause. Every failure becomes one,
+    and one message, through `failure`."""
 
     def __init__(self, path: str, cause: str):
         super().__init__(f"{path}: {cause}")
         self.path, self.cause = path, cause
+
+
+class Refused(Failure):
+    """Planning found what an entry must not touch: what was planned for
+    it before still runs, then the entry fails (a Fail action)."""
 
 
 # What a path (or a link's text, which a user chooses) may hold that would
@@ -302,36 +309,21 @@ FORMAT_CHARS = (0xad, *range(0x600, 0x606), 0x61c, 0x6dd, 0x70f, 0x890, 0x891, 0
 UNPRINTABLE.update({c: f"\\u{c:04x}" if c <= 0xffff else f"\\U{c:08x}" for c in FORMAT_CHARS})
 
 
-def describe_oserror(exc: OSError) -> str:
-    """`<operation>: <strerror>` for a system call that failed here (see
-    oserror), the strerror alone for any other."""
-    cause = exc.strerror or str(exc)
-    op = getattr(exc, "op", None)
-    return f"{op}: {cause}" if op else cause
-
-
-def internal_error(exc: Exception) -> str:
-    return f"internal error: {type(exc).__name__}: {exc}"
-
-
-def failure_cause(exc: Exception) -> str:
-    """What went wrong, without the path."""
-    if isinstance(exc, EntryError):
-        return exc.cause
+def failure(exc: BaseException, shown: str) -> Failure:
+    """exc as a Failure, the one way a failure becomes a message: an
+    OSError names the operation (see oserror) and its path, else shown; a
+    Failure naming no path (an account's) gets `(for shown)` when shown is
+    one; anything
+    else is a bug, reported as an internal error at shown."""
+    if isinstance(exc, Failure):
+        if exc.path.startswith("/") or not shown.startswith("/"):
+            return exc
+        return Failure(exc.path, f"{exc.cause} (for {shown})")
     if isinstance(exc, OSError):
-        return describe_oserror(exc)
-    return internal_error(exc)  # a bug: reported for this entry only
-
-
-def failure_text(exc: Exception, shown: str) -> str:
-    """One failure as `<path>: <cause>`; shown is the entry's path, named
-    when the error does not name one (an account error names the user or
-    group: the entry is added)."""
-    if isinstance(exc, EntryError):
-        return f"{exc.path}: {exc.cause}" + ("" if exc.path.startswith("/") else f" (for {shown})")
-    if isinstance(exc, OSError):
-        return f"{exc.filename or shown}: {describe_oserror(exc)}"
-    return f"{shown}: {internal_error(exc)}"
+        cause = exc.strerror or str(exc)
+        op = getattr(exc, "op", None)
+        return Failure(exc.filename or shown, f"{op}: {cause}" if op else cause)
+    return Failure(shown, f"internal error: {type(exc).__name__}: {exc}")
 
 
 class Log:
@@ -750,7 +742,7 @@ def load_config_file(path: str) -> Config:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
-        raise ConfigFileError(path, f"cannot read config: {describe_oserror(exc)}") from None
+        raise ConfigFileError(path, f"cannot read config: {failure(exc, '').cause}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -1366,7 +1358,7 @@ def lookup_device(spec: str) -> tuple:
     path is honoured as written; a /dev/disk/by-label/... path (NixOS's
     usual form) that does not exist, as in an initramfs without udev, is
     looked up as LABEL=... would be. A tag that more than one device
-    answers is never guessed (udev's link would be its guess): EntryError."""
+    answers is never guessed (udev's link would be its guess): Failure."""
     if spec.startswith("/"):
         if os.path.exists(spec):
             return spec, None
@@ -1377,7 +1369,7 @@ def lookup_device(spec: str) -> tuple:
     tag, value = spec.split("=", 1)
     found = scan_devices(tag, value)
     if len(found) > 1:
-        raise EntryError(spec, f"matches {len(found)} devices: {', '.join(d for d, _ in found)}; "
+        raise Failure(spec, f"matches {len(found)} devices: {', '.join(d for d, _ in found)}; "
                                "refusing to guess (give the device by path, or make the "
                                f"{tag.lower()} unique)")
     if found:
@@ -1449,7 +1441,7 @@ def wait_for_device(spec: str, timeout: float) -> tuple:
             return device, fs_type
         left = deadline - time.monotonic()
         if left <= 0:
-            raise EntryError(spec, f"device did not appear within {timeout:g} s")
+            raise Failure(spec, f"device did not appear within {timeout:g} s")
         time.sleep(min(delay, left))
         delay = min(delay * 2, 0.25)
 
@@ -1714,7 +1706,7 @@ class Accounts:
             return grp.getgrnam(name).gr_gid
         except (ImportError, KeyError):
             pass
-        raise EntryError(f"{what} {name}", f"unknown {what}: not in the config's {table} table, "
+        raise Failure(f"{what} {name}", f"unknown {what}: not in the config's {table} table, "
                          f"{as_path(storage)}/var/lib/nixos/{nixos_map}, the root's /etc/{database} "
                          f"or the running system; add \"{table}\": {{\"{name}\": {{\"{key}\": N}}}} "
                          "to the config")
@@ -1736,7 +1728,7 @@ class Accounts:
             return pwd.getpwnam(user).pw_gid
         except (ImportError, KeyError):
             pass
-        raise EntryError(f"user {user}", "primary group unknown: set "
+        raise Failure(f"user {user}", "primary group unknown: set "
                          f"\"users\": {{\"{user}\": {{\"group\": \"...\"}}}} in the config")
 
     def resolve(self, perms: Perms, storage: tuple) -> tuple:
@@ -1946,7 +1938,7 @@ class View:
         return comps in self.dirs
 
     def look(self, comps: tuple) -> Node | None:
-        """The node at comps, or None if missing. Raises EntryError if a
+        """The node at comps, or None if missing. Raises Failure if a
         parent component is a symlink or not a directory."""
         dirs = self.dirs
         node = dirs.get(comps)
@@ -1961,7 +1953,7 @@ class View:
                 return None
             if node.kind != "dir":
                 what = "a symbolic link" if node.kind == "link" else "not a directory"
-                raise EntryError(self.host(prefix), f"is {what}; refusing to follow it")
+                raise Failure(self.host(prefix), f"is {what}; refusing to follow it")
             dirs[prefix] = node
         node = self._lstat(comps) if comps else node_from_stat(os.stat(self.root))
         if node is None:
@@ -1987,7 +1979,7 @@ class View:
         entries in it). None for any other."""
         try:
             fd = open_beneath(self.root, comps, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except (OSError, EntryError):
+        except (OSError, Failure):
             return None
         try:
             st = os.fstat(fd)
@@ -2118,7 +2110,7 @@ def dir_open_error(exc: OSError, dir_fd: int, name: str, shown: str) -> Exceptio
         except OSError:
             is_link = False
         what = "a symbolic link" if is_link else "not a directory"
-        return EntryError(shown, f"is {what}; refusing to follow it")
+        return Failure(shown, f"is {what}; refusing to follow it")
     return oserror("open", shown, exc.errno)
 
 
@@ -2155,13 +2147,13 @@ def open_dirs(start_fd: int, comps: tuple, shown_of, check=None, keep: list | No
 def open_beneath(root: str, comps: tuple, flags: int) -> int:
     """Open root/comps with every directory component opened O_NOFOLLOW,
     each of them root's and, unless sticky, writable by no one else
-    (EntryError otherwise)."""
+    (Failure otherwise)."""
     prefix = "" if root == "/" else root
 
     def roots_alone(fd: int, depth: int) -> None:
         st = os.fstat(fd)
         if st.st_uid != 0 or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
-            raise EntryError(prefix + as_path(comps[:depth]), "not root's alone")
+            raise Failure(prefix + as_path(comps[:depth]), "not root's alone")
 
     fd = open_dirs(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), comps[:-1],
                    lambda depth: prefix + as_path(comps[:depth]), roots_alone)
@@ -2257,7 +2249,7 @@ class Walk:
 
     def error(self, comps: tuple, exc: OSError) -> None:
         shown = self.tree.host(comps)
-        cause = describe_oserror(exc) if isinstance(exc, OSError) else str(exc)
+        cause = failure(exc, "").cause
         self.errors.append((comps, cause))
         self.log.error(f"{shown}: {cause}")
 
@@ -2265,7 +2257,7 @@ class Walk:
         """Walk base; False (an error recorded) if it cannot be opened."""
         try:
             fd = open_dir_path(self.tree, base)
-        except (OSError, EntryError) as exc:
+        except (OSError, Failure) as exc:
             self.error(base, exc if isinstance(exc, OSError) else OSError(0, exc.cause))
             return False
         try:
@@ -2552,7 +2544,7 @@ class Executor:
         try:
             update_utab(lines, [])
         except OSError as exc:
-            self.log.error(f"{exc.filename}: cannot record mount options: {describe_oserror(exc)}")
+            self.log.error(f"{exc.filename}: cannot record mount options: {failure(exc, '').cause}")
             return False
         return True
 
@@ -2603,7 +2595,7 @@ def checked_stat(fd: int, want_dir: bool, shown: str):
     st = os.fstat(fd)
     if not (stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)):
         kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "of an unexpected type"
-        raise EntryError(shown, f"is {kind}; not mounted")
+        raise Failure(shown, f"is {kind}; not mounted")
     return st
 
 
@@ -2640,7 +2632,7 @@ class MakeDir(Action):
         try:
             os.mkdir(name, self.mode & 0o1777 if self.mark else 0, dir_fd=parent)  # umask is 0
         except FileExistsError:
-            raise EntryError(shown, "appeared while applying; left as it is") from None
+            raise Failure(shown, "appeared while applying; left as it is") from None
         except OSError as exc:
             raise oserror("mkdir", shown, exc.errno) from None
         fd = open_dir_at(parent, name, shown)
@@ -2650,7 +2642,7 @@ class MakeDir(Action):
             # cannot make a root-owned directory. (No nlink test: btrfs
             # directories always have one link.)
             if st.st_uid != ex.euid:
-                raise EntryError(shown, "was replaced while applying; not changed")
+                raise Failure(shown, "was replaced while applying; not changed")
             give_owner_and_mode(fd, st, self.uid, self.gid, self.mode, shown)
             if self.mark:
                 mark(fd)
@@ -2682,7 +2674,7 @@ class FinishDir(Action):
             # As a killed MakeDir leaves it: empty, mode 0000, owned by us
             # or already by its owner-to-be.
             if stat.S_IMODE(st.st_mode) or st.st_uid not in (ex.euid, self.uid) or os.listdir(fd):
-                raise EntryError(shown, "has mode 0000 but is not a directory an interrupted run "
+                raise Failure(shown, "has mode 0000 but is not a directory an interrupted run "
                                         "left unfinished; left as it is")
             give_owner_and_mode(fd, st, self.uid, self.gid, self.mode, shown)
         except BaseException:
@@ -2774,9 +2766,9 @@ class RemoveEmptyFile(Action):
         with opened(call("open", shown, os.open, name, O_PATH_NOFOLLOW, dir_fd=parent)) as fd:
             st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != 0:
-            raise EntryError(shown, "is no longer an empty file; not removed")
+            raise Failure(shown, "is no longer an empty file; not removed")
         if self.marked_only and st.st_mtime_ns != MARK_TIME_NS:
-            raise EntryError(shown, NOT_OURS_IN_STORAGE)
+            raise Failure(shown, NOT_OURS_IN_STORAGE)
         call("unlink", shown, os.unlink, name, dir_fd=parent)
 
 
@@ -2824,7 +2816,7 @@ class Bind(Action):
                 # to a root-owned file elsewhere in storage) is not kept state.
                 owner = ex.sources.owner(self.source[:-1])
                 if st.st_uid != owner:
-                    raise EntryError(source_shown, hard_link_refusal(st.st_uid, owner))
+                    raise Failure(source_shown, hard_link_refusal(st.st_uid, owner))
             # One way: a slave of its source's peer group before it is
             # attached, so that at no moment does a mount made under it
             # reach storage (docs/behaviour.md, "Mount propagation").
@@ -2942,7 +2934,7 @@ def same_node(fd: int, st, shown: str) -> None:
     """fd, opened again at a target after the bind, is the bind's root."""
     found = os.fstat(fd)
     if (found.st_dev, found.st_ino) != (st.st_dev, st.st_ino):
-        raise EntryError(shown, "replaced while it was being bind-mounted")
+        raise Failure(shown, "replaced while it was being bind-mounted")
 
 
 def private_mount_namespace() -> None:
@@ -3004,8 +2996,8 @@ class MountFilesystem(Action):
                     self.mount_on(parent, host, self.device, self.probed, MS_RDONLY)
             except FileNotFoundError:
                 why = "its mount point does not exist yet"
-            except (EntryError, OSError) as exc:
-                why = failure_cause(exc)
+            except (Failure, OSError) as exc:
+                why = failure(exc, "").cause
         if why is not None:
             return f"note {host}: not mounted and not looked into ({why}); planned as if empty"
         _private_namespace.append(host)  # unmounted when plan ends
@@ -3043,11 +3035,11 @@ class MountFilesystem(Action):
                     break
                 return fs_type
         if not errors:
-            raise EntryError(host, f"cannot mount {fs.device}: no filesystem type to try")
+            raise Failure(host, f"cannot mount {fs.device}: no filesystem type to try")
         fs_type, exc = errors[-1] if len(errors) == 1 else errors[0]
         hint = " (wrong fsType, bad option or bad superblock)" if exc.errno == errno.EINVAL else ""
         tried = ", ".join(t for t, _ in errors)
-        raise EntryError(host, f"cannot mount {fs.device} ({device}) as {tried}: {exc.strerror}{hint}")
+        raise Failure(host, f"cannot mount {fs.device} ({device}) as {tried}: {exc.strerror}{hint}")
 
 
 # A move into storage on the running system goes through two names that
@@ -3079,12 +3071,12 @@ def movable_name(path: tuple) -> bool:
 def kept_mounts_below(tree: Tree, target: tuple, mounts: MountTable) -> frozenset:
     """The mount points below target that a move leaves where they are: the
     config's own kept paths (bound again on top of the new bind, as at
-    boot). EntryError naming it if target is a mount point, or if any other
+    boot). Failure naming it if target is a mount point, or if any other
     mount is below it: the move never leaves the root's own filesystem."""
     host = tree.host(target)
     found = mounts.points.get(host)
     if found is not None:
-        raise EntryError(host, f"is another filesystem's mount point ({found[0]}, {found[2]}); {NOT_MOVED}")
+        raise Failure(host, f"is another filesystem's mount point ({found[0]}, {found[2]}); {NOT_MOVED}")
     kept: list = []
     for point in sorted(mounts.points):
         if not point.startswith(host + "/") or any(point.startswith(k + "/") for k in kept):
@@ -3093,7 +3085,7 @@ def kept_mounts_below(tree: Tree, target: tuple, mounts: MountTable) -> frozense
             kept.append(point)
             continue
         source, _, fs_type, _ = mounts.points[point]
-        raise EntryError(host, f"holds {point}, another filesystem mounted there ({source}, {fs_type}); "
+        raise Failure(host, f"holds {point}, another filesystem mounted there ({source}, {fs_type}); "
                                f"{NOT_MOVED}")
     return frozenset(kept)
 
@@ -3123,7 +3115,7 @@ def open_aside(dir_fd: int, name: str, shown: str, euid: int) -> int:
     fd = open_dir_at(dir_fd, name, shown)
     if os.fstat(fd).st_uid != euid:
         os.close(fd)
-        raise EntryError(shown, "is named as apply names a move's originals but is not apply's; "
+        raise Failure(shown, "is named as apply names a move's originals but is not apply's; "
                                 "left as it is")
     return fd
 
@@ -3191,7 +3183,7 @@ class MoveIntoStorage(Action):
                 # A copy a stopped run left; the originals were not touched.
                 discard_copy(into, temp)
                 if exists_at(into, temp):
-                    raise EntryError(tree.host(move_temp(self.source)), "cannot be removed; left as it is")
+                    raise Failure(tree.host(move_temp(self.source)), "cannot be removed; left as it is")
             copying = Copying(os.fstat(top).st_dev, kept)
             try:
                 if is_dir:
@@ -3208,10 +3200,10 @@ class MoveIntoStorage(Action):
                 # it is found when the originals are compared (DropMoved).
                 writer = open_for_writing(copying.files)
                 if writer is not None:
-                    raise EntryError(writer[0], f"is open for writing (process {writer[1]}); {WRITER_HINT}")
+                    raise Failure(writer[0], f"is open for writing (process {writer[1]}); {WRITER_HINT}")
                 changed = copying.changed(top, shown if is_dir else tree.host(self.target[:-1]).rstrip("/"))
                 if changed is not None:
-                    raise EntryError(changed, f"was written while it was being moved into storage; "
+                    raise Failure(changed, f"was written while it was being moved into storage; "
                                               f"{WRITER_HINT}")
                 call("mkdir", aside_shown, os.mkdir, aside[-1], 0o700, dir_fd=at)
             except BaseException:
@@ -3273,7 +3265,7 @@ class MoveIntoStorage(Action):
             if not exists_at(aside, name):
                 rename_noreplace(at, name, aside, name, shown)
             elif exists_at(at, name) and os.stat(name, dir_fd=at, follow_symlinks=False).st_size:
-                raise EntryError(shown, f"was made again while it was being moved into storage; "
+                raise Failure(shown, f"was made again while it was being moved into storage; "
                                         f"{WRITER_HINT}")
         if self.mount_file and not exists_at(at, name):
             CreateMountFile(self.target).execute(ex)
@@ -3326,7 +3318,7 @@ class DropMoved(Action):
                 for child in sorted(os.listdir(put)):
                     differs = first_difference(put, kept_in, child, f"{aside_shown}/{child}", (child,), copied)
                     if differs is not None:
-                        raise EntryError(differs, "was written after its move into storage began: "
+                        raise Failure(differs, "was written after its move into storage began: "
                                                   "kept here with those writes; stop the program that writes "
                                                   f"it, then put it into {tree.host(self.source)} by hand")
         finally:
@@ -3334,7 +3326,7 @@ class DropMoved(Action):
                 os.close(held)
         discard_copy(at, aside[-1])
         if exists_at(at, aside[-1]):
-            raise EntryError(aside_shown, "cannot be removed; left as it is")
+            raise Failure(aside_shown, "cannot be removed; left as it is")
 
 
 class Difference(Exception):
@@ -3511,7 +3503,7 @@ def copy_one(old_dir: int, new_dir: int, name: str, new: str, shown: str, where:
     st = call("lstat", shown, os.stat, name, dir_fd=old_dir, follow_symlinks=False)
     kind = stat.S_IFMT(st.st_mode)
     if st.st_dev != copying.dev:
-        raise EntryError(shown, f"is on another filesystem (mounted there meanwhile); {NOT_MOVED}")
+        raise Failure(shown, f"is on another filesystem (mounted there meanwhile); {NOT_MOVED}")
     if kind == stat.S_IFLNK:
         copying.note(st, where)
         call("symlink", shown, os.symlink, os.readlink(name, dir_fd=old_dir), new, dir_fd=new_dir)
@@ -3524,7 +3516,7 @@ def copy_one(old_dir: int, new_dir: int, name: str, new: str, shown: str, where:
         try:
             st = os.fstat(source)
             if st.st_dev != copying.dev:
-                raise EntryError(shown, f"is on another filesystem (mounted there meanwhile); {NOT_MOVED}")
+                raise Failure(shown, f"is on another filesystem (mounted there meanwhile); {NOT_MOVED}")
             copying.note(st, where)
             call("mkdir", shown, os.mkdir, new, 0, dir_fd=new_dir)  # root's alone until it is complete
             copy = open_dir_at(new_dir, new, shown)
@@ -3552,7 +3544,7 @@ def copy_one(old_dir: int, new_dir: int, name: str, new: str, shown: str, where:
             opened(call("create", shown, os.open, new, write_flags, 0o600, dir_fd=new_dir)) as copy:
         st = os.fstat(source)
         if not stat.S_ISREG(st.st_mode):
-            raise EntryError(shown, "was replaced while moving it; left as it is")
+            raise Failure(shown, "was replaced while moving it; left as it is")
         copying.note(st, where)
         copying.files.add(shown)
         copy_data(source, copy, st.st_size, shown)
@@ -3656,17 +3648,18 @@ class RecordMountOptions(Action):
 
 
 class Fail(Action):
-    """Planning found what this entry must not touch: it stops here."""
+    """Planning found what this entry must not touch (a Refused, or a
+    failure of the planning itself): the entry stops here."""
     __slots__ = ("path", "cause")
 
-    def __init__(self, path: tuple, cause: str):
+    def __init__(self, path: str, cause: str):
         self.path, self.cause = path, cause
 
     def describe(self, tree: Tree) -> str:
-        return f"fail {tree.host(self.path)}: {self.cause}"
+        return f"fail {self.path}: {self.cause}"
 
     def execute(self, ex: Executor) -> None:
-        raise EntryError(ex.tree.host(self.path), self.cause)
+        raise Failure(self.path, self.cause)
 
 
 # --- Planning ------------------------------------------------------------------------
@@ -3677,15 +3670,6 @@ class Fail(Action):
 
 NOT_OURS_IN_STORAGE = ("is an empty file in a kept directory of another storage that apply did not "
                        "make; not replaced by a link")
-
-
-class Refused(Exception):
-    """Planning found what an entry must not touch: apply runs what was
-    planned before, then the entry fails (a Fail action)."""
-
-    def __init__(self, path: tuple, cause: str):
-        super().__init__(cause)
-        self.path, self.cause = path, cause
 
 
 def make_dir(actions: list, tree: Tree, path: tuple, uid: int, gid: int, mode: int, why: str,
@@ -3713,7 +3697,7 @@ def plan_root_dirs(path: tuple, first: int, why: str, tree: Tree) -> list:
         if node is None:
             make_dir(actions, tree, path[:depth], 0, 0, 0o755, why, False)
         elif node.kind != "dir":
-            raise EntryError(tree.host(path[:depth]), f"is {describe_kind(node)}, not a directory")
+            raise Failure(tree.host(path[:depth]), f"is {describe_kind(node)}, not a directory")
     return actions
 
 
@@ -3803,12 +3787,12 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     actions: list = []
     on_fuse = fuse_refusal(tree, entry)
     if on_fuse is not None:
-        return [Fail(*on_fuse)]
+        return [Fail(tree.host(on_fuse[0]), on_fuse[1])]
     for path in (entry.source, entry.target):
         if len(os.fsencode(tree.host(path))) >= PATH_MAX:
             # The lookups of its parents would each fail alike, after a
             # walk that grows with the square of its depth.
-            return [Fail(path, f"is longer than the {PATH_MAX - 1} bytes a path may have")]
+            return [Fail(tree.host(path), f"is longer than the {PATH_MAX - 1} bytes a path may have")]
     try:
         source_exists = plan_source(entry, tree, accounts, actions)
         plan_target_parents(entry, tree, actions)
@@ -3829,7 +3813,7 @@ def plan_source(entry: Entry, tree: Tree, accounts: Accounts, actions: list) -> 
         path = source[:depth]
         node = tree.look(path)
         if node is not None and node.kind != "dir":
-            raise Refused(path, f"is {describe_kind(node)}, not a directory")
+            raise Refused(tree.host(path), f"is {describe_kind(node)}, not a directory")
         if node is None or node.mode == 0:
             perms = accounts.kept_dir_perms(path) or source_parent_perms(entry, path)
             uid, gid, mode = accounts.resolve(perms, storage)
@@ -3840,7 +3824,7 @@ def plan_source(entry: Entry, tree: Tree, accounts: Accounts, actions: list) -> 
     node = tree.look(source)
     if entry.kind == "directory":
         if node is not None and node.kind != "dir":
-            raise Refused(source, f"source is {describe_kind(node)}, not a directory")
+            raise Refused(tree.host(source), f"source is {describe_kind(node)}, not a directory")
         if node is None or node.mode == 0:
             uid, gid, mode = accounts.resolve(entry.perms, storage)
             if node is None:
@@ -3849,13 +3833,13 @@ def plan_source(entry: Entry, tree: Tree, accounts: Accounts, actions: list) -> 
                 finish_dir(actions, tree, source, node, uid, gid, mode, True)
         return True
     if node is not None and node.kind != "file":
-        raise Refused(source, f"source is {describe_kind(node)}, not a regular file")
+        raise Refused(tree.host(source), f"source is {describe_kind(node)}, not a regular file")
     if node is not None and node.nlink > 1 and entry.method == "auto":
         # Checked again when binding; here too, so that nothing is made
         # on the root for a source that will be refused.
         folder = tree.look(source[:-1])
         if folder is not None and folder.uid != node.uid:
-            raise Refused(source, hard_link_refusal(node.uid, folder.uid))
+            raise Refused(tree.host(source), hard_link_refusal(node.uid, folder.uid))
     if node is None and entry.target == MACHINE_ID and entry.method == "auto":
         # systemd commits a real id into storage on first boot.
         actions.append(WriteFile(source, b"uninitialized\n", 0, 0, 0o444))
@@ -3871,12 +3855,12 @@ def plan_target_parents(entry: Entry, tree: Tree, actions: list) -> None:
         path = target[:depth]
         node = tree.look(path)
         if node is not None and node.kind != "dir":
-            raise Refused(path, f"is {describe_kind(node)}, not a directory")
+            raise Refused(tree.host(path), f"is {describe_kind(node)}, not a directory")
         if node is None or node.mode == 0:
             twin = tree.look(storage + path)
             if twin is None or twin.kind != "dir":
                 if node is None:
-                    raise Refused(storage + path, "missing in storage; cannot mirror it")
+                    raise Refused(tree.host(storage + path), "missing in storage; cannot mirror it")
             elif node is None:
                 make_dir(actions, tree, path, twin.uid, twin.gid, twin.mode, "as in storage", False)
             else:
@@ -3891,7 +3875,7 @@ def plan_directory_target(entry: Entry, tree: Tree, actions: list) -> None:
         twin = tree.look(source)
         make_dir(actions, tree, target, twin.uid, twin.gid, twin.mode, "mount point", False, mark=True)
     elif node.kind != "dir":
-        raise Refused(target, f"target is {describe_kind(node)}, not a directory; left as it is")
+        raise Refused(tree.host(target), f"target is {describe_kind(node)}, not a directory; left as it is")
     elif placement(entry, tree) == "mounted":
         # Mounted by an earlier run: what lies below is the source's, as
         # for a bind made now (a kept directory nested in this one is then
@@ -3922,8 +3906,8 @@ def planned_kept_mounts(tree: Tree, target: tuple) -> frozenset:
     """kept_mounts_below, its refusal the entry's (Refused)."""
     try:
         return kept_mounts_below(tree, target, tree.mounts)
-    except EntryError as exc:
-        raise Refused(target, exc.cause) from None
+    except Failure as exc:
+        raise Refused(tree.host(target), exc.cause) from None
 
 
 def plan_directory_move(tree: Tree, source: tuple, target: tuple) -> bool:
@@ -3942,13 +3926,13 @@ def plan_directory_move(tree: Tree, source: tuple, target: tuple) -> bool:
     if not names:
         return False
     if not movable_name(target):
-        raise Refused(target, "has a name too long to move into storage under a temporary name; "
+        raise Refused(tree.host(target), "has a name too long to move into storage under a temporary name; "
                               "move it by hand")
     kept = planned_kept_mounts(tree, target)
     if all(f"{tree.host(target)}/{name}" in kept for name in names):
         return False  # only the config's own kept paths, bound again on top
     if source not in tree.created and held_names(tree, source):
-        raise Refused(target, f"holds data, and so does {tree.host(source)} in storage; "
+        raise Refused(tree.host(target), f"holds data, and so does {tree.host(source)} in storage; "
                               "left as they are (move one away, then apply again)")
     return True
 
@@ -3981,7 +3965,7 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
         # such a move, which a run that stopped renamed into place).
         if not finishing:
             if not movable_name(target):
-                raise Refused(target, "has a name too long to move into storage under a temporary "
+                raise Refused(tree.host(target), "has a name too long to move into storage under a temporary "
                                       "name; move it by hand")
             planned_kept_mounts(tree, target)
         actions.append(MoveIntoStorage(target, source, "file", entry.method != "symlink"))
@@ -4005,10 +3989,10 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
             # storage's: replaced only if apply made it (its mark).
             in_storage = bool(tree.binds) and tree.translate(target[:-1]) != target[:-1]
             if in_storage and os.lstat(tree.host(target)).st_mtime_ns != MARK_TIME_NS:
-                raise Refused(target, NOT_OURS_IN_STORAGE)
+                raise Refused(tree.host(target), NOT_OURS_IN_STORAGE)
             actions.append(RemoveEmptyFile(target, in_storage))
         else:
-            raise Refused(target, f"target is {describe_kind(node)}; not replaced by a link")
+            raise Refused(tree.host(target), f"target is {describe_kind(node)}; not replaced by a link")
         actions.append(Symlink(target, wanted_link))
         tree.record(target, Node("link", 0, 0, 0o777, 0, None, None, wanted_link))
         return
@@ -4016,11 +4000,11 @@ def plan_file_target(entry: Entry, tree: Tree, actions: list, source_exists: boo
         actions.append(CreateMountFile(target))
         tree.record(target, Node("file", 0, 0, 0o644, 0, None, None, None))
     elif node.kind != "file":
-        raise Refused(target, f"target is {describe_kind(node)}; left as it is")
+        raise Refused(tree.host(target), f"target is {describe_kind(node)}; left as it is")
     elif placed == "mounted":
         return
     elif node.size != 0:
-        raise Refused(target, "target exists and is not empty; not overwritten"
+        raise Refused(tree.host(target), "target exists and is not empty; not overwritten"
                       + (f" (and {tree.host(source)} in storage is not either)" if tree.root == "/" else ""))
     actions.append(Bind(source, target, "file"))
     tree.record_bind(source, target)
@@ -4077,7 +4061,7 @@ def storage_state(config: Config, tree: Tree, mounts: MountTable, storage: tuple
             return "not-mounted", f"not mounted ({fs.device} at {point})"
     try:
         node = tree.look(storage)
-    except EntryError as exc:
+    except Failure as exc:
         return "unavailable", f"{exc.path} {exc.cause}"
     if node is None:
         return "unavailable", "missing"
@@ -4095,10 +4079,10 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
     usable, else the reason it is not."""
     unavailable: dict = {}  # fileSystems mount point -> why it is not mounted
     for fs in sorted(config.filesystems, key=lambda f: f.mountpoint):
-        failure = run_planned(tree, runner, fs.mountpoint, lambda: plan_filesystem(
+        failed = run_planned(tree, runner, fs.mountpoint, lambda: plan_filesystem(
             fs, tree, tree.mounts, config.device_timeout, log))
-        if failure is not None:  # the other locations still apply
-            unavailable[fs.mountpoint] = failure_cause(failure)
+        if failed is not None:  # the other locations still apply
+            unavailable[fs.mountpoint] = failed.cause
     state: dict = {}
     root_dev = os.stat(tree.root).st_dev
     for storage in config.storages:
@@ -4109,14 +4093,14 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
         try:
             node = tree.look(storage)
         except Exception as exc:
-            state[storage] = failure_cause(exc)
+            state[storage] = failure(exc, "").cause
             continue
         if node is None and fs is not None and fs.mountpoint != storage:
             # Inside a persistent filesystem: made once it is mounted.
-            failure = run_planned(tree, runner, None, lambda: plan_root_dirs(
+            failed = run_planned(tree, runner, None, lambda: plan_root_dirs(
                 storage, len(fs.mountpoint) + 1, "storage path", tree))
-            if failure is not None:
-                state[storage] = failure_cause(failure)
+            if failed is not None:
+                state[storage] = failed.cause
                 continue
             node = tree.look(storage)
         if node is None:
@@ -4131,7 +4115,7 @@ def prepare_storage(config: Config, tree: Tree, runner, log: Log) -> dict:
     return state
 
 
-def run_planned(tree: Tree, runner, shown: tuple | None, plan) -> Exception | None:
+def run_planned(tree: Tree, runner, shown: tuple | None, plan) -> Failure | None:
     """Plan one part of the work (a filesystem, a storage path, an entry)
     and run it through runner; what it planned stays in the tree's record
     if it ran, and is forgotten if it failed (the real tree is then the
@@ -4142,9 +4126,10 @@ def run_planned(tree: Tree, runner, shown: tuple | None, plan) -> Exception | No
         runner.run(plan())
         ok = True
     except Exception as exc:  # expected failures, and bugs: the other parts still run
+        failed = failure(exc, "" if shown is None else tree.host(shown))
         if shown is not None:
-            runner.report(failure_text(exc, tree.host(shown)))
-        return exc
+            runner.report(str(failed))
+        return failed
     finally:
         tree.settle(ok)
     return None
@@ -4196,7 +4181,7 @@ def lock_root(root: str, log: Log) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        log.info(f"{path}: {describe_oserror(exc)}; locking {root} itself")
+        log.info(f"{path}: {failure(exc, '').cause}; locking {root} itself")
         path, fd = root, os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         wait = float(os.environ.get("IMPERMANENCE_LOCK_WAIT") or LOCK_WAIT)
@@ -4316,12 +4301,12 @@ def command_status(config: Config, root: str, log: Log, out, as_json: bool) -> i
                 if state == "ok" and mounts.two_way(tree.host(entry.target), tree.host(entry.source)):
                     state, detail = "two-way", ("mounted as a peer of its storage: what is mounted "
                                                 "under it appears in storage too; apply makes it one-way")
-            except EntryError as exc:
+            except Failure as exc:
                 state, detail = "error", f"{exc.path}: {exc.cause}"
             except OSError as exc:
-                state, detail = "error", describe_oserror(exc)
+                state, detail = "error", failure(exc, "").cause
             except Exception as exc:  # a bug: reported for this entry only
-                state, detail = "error", internal_error(exc)
+                state, detail = "error", failure(exc, "").cause
         rows.append({"target": as_path(entry.target), "kind": entry.kind,
                      "source": as_path(entry.source), "state": state, "detail": detail})
     drift = sum(1 for r in rows if r["state"] != "ok")
@@ -4384,13 +4369,13 @@ def command_unmount(config: Config, root: str, log: Log, out, dry_run: bool) -> 
                 executor.run(actions)
             except Exception as exc:  # this entry stays, the others are undone
                 failed += 1
-                log.error(failure_text(exc, tree.host(target)))
+                log.error(str(failure(exc, tree.host(target))))
         if executor.unmounted and os.path.exists(utab_path()):
             try:
                 update_utab([], executor.unmounted)
             except OSError as exc:
                 failed += 1
-                log.error(f"{exc.filename}: cannot remove mount options: {describe_oserror(exc)}")
+                log.error(f"{exc.filename}: cannot remove mount options: {failure(exc, '').cause}")
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -4409,9 +4394,8 @@ def plan_unmount(config: Config, tree: Tree, mounts: MountTable, log: Log) -> li
         try:
             actions = plan_unmount_entry(entry, tree, mounts, in_storage)
         except Exception as exc:  # this entry stays, the others are undone
-            host = tree.host(entry.target)
-            text = failure_text(exc, host)
-            actions = [Fail(entry.target, text[len(host) + 2:] if text.startswith(host + ": ") else text)]
+            failed = failure(exc, tree.host(entry.target))
+            actions = [Fail(failed.path, failed.cause)]
         if actions:
             groups.append((entry.target, actions))
     # A persistent filesystem is unmounted only if apply mounted it (its
@@ -4456,7 +4440,7 @@ def plan_unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, in_storage:
     elif mounts.layers(host) > 1 and src is not None:
         # Another mount on top, with more below it: apply's bind may be one
         # of them, and cannot be taken off from under that mount.
-        raise EntryError(host, f"covered by another mount ({mounts.layers(host)} mounts there); "
+        raise Failure(host, f"covered by another mount ({mounts.layers(host)} mounts there); "
                                "unmount those above apply's first, then run unmount again")
     elif mounts.is_mountpoint(host):
         return []  # not apply's
@@ -4543,7 +4527,7 @@ class UnmountBind(Action):
             mounts.remove(host)
             tree.forget(target)
         if mounts.is_mountpoint(host) or st.st_dev != os.fstat(parent).st_dev:
-            raise EntryError(host, f"covered by another mount ({max(mounts.layers(host), 1)} mounts "
+            raise Failure(host, f"covered by another mount ({max(mounts.layers(host), 1)} mounts "
                                    "there); unmount those above apply's first, then run unmount again")
 
 
@@ -4562,7 +4546,7 @@ class RemoveLink(Action):
         parent = ex.targets.open(self.target[:-1])
         if not stat.S_ISLNK(call("lstat", host, os.stat, self.target[-1], dir_fd=parent,
                                  follow_symlinks=False).st_mode):
-            raise EntryError(host, "is no longer a link; left as it is")
+            raise Failure(host, "is no longer a link; left as it is")
         call("unlink", host, os.unlink, self.target[-1], dir_fd=parent)
 
 
@@ -4580,11 +4564,11 @@ class RemoveMountPoint(Action):
     def execute(self, ex: Executor) -> None:
         host = ex.tree.host(self.target)
         if ex.mounts.is_mountpoint(host):
-            raise EntryError(host, "is a mount point again; left as it is")
+            raise Failure(host, "is a mount point again; left as it is")
         parent = ex.targets.open(self.target[:-1])
         found = beneath_at(parent, self.target[-1], host)
         if found is None or found.kind != self.kind or not (found.marked and found.empty):
-            raise EntryError(host, "is no longer the empty mount point apply made; left as it is")
+            raise Failure(host, "is no longer the empty mount point apply made; left as it is")
         if self.kind == "dir":
             call("rmdir", host, os.rmdir, self.target[-1], dir_fd=parent)
         else:
@@ -4705,11 +4689,11 @@ def open_file_at(dir_fd: int, name: str, shown: str) -> int | None:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise EntryError(shown, "is a symbolic link; not read") from None
+            raise Failure(shown, "is a symbolic link; not read") from None
         raise oserror("open", shown, exc.errno) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise EntryError(shown, "is not a regular file; not read")
+        raise Failure(shown, "is not a regular file; not read")
     return fd
 
 
@@ -4720,7 +4704,7 @@ def saved_already(storage_dir: int, name: str, fd: int) -> str | None:
     for candidate in [name] + sorted(n for n in os.listdir(storage_dir) if n.startswith(prefix)):
         try:
             other = open_file_at(storage_dir, candidate, candidate)
-        except EntryError:
+        except Failure:
             if candidate == name:
                 raise
             continue  # not a copy save made: not compared
@@ -4789,19 +4773,19 @@ class SaveFile(Action):
         source_name, source_shown = entry.source[-1], tree.host(entry.source)
         fd = open_file_at(target_dir, name, shown)
         if fd is None:
-            raise EntryError(shown, "disappeared while saving; nothing saved")
+            raise Failure(shown, "disappeared while saving; nothing saved")
         with opened(fd):
             st = os.fstat(fd)
             if fingerprint(st) != self.found:
-                raise EntryError(shown, "changed while saving; saved at the next save")
+                raise Failure(shown, "changed while saving; saved at the next save")
             refusal = save_refusal(st, (os.fstat(target_dir), os.fstat(storage_dir)),
                                    os.fstat(ex.root_fd).st_dev)
             if refusal:
-                raise EntryError(shown, refusal)
+                raise Failure(shown, refusal)
             before = source_state(storage_dir, source_name)
             if saved_already(storage_dir, source_name, fd) is None:
                 if self.conflict is None and before is not None and before[4] > st.st_ctime_ns:
-                    raise EntryError(source_shown, "changed while saving; saved at the next save")
+                    raise Failure(source_shown, "changed while saving; saved at the next save")
                 write_saved(fd, st, storage_dir, source_name, shown, source_shown,
                             self.conflict, before)
                 if self.conflict is not None:
@@ -4814,7 +4798,7 @@ class SaveFile(Action):
         now in storage; what comes out must be that copy, unchanged."""
         swap = save_temp_name(name, SWAP_TEMP)
         if swap is None:
-            raise EntryError(shown, "has a name too long for a temporary beside it; saved, "
+            raise Failure(shown, "has a name too long for a temporary beside it; saved, "
                                     "not linked again")
         if self.restore == "link":
             call("symlink", shown, os.symlink, link_text(self.entry), swap, dir_fd=target_dir)
@@ -4828,13 +4812,13 @@ class SaveFile(Action):
                 # Replaced again meanwhile: the newer copy goes back.
                 rename_exchange(target_dir, swap, name, shown)
                 os.unlink(swap, dir_fd=target_dir)
-                raise EntryError(shown, "changed while saving; saved at the next save")
+                raise Failure(shown, "changed while saving; saved at the next save")
             call("unlink", shown, os.unlink, swap, dir_fd=target_dir)
         else:
             now_there = call("lstat", shown, os.stat, name, dir_fd=target_dir, follow_symlinks=False)
             if fingerprint(now_there)[:4] != fingerprint(st)[:4]:
                 os.unlink(swap, dir_fd=target_dir)
-                raise EntryError(shown, "changed while saving; saved at the next save")
+                raise Failure(shown, "changed while saving; saved at the next save")
             call("rename", shown, os.rename, swap, name, src_dir_fd=target_dir, dst_dir_fd=target_dir)
         if self.restore == "bind":
             Bind(self.entry.source, self.entry.target, "file").execute(ex)
@@ -4855,7 +4839,7 @@ def write_saved(fd: int, st, storage_dir: int, name: str, shown: str, source_sho
     point, the source is whole, old or new."""
     temp = save_temp_name(name, SAVE_TEMP)
     if temp is None:
-        raise EntryError(source_shown, "has a name too long for a temporary beside it; not saved")
+        raise Failure(source_shown, "has a name too long for a temporary beside it; not saved")
     try:
         os.unlink(temp, dir_fd=storage_dir)  # left by a killed save
     except FileNotFoundError:
@@ -4878,10 +4862,10 @@ def write_saved(fd: int, st, storage_dir: int, name: str, shown: str, source_sho
         finally:
             os.close(copy)
         if fingerprint(os.fstat(fd)) != fingerprint(st):
-            raise EntryError(shown, "changed while saving; saved at the next save")
+            raise Failure(shown, "changed while saving; saved at the next save")
         if conflict is None:
             if source_state(storage_dir, name) != before:
-                raise EntryError(source_shown, "changed while saving; saved at the next save")
+                raise Failure(source_shown, "changed while saving; saved at the next save")
             call("rename", source_shown, os.rename, temp, name, src_dir_fd=storage_dir,
                  dst_dir_fd=storage_dir)
         else:
@@ -4918,9 +4902,9 @@ class DiscardTemp(Action):
         st = call("lstat", shown, os.stat, name, dir_fd=parent, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode) and not self.in_storage:
             if os.readlink(name, dir_fd=parent) != link_text(entry):
-                raise EntryError(shown, "has the name of a save's temporary but is not one; left as it is")
+                raise Failure(shown, "has the name of a save's temporary but is not one; left as it is")
         elif not stat.S_ISREG(st.st_mode):
-            raise EntryError(shown, "has the name of a save's temporary but is not one; left as it is")
+            raise Failure(shown, "has the name of a save's temporary but is not one; left as it is")
         elif self.in_storage or st.st_size:
             # (An empty file beside the target holds nothing to lose: the
             # mount point, marked or not yet.)
@@ -4930,7 +4914,7 @@ class DiscardTemp(Action):
                     storage_dir = ex.sources.open(entry.source[:-1])
                     if not (self.in_storage and self.copy_of_root(ex, fd)
                             or saved_already(storage_dir, entry.source[-1], fd) is not None):
-                        raise EntryError(shown, "was left by an interrupted save and holds what "
+                        raise Failure(shown, "was left by an interrupted save and holds what "
                                                 "neither storage nor the root holds; left as it is")
         call("unlink", shown, os.unlink, name, dir_fd=parent)
 
@@ -4939,7 +4923,7 @@ class DiscardTemp(Action):
         target_dir = ex.targets.open(self.entry.target[:-1])
         try:
             root_copy = open_file_at(target_dir, self.entry.target[-1], ex.tree.host(self.entry.target))
-        except EntryError:
+        except Failure:
             return False  # the link, or no file: nothing there to copy
         if root_copy is None:
             return False
@@ -4970,11 +4954,11 @@ def plan_save(entry: Entry, tree: Tree, mounts: MountTable, now: float) -> list:
             return actions
         if tgt.kind == "link":
             if tgt.link != link_text(entry):
-                raise Refused(entry.target, f"is {describe_kind(tgt)}, not the link apply made; "
+                raise Refused(tree.host(entry.target), f"is {describe_kind(tgt)}, not the link apply made; "
                                             "not saved")
             return actions
         if tgt.kind != "file":
-            raise Refused(entry.target, f"is {describe_kind(tgt)}; not saved")
+            raise Refused(tree.host(entry.target), f"is {describe_kind(tgt)}; not saved")
         host = tree.host(entry.target)
         if not replaced_file(entry, tgt, src, tree, mounts):
             if (entry.method == "auto" and src is not None and not mounts.is_mountpoint(host)
@@ -4983,7 +4967,7 @@ def plan_save(entry: Entry, tree: Tree, mounts: MountTable, now: float) -> list:
                 actions.append(Bind(entry.source, entry.target, "file"))
             return actions
         if src is not None and src.kind != "file":
-            raise Refused(entry.source, f"source is {describe_kind(src)}, not a regular file")
+            raise Refused(tree.host(entry.source), f"source is {describe_kind(src)}, not a regular file")
         actions.append(plan_save_file(entry, tree, src, now))
     except Refused as refused:
         actions.append(Fail(refused.path, refused.cause))
@@ -5002,14 +4986,14 @@ def plan_save_file(entry: Entry, tree: Tree, src: Node | None, now: float) -> Sa
     with opened(open_dir_path(tree, entry.target[:-1])) as target_dir:
         fd = open_file_at(target_dir, entry.target[-1], tree.host(entry.target))
         if fd is None:
-            raise Refused(entry.target, "disappeared while planning; nothing saved")
+            raise Refused(tree.host(entry.target), "disappeared while planning; nothing saved")
         with opened(fd):
             st = os.fstat(fd)
             with opened(open_dir_path(tree, entry.source[:-1])) as storage_dir:
                 refusal = save_refusal(st, (os.fstat(target_dir), os.fstat(storage_dir)),
                                        os.stat(tree.root).st_dev)
                 if refusal:
-                    raise Refused(entry.target, refusal)
+                    raise Refused(tree.host(entry.target), refusal)
                 conflict = None
                 source = entry.source[-1]
                 sst = source_state(storage_dir, source)
@@ -5055,7 +5039,7 @@ def command_save(config: Config, root: str, log: Log, out, dry_run: bool) -> int
         try:
             lock = save_lock()
         except OSError as exc:
-            log.error(failure_text(exc, SAVE_LOCK) + "; nothing was saved")
+            log.error(str(failure(exc, SAVE_LOCK)) + "; nothing was saved")
             return EXIT_CONFIG
         if lock is None:
             log.error(f"{SAVE_LOCK}: another save is running (waited {SAVE_LOCK_WAIT:g} s); "
@@ -5098,7 +5082,7 @@ def save_entries(entries: list, tree: Tree, mounts: MountTable, now: float, runn
             failed += any(isinstance(action, Fail) for action in actions)
         except Exception as exc:  # the other entries are still saved
             failed += 1
-            runner.report(failure_text(exc, tree.host(entry.target)))
+            runner.report(str(failure(exc, tree.host(entry.target))))
     return failed
 
 
@@ -5330,7 +5314,7 @@ def vol_args(name: str, fd: int, name_at: int, shown: str) -> bytearray:
     """btrfs_ioctl_vol_args (name at 8) or _v2 (name at 56)."""
     raw = os.fsencode(name)
     if len(raw) >= 4096 - name_at - 1:
-        raise EntryError(shown, "name too long")
+        raise Failure(shown, "name too long")
     args = bytearray(4096)
     args[0:8] = fd.to_bytes(8, NATIVE, signed=True)
     args[name_at:name_at + len(raw)] = raw
@@ -5372,7 +5356,7 @@ class BtrfsTop:
             except FileExistsError:
                 continue
         else:
-            raise EntryError(base, "no private directory for the btrfs top level")
+            raise Failure(base, "no private directory for the btrfs top level")
         try:
             mount(self.device, path, "btrfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_SILENT
                   | (MS_RDONLY if self.read_only else 0), "subvolid=5", self.device)
@@ -5426,7 +5410,7 @@ def find_btrfs(spec: str, timeout: float) -> str:
         except OSError as exc:
             raise oserror("open", device, exc.errno) from None
     if fs_type not in (None, "btrfs"):
-        raise EntryError(device, f"is not a btrfs filesystem but {fs_type} ({spec})")
+        raise Failure(device, f"is not a btrfs filesystem but {fs_type} ({spec})")
     return device
 
 
@@ -5448,14 +5432,14 @@ def plan_rotation(spec: RootRotation, top: BtrfsTop, now: float) -> tuple:
                         (spec.blank, "root.blank")):
         found = top.look(comps) if comps else "subvolume"
         if what == "root.oldRoots" and found not in (None, "a plain directory", "subvolume"):
-            raise EntryError(top.shown(comps), f"is {found}, not a directory")
+            raise Failure(top.shown(comps), f"is {found}, not a directory")
         if what != "root.oldRoots" and found not in (None, "subvolume"):
-            raise EntryError(top.shown(comps), f"is {found}, not a subvolume; left as it is")
+            raise Failure(top.shown(comps), f"is {found}, not a subvolume; left as it is")
         if what == "root.blank" and found is None:
-            raise EntryError(top.shown(comps), "root.blank: no such subvolume")
+            raise Failure(top.shown(comps), "root.blank: no such subvolume")
     in_use = mounted_below(top, root)
     if in_use is not None:
-        raise EntryError(top.shown(root), f"is mounted on {in_use}; rotate-root runs before the "
+        raise Failure(top.shown(root), f"is mounted on {in_use}; rotate-root runs before the "
                                           "root is mounted")
     taken, ours = set(), []
     if top.look(old) is None:
@@ -5632,7 +5616,7 @@ def rename_in(top: BtrfsTop, old: tuple, new: tuple, flags: int) -> None:
             rename_noreplace(old_dir, old[-1], new_dir, new[-1], shown)
             return
         if libc().renameat2 is None:
-            raise EntryError(shown, "the C library has no renameat2 (glibc 2.28); not rotated")
+            raise Failure(shown, "the C library has no renameat2 (glibc 2.28); not rotated")
         if libc().renameat2(old_dir, os.fsencode(old[-1]), new_dir, os.fsencode(new[-1]), flags) < 0:
             raise oserror("exchange", f"{shown} and {as_path(new)}")
 
@@ -5666,7 +5650,7 @@ def destroy_subvolume(top: BtrfsTop, comps: tuple) -> None:
             with opened(top.open(comps[:-1])) as parent:
                 btrfs_ioctl(parent, BTRFS_IOC_SNAP_DESTROY, "BTRFS_IOC_SNAP_DESTROY",
                             vol_args(comps[-1], 0, 8, top.shown(comps)), top.shown(comps))
-    except (EntryError, OSError):
+    except (Failure, OSError):
         pass
 
 
@@ -5681,7 +5665,7 @@ def delete_old_root(top: BtrfsTop, comps: tuple, ident: int, nested: list, subvo
     for sub in nested + [ident]:
         shown = top.shown(paths[sub])
         if top.look(paths[sub]) != "subvolume" or top.subvolume_id(paths[sub]) != sub:
-            raise EntryError(shown, "is no longer the subvolume found; not deleted")
+            raise Failure(shown, "is no longer the subvolume found; not deleted")
         with opened(top.open(paths[sub][:-1])) as parent:
             btrfs_ioctl(parent, BTRFS_IOC_SNAP_DESTROY, "BTRFS_IOC_SNAP_DESTROY",
                         vol_args(paths[sub][-1], 0, 8, shown), shown)
@@ -5696,12 +5680,6 @@ def rotation_summary(spec: RootRotation) -> str:
             f"roots older than {spec.keep_days} days and not among the {spec.keep_count} newest")
 
 
-def rotation_error(exc: Exception, shown: str) -> str:
-    if isinstance(exc, EntryError):
-        return f"{exc.path}: {exc.cause}"
-    return failure_text(exc, shown)
-
-
 def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
     spec = config.root
     if spec is None:
@@ -5709,15 +5687,15 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
         return EXIT_CONFIG
     try:
         top = BtrfsTop(find_btrfs(spec.device, config.device_timeout), dry_run).mount()
-    except (EntryError, OSError) as exc:
-        log.error(rotation_error(exc, spec.device) + "; the root is not rotated")
+    except (Failure, OSError) as exc:
+        log.error(str(failure(exc, spec.device)) + "; the root is not rotated")
         return EXIT_STORAGE
     failed = 0
     with top:
         try:
             steps, deletions, notes = plan_rotation(spec, top, time.time())
-        except (EntryError, OSError) as exc:
-            log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; the root is not rotated")
+        except (Failure, OSError) as exc:
+            log.error(str(failure(exc, top.shown(spec.subvolume))) + "; the root is not rotated")
             return EXIT_STORAGE
         for note in notes:
             log.warn(note)
@@ -5730,10 +5708,10 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
             log.info(step.describe(top))
             try:
                 step.execute(top)
-            except (EntryError, OSError) as exc:
+            except (Failure, OSError) as exc:
                 if done is not None:
                     done.undo(top)
-                log.error(rotation_error(exc, top.shown(spec.subvolume)) + "; rotation stopped, "
+                log.error(str(failure(exc, top.shown(spec.subvolume))) + "; rotation stopped, "
                           f"{top.shown(spec.subvolume)} is left as it is")
                 return EXIT_STORAGE
             done = step
@@ -5741,8 +5719,8 @@ def command_rotate_root(config: Config, log: Log, out, dry_run: bool) -> int:
             log.info(step.describe(top))
             try:
                 step.execute(top)
-            except (EntryError, OSError) as exc:
-                log.error(rotation_error(exc, top.shown(spec.old_roots)) + "; tried again at the next run")
+            except (Failure, OSError) as exc:
+                log.error(str(failure(exc, top.shown(spec.old_roots))) + "; tried again at the next run")
                 failed += 1
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -5954,7 +5932,7 @@ def main(argv: list | None = None) -> int:
         log.error("interrupted")
         return EXIT_FAILED
     except Exception as exc:  # a bug: still one line, details with -v
-        log.error(f"{opts.command}: {internal_error(exc)}")
+        log.error(str(failure(exc, opts.command)))
         if opts.verbosity >= 2:
             import traceback
 

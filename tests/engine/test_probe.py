@@ -203,7 +203,7 @@ def test_a_tag_two_devices_answer_is_refused(sandbox, loop_image, tmp_path):
     second = loop_image(clone_image(tmp_path, image, "clone.img"))
     uuid = blkid(first)["UUID"]
     for spec in (f"LABEL={label}", f"UUID={uuid}", f"/dev/disk/by-label/{label}"):
-        with pytest.raises(ib.EntryError) as info:
+        with pytest.raises(ib.Failure) as info:
             ib.lookup_device(spec)
         assert first in info.value.cause and second in info.value.cause, info.value
     cfg = {"fileSystems": {"/persistent": {"device": f"LABEL={label}"}}, "deviceTimeout": 20,
@@ -227,7 +227,7 @@ def test_partlabel_two_partitions_answer_is_refused(loop_image, tmp_path):
     name = "dup-" + secrets.token_hex(3)
     first, second = partitioned(loop_image, tmp_path / "gpt.img", 48,
                                 f'label: gpt\nsize=16M, type=L, name="{name}"\nsize=16M, type=L, name="{name}"\n', 2)
-    with pytest.raises(ib.EntryError) as info:
+    with pytest.raises(ib.Failure) as info:
         ib.lookup_device(f"PARTLABEL={name}")
     assert f"{first}, {second}" in info.value.cause
 
