@@ -199,8 +199,8 @@ MUTATIONS = [
     M("clock-behind-deletes", "with the clock behind, no old root is ever deleted (count ignored)",
       "    elif ours and time_name(now) < ours[0][0][0]:", "    elif False:", ("test_rotate.py",)),
     M("fuse-looked-at", "an entry on a (possibly stalled) FUSE mount is planned by looking at it",
-      "    on_fuse = fuse_refusal(tree, entry)\n    if on_fuse is not None:\n        return [Fail(*on_fuse)]",
-      "    on_fuse = fuse_refusal(tree, entry)\n    if False:\n        return [Fail(*on_fuse)]",
+      "    if on_fuse is not None:\n        return [Fail(tree.host(on_fuse[0]), on_fuse[1])]",
+      "    if False:\n        return [Fail(tree.host(on_fuse[0]), on_fuse[1])]",
       ("test_stalled_mounts.py",)),
     # --- the move into storage on a running system -------------------------------------------------
     M("move-into-mount-point", "a target that is another filesystem's mount point is moved (emptied)",
