@@ -280,6 +280,7 @@ let
   '';
 
   applyCommand = "${tool}/bin/impermanence-boot --root / --config ${configFile} apply";
+  saveCommand = "${tool}/bin/impermanence-boot --config ${configFile} save";
 
   # Owners that have no fixed id: the initrd resolves them only from a
   # kept /var/lib/nixos (not on the first boot), so their entries may be
@@ -523,6 +524,31 @@ in
         '';
       };
 
+      save.enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Install impermanence-save.service: at shutdown, after user
+          sessions and services have stopped and before the storage is
+          unmounted, `impermanence-boot save` puts kept files that programs
+          replaced by rename() (fish's history, dconf's database, an
+          editor's atomic save; keep them with `method = "symlink"`) into
+          storage and links them again.  A crash loses what changed since
+          the last save.
+        '';
+      };
+
+      save.interval = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "15min";
+        description = ''
+          With save.enable, also run `save` this often (a systemd time
+          span), from impermanence-save.timer, so that a crash loses at
+          most that much; null: only at shutdown.
+        '';
+      };
+
       initrdPython = mkOption {
         type = types.package;
         readOnly = true;
@@ -721,6 +747,52 @@ in
             # 1: some entries failed, the rest is applied.
             SuccessExitStatus = "1";
             Environment = "IMPERMANENCE_NO_KMSG=1";
+          };
+        };
+      })
+
+      # save at shutdown: stopped after every unit with default
+      # dependencies (sessions, services), before the storage's unmount
+      # (as dist/systemd/impermanence-save.service, tests/test_nix_save.py).
+      (mkIf icfg.save.enable {
+        systemd.services.impermanence-save = {
+          description = "Save kept files that programs replaced (impermanence)";
+          wantedBy = [ "sysinit.target" ];
+          after = [ "local-fs.target" ];
+          before = [ "sysinit.target" "shutdown.target" "umount.target" "final.target" ];
+          conflicts = [ "shutdown.target" "umount.target" ];
+          unitConfig.DefaultDependencies = false;
+          unitConfig.RequiresMountsFor = storagePaths;
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = "${pkgs.coreutils}/bin/true";
+            ExecStop = saveCommand;
+            TimeoutStopSec = 90;
+            Environment = "IMPERMANENCE_NO_KMSG=1";
+          };
+        };
+      })
+
+      (mkIf (icfg.save.enable && icfg.save.interval != null) {
+        systemd.services.impermanence-save-now = {
+          description = "Save kept files that programs replaced (impermanence, periodic)";
+          unitConfig.RequiresMountsFor = storagePaths;
+          serviceConfig = {
+            Type = "oneshot";
+            ExecStart = saveCommand;
+            Nice = 10;
+            IOSchedulingClass = "idle";
+            Environment = "IMPERMANENCE_NO_KMSG=1";
+          };
+        };
+        systemd.timers.impermanence-save = {
+          description = "Save kept files that programs replaced, every ${icfg.save.interval} (impermanence)";
+          wantedBy = [ "timers.target" ];
+          timerConfig = {
+            OnBootSec = icfg.save.interval;
+            OnUnitActiveSec = icfg.save.interval;
+            Unit = "impermanence-save-now.service";
           };
         };
       })
