@@ -347,6 +347,12 @@ let
   # filesystem: systemd-machine-id-commit.service would fail on every boot
   # after the first (as NixOS impermanence, it then runs on the first only).
   machineIdPersisted = elem "/etc/machine-id" (map (f: f.filePath) allFiles);
+  # A kept directory holding /var/log/journal: bound in the initrd, its
+  # mount has no unit file, so systemd does not stop
+  # systemd-journal-flush.service (whose ExecStop moves journald off it)
+  # with it, and the unmount at shutdown fails while journald writes there.
+  journalKept = any (path: elem path [ "/var" "/var/log" "/var/log/journal" ])
+    (map (d: d.dirPath) allDirectories);
   varLibNixosPersisted = any
     (path: elem path [ "/" "/var" "/var/lib" "/var/lib/nixos" ])
     (map (d: d.dirPath) allDirectories ++ map (fs: fs.mountPoint) (attrValues config.fileSystems));
@@ -802,6 +808,16 @@ in
       # the id into the kept file on the first boot.
       (mkIf machineIdPersisted {
         systemd.services.systemd-machine-id-commit.unitConfig.ConditionFirstBoot = true;
+      })
+
+      # As dist/systemd/journal-flush-until-umount.conf: stopped with
+      # umount.target, before the kept /var/log is unmounted (the unit is
+      # ordered after that mount by its RequiresMountsFor).
+      (mkIf journalKept {
+        systemd.services.systemd-journal-flush = {
+          conflicts = [ "umount.target" ];
+          before = [ "umount.target" ];
+        };
       })
 
       (whenInitrdOption "postMountCommands" (mkIf (!systemdInitrd) {

@@ -1,5 +1,6 @@
-"""boot.initrd.impermanence.save: the NixOS module's `save` at shutdown
-(impermanence-save.service) and its optional timer, evaluated with
+"""The NixOS module at shutdown: boot.initrd.impermanence.save's `save`
+(impermanence-save.service) and its optional timer, and journald leaving a
+kept /var/log before it is unmounted; evaluated with
 nixpkgs' real lib (nix/tests/harness.py) and compared with the units
 dist/systemd ships (tests/test_full_os.py boots those on Debian).
 """
@@ -22,6 +23,8 @@ SELECT = r'''
   tool = lib.findFirst (p: lib.hasSuffix "-impermanence-boot" p) null (map toString config.environment.systemPackages);
   services = lib.mapAttrs (_: s: { inherit (s) after before wantedBy conflicts unitConfig serviceConfig description; })
     (lib.filterAttrs (n: _: lib.hasPrefix "impermanence-save" n) config.systemd.services);
+  journalFlush = if config.systemd.services ? systemd-journal-flush
+    then { inherit (config.systemd.services.systemd-journal-flush) before conflicts; } else null;
   timers = lib.mapAttrs (_: t: { inherit (t) wantedBy timerConfig description; }) config.systemd.timers;
 }
 '''
@@ -101,3 +104,13 @@ def test_a_wrong_interval_type_is_an_evaluation_error(lib):
     with pytest.raises(harness.NixError) as info:
         evaluate(lib, PERSISTENCE, "{ boot.initrd.impermanence.save = { enable = true; interval = 15; }; }")
     assert "save.interval" in info.value.stderr
+
+
+def test_a_kept_journal_is_left_before_its_unmount(lib):
+    dist = unit_file("journal-flush-until-umount.conf")
+    for kept in ("/var/log", "/var", "/var/log/journal"):
+        out = evaluate(lib, f'{{ environment.persistence."/persistent".directories = [ "{kept}" ]; }}')
+        assert out["journalFlush"] == {"before": dist["Before"], "conflicts": dist["Conflicts"]}, kept
+    for kept in ("/var/lib/systemd", "/var/log/nginx"):
+        out = evaluate(lib, f'{{ environment.persistence."/persistent".directories = [ "{kept}" ]; }}')
+        assert out["journalFlush"] is None, kept
