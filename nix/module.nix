@@ -764,7 +764,7 @@ in
         systemd.services.impermanence-save = {
           description = "Save kept files that programs replaced (impermanence)";
           wantedBy = [ "sysinit.target" ];
-          after = [ "local-fs.target" ];
+          after = [ "local-fs.target" "systemd-journal-flush.service" ];
           before = [ "sysinit.target" "shutdown.target" "umount.target" "final.target" ];
           conflicts = [ "shutdown.target" "umount.target" ];
           unitConfig.DefaultDependencies = false;
