@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,8 @@ BOOTS = (1, 2, 3)
 
 
 class Vehicle:
-    def __init__(self, boots, persist, timings):
-        self.boots, self.persist, self.timings = boots, persist, timings
+    def __init__(self, boots, root, persist, timings):
+        self.boots, self.root, self.persist, self.timings = boots, root, persist, timings
 
     def report(self, n: int) -> dict:
         r = self.boots[n].report
@@ -88,7 +89,7 @@ def vehicle(tmp_path_factory):
     REPORT.write_text(json.dumps(timings, indent=1, sort_keys=True) + "\n")
     # What each boot reported, for a failure's reader.
     REPORT.with_suffix(".boots.json").write_text(json.dumps({n: b.report for n, b in boots.items()}, indent=1))
-    return Vehicle(boots, persist, timings)
+    return Vehicle(boots, root, persist, timings)
 
 
 _UNIT_LINE = re.compile(r"^\[\s*(\d+\.\d+)\] \S+ systemd\[1\]: (Starting|Finished) (\S+)")
@@ -185,6 +186,22 @@ def test_the_root_is_fresh_at_every_boot(vehicle):
     for n in BOOTS:
         unkept = vehicle.report(n)["unkept"]
         assert unkept and not any(unkept.values()), (n, unkept)  # boot 1 wrote them all
+
+
+def test_the_old_roots_are_on_the_disk(vehicle):
+    """As the host reads the root disk after the last shutdown: boots 2 and
+    3 moved the roots of boots 1 and 2 to old_roots (boot 1 made the first
+    root), and boot 1's file outside the kept paths is in the oldest."""
+    script = ('set -e; m=$(mktemp -d); mount -o ro,loop "$0" "$m"; '
+              'ls "$m/old_roots"; echo --; ls "$m/old_roots/"*/etc/vehicle-unkept; umount "$m"; rmdir "$m"')
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                          str(vehicle.root)], capture_output=True, text=True, check=True).stdout
+    names, _, found = out.partition("--\n")
+    names = names.split()
+    assert len(names) == 2 and all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ(\.\d+)?", n)
+                                   for n in names), names
+    [path] = found.split()
+    assert path.endswith(f"/old_roots/{min(names)}/etc/vehicle-unkept"), out
 
 
 def test_the_host_key_and_alices_files_are_kept(vehicle):
