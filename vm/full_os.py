@@ -2,6 +2,7 @@
 under QEMU from a root that rotate-root makes fresh at every boot, with the
 initramfs built by Debian's dracut (systemd initrd) with dist/dracut
 (tests/dist_support.py builds it) and Debian's kernel (this machine's).
+QEMU runs with TCG; IMPERMANENCE_VM_KVM=1 opts into KVM (vm/machine.py).
 
 Disks: the root (btrfs, LABEL=vehicle, subvolume `blank` holding the
 installed OS, `root` the booted snapshot of it) and the persistent disk
