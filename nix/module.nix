@@ -281,6 +281,7 @@ let
   '';
 
   applyCommand = "${tool}/bin/impermanence-boot --root / --config ${configFile} apply";
+  saveCommand = "${tool}/bin/impermanence-boot --config ${configFile} save";
 
   # Owners that have no fixed id: the initrd resolves them only from a
   # kept /var/lib/nixos (not on the first boot), so their entries may be
@@ -347,6 +348,12 @@ let
   # filesystem: systemd-machine-id-commit.service would fail on every boot
   # after the first (as NixOS impermanence, it then runs on the first only).
   machineIdPersisted = elem "/etc/machine-id" (map (f: f.filePath) allFiles);
+  # A kept directory holding /var/log/journal: bound in the initrd, its
+  # mount has no unit file, so systemd does not stop
+  # systemd-journal-flush.service (whose ExecStop moves journald off it)
+  # with it, and the unmount at shutdown fails while journald writes there.
+  journalKept = any (path: elem path [ "/var" "/var/log" "/var/log/journal" ])
+    (map (d: d.dirPath) allDirectories);
   varLibNixosPersisted = any
     (path: elem path [ "/" "/var" "/var/lib" "/var/lib/nixos" ])
     (map (d: d.dirPath) allDirectories ++ map (fs: fs.mountPoint) (attrValues config.fileSystems));
@@ -521,6 +528,31 @@ in
           users script creates it there).  With services.userborn or
           systemd.sysusers, impermanence-boot-activate.service does this
           instead, after the unit that creates the accounts.
+        '';
+      };
+
+      save.enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Install impermanence-save.service: at shutdown, after user
+          sessions and services have stopped and before the storage is
+          unmounted, `impermanence-boot save` puts kept files that programs
+          replaced by rename() (fish's history, dconf's database, an
+          editor's atomic save; keep them with `method = "symlink"`) into
+          storage and links them again.  A crash loses what changed since
+          the last save.
+        '';
+      };
+
+      save.interval = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "15min";
+        description = ''
+          With save.enable, also run `save` this often (a systemd time
+          span), from impermanence-save.timer, so that a crash loses at
+          most that much; null: only at shutdown.
         '';
       };
 
@@ -726,11 +758,67 @@ in
         };
       })
 
+      # save at shutdown: stopped after every unit with default
+      # dependencies (sessions, services), before the storage's unmount
+      # (as dist/systemd/impermanence-save.service, tests/test_nix_save.py).
+      (mkIf icfg.save.enable {
+        systemd.services.impermanence-save = {
+          description = "Save kept files that programs replaced (impermanence)";
+          wantedBy = [ "sysinit.target" ];
+          after = [ "local-fs.target" "systemd-journal-flush.service" ];
+          before = [ "sysinit.target" "shutdown.target" "umount.target" "final.target" ];
+          conflicts = [ "shutdown.target" "umount.target" ];
+          unitConfig.DefaultDependencies = false;
+          unitConfig.RequiresMountsFor = storagePaths;
+          serviceConfig = {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = "${pkgs.coreutils}/bin/true";
+            ExecStop = saveCommand;
+            TimeoutStopSec = 90;
+            Environment = "IMPERMANENCE_NO_KMSG=1";
+          };
+        };
+      })
+
+      (mkIf (icfg.save.enable && icfg.save.interval != null) {
+        systemd.services.impermanence-save-now = {
+          description = "Save kept files that programs replaced (impermanence, periodic)";
+          unitConfig.RequiresMountsFor = storagePaths;
+          serviceConfig = {
+            Type = "oneshot";
+            ExecStart = saveCommand;
+            Nice = 10;
+            IOSchedulingClass = "idle";
+            Environment = "IMPERMANENCE_NO_KMSG=1";
+          };
+        };
+        systemd.timers.impermanence-save = {
+          description = "Save kept files that programs replaced, every ${icfg.save.interval} (impermanence)";
+          wantedBy = [ "timers.target" ];
+          timerConfig = {
+            OnBootSec = icfg.save.interval;
+            OnUnitActiveSec = icfg.save.interval;
+            Unit = "impermanence-save-now.service";
+          };
+        };
+      })
+
       # systemd-machine-id-commit.service is not a unit of the initrd
       # (suppressing it there would do nothing); in stage 2 it commits
       # the id into the kept file on the first boot.
       (mkIf machineIdPersisted {
         systemd.services.systemd-machine-id-commit.unitConfig.ConditionFirstBoot = true;
+      })
+
+      # As dist/systemd/journal-flush-until-umount.conf: stopped with
+      # umount.target, before the kept /var/log is unmounted (the unit is
+      # ordered after that mount by its RequiresMountsFor).
+      (mkIf journalKept {
+        systemd.services.systemd-journal-flush = {
+          conflicts = [ "umount.target" ];
+          before = [ "umount.target" ];
+        };
       })
 
       (whenInitrdOption "postMountCommands" (mkIf (!systemdInitrd) {

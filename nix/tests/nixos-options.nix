@@ -296,6 +296,18 @@ in
 
     systemd.services = mkOption { type = services true; default = { }; };
     systemd.mounts = mkOption { type = types.listOf (types.attrsOf types.anything); default = [ ]; };
+    # modules/system/boot/systemd.nix's timers: what a timer unit sets.
+    systemd.timers = mkOption {
+      type = types.attrsOf (types.submodule {
+        options = {
+          description = mkOption { type = types.str; default = ""; };
+          wantedBy = mkOption { type = types.listOf unitNameType; default = [ ]; };
+          timerConfig = mkOption { type = types.attrsOf unitOption; default = { }; };
+          unitConfig = mkOption { type = types.attrsOf unitOption; default = { }; };
+        };
+      });
+      default = { };
+    };
 
     boot.supportedFilesystems = mkOption { type = fsTypes; default = { }; };
     boot.initrd = {

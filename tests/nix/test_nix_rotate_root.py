@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import PROJECT, SCRIPT
+from conftest import PROJECT, SCRIPT, require
 
 import harness
 
@@ -191,3 +191,51 @@ def test_bad_option_values_fail_evaluation(lib, setting, option):
     enable = "" if "enable" in setting else "enable = true;"
     message = evaluation_error(lib, PERSISTENCE, f"{{ boot.initrd.impermanence.rotateRoot = {{ {enable} {setting} }}; }}")
     assert f"boot.initrd.impermanence.{option}" in message, message
+
+
+# --- the dracut module's unit (dist/systemd/impermanence-rotate-root.service) ------
+
+DRACUT_UNIT = PROJECT / "dist/systemd/impermanence-rotate-root.service"
+
+
+def dracut_device_unit(config: dict, tmp_path) -> str:
+    """The device unit dist/dracut's module-setup.sh names for a config."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    script = (f'source {PROJECT}/dist/dracut/90impermanence/module-setup.sh && '
+              f'_impermanence_root_device_unit {sys.executable} {path}')
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_dracut_module_names_the_device_unit_as_the_nixos_module(tmp_path):
+    require(shutil.which("systemd-escape") is not None, "systemd-escape (systemd) is not installed")
+    for spec, unit in EXPECTED_UNITS.items():
+        assert dracut_device_unit({"root": {"device": spec}}, tmp_path) == unit, spec
+    assert dracut_device_unit({"persistence": {}}, tmp_path) == ""  # no root key: no rotation
+
+
+def unit_settings(text: str) -> dict:
+    settings: dict = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).extend(value.split())
+    return settings
+
+
+def test_the_dracut_unit_is_ordered_as_the_nixos_module_s(lib):
+    unit = evaluate(lib, PERSISTENCE, ROTATE, SYSTEMD)["initrd"]["services"]["impermanence-rotate-root"]
+    device = EXPECTED_UNITS["LABEL=nixos"]
+    dist = unit_settings(DRACUT_UNIT.read_text().replace("@DEVICE@", device))
+    assert sorted(dist["After"]) == sorted(unit["after"])
+    assert sorted(dist["Before"]) == sorted(unit["before"])
+    assert dist["Requires"] == unit["requires"] == [device]
+    assert dist["WantedBy"] == unit["wantedBy"]
+    assert dist["DefaultDependencies"] == ["no"] and unit["unitConfig"]["DefaultDependencies"] is False
+    service = unit["serviceConfig"]
+    assert dist["Type"] == [service["Type"]] and dist["RemainAfterExit"] == ["yes"]
+    assert service["RemainAfterExit"] is True
+    assert " ".join(dist["SuccessExitStatus"]) == service["SuccessExitStatus"]
+    for key in ("Environment", "StandardOutput", "StandardError"):
+        assert dist[key] == [service[key]], key
+    assert dist["ExecStart"][-3:] == ["--config", "/etc/impermanence.json", "rotate-root"]

@@ -29,6 +29,28 @@ _impermanence_inst_lib() {
     fi
 }
 
+# The device unit of the config's "root" device (rotate-root), empty without
+# one: the /dev/disk/by-* link udev makes for LABEL=, UUID=, PARTUUID=,
+# PARTLABEL= (udev's encoding of other characters), as systemd names it.
+_impermanence_root_device_unit() {
+    local path
+    path=$("$1" -I -S -c '
+import json, sys
+root = json.load(open(sys.argv[1], encoding="utf-8")).get("root")
+if isinstance(root, dict):
+    spec = root["device"]
+    tag, sep, value = spec.partition("=")
+    links = {"LABEL": "by-label", "UUID": "by-uuid", "PARTUUID": "by-partuuid",
+             "PARTLABEL": "by-partlabel"}
+    if sep and tag in links:
+        ok = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#+.:=@_-"
+        value = "".join(c if c in ok else "\\x%02x" % ord(c) for c in value)
+        spec = "/dev/disk/%s/%s" % (links[tag], value)
+    print(spec)
+' "$2") || return 1
+    [[ -z $path ]] || systemd-escape -p --suffix=device "$path"
+}
+
 _impermanence_libs() {
     local lib
     for lib in $(ldd "$1" | sed -n 's/.*=> \(\/[^ ]*\) .*/\1/p'); do
@@ -48,7 +70,7 @@ depends() {
 }
 
 install() {
-    local python tmp kind src dest interpreter=
+    local python tmp kind src dest device_unit units unit interpreter=
     _impermanence_settings
     python=$(command -v "$imp_python") || { derror "impermanence: no $imp_python"; return 1; }
     # A config mistake fails the build, not the boot.
@@ -77,10 +99,26 @@ install() {
     mkdir -p "$initdir$systemdsystemunitdir/initrd.target.wants"
     ln_r "$systemdsystemunitdir/impermanence-boot.service" \
         "$systemdsystemunitdir/initrd.target.wants/impermanence-boot.service"
+    device_unit=$(_impermanence_root_device_unit "$python" "$imp_config") \
+        || { derror "impermanence: cannot read the root device of $imp_config"; rm -rf "$tmp"; return 1; }
+    units=impermanence-boot.service
+    if [[ $device_unit ]]; then
+        # The config's "root": rotate-root before the root is mounted.
+        units+=" impermanence-rotate-root.service"
+        # (sed reads \x2d in a replacement as a character: backslashes doubled)
+        sed -e "s|@PYTHON@|$interpreter|" -e "s|@DEVICE@|${device_unit//\\/\\\\}|g" \
+            "$moddir/impermanence-rotate-root.service" > "$tmp/impermanence-rotate-root.service"
+        inst_simple "$tmp/impermanence-rotate-root.service" \
+            "$systemdsystemunitdir/impermanence-rotate-root.service"
+        ln_r "$systemdsystemunitdir/impermanence-rotate-root.service" \
+            "$systemdsystemunitdir/initrd.target.wants/impermanence-rotate-root.service"
+    fi
     if [[ $imp_emergency == yes ]]; then
         cat "$moddir/emergency-on-error.conf" > "$tmp/emergency-on-error.conf"
-        inst_simple "$tmp/emergency-on-error.conf" \
-            "$systemdsystemunitdir/impermanence-boot.service.d/emergency-on-error.conf"
+        for unit in $units; do
+            inst_simple "$tmp/emergency-on-error.conf" \
+                "$systemdsystemunitdir/$unit.d/emergency-on-error.conf"
+        done
     fi
     rm -rf "$tmp"
 }
