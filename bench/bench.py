@@ -555,7 +555,7 @@ def report(results, applies) -> str:
         results["date"], results["python"], " ".join(FLAGS), results["python_version"], os.cpu_count())]
     lines += ["%s = %s" % (w, s) for w, s in zip(applies, results["scripts"])]
     lines += ["", "Median wall time in ms of each contender's timed runs (apply, floor, start: %d; "
-              "impermanence: %d), interleaved; ratios are of medians." % (results["reps_fast"], results["reps"]),
+              "impermanence: %d), interleaved; ratios are of medians (in brackets: of minima)." % (results["reps_fast"], results["reps"]),
               "", "| N | " + " | ".join(applies) + " | floor | start | "
               + " | ".join("%s ÷ (floor + start)" % w for w in applies)
               + " | impermanence | impermanence ÷ %s | same tree | load |" % applies[0],
@@ -563,7 +563,9 @@ def report(results, applies) -> str:
     for n, r in sorted(results["sizes"].items()):
         m = r["median"]
         cells = ["{:,}".format(n)] + [ms(m[w]) for w in applies] + [ms(m["floor"]), ms(m["start"])]
-        cells += ["%.2f" % (m[w] / (m["floor"] + m["start"])) for w in applies]
+        lo = r["min"]  # the runs a busy neighbour slowed least
+        cells += ["%.2f (%.2f)" % (m[w] / (m["floor"] + m["start"]), lo[w] / (lo["floor"] + lo["start"]))
+                  for w in applies]
         cells += [ms(m[SLOW]), "%.0f×" % (m[SLOW] / m[applies[0]])] if SLOW in m else ["–", "–"]
         cells += ["yes" if r["verified"] else "**NO**", "%.2f → %.2f" % tuple(r["load"])]
         lines.append("| " + " | ".join(cells) + " |")
