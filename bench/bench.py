@@ -570,13 +570,16 @@ def report(results, applies) -> str:
         cells += ["yes" if r["verified"] else "**NO**", "%.2f → %.2f" % tuple(r["load"])]
         lines.append("| " + " | ".join(cells) + " |")
     for w in applies[1:]:
-        lines.append("")
-        lines.append("%s ÷ %s: %s." % (w, applies[0], "; ".join(
-            "N = {:,}: time {:.3f}, ratio to floor + start {:.2f} against {:.2f}".format(
-                n, r["median"][w] / r["median"][applies[0]],
+        # paired: each round's two runs are neighbours, so a load that comes
+        # and goes moves both; the median of their quotients is steadier
+        lines += ["", "%s ÷ %s: %s." % (w, applies[0], "; ".join(
+            "N = {:,}: median of each round's quotient {:.3f}, of the medians {:.3f}; ratio to floor + start "
+            "{:.2f} against {:.2f}".format(
+                n, statistics.median(b / a for a, b in zip(r["runs"][applies[0]], r["runs"][w])),
+                r["median"][w] / r["median"][applies[0]],
                 r["median"][w] / (r["median"]["floor"] + r["median"]["start"]),
                 r["median"][applies[0]] / (r["median"]["floor"] + r["median"]["start"]))
-            for n, r in sorted(results["sizes"].items()))))
+            for n, r in sorted(results["sizes"].items())))]
     if results["diff"]:
         lines += ["", "| files | " + " | ".join("diff (%s)" % w for w in applies)
                   + " | find -xdev -printf | start |", "|---:|" + "---:|" * (len(applies) + 2)]
