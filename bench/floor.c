@@ -1,6 +1,6 @@
 /* The floor of the boot-time benchmark: only the system calls that applying
  * the configuration needs, with every decision that does not depend on the
- * filesystem's state already taken by the benchmark (bench/bench_boot.py
+ * filesystem's state already taken by the benchmark (bench/bench.py
  * writes the operation list, one operation a line, fields separated by TAB).
  *
  *   S <path> <uid> <gid> <mode>  storage-side directory: mkdir(path, mode);

@@ -20,7 +20,7 @@ Contents (see docs/vm.md):
   /nix/impermanence/         impermanence_boot.py, its .pyc, config.json; the
                              per-entry shell approach for that config
                              (shell-approach.sh, shell-storage), generated
-                             by bench/bench_boot.py's generator
+                             by vm/shell_approach.py
   /nix/stage2/               stage-2 init and stage2.py (the inspector)
 
 Not in the base image: util-linux tools (TOOLS, e.g. findmnt) go in the

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One step of NixOS impermanence's directory creation, for the benchmark's
 # "impermanence" contender: the work its create-directories.bash does in one
-# call, one bash process per directory. The driver (bench_boot.py,
+# call, one bash process per directory. The driver (bench/bench.py,
 # impermanence_text) calls it for every directory, parents before children.
 #
 #   create-directories.sh ROOT STORAGE DIR UID GID MODE

@@ -254,7 +254,7 @@ def test_main_boot2_links_and_mounts(main_boots):
 # --- the same config by the per-entry shell approach, in the same boots -------
 
 def test_main_shell_approach_made_the_same_tree(main_boots):
-    """Stage 1 of both main boots also ran the shell script bench/bench_boot.py
+    """Stage 1 of both main boots also ran the shell script vm/shell_approach.py
     generates for the demo config (busybox sh) on its own root and its own
     copy of the storage; seen from the booted system, it left the same root
     and the same storage as the script, except where they differ by design
