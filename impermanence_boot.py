@@ -2029,7 +2029,7 @@ class Tree(View):
     def look(self, comps: tuple) -> Node | None:
         if self.binds:
             comps = self.translate(comps)
-        node = self.created.get(comps)
+        node = self.created.get(comps) or self.dirs.get(comps)
         if node is not None:
             return node
         parent = self.created.get(comps[:-1])
