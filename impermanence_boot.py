@@ -2487,10 +2487,9 @@ class Executor:
     """Runs actions (apply), each as it is planned; -v logs each with the
     line plan prints for it."""
 
-    def __init__(self, tree: Tree, log: Log, mounts: MountTable | None = None):
+    def __init__(self, tree: Tree, log: Log):
         self.tree = tree
         self.log = log
-        self.mounts = mounts  # the run's mount table, for those actions that read it
         self.unmounted: list = []  # UtabKey of each mount unmount took off
         self.root_fd = os.open(tree.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.sources = DirChain(self.root_fd, tree)  # walks in storage
@@ -4363,7 +4362,7 @@ def command_unmount(config: Config, root: str, log: Log, out, dry_run: bool) -> 
         out.write("".join(line.translate(UNPRINTABLE) + "\n" for line in lines))
         return EXIT_OK
     failed = 0
-    with Executor(tree, log, mounts) as executor:
+    with Executor(tree, log) as executor:
         for target, actions in groups:
             try:
                 executor.run(actions)
@@ -4440,8 +4439,7 @@ def plan_unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, in_storage:
     elif mounts.layers(host) > 1 and src is not None:
         # Another mount on top, with more below it: apply's bind may be one
         # of them, and cannot be taken off from under that mount.
-        raise Failure(host, f"covered by another mount ({mounts.layers(host)} mounts there); "
-                               "unmount those above apply's first, then run unmount again")
+        raise covered(host, mounts)
     elif mounts.is_mountpoint(host):
         return []  # not apply's
     else:
@@ -4449,6 +4447,13 @@ def plan_unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, in_storage:
     if node is not None and not in_storage and node.marked and node.empty:
         actions.append(RemoveMountPoint(target, node.kind))
     return actions
+
+
+def covered(host: str, mounts: MountTable) -> Failure:
+    """Another mount on top of a target, with apply's bind maybe under it:
+    that one cannot be taken off from under it."""
+    return Failure(host, f"covered by another mount ({max(mounts.layers(host), 1)} mounts there); "
+                         "unmount those above apply's first, then run unmount again")
 
 
 class Beneath(Record):
@@ -4507,7 +4512,7 @@ class UnmountBind(Action):
         return f"unmount {tree.host(self.target)}"
 
     def execute(self, ex: Executor) -> None:
-        tree, mounts, target, source = ex.tree, ex.mounts, self.target, self.source
+        tree, mounts, target, source = ex.tree, ex.tree.mounts, self.target, self.source
         host = tree.host(target)
         kept = call("lstat", tree.host(source), os.stat, source[-1], dir_fd=ex.sources.open(source[:-1]),
                     follow_symlinks=False)
@@ -4527,8 +4532,7 @@ class UnmountBind(Action):
             mounts.remove(host)
             tree.forget(target)
         if mounts.is_mountpoint(host) or st.st_dev != os.fstat(parent).st_dev:
-            raise Failure(host, f"covered by another mount ({max(mounts.layers(host), 1)} mounts "
-                                   "there); unmount those above apply's first, then run unmount again")
+            raise covered(host, mounts)
 
 
 class RemoveLink(Action):
@@ -4563,7 +4567,7 @@ class RemoveMountPoint(Action):
 
     def execute(self, ex: Executor) -> None:
         host = ex.tree.host(self.target)
-        if ex.mounts.is_mountpoint(host):
+        if ex.tree.mounts.is_mountpoint(host):
             raise Failure(host, "is a mount point again; left as it is")
         parent = ex.targets.open(self.target[:-1])
         found = beneath_at(parent, self.target[-1], host)
@@ -4592,7 +4596,7 @@ class UnmountFilesystem(Action):
         ex.targets.truncate(0)
         umount2(host, UMOUNT_NOFOLLOW, host)
         ex.unmounted.append(self.key)
-        ex.mounts.remove(host)
+        ex.tree.mounts.remove(host)
         ex.tree.forget(self.target)
 
 

@@ -64,7 +64,7 @@ def _digest(parts) -> str:
 
 def base_path() -> Path:
     rel = release()
-    inputs = [(p.name, p.read_bytes()) for p in (GUEST / "base.sh", GUEST / "packages")]
+    inputs = [(p.name, p.read_bytes()) for p in (GUEST / "base.sh", GUEST / "packages", HERE / "minbase.sh")]
     return CACHE / f"base-{rel}-{_digest([('release', rel.encode()), *inputs])}.img"
 
 

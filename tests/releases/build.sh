@@ -20,16 +20,10 @@ unmount() { umount -R -l "$tmp/proc" "$tmp/var/cache/apt/archives" 2>/dev/null |
 # On failure, debootstrap's log is kept beside DEST.
 trap 'cp "$tmp/debootstrap/debootstrap.log" "$dest.failed.log" 2>/dev/null
       unmount; rm -rf --one-file-system "$tmp"' EXIT
-debootstrap --variant=minbase --cache-dir="$debs" "$release" "$tmp" http://deb.debian.org/debian
-mount -t proc proc "$tmp/proc"
-mount --bind "$debs" "$tmp/var/cache/apt/archives"  # (so no apt-get clean)
-printf '#!/bin/sh\nexit 101\n' > "$tmp/usr/sbin/policy-rc.d"  # start no services
-chmod 755 "$tmp/usr/sbin/policy-rc.d"
-in_root() { chroot "$tmp" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
-in_root apt-get update -q
+# shellcheck source=../../vm/minbase.sh
+. "$here/../../vm/minbase.sh"
 # shellcheck disable=SC2086
-in_root apt-get install -y -q --no-install-recommends $packages
+minbase "$tmp" "$release" "$debs" $packages
 in_root python3 -m venv /opt/impermanence-venv
 # pip trusts what this machine trusts (a proxy's certificate authority too).
 host_ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}

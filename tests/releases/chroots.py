@@ -1,7 +1,7 @@
 """Debian chroots for the release matrix, built once per machine.
 
 A release's chroot lives at CACHE/<release>-<hash>, the hash taken over
-build.sh and the release's package lists: a change to either makes a new
+build.sh, vm/minbase.sh and the release's package lists: a change to any makes a new
 chroot, an unchanged one is reused. build.sh builds in a temporary
 directory and renames it into place, so only a finished chroot carries the
 final name; a lock keeps two runs from building the same one at once."""
@@ -24,7 +24,8 @@ VENV_PYTHON = "/opt/impermanence-venv/bin/python"
 
 
 def inputs(release: str) -> list[Path]:
-    return [HERE / "build.sh", HERE / "common.packages", HERE / f"{release}.packages"]
+    return [HERE / "build.sh", HERE.parent.parent / "vm" / "minbase.sh", HERE / "common.packages",
+            HERE / f"{release}.packages"]
 
 
 def path(release: str) -> Path:

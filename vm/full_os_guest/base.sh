@@ -21,16 +21,10 @@ cleanup() {
 trap cleanup EXIT
 mkdir "$tree"
 chmod 755 "$tree"
-debootstrap --variant=minbase --cache-dir="$debs" "$release" "$tree" http://deb.debian.org/debian
-mount -t proc proc "$tree/proc"
-mount --bind "$debs" "$tree/var/cache/apt/archives"
-printf '#!/bin/sh\nexit 101\n' > "$tree/usr/sbin/policy-rc.d"  # start no services
-chmod 755 "$tree/usr/sbin/policy-rc.d"
-in_root() { chroot "$tree" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-    LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
-in_root apt-get update -q
+# shellcheck source=../minbase.sh
+. "$here/../minbase.sh"
 # shellcheck disable=SC2086
-in_root apt-get install -y -q --no-install-recommends $packages
+minbase "$tree" "$release" "$debs" $packages
 rm "$tree/usr/sbin/policy-rc.d"
 in_root useradd --create-home --uid 1000 --user-group --shell /bin/bash alice
 echo vehicle > "$tree/etc/hostname"
