@@ -860,10 +860,14 @@ def check_unicode(data) -> None:
         items = (value.items() if isinstance(value, dict)
                  else enumerate(value) if isinstance(value, list) else ())
         for key, item in items:
+            bad_key = isinstance(key, str) and not key.isascii() and not valid_unicode(key)
+            bad = isinstance(item, str) and not item.isascii() and not valid_unicode(item)
+            if not (bad_key or bad or isinstance(item, (dict, list))):
+                continue  # a valid string or a number: nothing below it
             at = key_path(where, key if isinstance(key, int) else key.encode("utf-8", "replace").decode())
-            if isinstance(key, str) and not key.isascii() and not valid_unicode(key):
+            if bad_key:
                 raise ConfigError(at, "key is not valid Unicode (lone surrogate)")
-            if isinstance(item, str) and not item.isascii() and not valid_unicode(item):
+            if bad:
                 raise ConfigError(at or "(top level)", "is not valid Unicode (lone surrogate)")
             stack.append((at, item))
 
@@ -2055,6 +2059,23 @@ class Tree(View):
         except OSError:
             return False
         return (ra.st_dev, ra.st_ino) == (rb.st_dev, rb.st_ino)
+
+    def enter(self, target: tuple) -> None:
+        """Planning moves on to the entry at target. Entries come in path
+        order, so a bind neither above target nor after it is above no
+        later entry either: dropped, lookups translate through the binds
+        that can still apply."""
+        if self.binds:
+            self.binds = {t: s for t, s in self.binds.items() if target[:len(t)] == t or t > target}
+
+    def known_dir(self, comps: tuple) -> bool:
+        """Whether comps is a directory planned, or met on a checked walk,
+        before: the planning that made or met it looked at its parents
+        already, so the next entry inside it need not look at them again."""
+        if self.binds:
+            comps = self.translate(comps)
+        node = self.created.get(comps) or self.dirs.get(comps)
+        return node is not None and node.kind == "dir"
 
     def record(self, comps: tuple, node: Node) -> None:
         key = self.translate(comps) if self.binds else comps
@@ -3784,6 +3805,7 @@ def plan_entry(entry: Entry, tree: Tree, accounts: Accounts) -> list:
     """The actions that put one entry in place, given the tree as it is
     now (and as the actions planned before it leave it)."""
     actions: list = []
+    tree.enter(entry.target)
     on_fuse = fuse_refusal(tree, entry)
     if on_fuse is not None:
         return [Fail(tree.host(on_fuse[0]), on_fuse[1])]
@@ -3808,7 +3830,8 @@ def plan_source(entry: Entry, tree: Tree, accounts: Accounts, actions: list) -> 
     """Storage side: the source's parents, then the source itself; whether
     the source exists once these have run."""
     source, storage = entry.source, entry.storage
-    for depth in range(len(storage) + 1, len(source)):
+    parents = () if tree.known_dir(source[:-1]) else range(len(storage) + 1, len(source))
+    for depth in parents:
         path = source[:depth]
         node = tree.look(path)
         if node is not None and node.kind != "dir":
@@ -3850,7 +3873,7 @@ def plan_source(entry: Entry, tree: Tree, accounts: Accounts, actions: list) -> 
 def plan_target_parents(entry: Entry, tree: Tree, actions: list) -> None:
     """Root side: the target's parents mirror their counterparts in storage."""
     target, storage = entry.target, entry.storage
-    for depth in range(1, len(target)):
+    for depth in () if tree.known_dir(target[:-1]) else range(1, len(target)):
         path = target[:depth]
         node = tree.look(path)
         if node is not None and node.kind != "dir":
