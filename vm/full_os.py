@@ -91,8 +91,7 @@ def ensure_base(log=sys.stderr) -> tuple[Path, float | None]:
 # --- the initramfs: Debian's dracut with dist/dracut (tests/boot/dist_support.py) ------
 
 def _dist_support():
-    sys.path.insert(0, str(PROJECT / "tests" / "boot"))
-    import dist_support
+    import dist_support  # tests/boot, on the path pyproject.toml gives the suite
     return dist_support
 
 
