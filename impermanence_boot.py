@@ -4458,7 +4458,7 @@ def plan_unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, in_storage:
     actions: list = []
     if placed == "mounted" and mounts.is_mountpoint(host):
         actions.append(UnmountBind(target, entry.source))
-        node = node_beneath(tree, target, node.kind)
+        node = node_beneath(tree, target, True)
     elif mounts.layers(host) > 1 and src is not None:
         # Another mount on top, with more below it: apply's bind may be one
         # of them, and cannot be taken off from under that mount.
@@ -4466,7 +4466,7 @@ def plan_unmount_entry(entry: Entry, tree: Tree, mounts: MountTable, in_storage:
     elif mounts.is_mountpoint(host):
         return []  # not apply's
     else:
-        node = node_beneath_here(tree, target, node.kind)
+        node = node_beneath(tree, target, False)
     if node is not None and not in_storage and node.marked and node.empty:
         actions.append(RemoveMountPoint(target, node.kind))
     return actions
@@ -4485,26 +4485,20 @@ class Beneath(Record):
     __slots__ = _fields = ("kind", "marked", "empty")
 
 
-def node_beneath(tree: Tree, target: tuple, kind: str):
-    """The Beneath of target once the mounts on it are taken off (None if
-    that cannot be seen, or it is neither a directory nor a file): looked
-    at in a clone of the mount its parent lies on, which has none of the
-    mounts on that one."""
+def node_beneath(tree: Tree, target: tuple, covered: bool):
+    """The Beneath of target (None if it cannot be seen, or is neither a
+    directory nor a file); if mounts cover it, as they will leave it when
+    taken off: looked at in a clone of the mount its parent lies on, which
+    has none of the mounts on that one."""
     host = tree.host(target)
     with opened(open_dir_path(tree, target[:-1])) as parent:
+        if not covered:
+            return beneath_at(parent, target[-1], host)
         clone = open_tree(parent, "", OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH, host)
         if clone is None:
             return None
         with opened(clone):
             return beneath_at(clone, target[-1], host)
-
-
-def node_beneath_here(tree: Tree, target: tuple, kind: str):
-    """The Beneath of target, which no mount covers."""
-    if kind not in ("dir", "file"):
-        return None
-    with opened(open_dir_path(tree, target[:-1])) as parent:
-        return beneath_at(parent, target[-1], tree.host(target))
 
 
 def beneath_at(dir_fd: int, name: str, host: str):
